@@ -1,0 +1,158 @@
+"""Chat templating, label masking, length-bucketed batches and per-sequence log-probs.
+
+Shared by prepare (token counts), sft, reference, dpo and evaluate, so every stage sees the same
+tokens for the same record.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+# ChatML: what the embedded tokenizer ships, and the fallback for a tokenizer without a chat template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    template = tokenizer.chat_template or CHATML_TEMPLATE
+    return tokenizer.apply_chat_template(
+        list(messages), chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def encode_chat(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation and, per token, whether it is an assistant token (trained on).
+
+    Each assistant turn's text is the difference between the template rendered up to and including
+    that turn and the template rendered up to it with a generation prompt. Segments are tokenised
+    separately so the prompt/response boundary is always a token boundary.
+    """
+    full = render(tokenizer, messages)
+    segments: list[tuple[str, bool]] = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render(tokenizer, messages[:i], add_generation_prompt=True))
+        end = len(render(tokenizer, messages[: i + 1]))
+        if not full.startswith(render(tokenizer, messages[: i + 1])) or start > end or start < cursor:
+            raise ValueError("chat template is not prefix-stable; cannot locate assistant turns for label masking")
+        segments += [(full[cursor:start], False), (full[start:end], True)]
+        cursor = end
+    segments.append((full[cursor:], False))
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, trained in segments:
+        if not text:
+            continue
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [trained] * len(piece)
+    return ids, mask
+
+
+def encode_prompt_response(tokenizer, prompt: Sequence[dict], response: Sequence[dict]) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) for a prompt and its assistant response turn(s)."""
+    ids, mask = encode_chat(tokenizer, list(prompt) + list(response))
+    first = mask.index(True) if True in mask else len(ids)
+    # trailing template tokens after the last assistant turn (e.g. "\n") are not part of the response
+    last = len(mask) - mask[::-1].index(True) if True in mask else len(ids)
+    return ids[:first], ids[first:last]
+
+
+def prompt_ids_for_generation(tokenizer, prompt: Sequence[dict]) -> list[int]:
+    return tokenizer(render(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Index batches of similar length, in a seeded random order.
+
+    Shuffle, cut into chunks of 50 batches, sort each chunk by length, cut into batches, then shuffle
+    the batches: padding drops to a few percent while the order stays random (the usual "megabatch"
+    trick). Deterministic in (seed, epoch) so a resumed run sees the same batches.
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * 50
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def pad_right(seqs: Sequence[Sequence[int]], value: int, length: int | None = None) -> torch.Tensor:
+    length = length or max(len(s) for s in seqs)
+    out = torch.full((len(seqs), length), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded causal-LM batch. labels hold IGNORE_INDEX where no loss is taken."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T)
+
+    def to(self, device) -> TokenBatch:
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+def collate_sequences(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> TokenBatch:
+    """seqs: (input_ids, labels) pairs, labels already IGNORE_INDEX-masked."""
+    ids = pad_right([s[0] for s in seqs], pad_id)
+    labels = pad_right([s[1] for s in seqs], IGNORE_INDEX, ids.shape[1])
+    mask = pad_right([[1] * len(s[0]) for s in seqs], 0, ids.shape[1])
+    return TokenBatch(ids, mask, labels)
+
+
+def prompt_response_to_sequence(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    return list(prompt_ids) + list(response_ids), [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)
+
+
+def collate_pairs(pairs: Sequence[dict], pad_id: int) -> TokenBatch:
+    """Chosen and rejected of B pairs stacked into one (2B, T) batch: rows [0, B) chosen, [B, 2B) rejected.
+
+    One forward pass for both halves (as in the DPO reference implementation's `concatenated_inputs`).
+    Each pair dict holds `prompt_ids`, `chosen_ids`, `rejected_ids`.
+    """
+    seqs = [prompt_response_to_sequence(p["prompt_ids"], p["chosen_ids"]) for p in pairs]
+    seqs += [prompt_response_to_sequence(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    return collate_sequences(seqs, pad_id)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of the labelled tokens of each row, and how many there are.
+
+    logits: (B, T, V) from the model on input_ids; labels: (B, T) with IGNORE_INDEX where unscored.
+    Returns (logps (B,), counts (B,)). Computed in float32 via cross_entropy, which never
+    materialises the (B, T, V) log-softmax.
+    """
+    logits = logits[:, :-1, :]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    token_logps = -F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.clamp_min(0).reshape(-1),
+        reduction="none",
+    ).view(targets.shape)
+    return (token_logps * mask).sum(-1), mask.sum(-1)

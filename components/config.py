@@ -1,0 +1,223 @@
+"""Typed, validated parameters: one pydantic model per `params.yaml` section.
+
+`load_params("params.yaml")` fails at start with a message naming the offending key
+(`dpo.beta: Input should be greater than 0`), so a typo never silently trains with a default.
+Components take flat arguments; stage CLIs unpack the section they need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EMBEDDED = "embedded"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComputeConfig(Strict):
+    accelerate_config: Literal["cpu", "single_gpu", "multi_gpu", "fsdp", "deepspeed_zero3"] = "cpu"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+
+
+class ModelConfig(Strict):
+    name_or_path: str = EMBEDDED
+    trust_remote_code: bool = False
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(384, gt=0)
+    vocab_size: int = Field(512, ge=300)
+    max_position_embeddings: int = Field(128, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        return self
+
+
+class SyntheticConfig(Strict):
+    enabled: bool = True
+    n_sft: int = Field(3000, ge=0)
+    n_preference: int = Field(3000, ge=0)
+    min_items: int = Field(3, ge=1)
+    max_items: int = Field(6, ge=1)
+    max_value: int = Field(30, ge=1)
+    demo_noise: float = Field(0.4, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _range(self) -> SyntheticConfig:
+        if self.min_items > self.max_items:
+            raise ValueError(f"min_items ({self.min_items}) > max_items ({self.max_items})")
+        return self
+
+
+class SourceConfig(Strict):
+    path: str
+    kind: Literal["auto", "sft", "preference", "unpaired"] = "auto"
+    split: str | None = None  # hub datasets: which split to read (e.g. "train_prefs")
+
+
+class DataConfig(Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    max_length: int = Field(128, gt=0)
+    max_prompt_length: int = Field(96, gt=0)
+    dedupe: bool = True
+
+    @model_validator(mode="after")
+    def _lengths(self) -> DataConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+        return self
+
+
+class LoraConfig(Strict):
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class TrainLoopConfig(Strict):
+    """The loop settings SFT and DPO share (same meaning in both sections)."""
+
+    max_steps: int = Field(0, ge=0)
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(32, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    eval_every: int = Field(50, gt=0)
+    save_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(10, gt=0)
+    lora: LoraConfig = LoraConfig()
+
+
+class SFTConfig(TrainLoopConfig):
+    pass
+
+
+class ReferenceConfig(Strict):
+    batch_size: int = Field(64, gt=0)
+
+
+LOSSES = ("sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "kto")
+
+
+class DPOConfig(TrainLoopConfig):
+    loss: Literal["sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "kto"] = "sigmoid"
+    beta: float = Field(0.1, gt=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    simpo_gamma: float = Field(0.5, ge=0.0)
+    orpo_alpha: float = Field(1.0, gt=0.0)
+    kto_desirable_weight: float = Field(1.0, gt=0.0)
+    kto_undesirable_weight: float = Field(1.0, gt=0.0)
+    rpo_alpha: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _per_loss(self) -> DPOConfig:
+        # Label smoothing has a meaning only for the losses that model label noise.
+        if self.label_smoothing > 0 and self.loss not in ("cdpo", "robust"):
+            raise ValueError(
+                f"label_smoothing={self.label_smoothing} only applies to loss cdpo or robust, not {self.loss!r}"
+            )
+        if self.loss in ("cdpo", "robust") and self.label_smoothing == 0:
+            raise ValueError(f"loss {self.loss!r} needs label_smoothing > 0 (with 0 it is plain sigmoid DPO)")
+        return self
+
+
+class EvaluateConfig(Strict):
+    num_prompts: int = Field(200, ge=0)
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    batch_size: int = Field(64, gt=0)
+    judge: Literal["synthetic", "reward_model", "function"] = "synthetic"
+    judge_path: str = ""
+    bootstrap_samples: int = Field(1000, ge=100)
+    num_samples_in_report: int = Field(12, ge=0)
+
+    @model_validator(mode="after")
+    def _judge_path(self) -> EvaluateConfig:
+        if self.judge != "synthetic" and not self.judge_path:
+            raise ValueError(f"judge {self.judge!r} needs judge_path")
+        if self.judge == "function" and ":" not in self.judge_path:
+            raise ValueError(f"judge_path for a function judge is 'package.module:function', got {self.judge_path!r}")
+        return self
+
+
+class GateConfig(Strict):
+    primary_metric: str = "eval/reward_mean"
+    min_delta: float = 0.0
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    max_kl: float = Field(50.0, gt=0.0)
+    max_length_ratio: float = Field(2.0, gt=0.0)
+
+
+class RegisterConfig(Strict):
+    model_name: str = Field("alignflow-default", min_length=1)
+    gate: GateConfig = GateConfig()
+
+
+class Params(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    seed: int = 1234
+    compute: ComputeConfig = ComputeConfig()
+    model: ModelConfig = ModelConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    data: DataConfig
+    sft: SFTConfig = SFTConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    dpo: DPOConfig = DPOConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    # "register" would shadow a pydantic attribute; the params file still says `register:`.
+    registry: RegisterConfig = Field(RegisterConfig(), alias="register")
+
+
+class ParamsError(ValueError):
+    """A params file that does not validate; the message names file and key."""
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "<root>"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {key}: {msg}")
+        raise ParamsError(f"{path}: invalid parameters\n" + "\n".join(lines)) from None
+
+
+def params_hash(section: BaseModel | dict) -> str:
+    """Stable short hash of a section (lineage tags, checkpoint fingerprints)."""
+    data = section.model_dump() if isinstance(section, BaseModel) else section
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

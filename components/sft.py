@@ -1,0 +1,245 @@
+"""Supervised fine-tuning stage.
+
+    accelerate launch --config_file configs/accelerate/cpu.yaml -m components.sft --params params.yaml
+
+Loss on assistant tokens only (chat template from the tokenizer), token-mean over the whole optimizer
+step, so 1 process x 32 and 2 processes x 16 follow the same loss trajectory. The run is a fixed plan
+of steps (training.plan_steps): a re-run after a crash loads the newest checkpoint with the same
+fingerprint and replays exactly the remaining steps, ending with the same weights as an uninterrupted
+run. Writes models/sft/, metrics/sft.json, plots/sft.csv and one MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from components import training
+from components.batching import IGNORE_INDEX, collate_sequences, encode_chat, sequence_logps
+from components.config import params_hash
+
+log = logging.getLogger("alignflow.sft")
+
+
+def tokenize_sft(tokenizer, records: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per record; labels are IGNORE_INDEX outside assistant turns."""
+    out = []
+    for r in records:
+        ids, mask = encode_chat(tokenizer, r["messages"])
+        ids, mask = ids[:max_length], mask[:max_length]
+        out.append((ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]))
+    return out
+
+
+def batch_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL over labelled tokens of the batch, and the number of those tokens."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+    logps, counts = sequence_logps(logits, batch.labels)
+    return -logps.sum(), counts.sum()
+
+
+@torch.no_grad()
+def evaluate_loss(model, accelerator, examples, batch_size: int, pad_id: int) -> float:
+    """Token-mean NLL over the eval set, sharded over processes."""
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # length-sorted: little padding
+    mine = training.shard(order, accelerator.process_index, accelerator.num_processes)
+    total = torch.zeros(2, device=accelerator.device)
+    for start in range(0, len(mine), batch_size):
+        batch = collate_sequences([examples[i] for i in mine[start : start + batch_size]], pad_id)
+        nll, n = batch_nll(model, batch.to(accelerator.device))
+        total += torch.stack([nll.float(), n.float()])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return (total[0] / total[1].clamp_min(1)).item()
+
+
+def fingerprint(*parts: object) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, str | Path) and Path(p).is_file():
+            h.update(Path(p).read_bytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def run(
+    model_path: str,
+    train_path: str,
+    eval_path: str,
+    out_dir: str = "models/sft",
+    metrics_path: str = "metrics/sft.json",
+    plots_path: str = "plots/sft.csv",
+    checkpoint_dir: str = "checkpoints/sft",
+    max_length: int = 128,
+    max_steps: int = 0,
+    epochs: int = 1,
+    batch_size: int = 32,
+    grad_accum: int = 1,
+    learning_rate: float = 3e-3,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.05,
+    scheduler: str = "cosine",
+    max_grad_norm: float = 1.0,
+    eval_every: int = 50,
+    save_every: int = 100,
+    keep_checkpoints: int = 2,
+    log_every: int = 10,
+    lora: dict | None = None,
+    mixed_precision: str = "auto",
+    seed: int = 1234,
+    trust_remote_code: bool = False,
+    track: bool = True,
+) -> dict:
+    hyper = {k: v for k, v in locals().items() if k not in ("track",)}
+    accelerator = training.make_accelerator(mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    torch.manual_seed(seed)
+
+    # ---------------------------------------------------------------- data
+    tokenizer = training.load_tokenizer(model_path, trust_remote_code)
+    train = tokenize_sft(tokenizer, training.read_jsonl(train_path), max_length)
+    evals = tokenize_sft(tokenizer, training.read_jsonl(eval_path), max_length) if Path(eval_path).exists() else []
+    if not train:
+        raise ValueError(f"{train_path}: no SFT training records")
+    # batch_size is per device: the global micro-batch is split over processes
+    plan = training.plan_steps([len(x[0]) for x in train], batch_size * world, grad_accum, max_steps, epochs, seed, world)
+    total_steps = len(plan)
+
+    # ---------------------------------------------------------------- model, optimizer, schedule
+    model = training.load_model(model_path, trust_remote_code, lora)
+    optimizer = training.make_optimizer(model, learning_rate, weight_decay)
+    lr_schedule = training.make_scheduler(optimizer, scheduler, int(warmup_ratio * total_steps), total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_schedule)  # not prepared: it would step once per process
+
+    # ---------------------------------------------------------------- resume
+    ckpt_dir = Path(checkpoint_dir)
+    fp = fingerprint(hyper, train_path, world)
+    start_step, history = 0, []
+    found = training.find_checkpoint(ckpt_dir, fp)
+    if found:
+        path, state = found
+        accelerator.load_state(str(path))
+        start_step, history = state["step"], state["history"]
+        log.info("resuming from %s (step %d of %d)", path, start_step, total_steps)
+
+    # ---------------------------------------------------------------- train
+    pad_id = tokenizer.pad_token_id
+    tracking_params = {**{k: v for k, v in hyper.items() if not k.endswith(("_path", "_dir"))}, "world_size": world}
+    with training.stage_tracking(accelerator, "sft", tracking_params, [model_path, train_path], track) as mlrun:
+        bar = training.progress(total_steps, start_step, "sft", accelerator.is_local_main_process)
+        model.train()
+        tokens_seen, t0 = 0, time.perf_counter()
+        window = torch.zeros(2, device=accelerator.device)  # (nll sum, tokens) since the last log row
+        for step in range(start_step, total_steps):
+            micro_batches = plan[step]
+            # every rank knows the whole global step, so the token-mean needs no extra communication
+            step_tokens = sum(sum(t != IGNORE_INDEX for t in train[i][1][1:]) for mb in micro_batches for i in mb)
+            step_loss = torch.zeros(2, device=accelerator.device)
+            for k, mb in enumerate(micro_batches):
+                batch = collate_sequences([train[i] for i in training.shard(mb, rank, world)], pad_id)
+                batch = batch.to(accelerator.device)
+                sync = k == len(micro_batches) - 1
+                with training.maybe_no_sync(accelerator, model, sync):
+                    nll, n = batch_nll(model, batch)
+                    # DDP averages gradients over processes, hence * world: the step's gradient is
+                    # that of (sum of all token NLLs in the global step) / step_tokens.
+                    accelerator.backward(nll * world / step_tokens)
+                step_loss += torch.stack([nll.detach().float(), n.float()])
+                tokens_seen += int(batch.attention_mask.sum())
+            step_loss = accelerator.reduce(step_loss, reduction="sum")
+            loss = step_loss[0] / step_loss[1]
+            training.guard_finite(loss, step + 1, ckpt_dir)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            training.maybe_crash(step + 1)
+            window += step_loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+
+            done = step + 1
+            row = None
+            if done % log_every == 0 or done == total_steps:
+                elapsed = time.perf_counter() - t0
+                row = {
+                    "step": done,
+                    "train/loss": (window[0] / window[1]).item(),
+                    "learning_rate": lr_schedule.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "tokens_per_second": tokens_seen * world / max(elapsed, 1e-9),
+                }
+                window.zero_()
+            if evals and (done % eval_every == 0 or done == total_steps):
+                row = row or {"step": done}
+                row["eval/loss"] = evaluate_loss(model, accelerator, evals, batch_size, pad_id)
+            if row:
+                history.append(row)
+                training.log_step_metrics(mlrun, row, done)
+            if done % save_every == 0 and done < total_steps:
+                training.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history},
+                                         keep_checkpoints)
+        bar.close()
+
+        # ------------------------------------------------------------ outputs
+        training.save_model_atomic(accelerator, model, tokenizer, out_dir)
+        final = {
+            "train/loss": next(r["train/loss"] for r in reversed(history) if "train/loss" in r),
+            "steps": total_steps,
+            "world_size": world,
+            "train/examples": len(train),
+            "tokens_per_second": history[-1].get("tokens_per_second", 0.0),
+        }
+        eval_rows = [r for r in history if "eval/loss" in r]
+        if eval_rows:
+            final["eval/loss"] = eval_rows[-1]["eval/loss"]
+            final["eval/loss_first"] = eval_rows[0]["eval/loss"]
+            final["eval/perplexity"] = float(torch.tensor(final["eval/loss"]).exp())
+        if accelerator.is_main_process:
+            training.write_csv(plots_path, history)
+            training.write_json(metrics_path, final)
+            training.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, total_steps)
+    training.clear_checkpoints(accelerator, ckpt_dir)
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    from components.bootstrap import resolve_model_path
+    from components.config import load_params
+
+    parser = argparse.ArgumentParser(description="SFT stage")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", default=None, help="override: base model dir or hub id")
+    parser.add_argument("--data-dir", default="data/prepared")
+    parser.add_argument("--out", default="models/sft")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("ALIGNFLOW_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    p = load_params(args.params)
+    s = p.sft
+    result = run(
+        model_path=args.model or resolve_model_path("models/base"),
+        train_path=f"{args.data_dir}/sft_train.jsonl",
+        eval_path=f"{args.data_dir}/sft_eval.jsonl",
+        out_dir=args.out,
+        max_length=p.data.max_length,
+        mixed_precision=p.compute.mixed_precision,
+        seed=p.seed,
+        trust_remote_code=p.model.trust_remote_code,
+        lora=s.lora.model_dump(),
+        **s.model_dump(exclude={"lora"}),
+    )
+    log.info("sft done: %s (params hash %s)", json.dumps(result), params_hash(s))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""Pieces the SFT and DPO loops share: accelerator set-up, model loading, optimizer + schedule,
+the deterministic step plan, checkpoints and the non-finite-loss guard.
+
+Functions, not a Trainer class: each stage's loop stays explicit and readable top to bottom in its
+own file (sft.py, dpo.py); only the parts that must behave identically live here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from components.batching import bucketed_batches
+
+log = logging.getLogger(__name__)
+STATE_FILE = "alignflow_state.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; no update was applied and the last checkpoint is intact."""
+
+
+# ----------------------------------------------------------------------------- accelerator
+
+
+def resolve_mixed_precision(requested: str) -> str:
+    """`auto` = bf16 on a GPU that has it, else fp16 on GPU, fp32 ("no") on CPU."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def make_accelerator(mixed_precision: str):
+    from accelerate import Accelerator
+
+    mp = resolve_mixed_precision(mixed_precision)
+    if mp != "no" and not torch.cuda.is_available():
+        log.warning("mixed_precision=%s requested without a GPU; training in fp32", mp)
+        mp = "no"
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def load_model(path: str, trust_remote_code: bool = False, lora: dict | None = None):
+    """Causal LM in fp32 master weights (autocast supplies bf16/fp16 compute); optional LoRA via peft."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    model.config.use_cache = False
+    if lora and lora.get("enabled"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                       target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM"),
+        )
+    return model
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:  # many base models ship without one; padding is masked anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def make_optimizer(model, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    # no decay on norms and biases (standard practice since GPT-2)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
+
+
+def make_scheduler(optimizer, scheduler: str, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if scheduler == "cosine":
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))  # decays to 10%
+        if scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- step plan
+
+
+def plan_steps(
+    lengths: Sequence[int], global_batch: int, grad_accum: int, max_steps: int, epochs: int, seed: int, world: int
+) -> list[list[list[int]]]:
+    """The whole run as data: plan[step] = the micro-batches (global example indices) of that step.
+
+    Fixed by (data, seed, batch sizes) alone, so a resumed run replays exactly the steps it missed and
+    N processes see the same global batches as one. Batches smaller than the world size are dropped.
+    """
+    micro: list[list[int]] = []
+    epoch = 0
+    steps_per_epoch = None
+    while True:
+        batches = [b for b in bucketed_batches(lengths, global_batch, seed, epoch) if len(b) >= world]
+        if not batches:
+            raise ValueError(f"not enough training examples ({len(lengths)}) for {world} processes")
+        micro += batches
+        steps_per_epoch = steps_per_epoch or max(1, len(batches) // grad_accum)
+        epoch += 1
+        total = max_steps or steps_per_epoch * epochs
+        if len(micro) >= total * grad_accum:
+            return [micro[s * grad_accum : (s + 1) * grad_accum] for s in range(total)]
+
+
+def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
+    return list(indices[rank::world])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def find_checkpoint(ckpt_dir: Path, fingerprint: str) -> tuple[Path, dict] | None:
+    """Newest complete checkpoint written by a run with the same fingerprint (params + data + code)."""
+    if not ckpt_dir.exists():
+        return None
+    for path in sorted(ckpt_dir.glob("step_*"), reverse=True):
+        state_file = path / STATE_FILE
+        if not state_file.exists():
+            continue  # killed while writing: not a resume point
+        state = json.loads(state_file.read_text())
+        if state.get("fingerprint") == fingerprint:
+            return path, state
+        log.info("ignoring %s: written by a run with different params or data", path)
+    return None
+
+
+def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: int) -> None:
+    """save_state (model, optimizer, scheduler, RNG) then our state file last, marking it complete."""
+    path = ckpt_dir / f"step_{step:07d}"
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        (path / STATE_FILE).write_text(json.dumps({**state, "step": step}))
+        for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def clear_checkpoints(accelerator, ckpt_dir: Path) -> None:
+    """After a successful run the final model is the artifact; checkpoints only cost disk."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def guard_finite(loss: torch.Tensor, step: int, ckpt_dir: Path) -> None:
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss.item()}) at step {step}; no update applied. "
+            f"Last good checkpoint (if any) is kept under {ckpt_dir}. Lower the learning rate, "
+            f"check the data, or use mixed_precision=bf16 instead of fp16."
+        )
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def save_model_atomic(accelerator, model, tokenizer, out_dir: str) -> None:
+    """Write the final model next to out_dir and swap it in only when complete (LoRA merged)."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards on every rank
+    if not accelerator.is_main_process:
+        return
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp.", dir=out.parent))
+    try:
+        if hasattr(unwrapped, "merge_and_unload"):  # peft: ship a plain model downstream
+            unwrapped = unwrapped.merge_and_unload()
+            state_dict = None
+        unwrapped.config.use_cache = True
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str, data: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    import csv
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    tmp = Path(path + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def progress(iterable_total: int, initial: int, desc: str, enabled: bool) -> Callable:
+    import sys
+
+    from tqdm.auto import tqdm
+
+    # in logs (dvc repro, Prefect) a bar redrawn 20 times a second is noise: redraw every 10 s there
+    interval = 0.1 if sys.stderr.isatty() else 10.0
+    return tqdm(total=iterable_total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
+                mininterval=interval)
+
+
+# ----------------------------------------------------------------------------- loop plumbing
+
+
+def maybe_no_sync(accelerator, model, sync: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation step."""
+    import contextlib
+
+    return contextlib.nullcontext() if sync or accelerator.num_processes == 1 else accelerator.no_sync(model)
+
+
+def maybe_crash(step: int) -> None:
+    """Fault injection for resume and retry tests: a hard exit (no clean-up, like SIGKILL) at a step.
+
+    ALIGNFLOW_CRASH_AT_STEP=N exits at step N. With ALIGNFLOW_CRASH_MARKER=<file> it does so only
+    while that file does not exist (it is created first), i.e. once: the retry then succeeds.
+    """
+    import os
+
+    if os.environ.get("ALIGNFLOW_CRASH_AT_STEP") != str(step):
+        return
+    marker = os.environ.get("ALIGNFLOW_CRASH_MARKER")
+    if marker:
+        if Path(marker).exists():
+            return
+        Path(marker).write_text(str(step))
+    log.error("ALIGNFLOW_CRASH_AT_STEP=%d: simulated crash", step)
+    os._exit(137)
+
+
+def stage_tracking(accelerator, stage: str, params: dict, inputs: list[str], enabled: bool):
+    """The stage's MLflow run on the main process; a no-op context elsewhere or when disabled."""
+    from components import tracking
+    from components.config import params_hash
+
+    return tracking.stage_run(stage, params, inputs, params_hash(params),
+                              enabled=enabled and accelerator.is_main_process)
+
+
+def log_step_metrics(run, row: dict, step: int) -> None:
+    from components import tracking
+
+    tracking.log_metrics(run, {k: v for k, v in row.items() if k != "step"}, step=step)
