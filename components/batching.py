@@ -156,3 +156,33 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         reduction="none",
     ).view(targets.shape)
     return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def tokenize_pair(tokenizer, record: dict, max_length: int, max_prompt_length: int) -> dict:
+    """Token ids of one canonical preference record, truncated as TRL does.
+
+    The prompt keeps its last `max_prompt_length` tokens (the end of a prompt matters most); each
+    response is cut so prompt + response <= max_length. prepare already drops over-long records,
+    so truncation only bites when a user lowers max_length after prepare ran.
+    """
+    prompt_ids, chosen_ids = encode_prompt_response(tokenizer, record["prompt"], record["chosen"])
+    _, rejected_ids = encode_prompt_response(tokenizer, record["prompt"], record["rejected"])
+    prompt_ids = prompt_ids[-max_prompt_length:]
+    room = max(1, max_length - len(prompt_ids))
+    return {"id": record["id"], "prompt_ids": prompt_ids, "chosen_ids": chosen_ids[:room], "rejected_ids": rejected_ids[:room]}
+
+
+def pair_length(pair: dict) -> int:
+    return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+
+
+def pair_logps(model, pairs: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and token counts of chosen and rejected, one forward pass for both.
+
+    Returns (chosen_logps (B,), rejected_logps (B,), chosen_tokens (B,), rejected_tokens (B,)).
+    """
+    batch = collate_pairs(pairs, pad_id).to(device)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (2B, T, V)
+    logps, counts = sequence_logps(logits, batch.labels)
+    b = len(pairs)
+    return logps[:b], logps[b:], counts[:b], counts[b:]

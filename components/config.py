@@ -134,9 +134,9 @@ class DPOConfig(TrainLoopConfig):
     @model_validator(mode="after")
     def _per_loss(self) -> DPOConfig:
         # Label smoothing has a meaning only for the losses that model label noise.
-        if self.label_smoothing > 0 and self.loss not in ("cdpo", "robust"):
+        if self.label_smoothing > 0 and self.loss not in ("cdpo", "robust", "simpo"):
             raise ValueError(
-                f"label_smoothing={self.label_smoothing} only applies to loss cdpo or robust, not {self.loss!r}"
+                f"label_smoothing={self.label_smoothing} only applies to loss cdpo, robust or simpo, not {self.loss!r}"
             )
         if self.loss in ("cdpo", "robust") and self.label_smoothing == 0:
             raise ValueError(f"loss {self.loss!r} needs label_smoothing > 0 (with 0 it is plain sigmoid DPO)")

@@ -1,0 +1,268 @@
+"""Preference-optimisation stage (DPO and its family, chosen by `dpo.loss`).
+
+    accelerate launch --config_file configs/accelerate/cpu.yaml -m components.dpo --params params.yaml
+
+The policy starts from the SFT model; the reference log-probs come from the cached artifact of the
+`reference` stage, so only one model sits in memory (with LoRA, that reference is exactly the base
+with adapters disabled, and no second copy is ever made). Chosen and rejected go through one forward
+pass; batches are bucketed by length. Same loop guarantees as SFT: accumulation, warmup + decay,
+clipping, mixed precision on GPU, checkpoint + exact resume, NaN guard. Writes models/dpo/,
+metrics/dpo.json (TRL's metric names), plots/dpo.csv and one MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from components import losses, training
+from components.batching import pair_length, pair_logps, tokenize_pair
+from components.reference import load_reference_logps
+from components.sft import fingerprint
+
+log = logging.getLogger("alignflow.dpo")
+
+
+def attach_reference(pairs: list[dict], reference: dict, path: str) -> None:
+    missing = [p["id"] for p in pairs if p["id"] not in reference]
+    if missing:
+        raise ValueError(
+            f"{path}: no reference log-probs for {len(missing)} pairs (e.g. id {missing[0]}); "
+            "the data changed since the reference stage ran: re-run it (dvc repro reference)"
+        )
+    for p in pairs:
+        p["ref_chosen"], p["ref_rejected"], _, _ = reference[p["id"]]
+
+
+def pair_losses(model, pairs: list[dict], pad_id: int, device, loss_kwargs: dict) -> tuple[losses.LossOutput, dict]:
+    """Per-pair losses of a micro-batch and the tensors the metrics need."""
+    pc, pr, nc, nr = pair_logps(model, pairs, pad_id, device)
+    rc = torch.tensor([p["ref_chosen"] for p in pairs], device=device)
+    rr = torch.tensor([p["ref_rejected"] for p in pairs], device=device)
+    out = losses.preference_loss(
+        policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc, reference_rejected_logps=rr,
+        chosen_lengths=nc, rejected_lengths=nr, **loss_kwargs,
+    )
+    return out, {"pc": pc.detach(), "pr": pr.detach()}
+
+
+def metric_sums(out: losses.LossOutput, logps: dict) -> dict[str, torch.Tensor]:
+    """Sums over the micro-batch (divided by the pair count when a log row is written)."""
+    sums = {
+        "loss": out.losses.detach().sum(),
+        "rewards/chosen": out.chosen_rewards.sum(),
+        "rewards/rejected": out.rejected_rewards.sum(),
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().sum(),
+        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).sum(),
+        "logps/chosen": logps["pc"].sum(),
+        "logps/rejected": logps["pr"].sum(),
+    }
+    sums.update({k: v.detach().float().sum() for k, v in out.extra.items() if v.dim() > 0})
+    return sums
+
+
+def reduce_means(accelerator, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    keys = sorted(sums)
+    stacked = accelerator.reduce(torch.stack([sums[k].float() for k in keys]), reduction="sum")
+    total = accelerator.reduce(torch.tensor(float(count), device=accelerator.device), reduction="sum")
+    return {k: (v / total.clamp_min(1)).item() for k, v in zip(keys, stacked, strict=True)}
+
+
+@torch.no_grad()
+def evaluate_pairs(model, accelerator, pairs, batch_size, pad_id, loss_kwargs) -> dict[str, float]:
+    model.eval()
+    order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))
+    mine = training.shard(order, accelerator.process_index, accelerator.num_processes)
+    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
+    for s in range(0, len(mine), batch_size):
+        out, lp = pair_losses(model, [pairs[i] for i in mine[s : s + batch_size]], pad_id, accelerator.device,
+                              loss_kwargs)
+        for k, v in metric_sums(out, lp).items():
+            sums[k] = sums[k] + v
+    model.train()
+    return {f"eval/{k}": v for k, v in reduce_means(accelerator, dict(sums), len(mine)).items()}
+
+
+def run(
+    model_path: str,
+    data_dir: str = "data/prepared",
+    reference_dir: str = "artifacts/ref_logps",
+    out_dir: str = "models/dpo",
+    metrics_path: str = "metrics/dpo.json",
+    plots_path: str = "plots/dpo.csv",
+    checkpoint_dir: str = "checkpoints/dpo",
+    max_length: int = 128,
+    max_prompt_length: int = 96,
+    loss: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    orpo_alpha: float = 1.0,
+    kto_desirable_weight: float = 1.0,
+    kto_undesirable_weight: float = 1.0,
+    rpo_alpha: float = 0.0,
+    max_steps: int = 0,
+    epochs: int = 1,
+    batch_size: int = 16,
+    grad_accum: int = 1,
+    learning_rate: float = 5e-4,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.1,
+    scheduler: str = "cosine",
+    max_grad_norm: float = 1.0,
+    eval_every: int = 50,
+    save_every: int = 50,
+    keep_checkpoints: int = 2,
+    log_every: int = 10,
+    lora: dict | None = None,
+    mixed_precision: str = "auto",
+    seed: int = 1234,
+    trust_remote_code: bool = False,
+    track: bool = True,
+) -> dict:
+    hyper = {k: v for k, v in locals().items() if k != "track"}
+    loss_kwargs = {"name": loss, "beta": beta, "label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma,
+                   "orpo_alpha": orpo_alpha, "kto_desirable_weight": kto_desirable_weight,
+                   "kto_undesirable_weight": kto_undesirable_weight, "rpo_alpha": rpo_alpha}
+    accelerator = training.make_accelerator(mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    torch.manual_seed(seed)
+
+    # ---------------------------------------------------------------- data + cached reference
+    tokenizer = training.load_tokenizer(model_path, trust_remote_code)
+    splits = {}
+    for split in ("train", "eval"):
+        records = training.read_jsonl(Path(data_dir) / f"pref_{split}.jsonl")
+        pairs = [tokenize_pair(tokenizer, r, max_length, max_prompt_length) for r in records]
+        ref_path = Path(reference_dir) / f"{split}.pt"
+        attach_reference(pairs, load_reference_logps(ref_path), str(ref_path))
+        splits[split] = pairs
+    train, evals = splits["train"], splits["eval"]
+    if not train:
+        raise ValueError(f"{data_dir}/pref_train.jsonl: no preference pairs")
+    plan = training.plan_steps([pair_length(p) for p in train], batch_size * world, grad_accum, max_steps, epochs,
+                               seed, world)
+    total_steps = len(plan)
+
+    # ---------------------------------------------------------------- model, optimizer, schedule
+    model = training.load_model(model_path, trust_remote_code, lora)
+    optimizer = training.make_optimizer(model, learning_rate, weight_decay)
+    lr_schedule = training.make_scheduler(optimizer, scheduler, int(warmup_ratio * total_steps), total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_schedule)
+
+    # ---------------------------------------------------------------- resume
+    ckpt_dir = Path(checkpoint_dir)
+    fp = fingerprint(hyper, str(Path(data_dir) / "pref_train.jsonl"), str(Path(reference_dir) / "train.pt"), world)
+    start_step, history = 0, []
+    found = training.find_checkpoint(ckpt_dir, fp)
+    if found:
+        path, state = found
+        accelerator.load_state(str(path))
+        start_step, history = state["step"], state["history"]
+        log.info("resuming from %s (step %d of %d)", path, start_step, total_steps)
+
+    # ---------------------------------------------------------------- train
+    pad_id = tokenizer.pad_token_id
+    tracking_params = {**{k: v for k, v in hyper.items() if not k.endswith(("_path", "_dir"))}, "world_size": world}
+    inputs = [model_path, data_dir, reference_dir]
+    with training.stage_tracking(accelerator, "dpo", tracking_params, inputs, track) as mlrun:
+        bar = training.progress(total_steps, start_step, f"dpo ({loss})", accelerator.is_local_main_process)
+        model.train()
+        window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
+        window_pairs, tokens_seen, t0 = 0, 0, time.perf_counter()
+        for step in range(start_step, total_steps):
+            micro_batches = plan[step]
+            step_pairs = sum(len(mb) for mb in micro_batches)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for k, mb in enumerate(micro_batches):
+                mine = [train[i] for i in training.shard(mb, rank, world)]
+                with training.maybe_no_sync(accelerator, model, k == len(micro_batches) - 1):
+                    with accelerator.autocast():
+                        out, lp = pair_losses(model, mine, pad_id, accelerator.device, loss_kwargs)
+                    # mean over all pairs of the global step; * world undoes DDP's gradient averaging
+                    accelerator.backward(out.losses.sum() * world / step_pairs)
+                step_loss += out.losses.detach().sum()
+                for key, v in metric_sums(out, lp).items():
+                    window[key] = window[key] + v
+                window_pairs += len(mine)
+                tokens_seen += sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in mine)
+            loss_value = accelerator.reduce(step_loss, reduction="sum") / step_pairs
+            training.guard_finite(loss_value, step + 1, ckpt_dir)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            training.maybe_crash(step + 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value.item():.4f}")
+
+            done = step + 1
+            row = None
+            if done % log_every == 0 or done == total_steps:
+                elapsed = time.perf_counter() - t0
+                row = {"step": done, **reduce_means(accelerator, dict(window), window_pairs),
+                       "learning_rate": lr_schedule.get_last_lr()[0],
+                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                       "tokens_per_second": tokens_seen * world / max(elapsed, 1e-9)}
+                window.clear()
+                window_pairs = 0
+            if evals and (done % eval_every == 0 or done == total_steps):
+                row = row or {"step": done}
+                row.update(evaluate_pairs(model, accelerator, evals, batch_size, pad_id, loss_kwargs))
+            if row:
+                history.append(row)
+                training.log_step_metrics(mlrun, row, done)
+            if done % save_every == 0 and done < total_steps:
+                training.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history},
+                                         keep_checkpoints)
+        bar.close()
+
+        # ------------------------------------------------------------ outputs
+        training.save_model_atomic(accelerator, model, tokenizer, out_dir)
+        last_train = next(r for r in reversed(history) if "loss" in r)
+        final = {k: v for k, v in last_train.items() if k not in ("step", "learning_rate", "grad_norm")}
+        eval_rows = [r for r in history if "eval/loss" in r]
+        if eval_rows:
+            final.update({k: v for k, v in eval_rows[-1].items() if k.startswith("eval/")})
+            final["eval/rewards/accuracies_first"] = eval_rows[0]["eval/rewards/accuracies"]
+        final.update({"steps": total_steps, "world_size": world, "train/pairs": len(train), "beta": beta})
+        if accelerator.is_main_process:
+            training.write_csv(plots_path, history)
+            training.write_json(metrics_path, final)
+            training.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, total_steps)
+    training.clear_checkpoints(accelerator, ckpt_dir)
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    from components.config import load_params
+
+    parser = argparse.ArgumentParser(description="preference optimisation stage")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", default="models/sft", help="policy init (default: the SFT model)")
+    parser.add_argument("--data-dir", default="data/prepared")
+    parser.add_argument("--reference-dir", default="artifacts/ref_logps")
+    parser.add_argument("--out", default="models/dpo")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("ALIGNFLOW_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    p = load_params(args.params)
+    d = p.dpo
+    result = run(
+        model_path=args.model, data_dir=args.data_dir, reference_dir=args.reference_dir, out_dir=args.out,
+        max_length=p.data.max_length, max_prompt_length=p.data.max_prompt_length,
+        mixed_precision=p.compute.mixed_precision, seed=p.seed, trust_remote_code=p.model.trust_remote_code,
+        lora=d.lora.model_dump(), **d.model_dump(exclude={"lora"}),
+    )
+    log.info("dpo done: %s", json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

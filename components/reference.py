@@ -1,0 +1,138 @@
+"""Reference log-prob stage: score every preference pair once under the reference model.
+
+    accelerate launch --config_file configs/accelerate/cpu.yaml -m components.reference --params params.yaml
+
+Writes `artifacts/ref_logps/{train,eval}.pt` (per example id: summed log-probs of chosen and rejected,
+token counts; per-token means are sum / count) and `meta.json`. DVC caches the artifact and the stage
+reads no `dpo.*` param, so a sweep over N betas (or losses) pays for one reference pass, not N. TRL
+keeps precomputed reference log-probs in memory for one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from components import training
+from components.batching import pair_length, pair_logps, tokenize_pair
+
+log = logging.getLogger("alignflow.reference")
+SPLITS = ("train", "eval")
+
+
+def load_reference_logps(path: str | Path) -> dict:
+    """{id: (chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)} from one split file."""
+    data = torch.load(path, weights_only=True)
+    return {
+        i: (c, r, ct, rt)
+        for i, c, r, ct, rt in zip(
+            data["ids"], data["chosen_logps"].tolist(), data["rejected_logps"].tolist(),
+            data["chosen_tokens"].tolist(), data["rejected_tokens"].tolist(), strict=True,
+        )
+    }
+
+
+@torch.no_grad()
+def score_pairs(model, accelerator, pairs: list[dict], batch_size: int, pad_id: int, desc: str) -> dict:
+    """Reference log-probs of all pairs, sharded over processes and gathered, in input order."""
+    from accelerate.utils import gather_object
+
+    order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))  # length-sorted: little padding
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    mine = training.shard(batches, accelerator.process_index, accelerator.num_processes)
+    results: list[tuple[int, float, float, int, int]] = []
+    bar = training.progress(len(mine), 0, desc, accelerator.is_local_main_process)
+    for idx in mine:
+        with accelerator.autocast():
+            c, r, ct, rt = pair_logps(model, [pairs[i] for i in idx], pad_id, accelerator.device)
+        results += zip(idx, c.tolist(), r.tolist(), ct.tolist(), rt.tolist(), strict=True)
+        bar.update(1)
+    bar.close()
+    if accelerator.num_processes > 1:
+        results = gather_object(results)
+    results.sort()
+    return {
+        "ids": [pairs[i]["id"] for i, *_ in results],
+        "chosen_logps": torch.tensor([x[1] for x in results], dtype=torch.float32),
+        "rejected_logps": torch.tensor([x[2] for x in results], dtype=torch.float32),
+        "chosen_tokens": torch.tensor([x[3] for x in results], dtype=torch.long),
+        "rejected_tokens": torch.tensor([x[4] for x in results], dtype=torch.long),
+    }
+
+
+def run(
+    model_path: str,
+    data_dir: str = "data/prepared",
+    out_dir: str = "artifacts/ref_logps",
+    max_length: int = 128,
+    max_prompt_length: int = 96,
+    batch_size: int = 64,
+    mixed_precision: str = "auto",
+    trust_remote_code: bool = False,
+) -> dict:
+    accelerator = training.make_accelerator(mixed_precision)
+    tokenizer = training.load_tokenizer(model_path, trust_remote_code)
+    model = training.load_model(model_path, trust_remote_code)
+    model = accelerator.prepare(model).eval()
+
+    results, summary = {}, {}
+    t0 = time.perf_counter()
+    tokens = 0
+    for split in SPLITS:
+        records = training.read_jsonl(Path(data_dir) / f"pref_{split}.jsonl")
+        pairs = [tokenize_pair(tokenizer, r, max_length, max_prompt_length) for r in records]
+        results[split] = score_pairs(model, accelerator, pairs, batch_size, tokenizer.pad_token_id, f"reference {split}")
+        n = len(pairs)
+        tokens += sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+        summary[f"{split}/pairs"] = n
+        if n:
+            summary[f"{split}/logps/chosen"] = results[split]["chosen_logps"].mean().item()
+            summary[f"{split}/logps/rejected"] = results[split]["rejected_logps"].mean().item()
+    elapsed = time.perf_counter() - t0
+    summary.update({"seconds": elapsed, "tokens_per_second": tokens / max(elapsed, 1e-9)})
+
+    if accelerator.is_main_process:
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp.", dir=out.parent))
+        try:
+            for split, data in results.items():
+                torch.save(data, tmp / f"{split}.pt")
+            meta = {"model": model_path, "max_length": max_length, "max_prompt_length": max_prompt_length,
+                    "mixed_precision": accelerator.mixed_precision, **summary}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.replace(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    from components.config import load_params
+
+    parser = argparse.ArgumentParser(description="reference log-prob stage")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", default="models/sft", help="reference model (default: the SFT model)")
+    parser.add_argument("--data-dir", default="data/prepared")
+    parser.add_argument("--out", default="artifacts/ref_logps")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("ALIGNFLOW_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    p = load_params(args.params)
+    result = run(args.model, args.data_dir, args.out, p.data.max_length, p.data.max_prompt_length,
+                 p.reference.batch_size, p.compute.mixed_precision, p.model.trust_remote_code)
+    log.info("reference done: %s", json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
