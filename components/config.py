@@ -164,7 +164,8 @@ class EvaluateConfig(Strict):
 
 
 class GateConfig(Strict):
-    primary_metric: str = "eval/reward_mean"
+    # promotion re-scores both models per prompt with the judge: the judge's mean is the metric
+    primary_metric: Literal["eval/reward_mean"] = "eval/reward_mean"
     min_delta: float = 0.0
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     max_kl: float = Field(50.0, gt=0.0)

@@ -1,0 +1,298 @@
+"""Registry: the promotion gate on hand-made numbers, then register / promote / rollback / status
+against a real MLflow SQLite store with two tiny real models (built offline, ~50k parameters).
+
+The store's schema is created once per session and copied per test (creating it costs seconds; MLflow
+writes from this one process only). Tests call `components.cli.main` so exit codes are checked too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components import cli, registry
+from components.registry import gate_decision
+
+NAME = "tiny-aligned"
+GATE = {"primary_metric": "eval/reward_mean", "min_delta": 0.0, "confidence": 0.95, "max_kl": 50.0,
+        "max_length_ratio": 2.0}
+GOOD_METRICS = {"eval/kl_to_reference": 3.0, "eval/length_ratio": 1.1}
+
+
+# ----------------------------------------------------------------------------- gate_decision (unit)
+
+
+def test_gate_passes_on_a_clear_paired_improvement():
+    # every prompt improves by exactly 0.5: each resample's mean is 0.5, so the interval is [0.5, 0.5]
+    d = gate_decision([0.75, 1.0, 0.5, 0.5], [0.25, 0.5, 0.0, 0.0], GOOD_METRICS, GATE, 200, 0)
+    assert d.passed, d.reasons
+    assert (d.delta, d.ci_low, d.ci_high) == (0.5, 0.5, 0.5)
+    assert len(d.reasons) == 4 and all(r.startswith("PASS") for r in d.reasons)
+
+
+def test_gate_rejects_when_the_interval_includes_zero():
+    # differences +1, -1, +1, -1, +0.5: mean 0.1 > min_delta 0, but resamples of 5 values straddle 0
+    d = gate_decision([1, 0, 1, 0, 0.5], [0, 1, 0, 1, 0], GOOD_METRICS, GATE, 1000, 0)
+    assert not d.passed
+    assert d.delta == pytest.approx(0.1)
+    assert d.ci_low < 0 < d.ci_high
+    assert any(r.startswith("FAIL 95% CI") for r in d.reasons)
+
+
+def test_gate_rejects_a_tie_and_a_too_small_gain():
+    tie = gate_decision([0.5, 0.5], [0.5, 0.5], GOOD_METRICS, GATE, 200, 0)
+    assert not tie.passed and (tie.delta, tie.ci_low) == (0.0, 0.0)  # [0, 0] does not exclude zero
+    small = gate_decision([0.75, 0.75], [0.5, 0.5], GOOD_METRICS, {**GATE, "min_delta": 0.5}, 200, 0)
+    assert not small.passed
+    assert [r.split()[0] for r in small.reasons] == ["FAIL", "PASS", "PASS", "PASS"]  # CI fine, delta short
+
+
+@pytest.mark.parametrize("metrics, failing", [
+    ({"eval/kl_to_reference": 50.01, "eval/length_ratio": 1.0}, "eval/kl_to_reference"),
+    ({"eval/kl_to_reference": 1.0, "eval/length_ratio": 2.5}, "eval/length_ratio"),
+    ({"eval/length_ratio": 1.0}, "eval/kl_to_reference missing"),
+    ({"eval/kl_to_reference": float("nan"), "eval/length_ratio": 1.0}, "eval/kl_to_reference missing"),
+])
+def test_guardrails_veto_an_improvement(metrics, failing):
+    d = gate_decision([1.0, 1.0], [0.0, 0.0], metrics, GATE, 200, 0)
+    assert not d.passed
+    assert [r for r in d.reasons if r.startswith("FAIL")] == [next(r for r in d.reasons if failing in r)]
+
+
+def test_no_champion_passes_but_guardrails_still_apply():
+    d = gate_decision(None, None, GOOD_METRICS, GATE, 200, 0)
+    assert d.passed and "no champion" in d.reasons[0] and d.delta is None
+    assert not gate_decision(None, None, {"eval/kl_to_reference": 99.0, "eval/length_ratio": 1.0}, GATE, 200, 0).passed
+
+
+def test_unpaired_scores_are_an_error():
+    with pytest.raises(ValueError, match="paired"):
+        gate_decision([1.0, 0.0], [0.0], GOOD_METRICS, GATE, 200, 0)
+
+
+# ----------------------------------------------------------------------------- workspace
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Two real tiny Llamas sharing one tokenizer (with the ChatML template): different seeds."""
+    from components import synthetic
+    from components.bootstrap import build_model, build_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    tok = build_tokenizer(synthetic.corpus(3, 4, 9, 0), 300)
+    dirs = {}
+    for label, seed in (("a", 1), ("b", 2)):
+        model = build_model(tok, 32, 2, 2, 1, 64, 128, seed)
+        dirs[label] = root / label
+        model.save_pretrained(dirs[label])
+        tok.save_pretrained(dirs[label])
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite file with the schema created (migrations take seconds: do them once)."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def write_params(gate: dict | None = None, **evaluate) -> None:
+    params = {
+        "seed": 7,
+        "data": {"sources": [{"path": "data/raw/preferences.jsonl"}]},
+        "evaluate": {"num_prompts": 6, "max_new_tokens": 6, "temperature": 1.0, "batch_size": 8,
+                     "bootstrap_samples": 200, **evaluate},
+        "register": {"model_name": NAME, "gate": {**GATE, **(gate or {})}},
+    }
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+
+
+def stage_candidate(model_dir: Path, reward_mean: float, kl: float = 3.0) -> None:
+    """What the dpo and evaluate stages leave behind for `register`."""
+    shutil.rmtree("models/dpo", ignore_errors=True)
+    shutil.copytree(model_dir, "models/dpo")
+    metrics = {"eval/reward_mean": reward_mean, "eval/sft/reward_mean": 0.4, "eval/win_rate_vs_sft": 0.6,
+               "eval/win_rate_ci_low": 0.52, "eval/win_rate_ci_high": 0.68, "eval/kl_to_reference": kl,
+               "eval/length_ratio": 1.05, "eval/num_prompts": 6}
+    Path("metrics").mkdir(exist_ok=True)
+    Path("metrics/eval.json").write_text(json.dumps(metrics))
+    Path("reports/eval").mkdir(parents=True, exist_ok=True)
+    Path("reports/eval/index.html").write_text("<html>report</html>")
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, empty_store):
+    from components import synthetic
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("ALIGNFLOW_FLOW_RUN_ID", "flow-run-42")
+    monkeypatch.delenv("ALIGNFLOW_PARENT_RUN_ID", raising=False)
+    write_params()
+    _, pairs = synthetic.generate(0, 8, 3, 4, 9, 0.0, seed=11)
+    Path("data/prepared").mkdir(parents=True)
+    Path("data/prepared/pref_eval.jsonl").write_text(
+        "".join(json.dumps({"id": f"p{i}", **r}) + "\n" for i, r in enumerate(pairs)))
+    lock = {"schema": "2.0", "stages": {
+        "prepare": {"outs": [{"path": "data/prepared", "md5": "d0d0.dir"}]},
+        "sft": {"outs": [{"path": "models/sft", "md5": "5f75.dir"}]},
+        "reference": {"outs": [{"path": "artifacts/ref_logps", "md5": "4ef5.dir"}]},
+        "dpo": {"outs": [{"path": "models/dpo", "md5": "d90d.dir"}]},
+    }}
+    Path("dvc.lock").write_text(yaml.safe_dump(lock))
+    return tmp_path
+
+
+def aliases() -> dict[str, str]:
+    import mlflow
+
+    return {a: str(v) for a, v in mlflow.MlflowClient().get_registered_model(NAME).aliases.items()}
+
+
+def version_tags(version: str) -> dict[str, str]:
+    import mlflow
+
+    return dict(mlflow.MlflowClient().get_model_version(NAME, version).tags)
+
+
+# ----------------------------------------------------------------------------- register / promote / rollback
+
+
+@pytest.mark.integration
+def test_register_promote_rollback(workspace, tiny_models, monkeypatch, capsys):
+    from components import evaluate
+
+    # -- first registration: challenger, lineage on the version; promotion: no champion -> champion
+    stage_candidate(tiny_models["a"], reward_mean=0.40)
+    assert cli.main(["register"]) == 0
+    report = json.loads(Path("reports/registration.json").read_text())
+    assert report["version"] == "1" and report["model_uri"] == f"models:/{NAME}/1"
+    tags = version_tags("1")
+    assert tags["dvc/data/prepared"] == "d0d0.dir" and tags["dvc/models/sft"] == "5f75.dir"
+    assert tags["dvc/models/dpo"] == "d90d.dir" and tags["prefect/flow_run_id"] == "flow-run-42"
+    assert tags["git/dirty"] in ("true", "false") and len(tags["params/hash"]) == 16
+    assert float(tags["eval/reward_mean"]) == 0.40 and report["tags"] == tags
+    assert aliases() == {"challenger": "1"}
+
+    assert cli.main(["promote"]) == 0
+    assert aliases() == {"challenger": "1", "champion": "1"}
+    tags = version_tags("1")
+    assert tags["promotion/decision"] == "promoted" and "no champion" in tags["promotion/reasons"]
+    assert tags["promotion/compared_to"] == "none" and "promotion/previous_champion" not in tags
+
+    # -- second registration: challenger moves, champion does not
+    stage_candidate(tiny_models["b"], reward_mean=0.55)
+    assert cli.main(["register"]) == 0
+    assert aliases() == {"challenger": "2", "champion": "1"}
+
+    # -- real generation: both versions downloaded from the registry and re-scored by the synthetic
+    # judge; an unreachable min_delta (rewards lie in [0, 1]) makes the rejection certain
+    write_params(gate={"min_delta": 2.0})
+    capsys.readouterr()
+    assert cli.main(["promote"]) == 2
+    out = capsys.readouterr().out
+    assert "REJECTED: champion stays v1" in out
+    assert any(line.split()[:3] == ["FAIL", "eval/reward_mean", "delta"] for line in out.splitlines())
+    assert aliases() == {"challenger": "2", "champion": "1"}
+    tags = version_tags("2")
+    assert tags["promotion/decision"] == "rejected" and tags["promotion/compared_to"] == "1"
+    assert float(tags["promotion/ci_low"]) <= float(tags["promotion/ci_high"])
+
+    # -- the same eval set again: scores come from the cache, no model is loaded
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("score_prompts called although scores are cached")
+
+    monkeypatch.setattr(evaluate, "score_prompts", no_scoring)
+    assert cli.main(["promote", "--dry-run"]) == 0  # dry run: 0 whatever the decision
+    assert version_tags("2") == tags
+
+    # -- controlled scores on a new eval set (max_new_tokens changed): v2 is clearly better
+    def fake_scores(model_dir, prompts, judge, **kwargs):
+        base = 0.7 if "/v2/" in model_dir else 0.3
+        return ["x"] * len(prompts), [base + 0.01 * (i % 3) for i in range(len(prompts))]
+
+    monkeypatch.setattr(evaluate, "score_prompts", fake_scores)
+    write_params(gate={"min_delta": 0.1}, max_new_tokens=5)
+    capsys.readouterr()
+    assert cli.main(["promote", "--dry-run"]) == 0
+    assert "DRY RUN, would be PROMOTED" in capsys.readouterr().out
+    assert aliases() == {"challenger": "2", "champion": "1"} and version_tags("2") == tags  # nothing moved
+
+    assert cli.main(["promote", "--json"]) == 0
+    decision = json.loads(capsys.readouterr().out)
+    assert decision["decision"] == "promoted" and decision["delta"] == pytest.approx(0.4)
+    assert aliases() == {"challenger": "2", "champion": "2"}
+    tags = version_tags("2")
+    assert tags["promotion/decision"] == "promoted" and tags["promotion/previous_champion"] == "1"
+    assert float(tags["promotion/delta"]) == pytest.approx(0.4) and float(tags["promotion/ci_low"]) > 0
+    assert cli.main(["promote"]) == 0  # already champion: nothing to do
+
+    # -- rollback: champion back to v1; the demoted challenger cannot be re-promoted by accident
+    assert cli.main(["rollback"]) == 0
+    assert aliases() == {"champion": "1"}
+    assert version_tags("2")["rollback/restored_version"] == "1"
+    assert version_tags("1")["rollback/replaced_version"] == "2"
+    assert cli.main(["promote"]) == 1  # no challenger
+    assert cli.main(["rollback"]) == 1  # v1 was the first champion: nothing before it
+
+    capsys.readouterr()
+    assert cli.main(["status"]) == 0
+    out = capsys.readouterr().out
+    rows = out.splitlines()
+    assert "champion=v1" in rows[0] and "promoted" in rows[2] and "0.550" in rows[2]  # newest (v2) first
+
+    # -- the champion, loaded back through the registry, generates text
+    import mlflow
+
+    pipe = mlflow.transformers.load_model(f"models:/{NAME}@champion")
+    prompt = pipe.tokenizer.apply_chat_template([{"role": "user", "content": "Sort ascending: 3 1 2"}],
+                                                tokenize=False, add_generation_prompt=True)
+    out = pipe(prompt, max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert out.startswith(prompt) and len(out) > len(prompt)
+
+
+@pytest.mark.integration
+def test_failed_registration_leaves_aliases(workspace, tiny_models, monkeypatch):
+    import mlflow
+
+    stage_candidate(tiny_models["a"], reward_mean=0.4)
+    assert cli.main(["register"]) == 0 and cli.main(["promote"]) == 0
+    before = aliases()
+    report = Path("reports/registration.json").read_text()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("artifact store unavailable")
+
+    stage_candidate(tiny_models["b"], reward_mean=0.6)
+    for target in (mlflow.transformers, mlflow):  # fails while logging the model / while registering it
+        attr = "log_model" if target is mlflow.transformers else "register_model"
+        with monkeypatch.context() as m:
+            m.setattr(target, attr, broken)
+            assert cli.main(["register"]) == 1
+        assert aliases() == before
+        assert [v.version for v in mlflow.MlflowClient().search_model_versions(f"name='{NAME}'")] == [1]
+        assert Path("reports/registration.json").read_text() == report
+    runs = mlflow.search_runs(experiment_names=["alignflow"], output_format="list")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "FINISHED"]
+
+    assert cli.main(["promote", "--version", "7"]) == 1  # no such version
+    assert cli.main(["promote", "--bogus"]) == 1  # a usage error is 1, not 2 (2 = rejected)
+    assert aliases() == before
+
+
+def test_registry_module_cli_is_the_alignflow_cli(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        registry.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "promote" in capsys.readouterr().out
+    assert cli.main(["frobnicate"]) == 1  # usage errors exit 1: 2 means "gate rejected"
