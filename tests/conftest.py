@@ -35,3 +35,84 @@ def tiny_tokenizer_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny_tokenizer")
     fast.save_pretrained(path)
     return str(path)
+
+
+# ----------------------------------------------------------------------------- pipeline fixtures
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PARAMS = REPO / "configs" / "params" / "tiny.yaml"
+
+
+def pipeline_env(root: Path) -> dict[str, str]:
+    """Environment for stage subprocesses: this venv first on PATH, offline, tracking in `root`."""
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+        DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db",
+        GIT_AUTHOR_NAME="alignflow-tests", GIT_AUTHOR_EMAIL="tests@alignflow.invalid",
+        GIT_COMMITTER_NAME="alignflow-tests", GIT_COMMITTER_EMAIL="tests@alignflow.invalid",
+        ALIGNFLOW_LOG_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false",
+    )
+    for key in ("ALIGNFLOW_CRASH_AT_STEP", "ALIGNFLOW_CRASH_MARKER", "ALIGNFLOW_PARENT_RUN_ID", "ALIGNFLOW_FLOW_RUN_ID"):
+        env.pop(key, None)
+    return env
+
+
+def make_repo_copy(dst: Path, params: Path = TINY_PARAMS) -> Path:
+    """A fresh git + DVC checkout of this project's tracked (and new, not ignored) files, with `params`."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        src = REPO / rel
+        if src.is_file() and not rel.startswith(("tests/", "benchmarks/")) and rel != "dvc.lock":
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    shutil.copy2(params, dst / "params.yaml")
+    env = pipeline_env(dst)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=dst, env=env, check=True, capture_output=True)
+    return dst
+
+
+def run_cmd(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env or pipeline_env(cwd), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory) -> Path:
+    """A repo copy on the tiny params after one full `dvc repro` (shared: copy it before mutating)."""
+    root = make_repo_copy(tmp_path_factory.mktemp("tiny_repo"))
+    run_cmd(["dvc", "repro"], root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """models/base and data/prepared for the tiny params, built in-process (no DVC): for stage tests."""
+    from components import bootstrap, data, synthetic
+    from components.config import load_params
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    p = load_params(TINY_PARAMS)
+    m, s = p.model, p.synthetic
+    bootstrap.run(str(root / "models/base"), m.name_or_path, m.hidden_size, m.num_layers, m.num_heads,
+                  m.num_kv_heads, m.intermediate_size, m.vocab_size, m.max_position_embeddings,
+                  s.min_items, s.max_items, s.max_value, p.seed)
+    synthetic.run(str(root / "data/raw"), s.enabled, s.n_sft, s.n_preference, s.min_items, s.max_items,
+                  s.max_value, s.demo_noise, p.seed)
+    data.run([{"path": str(root / "data/raw"), "kind": "auto", "split": None}], str(root / "data/prepared"),
+             str(root / "metrics/prepare.json"), str(root / "models/base"), p.data.eval_fraction,
+             p.data.max_length, p.data.max_prompt_length, p.data.dedupe, p.seed)
+    shutil.copy2(TINY_PARAMS, root / "params.yaml")
+    return root

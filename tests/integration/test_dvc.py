@@ -1,0 +1,88 @@
+"""End to end on the tiny default through DVC: a full `dvc repro`, a no-op second run, and which
+stages a param change re-runs (changing dpo.* must never re-run SFT or the reference pass)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_cmd
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ALL_STAGES = ["bootstrap", "synthesize", "prepare", "sft", "reference", "dpo", "evaluate", "register"]
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+def set_param(root: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_full_repro_writes_every_artifact(tiny_repo):
+    for rel in ("models/base/config.json", "models/base/tokenizer.json", "data/raw/sft.jsonl",
+                "data/prepared/pref_train.jsonl", "models/sft/model.safetensors", "artifacts/ref_logps/train.pt",
+                "models/dpo/model.safetensors", "reports/eval/index.html", "reports/registration.json"):
+        assert (tiny_repo / rel).exists(), rel
+    prepare = json.loads((tiny_repo / "metrics/prepare.json").read_text())
+    assert prepare["read/total"] == prepare["kept/total"] + prepare["dropped/total"]
+    sft = json.loads((tiny_repo / "metrics/sft.json").read_text())
+    assert sft["eval/loss"] < sft["eval/loss_first"]
+    lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())
+    assert sorted(lock["stages"]) == sorted(ALL_STAGES)
+
+
+def test_second_repro_does_nothing(tiny_repo):
+    out = run_cmd(["dvc", "repro"], tiny_repo).stdout
+    assert stages_run(out) == []
+    assert "didn't change" in out
+
+
+@pytest.mark.parametrize(
+    "section, key, value, direct",
+    [
+        ("sft", "learning_rate", 1.0e-3, ["sft"]),
+        ("dpo", "beta", 0.2, ["dpo", "evaluate"]),  # evaluate reads beta for the implicit reward
+        ("dpo", "loss", "ipo", ["dpo"]),
+        ("reference", "batch_size", 3, ["reference"]),
+        ("evaluate", "temperature", 0.7, ["evaluate"]),
+    ],
+)
+def test_param_change_invalidates_only_its_stages(tiny_repo, tmp_path, section, key, value, direct):
+    """`--dry` shows the stages whose own deps changed (downstream ones follow once outputs change)."""
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_repo, root, symlinks=True)
+    set_param(root, section, key, value)
+    out = run_cmd(["dvc", "repro", "--dry"], root).stdout
+    assert stages_run(out) == direct
+
+
+def test_sft_change_reruns_sft_and_everything_after(tiny_repo, tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_repo, root, symlinks=True)
+    set_param(root, "sft", "learning_rate", 1.0e-3)
+    out = run_cmd(["dvc", "repro"], root).stdout
+    assert stages_run(out) == ["sft", "reference", "dpo", "evaluate", "register"]
+
+
+def test_beta_sweep_reuses_sft_and_reference(tiny_repo, tmp_path):
+    """A real second run with only dpo.beta changed: SFT and the reference artifact are not touched."""
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_repo, root, symlinks=True)
+    before = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    set_param(root, "dpo", "beta", 0.3)
+    out = run_cmd(["dvc", "repro"], root).stdout
+    assert stages_run(out) == ["dpo", "evaluate", "register"]
+    after = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    for name in ("sft", "reference"):
+        assert after[name]["outs"] == before[name]["outs"]
+    assert after["dpo"]["outs"] != before["dpo"]["outs"]
+    assert json.loads((root / "metrics/dpo.json").read_text())["beta"] == 0.3

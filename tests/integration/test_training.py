@@ -1,0 +1,146 @@
+"""Training stages on the tiny model: exact resume after a crash, 2-process CPU data parallelism,
+the non-finite-loss guard, LoRA, and a deterministic reference pass."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import pipeline_env, run_cmd
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.integration
+
+
+def workdir(tiny_data: Path, dst: Path, **overrides) -> Path:
+    """models/base + data/prepared + params.yaml (with section overrides) in a fresh directory."""
+    for rel in ("models/base", "data/prepared"):
+        shutil.copytree(tiny_data / rel, dst / rel)
+    params = yaml.safe_load((tiny_data / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        params[section][key] = value
+    (dst / "params.yaml").write_text(yaml.safe_dump(params))
+    return dst
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def column(csv_path: Path, name: str) -> list[float]:
+    with open(csv_path) as f:
+        return [float(r[name]) for r in csv.DictReader(f) if r.get(name)]
+
+
+def stage(name: str) -> list[str]:
+    return [sys.executable, "-m", f"components.{name}", "--params", "params.yaml"]
+
+
+def test_sft_resumes_after_crash_with_identical_weights(tiny_data, tmp_path):
+    whole = workdir(tiny_data, tmp_path / "whole")
+    crashed = workdir(tiny_data, tmp_path / "crashed")
+    run_cmd(stage("sft"), whole)
+
+    env = pipeline_env(crashed)
+    env["ALIGNFLOW_CRASH_AT_STEP"] = "8"  # save_every=3: checkpoints at 3 and 6, hard exit at 8
+    proc = subprocess.run(stage("sft"), cwd=crashed, env=env, capture_output=True, text=True)
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    assert (crashed / "checkpoints/sft/step_0000006/alignflow_state.json").exists()
+    assert not (crashed / "models/sft").exists()
+
+    resumed = run_cmd(stage("sft"), crashed, env=pipeline_env(crashed) | {"ALIGNFLOW_LOG_LEVEL": "INFO"})
+    assert "resuming from checkpoints/sft/step_0000006" in resumed.stderr
+    a, b = weights(whole / "models/sft"), weights(crashed / "models/sft")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert column(whole / "plots/sft.csv", "train/loss") == column(crashed / "plots/sft.csv", "train/loss")
+    assert not (crashed / "checkpoints/sft").exists()  # cleaned after success
+
+
+def test_sft_two_processes_follow_one_process_loss(tiny_data, tmp_path):
+    """torchrun x2 (gloo) at per-device batch 4 == one process at batch 8: same global batches."""
+    one = workdir(tiny_data, tmp_path / "one", sft__batch_size=8)
+    two = workdir(tiny_data, tmp_path / "two", sft__batch_size=4)
+    run_cmd(stage("sft"), one)
+    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+             "-m", "components.sft", "--params", "params.yaml"], two)
+    assert (two / "metrics/sft.json").read_text().count('"world_size": 2') == 1
+    loss_one, loss_two = column(one / "plots/sft.csv", "train/loss"), column(two / "plots/sft.csv", "train/loss")
+    assert len(loss_one) == len(loss_two) == 10
+    assert loss_one[-1] < loss_one[0]
+    torch.testing.assert_close(torch.tensor(loss_two), torch.tensor(loss_one), rtol=1e-4, atol=1e-5)
+    eval_one, eval_two = column(one / "plots/sft.csv", "eval/loss"), column(two / "plots/sft.csv", "eval/loss")
+    torch.testing.assert_close(torch.tensor(eval_two), torch.tensor(eval_one), rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_data, tmp_path, monkeypatch):
+    from components import sft, training
+
+    root = workdir(tiny_data, tmp_path / "nan")
+    monkeypatch.chdir(root)
+    real = sft.batch_nll
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        nll, n = real(model, batch)
+        return (nll * float("nan"), n) if calls["n"] == 5 else (nll, n)
+
+    monkeypatch.setattr(sft, "batch_nll", poisoned)
+    with pytest.raises(training.NonFiniteLossError, match="step 5"):
+        sft.run("models/base", "data/prepared/sft_train.jsonl", "data/prepared/sft_eval.jsonl",
+                max_steps=10, batch_size=8, eval_every=100, save_every=3, track=False)
+    assert (root / "checkpoints/sft/step_0000003/alignflow_state.json").exists()
+    assert not (root / "models/sft").exists()
+
+
+def test_sft_with_lora_saves_a_merged_plain_model(tiny_data, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from components import sft
+
+    root = workdir(tiny_data, tmp_path / "lora")
+    monkeypatch.chdir(root)
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    result = sft.run("models/base", "data/prepared/sft_train.jsonl", "data/prepared/sft_eval.jsonl",
+                     max_steps=4, batch_size=8, learning_rate=1e-2, eval_every=4, lora=lora, track=False)
+    assert result["steps"] == 4
+    merged = AutoModelForCausalLM.from_pretrained("models/sft")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    base = weights(root / "models/base")
+    changed = weights(root / "models/sft")
+    assert not torch.equal(base["model.layers.0.self_attn.q_proj.weight"], changed["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(base["model.layers.0.mlp.up_proj.weight"], changed["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_reference_then_dpo_resume_exactly(tiny_data, tmp_path):
+    """The reference artifact is deterministic, and DPO resumes to identical weights after a crash."""
+    whole = workdir(tiny_data, tmp_path / "whole")
+    crashed = workdir(tiny_data, tmp_path / "crashed")
+    for root in (whole, crashed):
+        shutil.copytree(root / "models/base", root / "models/sft")  # the base stands in for an SFT model
+        run_cmd(stage("reference"), root)
+    for split in ("train", "eval"):
+        a = torch.load(whole / f"artifacts/ref_logps/{split}.pt", weights_only=True)
+        b = torch.load(crashed / f"artifacts/ref_logps/{split}.pt", weights_only=True)
+        assert a["ids"] == b["ids"] and len(a["ids"]) > 0
+        assert torch.equal(a["chosen_logps"], b["chosen_logps"])
+        assert (a["chosen_tokens"] > 0).all()
+
+    run_cmd(stage("dpo"), whole)
+    env = pipeline_env(crashed) | {"ALIGNFLOW_CRASH_AT_STEP": "5"}  # checkpoint at 3, crash at 5
+    assert subprocess.run(stage("dpo"), cwd=crashed, env=env, capture_output=True).returncode == 137
+    run_cmd(stage("dpo"), crashed)
+    a, b = weights(whole / "models/dpo"), weights(crashed / "models/dpo")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows = column(whole / "plots/dpo.csv", "rewards/accuracies")
+    assert len(rows) == 8 and all(0.0 <= r <= 1.0 for r in rows)

@@ -1,0 +1,56 @@
+"""Every shipped params file validates; bad keys and values fail at start and name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.config import ParamsError, load_params
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = [REPO / "params.yaml", *sorted((REPO / "configs" / "params").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_params_file_loads(path):
+    params = load_params(path)
+    assert params.data.sources
+
+
+def _write(tmp_path, mutate) -> Path:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda r: r["sft"].update(learning_rte=1e-3), r"sft\.learning_rte: unknown key"),
+        (lambda r: r["dpo"].update(beta=-1), r"dpo\.beta: Input should be greater than 0"),
+        (lambda r: r["dpo"].update(loss="dpo++"), r"dpo\.loss: Input should be 'sigmoid'"),
+        (lambda r: r["dpo"].update(label_smoothing=0.1), r"label_smoothing=0.1 only applies to loss cdpo"),
+        (lambda r: r["dpo"].update(loss="robust"), r"needs label_smoothing > 0"),
+        (lambda r: r["compute"].update(accelerate_config="tpu"), r"compute\.accelerate_config"),
+        (lambda r: r["model"].update(num_heads=3), r"divisible by num_heads"),
+        (lambda r: r["evaluate"].update(judge="function", judge_path="nocolon"), r"package\.module:function"),
+        (lambda r: r.update(extra_section={}), r"extra_section: unknown key"),
+        (lambda r: r["register"]["gate"].update(max_kl="lots"), r"register\.gate\.max_kl"),
+    ],
+)
+def test_bad_params_fail_naming_the_key(tmp_path, mutate, expected):
+    with pytest.raises(ParamsError, match=expected):
+        load_params(_write(tmp_path, mutate))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
