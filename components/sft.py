@@ -135,7 +135,11 @@ def run(
     # ---------------------------------------------------------------- train
     pad_id = tokenizer.pad_token_id
     tracking_params = {**{k: v for k, v in hyper.items() if not k.endswith(("_path", "_dir"))}, "world_size": world}
-    with training.stage_tracking(accelerator, "sft", tracking_params, [model_path, train_path], track) as mlrun:
+    inputs = [model_path, str(Path(train_path).parent)]
+    with training.stage_tracking(accelerator, "sft", tracking_params, inputs, track) as mlrun:
+        if evals and start_step == 0:  # the curve starts from the base model
+            history.append({"step": 0, "eval/loss": evaluate_loss(model, accelerator, evals, batch_size, pad_id)})
+            training.log_step_metrics(mlrun, history[-1], 0)
         bar = training.progress(total_steps, start_step, "sft", accelerator.is_local_main_process)
         model.train()
         tokens_seen, t0 = 0, time.perf_counter()
