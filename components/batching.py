@@ -176,11 +176,102 @@ def pair_length(pair: dict) -> int:
     return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
 
 
-def pair_logps(model, pairs: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed response log-probs and token counts of chosen and rejected, one forward pass for both.
+def shared_prompt_supported(model) -> bool:
+    """The shared-prompt layout needs a custom 4D mask (sdpa/eager attention) and `logits_to_keep`."""
+    import inspect
+
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    base = getattr(model, "module", model)  # DDP
+    return impl in ("sdpa", "eager") and "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+@dataclass
+class SharedPromptBatch:
+    """B pairs as B rows `[left pad | prompt | chosen | rejected | right pad]`: the prompt is computed once.
+
+    position_ids restart the rejected response at the prompt's end, and the 4D mask keeps rejected tokens
+    from seeing chosen ones, so each response is conditioned on exactly its prompt, as in two separate rows.
+    Prompts are left-padded to a common end `start`, so every response token lies in the last
+    `keep = T - start + 1` positions: the LM head runs on those only.
+    """
+
+    input_ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, 1, T, T) bool, True = may attend
+    targets: torch.Tensor  # (B, K) response token ids by slot (slot = position - start), IGNORE_INDEX elsewhere
+    source: torch.Tensor  # (B, K) index into the kept logits of the position that predicts each slot
+    segment: torch.Tensor  # (B, K) 1 chosen, 2 rejected, 0 none
+    keep: int  # logits_to_keep = K + 1
+
+
+def collate_shared_prompt(pairs: Sequence[dict], pad_id: int) -> SharedPromptBatch:
+    b = len(pairs)
+    start = max(len(p["prompt_ids"]) for p in pairs)
+    k = max(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+    t = start + k
+    input_ids = torch.full((b, t), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((b, t), dtype=torch.long)
+    segment_full = torch.zeros((b, t), dtype=torch.long)  # 0 pad, 3 prompt, 1 chosen, 2 rejected
+    targets = torch.full((b, k), IGNORE_INDEX, dtype=torch.long)
+    source = torch.zeros((b, k), dtype=torch.long)
+    for row, p in enumerate(pairs):
+        prompt, chosen, rejected = p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]
+        np_, nc, nr = len(prompt), len(chosen), len(rejected)
+        off = start - np_
+        input_ids[row, off:start] = torch.as_tensor(prompt)
+        input_ids[row, start : start + nc] = torch.as_tensor(chosen)
+        input_ids[row, start + nc : start + nc + nr] = torch.as_tensor(rejected)
+        position_ids[row, off:start] = torch.arange(np_)
+        position_ids[row, start : start + nc] = torch.arange(np_, np_ + nc)
+        position_ids[row, start + nc : start + nc + nr] = torch.arange(np_, np_ + nr)
+        segment_full[row, off:start] = 3
+        segment_full[row, start : start + nc] = 1
+        segment_full[row, start + nc : start + nc + nr] = 2
+        targets[row, : nc + nr] = torch.as_tensor(list(chosen) + list(rejected))
+        # kept logit j sits at position start - 1 + j and predicts the token at start + j; the first
+        # rejected token is predicted by the prompt's last position (kept index 0), like the first chosen one
+        source[row, : nc + nr] = torch.arange(nc + nr)
+        if nr:
+            source[row, nc] = 0
+    q = segment_full[:, :, None]  # (B, T, 1)
+    kv = segment_full[:, None, :]  # (B, 1, T)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    mask = causal & (kv != 0) & (q != 0) & ~((q == 2) & (kv == 1))
+    mask |= torch.eye(t, dtype=torch.bool)  # padding rows attend to themselves: no all-masked row (NaN in sdpa)
+    segment = segment_full[:, start:]
+    return SharedPromptBatch(input_ids, position_ids, mask[:, None], targets, source, segment, k + 1)
+
+
+def _shared_prompt_logps(model, pairs: list[dict], pad_id: int, device):
+    batch = collate_shared_prompt(pairs, pad_id)
+    mask = batch.attention_mask.to(device)
+    if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    logits = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                   attention_mask=mask, logits_to_keep=batch.keep).logits  # (B, K + 1, V)
+    logits = logits.float()
+    log_z = torch.logsumexp(logits, dim=-1)  # (B, K + 1)
+    targets, source, segment = batch.targets.to(device), batch.source.to(device), batch.segment.to(device)
+    rows = torch.arange(len(pairs), device=device)[:, None]
+    token_logps = logits[rows, source, targets.clamp_min(0)] - log_z[rows, source]  # (B, K)
+    chosen, rejected = segment == 1, segment == 2
+    return ((token_logps * chosen).sum(-1), (token_logps * rejected).sum(-1), chosen.sum(-1), rejected.sum(-1))
+
+
+def pair_logps(model, pairs: list[dict], pad_id: int, device, share_prompt: bool | None = None):
+    """Summed response log-probs and token counts of chosen and rejected, in one forward pass.
 
     Returns (chosen_logps (B,), rejected_logps (B,), chosen_tokens (B,), rejected_tokens (B,)).
+    With `share_prompt` (default: when the model supports it) each pair is one row whose prompt is
+    computed once and the LM head runs on response positions only; otherwise chosen and rejected are
+    stacked as 2B padded rows (DPO reference implementation's `concatenated_inputs`). Same numbers
+    either way, up to float rounding (tested).
     """
+    if share_prompt is None:
+        share_prompt = shared_prompt_supported(model)
+    if share_prompt:
+        return _shared_prompt_logps(model, pairs, pad_id, device)
     batch = collate_pairs(pairs, pad_id).to(device)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (2B, T, V)
     logps, counts = sequence_logps(logits, batch.labels)

@@ -90,8 +90,10 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_data, tmp_path, mo
     calls = {"n": 0}
 
     def poisoned(model, batch):
-        calls["n"] += 1
         nll, n = real(model, batch)
+        if not model.training:  # evaluation passes are not training steps
+            return nll, n
+        calls["n"] += 1
         return (nll * float("nan"), n) if calls["n"] == 5 else (nll, n)
 
     monkeypatch.setattr(sft, "batch_nll", poisoned)
