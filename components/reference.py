@@ -77,6 +77,7 @@ def run(
     batch_size: int = 64,
     mixed_precision: str = "auto",
     trust_remote_code: bool = False,
+    metrics_path: str = "metrics/reference.json",
 ) -> dict:
     accelerator = training.make_accelerator(mixed_precision)
     tokenizer = training.load_tokenizer(model_path, trust_remote_code)
@@ -106,14 +107,18 @@ def run(
         try:
             for split, data in results.items():
                 torch.save(data, tmp / f"{split}.pt")
+            # only deterministic facts in the cached artifact (timings would change its hash every run
+            # and make dpo look stale); timings go to metrics_path
             meta = {"model": model_path, "max_length": max_length, "max_prompt_length": max_prompt_length,
-                    "mixed_precision": accelerator.mixed_precision, **summary}
+                    "mixed_precision": accelerator.mixed_precision,
+                    **{k: v for k, v in summary.items() if k not in ("seconds", "tokens_per_second")}}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
             if out.exists():
                 shutil.rmtree(out)
             tmp.replace(out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        training.write_json(metrics_path, summary)
     accelerator.wait_for_everyone()
     return summary
 
