@@ -45,8 +45,10 @@ def encode_chat(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bo
         if message["role"] != "assistant":
             continue
         start = len(render(tokenizer, messages[:i], add_generation_prompt=True))
-        end = len(render(tokenizer, messages[: i + 1]))
-        if not full.startswith(render(tokenizer, messages[: i + 1])) or start > end or start < cursor:
+        # the last turn rendered is `full` itself: don't render it twice more
+        upto = full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1])
+        end = len(upto)
+        if not full.startswith(upto) or start > end or start < cursor:
             raise ValueError("chat template is not prefix-stable; cannot locate assistant turns for label masking")
         segments += [(full[cursor:start], False), (full[start:end], True)]
         cursor = end
@@ -180,9 +182,8 @@ def shared_prompt_supported(model) -> bool:
     """The shared-prompt layout needs a custom 4D mask (sdpa/eager attention) and `logits_to_keep`."""
     import inspect
 
-    config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    base = getattr(model, "module", model)  # DDP
+    base = getattr(model, "module", model)  # DDP: the wrapper has no `config`
+    impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
     return impl in ("sdpa", "eager") and "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
@@ -246,7 +247,7 @@ def collate_shared_prompt(pairs: Sequence[dict], pad_id: int) -> SharedPromptBat
 def _shared_prompt_logps(model, pairs: list[dict], pad_id: int, device):
     batch = collate_shared_prompt(pairs, pad_id)
     mask = batch.attention_mask.to(device)
-    if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+    if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds the mask to the scores
         mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
     logits = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
                    attention_mask=mask, logits_to_keep=batch.keep).logits  # (B, K + 1, V)

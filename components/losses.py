@@ -180,18 +180,17 @@ def simpo(
 
 
 def rpo_nll(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
-    """SFT term on the chosen completions (RPO, Pang et al. 2024, arXiv:2404.19733; TRL `sft` loss term).
+    """SFT term on the chosen completions (RPO, Pang et al. 2024, arXiv:2404.19733, eq. 5).
 
-        nll_i = -log pi(y_w,i) / mean_j |y_w,j|                                      # (B,)
-        mean_i nll_i = -sum_i log pi(y_w,i) / sum_i |y_w,i|                         # TRL's value
+        nll_i = -log pi(y_w,i | x_i) / |y_w,i|                                      # (B,)
 
-    TRL (DPO `loss_type=[..., "sft"]`, formerly `rpo_alpha`) takes the mean NLL over all chosen
-    tokens in the batch, so long completions weigh more. The per-example split above has exactly
-    that batch mean and gradient. The paper divides each sequence by its own length instead; the
-    two agree when all chosen lengths are equal.
+    Per-sequence length normalisation, as in the paper. TRL (DPO `loss_type=[..., "sft"]`, formerly
+    `rpo_alpha`) instead pools all chosen tokens of the micro-batch (-sum_i log pi / sum_i |y_w,i|);
+    that value depends on how a step's pairs are split into micro-batches and processes, so gradient
+    accumulation and DDP would change the objective. Ours does not; the two agree when all chosen
+    lengths in a batch are equal (tested against TRL's formula).
     """
-    mean_length = chosen_lengths.to(policy_chosen_logps.dtype).sum().clamp(min=1.0) / chosen_lengths.numel()
-    return -policy_chosen_logps / mean_length
+    return -policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype).clamp(min=1.0)
 
 
 def orpo(
@@ -207,10 +206,10 @@ def orpo(
         log_odds  = (log P(y_w) - log P(y_l)) - (log(1 - P(y_w)) - log(1 - P(y_l)))    # (B,)
         loss      = nll(y_w) - alpha * log sigma(log_odds)                          # (B,)
 
-    nll(y_w) is `rpo_nll`: mean NLL over the batch's chosen response tokens. TRL's ORPO also counts
-    the prompt tokens in that NLL (see its `concatenated_forward`); from response log-probs we can
-    only compute the paper's response-only SFT term, so the NLL part differs from TRL by the prompt
-    tokens while the odds-ratio part matches exactly.
+    nll(y_w) is `rpo_nll`: the chosen response's per-token NLL, per sequence. TRL's ORPO pools the NLL
+    over the batch's tokens and also counts the prompt tokens (its `concatenated_forward`); from response
+    log-probs we compute the paper's response-only SFT term, so the NLL part differs from TRL there while
+    the odds-ratio part matches exactly.
     extra: `nll_loss` (B,), `log_odds_ratio` = log sigma(log_odds) (B,), `log_odds_chosen` = log_odds
     (B,) (TRL's metric names). Rewards: alpha * log P(y), as TRL.
     """

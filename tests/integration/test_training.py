@@ -146,3 +146,20 @@ def test_reference_then_dpo_resume_exactly(tiny_data, tmp_path):
         assert torch.equal(a[key], b[key]), key
     rows = column(whole / "plots/dpo.csv", "rewards/accuracies")
     assert len(rows) == 8 and all(0.0 <= r <= 1.0 for r in rows)
+
+
+def test_dpo_two_processes_follow_one_process(tiny_data, tmp_path):
+    """DPO under torchrun x2 (DDP, shared-prompt rows) follows the 1-process run at the same global batch."""
+    one = workdir(tiny_data, tmp_path / "one", dpo__batch_size=4)
+    two = workdir(tiny_data, tmp_path / "two", dpo__batch_size=2)
+    shutil.copytree(one / "models/base", one / "models/sft")
+    run_cmd(stage("reference"), one)
+    shutil.copytree(one / "models/sft", two / "models/sft")
+    shutil.copytree(one / "artifacts", two / "artifacts")
+    run_cmd(stage("dpo"), one)
+    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+             "-m", "components.dpo", "--params", "params.yaml"], two)
+    for name in ("loss", "rewards/margins", "eval/loss"):
+        a, b = column(one / "plots/dpo.csv", name), column(two / "plots/dpo.csv", name)
+        assert len(a) == len(b) > 0, name
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)

@@ -92,3 +92,14 @@ def test_shared_prompt_gradients_match(tiny):
         (c - 0.5 * r).sum().backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prompt_detected_through_a_ddp_style_wrapper(tiny):
+    _, model = tiny
+
+    class Wrapper(torch.nn.Module):  # what DistributedDataParallel looks like: no .config, a .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert batching.shared_prompt_supported(Wrapper(model))

@@ -116,16 +116,15 @@ def test_orpo_hand_computed():
     # A: chosen P=0.5 (2 tokens, sum 2 log .5), odds 1; rejected P=0.2 (3 tokens, sum 3 log .2), odds 1/4
     #    log_odds = log 4, log sigma(log 4) = log(4/5) = -0.2231436
     # B: swapped: chosen P=0.2 (3 tokens), rejected P=0.5 (2 tokens): log sigma(-log 4) = log(1/5) = -1.6094379
-    # NLL over the 5 chosen tokens: -(2 log .5 + 3 log .2)/5 = 6.2146081/5 = 1.2429216, split per example
-    #    as -logp_i / mean_len(2.5): A 1.3862944/2.5 = 0.5545177, B 4.8283137/2.5 = 1.9313255
-    # losses: A 0.5545177 + 0.5*0.2231436 = 0.6660895,  B 1.9313255 + 0.5*1.6094379 = 2.7360445
+    # NLL per chosen sequence: A -2 log .5 / 2 = 0.6931472, B -3 log .2 / 3 = 1.6094379
+    # losses: A 0.6931472 + 0.5*0.2231436 = 0.8047190,  B 1.6094379 + 0.5*1.6094379 = 2.4141569
     half, fifth = math.log(0.5), math.log(0.2)
     out = orpo(T([2 * half, 3 * fifth]), T([3 * fifth, 2 * half]), T([2, 3]), T([3, 2]), alpha=0.5)
-    assert close(out.losses, [0.6660895, 2.7360445])
-    assert close(out.losses.mean(), 1.2429216 + 0.5 * (0.2231436 + 1.6094379) / 2)
+    assert close(out.losses, [0.8047190, 2.4141569])
+    assert close(out.losses.mean(), (0.6931472 + 1.6094379) / 2 + 0.5 * (0.2231436 + 1.6094379) / 2)
     assert close(out.extra["log_odds_ratio"], [math.log(0.8), math.log(0.2)])
     assert close(out.extra["log_odds_chosen"], [math.log(4.0), -math.log(4.0)])
-    assert close(out.extra["nll_loss"], [0.5545177, 1.9313255])
+    assert close(out.extra["nll_loss"], [0.6931472, 1.6094379])
     assert close(out.chosen_rewards, [0.5 * half, 0.5 * fifth])  # alpha * per-token mean log-prob
 
 
@@ -153,11 +152,13 @@ def test_kto_from_pairs_hand_computed():
     assert close(out.chosen_rewards, [0.2, 0.1]) and close(out.rejected_rewards, [-0.1, 0.0])
 
 
-def test_rpo_nll_pools_tokens_over_the_batch():
-    # chosen sums -6 (4 tokens) and -2 (1 token): pooled NLL 8/5 = 1.6 = mean of [6/2.5, 2/2.5].
-    # (Per-sequence means would give (1.5 + 2)/2 = 1.75; TRL pools.)
+def test_rpo_nll_normalises_each_sequence_by_its_length():
+    # chosen sums -6 (4 tokens) and -2 (1 token): per-sequence NLL [1.5, 2.0], mean 1.75.
+    # (TRL pools the batch's tokens: 8/5 = 1.6, which depends on the micro-batch split.)
     nll = rpo_nll(T([-6.0, -2.0]), T([4, 1]))
-    assert close(nll, [2.4, 0.8]) and close(nll.mean(), 1.6)
+    assert close(nll, [1.5, 2.0]) and close(nll.mean(), 1.75)
+    # invariant to how a batch is split (accumulation / DDP): halves give the same per-pair values
+    assert close(torch.cat([rpo_nll(T([-6.0]), T([4])), rpo_nll(T([-2.0]), T([1]))]), nll)
 
 
 # --------------------------------------------------------------------------- properties
@@ -227,9 +228,10 @@ def test_dispatcher_rpo_and_errors():
     kwargs = dict(**PAIRS, chosen_lengths=T([4, 2]), rejected_lengths=T([5, 3]), beta=0.1)
     base = preference_loss("sigmoid", **kwargs)
     with_rpo = preference_loss("sigmoid", **kwargs, rpo_alpha=0.5)
-    # rpo term: chosen sums -10, -8 over 6 tokens, mean length 3 -> [10/3, 8/3]
-    assert close(with_rpo.losses - base.losses, [0.5 * 10 / 3, 0.5 * 8 / 3])
-    assert close(with_rpo.extra["rpo_nll"], [10 / 3, 8 / 3])
+    # rpo term: chosen sums -10, -8, each over its own length
+    lengths = kwargs["chosen_lengths"].float()
+    assert close(with_rpo.losses - base.losses, 0.5 * torch.tensor([10.0, 8.0]) / lengths)
+    assert close(with_rpo.extra["rpo_nll"], torch.tensor([10.0, 8.0]) / lengths)
     # reference-free losses run without reference log-probs
     assert REFERENCE_FREE == {"simpo", "orpo"}
     no_ref = {k: v for k, v in kwargs.items() if not k.startswith("reference")}
@@ -444,8 +446,11 @@ def _chosen_tokens(batch, vocab=11, seed=7):
 def test_parity_rpo_nll_with_trl_sft_term(batch):
     _, labels, token_logps, summed = _chosen_tokens(batch)
     # trl/trainer/dpo_trainer.py L1498: batch_loss = -chosen_per_token_logps[chosen_mask.bool()].mean()
-    trl_batch_loss = -token_logps[labels != -100].mean()
-    assert close(rpo_nll(summed, batch.len_c).mean(), trl_batch_loss)
+    # TRL pools tokens over the batch; ours normalises per sequence: equal on equal-length rows.
+    for length in batch.len_c.unique():
+        rows = batch.len_c == length
+        trl_batch_loss = -token_logps[rows][labels[rows] != -100].mean()
+        assert close(rpo_nll(summed[rows], batch.len_c[rows]).mean(), trl_batch_loss)
 
 
 @pytest.mark.parametrize("alpha", [0.1, 1.0])
@@ -457,12 +462,12 @@ def test_parity_orpo_with_trl_odds_ratio_loss(trl_trainers, batch, alpha):
     trl_losses, trl_chosen, trl_rejected, trl_ratio, trl_log_odds = trl_trainers.ORPOTrainer.odds_ratio_loss(
         fake_self, summed_chosen / b.len_c, b.pol_r / b.len_r
     )
-    # TRL's NLL (orpo_trainer.py L779-800): nn.CrossEntropyLoss over the chosen labels. Here the labels
-    # mask the prompt, i.e. the response-only NLL we can compute; TRL also counts prompt tokens.
-    nll = torch.nn.CrossEntropyLoss()(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-    trl_total = nll - trl_losses.mean()  # orpo_trainer.py L848
+    # TRL's total is nll - losses.mean() (orpo_trainer.py L848); its NLL (L779-800) pools the batch's
+    # tokens (and counts prompt tokens), ours is per sequence (see rpo_nll): compare the odds-ratio part.
     out = orpo(summed_chosen, b.pol_r, b.len_c, b.len_r, alpha=alpha)
-    assert close(out.losses.mean(), trl_total)
+    assert close((out.losses - out.extra["nll_loss"]).mean(), -trl_losses.mean())
+    nll = torch.nn.CrossEntropyLoss(reduction="none")(logits.transpose(1, 2), labels).sum(-1) / b.len_c
+    assert close(out.extra["nll_loss"], nll)
     assert close(out.extra["log_odds_ratio"], trl_losses / alpha)
     assert close(out.extra["log_odds_ratio"].mean(), trl_ratio)
     assert close(out.extra["log_odds_chosen"].mean(), trl_log_odds)
