@@ -115,13 +115,15 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny params (quick check)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/orchestration_overhead.json"))
     parser.add_argument("--keep", action="store_true", help="keep the temp copies and logs")
+    parser.add_argument("--api-url", default=None,
+                        help="a running Prefect server (the deployed case) instead of the ephemeral one")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="alignflow-overhead-"))
     env = {**os.environ, **ENV, "PREFECT_HOME": str(work / "prefect_home")}
-    env.pop(
-        "PREFECT_API_URL", None
-    )  # the ephemeral server, as `python -m flows.pipeline` runs out of the box
+    env.pop("PREFECT_API_URL", None)  # the ephemeral server, as `python -m flows.pipeline` runs out of the box
+    if args.api_url:
+        env["PREFECT_API_URL"] = args.api_url
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     repro_repo = copy_repo(Path(tempfile.mkdtemp(dir=work, prefix="repro_")), args.tiny)
     flow_repo = copy_repo(Path(tempfile.mkdtemp(dir=work, prefix="flow_")), args.tiny)
@@ -148,6 +150,7 @@ def main() -> None:
     result = {
         "benchmark": "orchestration_overhead",
         "params": "tiny" if args.tiny else "params.yaml",
+        "prefect_server": args.api_url or "ephemeral (started by the flow process)",
         "stages": list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]),
         "target": "flow_s <= dvc_repro_s + max(10% of dvc_repro_s, 15 s)",
         "full": full,

@@ -402,27 +402,32 @@ def _start_parent_run(
     return run.info.run_id, experiment_id
 
 
-def _link_stage_run(
-    uri: str, experiment_id: str, parent_run_id: str, flow_run_id: str, stage: Stage
-) -> str | None:
-    """Find the stage's run from this flow run, cross-link it with the parent; mark crashed attempts FAILED."""
+def _link_stage_runs(
+    uri: str, experiment_id: str, parent_run_id: str, flow_run_id: str, stages: list[Stage]
+) -> dict[str, str]:
+    """Find the stages' runs from this flow run (one query, after the stages: the stage processes are the
+    only writers to the store while they run), cross-link them with the parent; mark crashed attempts FAILED."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`prefect/flow_run_id` = '{flow_run_id}' AND tags.`alignflow/stage` = '{stage.short_name}'",
+        filter_string=f"tags.`prefect/flow_run_id` = '{flow_run_id}'",
         order_by=["attributes.start_time DESC"],
     )
-    if not runs:
-        return None  # up to date (DVC skipped it) or a stage that does not track
-    latest = runs[0].info.run_id
-    client.set_tag(parent_run_id, f"stage_run/{stage.short_name}", latest)
-    client.set_tag(latest, "parent_flow_run", parent_run_id)
-    for stale in runs[1:]:  # an attempt that was killed mid-run never closed its run
-        if stale.info.status == "RUNNING":
-            client.set_terminated(stale.info.run_id, status="FAILED")
-    return latest
+    linked: dict[str, str] = {}
+    wanted = {s.short_name for s in stages}
+    for run in runs:  # newest first
+        stage = run.data.tags.get("alignflow/stage")
+        if stage not in wanted or run.info.run_id == parent_run_id:
+            continue
+        if stage not in linked:
+            linked[stage] = run.info.run_id
+            client.set_tag(parent_run_id, f"stage_run/{stage}", run.info.run_id)
+            client.set_tag(run.info.run_id, "parent_flow_run", parent_run_id)
+        elif run.info.status == "RUNNING":  # an attempt that was killed mid-run never closed its run
+            client.set_terminated(run.info.run_id, status="FAILED")
+    return linked
 
 
 def _end_parent_run(uri: str, parent_run_id: str, repo: Path, summary: dict, status: str) -> None:
@@ -510,14 +515,15 @@ def alignflow_pipeline(
             timeout = timeouts.get(stage.name, timeouts.get(stage.short_name, FALLBACK_TIMEOUT_S))
             up_to_date = stage.name not in to_check
             result = stage_task(stage.name, str(repo), force, float(timeout), extra_env, remote, up_to_date)
-            if parent_run_id and not up_to_date:
-                try:
-                    result["mlflow_run_id"] = _link_stage_run(
-                        uri, experiment_id, parent_run_id, flow_run_id, stage
-                    )
-                except Exception as e:  # lineage is worth a warning, not a failed pipeline
-                    logger.warning("could not link the MLflow run of %s: %s", stage.name, e)
             summary[stage.short_name] = result
+        if parent_run_id:
+            try:
+                ran = [s for s in plan if summary[s.short_name]["status"] != "up-to-date"]
+                links = _link_stage_runs(uri, experiment_id, parent_run_id, flow_run_id, ran)
+                for stage_name, run_id in links.items():
+                    summary[stage_name]["mlflow_run_id"] = run_id
+            except Exception as e:  # lineage is worth a warning, not a failed pipeline
+                logger.warning("could not link the stages' MLflow runs: %s", e)
         if promote:
             summary["promotion"] = apply_promotion_gate(str(repo), extra_env, timeouts.get("promote", 1800))
         status = "FINISHED"
