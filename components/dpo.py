@@ -25,7 +25,6 @@ import torch
 from components import losses, training
 from components.batching import pair_length, pair_logps, tokenize_pair
 from components.reference import load_reference_logps
-from components.sft import fingerprint
 
 log = logging.getLogger("alignflow.dpo")
 
@@ -160,14 +159,9 @@ def run(
 
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
-    fp = fingerprint(hyper, str(Path(data_dir) / "pref_train.jsonl"), str(Path(reference_dir) / "train.pt"), world)
-    start_step, history = 0, []
-    found = training.find_checkpoint(ckpt_dir, fp)
-    if found:
-        path, state = found
-        accelerator.load_state(str(path))
-        start_step, history = state["step"], state["history"]
-        log.info("resuming from %s (step %d of %d)", path, start_step, total_steps)
+    fp = training.fingerprint(hyper, str(Path(data_dir) / "pref_train.jsonl"), str(Path(reference_dir) / "train.pt"),
+                              world)
+    start_step, history = training.resume(accelerator, ckpt_dir, fp, total_steps)
 
     # ---------------------------------------------------------------- train
     pad_id = tokenizer.pad_token_id

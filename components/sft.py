@@ -12,7 +12,6 @@ run. Writes models/sft/, metrics/sft.json, plots/sft.csv and one MLflow run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -59,16 +58,6 @@ def evaluate_loss(model, accelerator, examples, batch_size: int, pad_id: int) ->
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return (total[0] / total[1].clamp_min(1)).item()
-
-
-def fingerprint(*parts: object) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, str | Path) and Path(p).is_file():
-            h.update(Path(p).read_bytes())
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
 
 
 def run(
@@ -123,14 +112,8 @@ def run(
 
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
-    fp = fingerprint(hyper, train_path, world)
-    start_step, history = 0, []
-    found = training.find_checkpoint(ckpt_dir, fp)
-    if found:
-        path, state = found
-        accelerator.load_state(str(path))
-        start_step, history = state["step"], state["history"]
-        log.info("resuming from %s (step %d of %d)", path, start_step, total_steps)
+    fp = training.fingerprint(hyper, train_path, world)
+    start_step, history = training.resume(accelerator, ckpt_dir, fp, total_steps)
 
     # ---------------------------------------------------------------- train
     pad_id = tokenizer.pad_token_id

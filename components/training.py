@@ -147,6 +147,30 @@ def find_checkpoint(ckpt_dir: Path, fingerprint: str) -> tuple[Path, dict] | Non
     return None
 
 
+def fingerprint(*parts: object) -> str:
+    """Identity of a run for resuming: hyper-parameters, world size and the bytes of its input files."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, str | Path) and Path(p).is_file():
+            h.update(Path(p).read_bytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def resume(accelerator, ckpt_dir: Path, fingerprint_: str, total_steps: int) -> tuple[int, list[dict]]:
+    """(start step, metric history) from the newest matching checkpoint, its state loaded; (0, []) if none."""
+    found = find_checkpoint(ckpt_dir, fingerprint_)
+    if not found:
+        return 0, []
+    path, state = found
+    accelerator.load_state(str(path))
+    log.info("resuming from %s (step %d of %d)", path, state["step"], total_steps)
+    return state["step"], state["history"]
+
+
 def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: int) -> None:
     """save_state (model, optimizer, scheduler, RNG) then our state file last, marking it complete."""
     path = ckpt_dir / f"step_{step:07d}"
