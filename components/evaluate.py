@@ -306,7 +306,7 @@ def response_logps(model, prompt_ids: list[list[int]], response_ids: list[list[i
 def heldout_perplexity(model, tokenizer, records: list[dict], max_length: int, batch_size: int,
                        mixed_precision: str = "auto") -> float:
     """exp(token-mean NLL) over assistant tokens of held-out SFT conversations (as sft.evaluate_loss)."""
-    from components.sft import tokenize_sft
+    from components.sft import batch_nll, tokenize_sft
 
     examples = sorted(tokenize_sft(tokenizer, records, max_length), key=lambda e: len(e[0]))
     device = next(model.parameters()).device
@@ -314,10 +314,9 @@ def heldout_perplexity(model, tokenizer, records: list[dict], max_length: int, b
     for start in range(0, len(examples), batch_size):
         batch = collate_sequences(examples[start : start + batch_size], tokenizer.pad_token_id).to(device)
         with _autocast(device, mixed_precision):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        logps, counts = sequence_logps(logits, batch.labels)
-        nll -= float(logps.sum())
-        tokens += int(counts.sum())
+            batch_sum, batch_tokens = batch_nll(model, batch)
+        nll += float(batch_sum)
+        tokens += int(batch_tokens)
     return math.exp(nll / tokens) if tokens else float("nan")
 
 
