@@ -7,31 +7,20 @@ directory (`AutoModelForCausalLM` / `AutoTokenizer.from_pretrained("models/base"
 - a randomly initialised (seeded) `LlamaForCausalLM` sized by the `model` section.
 
 When `model.name_or_path` names a local directory or a hub id, nothing is built: the stage writes
-`models/base/alignflow_source.json` pointing at it, and `resolve_model_path` follows the pointer.
+`models/base/alignflow_source.json` pointing at it, and `core/io.resolve_model_path` follows
+the pointer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
-from components.batching import CHATML_TEMPLATE
+from components.core.io import SOURCE_FILE, atomic_dir
+from components.core.tokens import CHATML_TEMPLATE
 
-SOURCE_FILE = "alignflow_source.json"
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
-
-
-def resolve_model_path(base_dir: str = "models/base") -> str:
-    """What to pass to `from_pretrained` for the base model: the embedded dir or the user's model."""
-    pointer = Path(base_dir) / SOURCE_FILE
-    if pointer.exists():
-        return json.loads(pointer.read_text())["name_or_path"]
-    if not (Path(base_dir) / "config.json").exists():
-        raise FileNotFoundError(f"{base_dir}: no model here; run the bootstrap stage first (dvc repro bootstrap)")
-    return base_dir
 
 
 def build_tokenizer(texts: list[str], vocab_size: int):
@@ -102,41 +91,35 @@ def run(
     max_value: int,
     seed: int,
 ) -> dict:
-    from components import synthetic
-    from components.config import EMBEDDED
+    from components.core import sorting
+    from components.core.config import EMBEDDED
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    if name_or_path != EMBEDDED and name_or_path.startswith((".", "/")) and not Path(name_or_path).exists():
+        raise FileNotFoundError(f"model.name_or_path: {name_or_path} does not exist")
+    with atomic_dir(out_dir) as tmp:
         if name_or_path != EMBEDDED:
-            if name_or_path.startswith((".", "/")) and not Path(name_or_path).exists():
-                raise FileNotFoundError(f"model.name_or_path: {name_or_path} does not exist")
             (tmp / SOURCE_FILE).write_text(json.dumps({"name_or_path": name_or_path}) + "\n")
             result = {"model": name_or_path, "built": False}
         else:
-            tokenizer = build_tokenizer(synthetic.corpus(min_items, max_items, max_value, seed), vocab_size)
+            tokenizer = build_tokenizer(sorting.corpus(min_items, max_items, max_value, seed), vocab_size)
             model = build_model(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads,
                                 intermediate_size, max_position_embeddings, seed)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             n_params = sum(p.numel() for p in model.parameters())
             result = {"model": EMBEDDED, "built": True, "parameters": n_params, "vocab_size": len(tokenizer)}
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    from components.config import load_params
+    from components.core.config import load_params
+    from components.core.logs import setup_logging
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="models/base")
     args = parser.parse_args(argv)
+    setup_logging()
     p = load_params(args.params)
     m, s = p.model, p.synthetic
     result = run(args.out, m.name_or_path, m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,

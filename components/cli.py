@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import traceback
+
+from components import register
 
 EXIT_OK, EXIT_ERROR, EXIT_REJECTED = 0, 1, 2
 
@@ -36,11 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("register", help="log models/dpo to MLflow, register a version, alias it challenger")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--model-dir", default="models/dpo")
-    p.add_argument("--metrics", default="metrics/eval.json")
-    p.add_argument("--eval-report", default="reports/eval")
-    p.add_argument("--out", default="reports/registration.json")
+    register.add_register_arguments(p)
 
     p = sub.add_parser("promote", help="gate the challenger against the champion; move champion if it passes")
     p.add_argument("--params", default="params.yaml")
@@ -101,25 +98,17 @@ def format_status(result: dict) -> str:
 
 
 def _run(args) -> int:
-    from components import registry
-    from components.config import load_params, params_hash
+    from components.core.config import load_params
 
     p = load_params(args.params)
     name = p.registry.model_name
     if args.command == "register":
-        # The version's lineage hash: every section that shaped the model or its metrics. `register`
-        # itself (name, gate) is left out: changing the gate does not make a different model.
-        params = p.model_dump(by_alias=True, exclude={"registry"})
-        result = registry.register(
-            model_dir=args.model_dir, metrics_path=args.metrics, model_name=name, params=params,
-            params_digest=params_hash(params), trust_remote_code=p.model.trust_remote_code,
-            eval_report_dir=args.eval_report, out_path=args.out,
-        )
+        result = register.register_from_params(args.params, args.model_dir, args.metrics, args.eval_report, args.out)
         print(json.dumps({k: result[k] for k in ("name", "version", "run_id", "model_uri", "alias")}))
         return EXIT_OK
     if args.command == "promote":
         e = p.evaluate
-        result = registry.promote(
+        result = register.promote(
             name, p.registry.gate.model_dump(), version=args.version, dry_run=args.dry_run,
             pref_eval_path=os.path.join(args.data_dir, "pref_eval.jsonl"), num_prompts=e.num_prompts,
             judge=e.judge, judge_path=e.judge_path, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
@@ -128,25 +117,26 @@ def _run(args) -> int:
         print(json.dumps(result, indent=2) if args.json else format_decision(result))
         return EXIT_OK if result["passed"] or args.dry_run else EXIT_REJECTED
     if args.command == "rollback":
-        result = registry.rollback(name)
+        result = register.rollback(name)
         print(f"{name}: champion v{result['demoted']} -> v{result['champion']} (rolled back)")
         return EXIT_OK
     if args.command == "status":
-        result = registry.status(name)
+        result = register.status(name)
         print(json.dumps(result, indent=2) if args.json else format_status(result))
         return EXIT_OK
     raise AssertionError(args.command)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.config import ParamsError
-    from components.registry import RegistryError
+    from components.core.config import ParamsError
+    from components.core.logs import setup_logging
+    from components.register import RegistryError
 
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (1): return it like any other outcome
         return int(e.code or 0)
-    logging.basicConfig(level=os.environ.get("ALIGNFLOW_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     try:
         return _run(args)
     except (ParamsError, RegistryError, FileNotFoundError) as e:

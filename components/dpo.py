@@ -15,16 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from components import losses, training
-from components.batching import pair_length, pair_logps, tokenize_pair
-from components.reference import load_reference_logps
+from components.core import checkpoints, losses, training
+from components.core.io import read_jsonl, write_csv, write_json
+from components.core.scoring import load_reference_logps, pair_logps
+from components.core.tokens import pair_length, tokenize_pair
 
 log = logging.getLogger("alignflow.dpo")
 
@@ -52,21 +52,6 @@ def pair_losses(model, pairs: list[dict], pad_id: int, device, loss_kwargs: dict
     return out, {"pc": pc.detach(), "pr": pr.detach()}
 
 
-def metric_sums(out: losses.LossOutput, logps: dict) -> dict[str, torch.Tensor]:
-    """Sums over the micro-batch (divided by the pair count when a log row is written)."""
-    sums = {
-        "loss": out.losses.detach().sum(),
-        "rewards/chosen": out.chosen_rewards.sum(),
-        "rewards/rejected": out.rejected_rewards.sum(),
-        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().sum(),
-        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).sum(),
-        "logps/chosen": logps["pc"].sum(),
-        "logps/rejected": logps["pr"].sum(),
-    }
-    sums.update({k: v.detach().float().sum() for k, v in out.extra.items() if v.dim() > 0})
-    return sums
-
-
 def reduce_means(accelerator, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
     keys = sorted(sums)
     stacked = accelerator.reduce(torch.stack([sums[k].float() for k in keys]), reduction="sum")
@@ -83,7 +68,7 @@ def evaluate_pairs(model, accelerator, pairs, batch_size, pad_id, loss_kwargs) -
     for s in range(0, len(mine), batch_size):
         out, lp = pair_losses(model, [pairs[i] for i in mine[s : s + batch_size]], pad_id, accelerator.device,
                               loss_kwargs)
-        for k, v in metric_sums(out, lp).items():
+        for k, v in losses.preference_metric_sums(out, lp["pc"], lp["pr"]).items():
             sums[k] = sums[k] + v
     model.train()
     return {f"eval/{k}": v for k, v in reduce_means(accelerator, dict(sums), len(mine)).items()}
@@ -138,7 +123,7 @@ def run(
     tokenizer = training.load_tokenizer(model_path, trust_remote_code)
     splits = {}
     for split in ("train", "eval"):
-        records = training.read_jsonl(Path(data_dir) / f"pref_{split}.jsonl")
+        records = read_jsonl(Path(data_dir) / f"pref_{split}.jsonl")
         pairs = [tokenize_pair(tokenizer, r, max_length, max_prompt_length) for r in records]
         ref_path = Path(reference_dir) / f"{split}.pt"
         attach_reference(pairs, load_reference_logps(ref_path), str(ref_path))
@@ -159,9 +144,9 @@ def run(
 
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
-    fp = training.fingerprint(hyper, str(Path(data_dir) / "pref_train.jsonl"), str(Path(reference_dir) / "train.pt"),
+    fp = checkpoints.fingerprint(hyper, str(Path(data_dir) / "pref_train.jsonl"), str(Path(reference_dir) / "train.pt"),
                               world)
-    start_step, history = training.resume(accelerator, ckpt_dir, fp, total_steps)
+    start_step, history = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps)
 
     # ---------------------------------------------------------------- train
     pad_id = tokenizer.pad_token_id
@@ -184,7 +169,7 @@ def run(
                     # mean over all pairs of the global step; * world undoes DDP's gradient averaging
                     accelerator.backward(out.losses.sum() * world / step_pairs)
                 step_loss += out.losses.detach().sum()
-                for key, v in metric_sums(out, lp).items():
+                for key, v in losses.preference_metric_sums(out, lp["pc"], lp["pr"]).items():
                     window[key] = window[key] + v
                 window_pairs += len(mine)
                 tokens_seen += sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in mine)
@@ -215,7 +200,7 @@ def run(
                 history.append(row)
                 training.log_step_metrics(mlrun, row, done)
             if done % save_every == 0 and done < total_steps:
-                training.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history},
+                checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history},
                                          keep_checkpoints)
         bar.close()
 
@@ -229,15 +214,16 @@ def run(
             final["eval/rewards/accuracies_first"] = eval_rows[0]["eval/rewards/accuracies"]
         final.update({"steps": total_steps, "world_size": world, "train/pairs": len(train), "beta": beta})
         if accelerator.is_main_process:
-            training.write_csv(plots_path, history)
-            training.write_json(metrics_path, final)
+            write_csv(plots_path, history)
+            write_json(metrics_path, final)
             training.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, total_steps)
-    training.clear_checkpoints(accelerator, ckpt_dir)
+    checkpoints.clear_checkpoints(accelerator, ckpt_dir)
     return final
 
 
 def main(argv: list[str] | None = None) -> None:
-    from components.config import load_params
+    from components.core.config import load_params
+    from components.core.logs import setup_logging
 
     parser = argparse.ArgumentParser(description="preference optimisation stage")
     parser.add_argument("--params", default="params.yaml")
@@ -246,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-dir", default="artifacts/ref_logps")
     parser.add_argument("--out", default="models/dpo")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("ALIGNFLOW_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     p = load_params(args.params)
     d = p.dpo
     result = run(

@@ -13,31 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from components import training
-from components.batching import pair_length, pair_logps, tokenize_pair
+from components.core import training
+from components.core.io import atomic_dir, read_jsonl, write_json
+from components.core.scoring import pair_logps
+from components.core.tokens import pair_length, tokenize_pair
 
 log = logging.getLogger("alignflow.reference")
 SPLITS = ("train", "eval")
-
-
-def load_reference_logps(path: str | Path) -> dict:
-    """{id: (chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)} from one split file."""
-    data = torch.load(path, weights_only=True)
-    return {
-        i: (c, r, ct, rt)
-        for i, c, r, ct, rt in zip(
-            data["ids"], data["chosen_logps"].tolist(), data["rejected_logps"].tolist(),
-            data["chosen_tokens"].tolist(), data["rejected_tokens"].tolist(), strict=True,
-        )
-    }
 
 
 @torch.no_grad()
@@ -88,7 +75,7 @@ def run(
     t0 = time.perf_counter()
     tokens = 0
     for split in SPLITS:
-        records = training.read_jsonl(Path(data_dir) / f"pref_{split}.jsonl")
+        records = read_jsonl(Path(data_dir) / f"pref_{split}.jsonl")
         pairs = [tokenize_pair(tokenizer, r, max_length, max_prompt_length) for r in records]
         results[split] = score_pairs(model, accelerator, pairs, batch_size, tokenizer.pad_token_id, f"reference {split}")
         n = len(pairs)
@@ -101,10 +88,7 @@ def run(
     summary.update({"seconds": elapsed, "tokens_per_second": tokens / max(elapsed, 1e-9)})
 
     if accelerator.is_main_process:
-        out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp.", dir=out.parent))
-        try:
+        with atomic_dir(out_dir) as tmp:
             for split, data in results.items():
                 torch.save(data, tmp / f"{split}.pt")
             # only deterministic facts in the cached artifact (timings would change its hash every run
@@ -113,18 +97,14 @@ def run(
                     "mixed_precision": accelerator.mixed_precision,
                     **{k: v for k, v in summary.items() if k not in ("seconds", "tokens_per_second")}}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.replace(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        training.write_json(metrics_path, summary)
+        write_json(metrics_path, summary)
     accelerator.wait_for_everyone()
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
-    from components.config import load_params
+    from components.core.config import load_params
+    from components.core.logs import setup_logging
 
     parser = argparse.ArgumentParser(description="reference log-prob stage")
     parser.add_argument("--params", default="params.yaml")
@@ -132,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default="data/prepared")
     parser.add_argument("--out", default="artifacts/ref_logps")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("ALIGNFLOW_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     p = load_params(args.params)
     result = run(args.model, args.data_dir, args.out, p.data.max_length, p.data.max_prompt_length,
                  p.reference.batch_size, p.compute.mixed_precision, p.model.trust_remote_code)

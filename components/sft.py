@@ -4,7 +4,7 @@
 
 Loss on assistant tokens only (chat template from the tokenizer), token-mean over the whole optimizer
 step, so 1 process x 32 and 2 processes x 16 follow the same loss trajectory. The run is a fixed plan
-of steps (training.plan_steps): a re-run after a crash loads the newest checkpoint with the same
+of steps (core/training.plan_steps): a re-run after a crash loads the newest checkpoint with the same
 fingerprint and replays exactly the remaining steps, ending with the same weights as an uninterrupted
 run. Writes models/sft/, metrics/sft.json, plots/sft.csv and one MLflow run.
 """
@@ -14,34 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from components import training
-from components.batching import IGNORE_INDEX, collate_sequences, encode_chat, sequence_logps
-from components.config import params_hash
+from components.core import checkpoints, training
+from components.core.config import params_hash
+from components.core.io import read_jsonl, write_csv, write_json
+from components.core.scoring import batch_nll
+from components.core.tokens import IGNORE_INDEX, collate_sequences, tokenize_sft
 
 log = logging.getLogger("alignflow.sft")
-
-
-def tokenize_sft(tokenizer, records: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per record; labels are IGNORE_INDEX outside assistant turns."""
-    out = []
-    for r in records:
-        ids, mask = encode_chat(tokenizer, r["messages"])
-        ids, mask = ids[:max_length], mask[:max_length]
-        out.append((ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]))
-    return out
-
-
-def batch_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL over labelled tokens of the batch, and the number of those tokens."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
-    logps, counts = sequence_logps(logits, batch.labels)
-    return -logps.sum(), counts.sum()
 
 
 @torch.no_grad()
@@ -95,8 +79,8 @@ def run(
 
     # ---------------------------------------------------------------- data
     tokenizer = training.load_tokenizer(model_path, trust_remote_code)
-    train = tokenize_sft(tokenizer, training.read_jsonl(train_path), max_length)
-    evals = tokenize_sft(tokenizer, training.read_jsonl(eval_path), max_length) if Path(eval_path).exists() else []
+    train = tokenize_sft(tokenizer, read_jsonl(train_path), max_length)
+    evals = tokenize_sft(tokenizer, read_jsonl(eval_path), max_length) if Path(eval_path).exists() else []
     if not train:
         raise ValueError(f"{train_path}: no SFT training records")
     # batch_size is per device: the global micro-batch is split over processes
@@ -112,8 +96,8 @@ def run(
 
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
-    fp = training.fingerprint(hyper, train_path, world)
-    start_step, history = training.resume(accelerator, ckpt_dir, fp, total_steps)
+    fp = checkpoints.fingerprint(hyper, train_path, world)
+    start_step, history = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps)
 
     # ---------------------------------------------------------------- train
     pad_id = tokenizer.pad_token_id
@@ -174,7 +158,7 @@ def run(
                 history.append(row)
                 training.log_step_metrics(mlrun, row, done)
             if done % save_every == 0 and done < total_steps:
-                training.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history},
+                checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history},
                                          keep_checkpoints)
         bar.close()
 
@@ -193,16 +177,17 @@ def run(
             final["eval/loss_first"] = eval_rows[0]["eval/loss"]
             final["eval/perplexity"] = float(torch.tensor(final["eval/loss"]).exp())
         if accelerator.is_main_process:
-            training.write_csv(plots_path, history)
-            training.write_json(metrics_path, final)
+            write_csv(plots_path, history)
+            write_json(metrics_path, final)
             training.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, total_steps)
-    training.clear_checkpoints(accelerator, ckpt_dir)
+    checkpoints.clear_checkpoints(accelerator, ckpt_dir)
     return final
 
 
 def main(argv: list[str] | None = None) -> None:
-    from components.bootstrap import resolve_model_path
-    from components.config import load_params
+    from components.core.config import load_params
+    from components.core.io import resolve_model_path
+    from components.core.logs import setup_logging
 
     parser = argparse.ArgumentParser(description="SFT stage")
     parser.add_argument("--params", default="params.yaml")
@@ -210,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default="data/prepared")
     parser.add_argument("--out", default="models/sft")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("ALIGNFLOW_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     p = load_params(args.params)
     s = p.sft
     result = run(

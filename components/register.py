@@ -1,9 +1,12 @@
-"""Register the DPO model in MLflow, gate its promotion to `champion`, roll back.
+"""register stage: the DPO model into the MLflow registry; and the registry operations behind the CLI.
 
-    python -m components.registry register --params params.yaml   # the DVC `register` stage
-    alignflow promote [--version N] [--dry-run]                    # challenger vs champion, under register.gate
-    alignflow rollback                                             # champion back to the one it replaced
+    python -m components.register --params params.yaml   # the DVC `register` stage (= alignflow register)
+    alignflow promote [--version N] [--dry-run]           # challenger vs champion, under register.gate
+    alignflow rollback                                    # champion back to the one it replaced
     alignflow status
+
+The `alignflow` command (components/cli.py) is the only CLI for promote / rollback / status; this module
+has no dependency on it.
 
 register: logs `models/dpo/` as an MLflow transformers model (weights + tokenizer + chat template) in a
 run tagged with its lineage (git commit and dirty flag, DVC hashes of the prepared data, SFT model,
@@ -12,15 +15,15 @@ version of `register.model_name` carrying the same tags, and points the `challen
 
 promote: the eval metrics stored with two versions may come from different eval sets, so both models
 are re-scored on the *current* held-out prompts (same prompts, same sampling seeds) with the evaluate
-stage's own code; the per-prompt difference challenger - champion is bootstrapped. `champion` moves
-only when `gate_decision` passes. Every decision is recorded as `promotion/*` tags on the candidate.
+stage's own code (core/generation, core/rewards); the per-prompt difference challenger - champion is
+bootstrapped. `champion` moves only when `core/gate.gate_decision` passes. Every decision is recorded as `promotion/*` tags on the candidate.
 
 Aliases always move last: a failure anywhere before leaves `champion` and `challenger` where they were.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import hashlib
 import json
 import logging
@@ -33,14 +36,14 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from components.core.gate import gate_decision
+
 log = logging.getLogger("alignflow.registry")
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 # What a registered model is made of; their DVC hashes (from dvc.lock) become lineage tags.
 LINEAGE_INPUTS = ["data/prepared", "models/sft", "artifacts/ref_logps", "models/dpo"]
-# (metric read from the candidate's version tags, gate key of its upper bound)
-GUARDRAILS = (("eval/kl_to_reference", "max_kl"), ("eval/length_ratio", "max_length_ratio"))
 PRIMARY_METRIC = "eval/reward_mean"  # the only primary metric that can be re-scored per prompt
 SCORES_DIR = "promotion_scores"  # run artifact folder: cached per-prompt scores of a version
 PIPELINE_PACKAGES = ("torch", "transformers", "accelerate")
@@ -59,7 +62,7 @@ def _client():
     """Registry client on the configured tracking URI (also set globally: artifact helpers read it)."""
     import mlflow
 
-    from components import tracking
+    from components.core import tracking
 
     uri = tracking.tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -90,68 +93,6 @@ def version_metrics(version) -> dict[str, float]:
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-# ----------------------------------------------------------------------------- the gate (pure)
-
-
-@dataclasses.dataclass(frozen=True)
-class Decision:
-    passed: bool
-    reasons: list[str]  # one line per check, "PASS ..." or "FAIL ..."
-    delta: float | None = None  # mean per-prompt difference candidate - champion (None: no champion)
-    ci_low: float | None = None
-    ci_high: float | None = None
-
-
-def gate_decision(
-    candidate_scores: Sequence[float] | None,
-    champion_scores: Sequence[float] | None,
-    candidate_metrics: dict[str, float],
-    gate: dict,
-    n_resamples: int,
-    seed: int,
-) -> Decision:
-    """Does the candidate replace the champion? Pure: scores and metrics in, decision out.
-
-    candidate_scores, champion_scores: per-prompt judge scores on the same prompts, same order, (N,).
-    champion_scores None = there is no champion: the primary check is skipped ("no champion").
-    Checks (all must pass):
-    - primary: delta = mean(candidate - champion) >= gate["min_delta"], and the percentile-bootstrap
-      interval of that mean at gate["confidence"] lies above zero (a paired comparison: prompt
-      difficulty cancels out, so far fewer prompts are needed than comparing two means);
-    - guardrails: candidate_metrics["eval/kl_to_reference"] <= gate["max_kl"] and
-      candidate_metrics["eval/length_ratio"] <= gate["max_length_ratio"]. A missing or NaN guardrail
-      metric fails: a guardrail that cannot be checked does not hold.
-    """
-    from components.evaluate import bootstrap_ci
-
-    reasons: list[str] = []
-    delta = ci_low = ci_high = None
-    if champion_scores is None:
-        reasons.append("PASS no champion: the first candidate becomes champion")
-    else:
-        if candidate_scores is None or len(candidate_scores) != len(champion_scores) or not champion_scores:
-            n_cand = None if candidate_scores is None else len(candidate_scores)
-            raise ValueError(f"paired scores needed: candidate has {n_cand}, champion {len(champion_scores)}")
-        diffs = [c - b for c, b in zip(candidate_scores, champion_scores, strict=True)]  # (N,)
-        _, ci_low, ci_high = bootstrap_ci(diffs, n_resamples, gate["confidence"], seed)
-        delta = statistics.fmean(diffs)
-        metric, min_delta, level = gate["primary_metric"], gate["min_delta"], f"{gate['confidence']:.0%}"
-        ok = delta >= min_delta
-        reasons.append(f"{'PASS' if ok else 'FAIL'} {metric} delta {delta:+.4f} >= min_delta {min_delta:+.4f} "
-                       f"({len(diffs)} prompts)")
-        ok = ci_low > 0
-        reasons.append(f"{'PASS' if ok else 'FAIL'} {level} CI of delta [{ci_low:+.4f}, {ci_high:+.4f}] "
-                       f"{'excludes' if ok else 'includes'} 0")
-    for metric, key in GUARDRAILS:
-        value, limit = candidate_metrics.get(metric), gate[key]
-        if value is None or math.isnan(value):
-            reasons.append(f"FAIL {metric} missing (guardrail {key} {limit})")
-        else:
-            reasons.append(f"{'PASS' if value <= limit else 'FAIL'} {metric} {value:.4f} <= {key} {limit}")
-    passed = all(r.startswith("PASS") for r in reasons)
-    return Decision(passed, reasons, delta, ci_low, ci_high)
 
 
 # ----------------------------------------------------------------------------- register
@@ -216,7 +157,8 @@ def register(
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from components import tracking, training
+    from components.core import tracking
+    from components.core.io import write_json
 
     metrics = read_eval_metrics(metrics_path)
     if not (Path(model_dir) / "config.json").exists():
@@ -255,7 +197,7 @@ def register(
     result = {"name": model_name, "version": str(version.version), "run_id": run_id,
               "model_uri": f"models:/{model_name}/{version.version}", "logged_model_uri": info.model_uri,
               "alias": CHALLENGER, "tags": tags}
-    training.write_json(out_path, result)
+    write_json(out_path, result)
     log.info("registered %s version %s (run %s) as %s", model_name, version.version, run_id, CHALLENGER)
     return result
 
@@ -303,7 +245,7 @@ def _cached_scores(client, run_id: str, artifact: str) -> list[float] | None:
 def score_version(client, name: str, version, prompts: list[tuple[str, list[dict]]], judge, settings: dict,
                   digest: str, work_dir: str) -> list[float]:
     """Per-prompt judge scores of a version on prompts, cached as an artifact of the version's run."""
-    from components import evaluate
+    from components.core.generation import score_prompts
 
     artifact = f"{SCORES_DIR}/v{version.version}-{digest}.json"
     cached = _cached_scores(client, version.run_id, artifact) if version.run_id else None
@@ -312,7 +254,7 @@ def score_version(client, name: str, version, prompts: list[tuple[str, list[dict
         return cached
     model_dir = download_version(name, version.version, Path(work_dir) / f"v{version.version}")
     scoring = {k: settings[k] for k in ("max_new_tokens", "temperature", "top_p", "batch_size", "seed")}
-    responses, scores = evaluate.score_prompts(model_dir, [m for _, m in prompts], judge, **scoring)
+    responses, scores = score_prompts(model_dir, [m for _, m in prompts], judge, **scoring)
     if version.run_id:
         payload = {"version": str(version.version), "eval_set": digest, "settings": settings,
                    "ids": [i for i, _ in prompts], "scores": scores, "responses": responses}
@@ -376,17 +318,18 @@ def promote(
     if champion is None:
         decision = gate_decision(None, None, metrics, gate, bootstrap_samples, seed)
     else:
-        from components import evaluate
+        from components.core.generation import eval_prompts
+        from components.core.rewards import load_judge
 
         if not Path(pref_eval_path).exists():
             raise FileNotFoundError(f"{pref_eval_path}: no held-out prompts to compare on (dvc repro prepare)")
-        prompts = evaluate.eval_prompts(pref_eval_path, num_prompts)
+        prompts = eval_prompts(pref_eval_path, num_prompts)
         if not prompts:
             raise RegistryError(f"{pref_eval_path}: no held-out prompts")
         settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                     "batch_size": batch_size, "seed": seed, "judge": judge, "judge_path": judge_path}
         digest = eval_set_digest(prompts, settings)
-        judge_fn = evaluate.load_judge(judge, judge_path)
+        judge_fn = load_judge(judge, judge_path)
         with tempfile.TemporaryDirectory(prefix="alignflow-promote-") as work:
             cand = score_version(client, model_name, candidate, prompts, judge_fn, settings, digest, work)
             champ = score_version(client, model_name, champion, prompts, judge_fn, settings, digest, work)
@@ -479,15 +422,49 @@ def status(model_name: str) -> dict:
     return {"model_name": model_name, "aliases": aliases, "versions": rows}
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- stage CLI
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m components.registry register|promote|rollback|status`: the same CLI as `alignflow`."""
-    from components.cli import main as cli_main
+def register_from_params(params_path: str = "params.yaml", model_dir: str = "models/dpo",
+                         metrics_path: str = "metrics/eval.json", eval_report_dir: str = "reports/eval",
+                         out_path: str = "reports/registration.json") -> dict:
+    """The register stage with its params: what `dvc repro register` and `alignflow register` run."""
+    from components.core.config import load_params, params_hash
 
-    sys.exit(cli_main(argv))
+    p = load_params(params_path)
+    # The version's lineage hash: every section that shaped the model or its metrics. `register`
+    # itself (name, gate) is left out: changing the gate does not make a different model.
+    params = p.model_dump(by_alias=True, exclude={"registry"})
+    return register(model_dir=model_dir, metrics_path=metrics_path, model_name=p.registry.model_name,
+                    params=params, params_digest=params_hash(params), trust_remote_code=p.model.trust_remote_code,
+                    eval_report_dir=eval_report_dir, out_path=out_path)
+
+
+def add_register_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model-dir", default="models/dpo")
+    parser.add_argument("--metrics", default="metrics/eval.json")
+    parser.add_argument("--eval-report", default="reports/eval")
+    parser.add_argument("--out", default="reports/registration.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m components.register`: the DVC stage. Exit 0 registered, 1 error (message names the cause)."""
+    from components.core.config import ParamsError
+    from components.core.logs import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m components.register", description=__doc__.splitlines()[0])
+    add_register_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        result = register_from_params(args.params, args.model_dir, args.metrics, args.eval_report, args.out)
+    except (ParamsError, RegistryError, FileNotFoundError) as e:
+        print(f"register: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: result[k] for k in ("name", "version", "run_id", "model_uri", "alias")}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

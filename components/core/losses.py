@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from components.core.config import LOSSES
+
 # Losses that never look at the reference model; the DPO stage can skip the reference pass for these.
 REFERENCE_FREE = {"simpo", "orpo"}
-LOSSES = ("sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "kto")
 
 
 @dataclass(frozen=True)
@@ -351,22 +352,36 @@ def preference_loss(
     return out
 
 
+def preference_metric_sums(
+    out: LossOutput, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor
+) -> dict[str, Tensor]:
+    """Sums over the batch under TRL's metric names, plus the sum of each per-example `out.extra` entry.
+
+    Sums, not means, so a training loop can add micro-batches and processes and divide once by the pair
+    count (`preference_metrics` does it for one batch). For a paired output (every loss here except
+    unpaired `kto`): rewards/accuracies counts the pairs whose chosen reward beats the rejected one (ties
+    count as wrong, as in TRL). 0-d `extra` entries (batch statistics such as KTO's z0) are left out.
+    """
+    chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+    sums = {
+        "loss": out.losses.detach().sum(),
+        "rewards/chosen": chosen.sum(),
+        "rewards/rejected": rejected.sum(),
+        "rewards/accuracies": (chosen > rejected).float().sum(),
+        "rewards/margins": (chosen - rejected).sum(),
+        "logps/chosen": policy_chosen_logps.detach().sum(),
+        "logps/rejected": policy_rejected_logps.detach().sum(),
+    }
+    sums.update({k: v.detach().float().sum() for k, v in out.extra.items() if v.dim() > 0})
+    return sums
+
+
 def preference_metrics(
     out: LossOutput, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, prefix: str = ""
 ) -> dict[str, float]:
-    """Batch means under TRL's metric names, plus the mean of each `out.extra` entry.
-
-    For a paired output (every loss here except unpaired `kto`): rewards/accuracies is the share of
-    pairs whose chosen reward beats the rejected one (ties count as wrong, as in TRL).
-    """
-    chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
-    metrics = {
-        "rewards/chosen": chosen.mean().item(),
-        "rewards/rejected": rejected.mean().item(),
-        "rewards/accuracies": (chosen > rejected).float().mean().item(),
-        "rewards/margins": (chosen - rejected).mean().item(),
-        "logps/chosen": policy_chosen_logps.detach().mean().item(),
-        "logps/rejected": policy_rejected_logps.detach().mean().item(),
-    }
-    metrics.update({key: value.detach().float().mean().item() for key, value in out.extra.items()})
+    """Batch means of `preference_metric_sums` (loss left out) and 0-d `extra` entries, keyed `prefix + name`."""
+    n = max(1, out.losses.shape[0])
+    sums = preference_metric_sums(out, policy_chosen_logps, policy_rejected_logps)
+    metrics = {key: value.item() / n for key, value in sums.items() if key != "loss"}
+    metrics.update({key: v.detach().float().item() for key, v in out.extra.items() if v.dim() == 0})
     return {f"{prefix}{key}": value for key, value in metrics.items()}

@@ -1,24 +1,15 @@
-"""The embedded default task: sort a short list of integers, with a programmatic reward.
+"""The embedded default task: sort a short list of integers, and its programmatic reward.
 
 Why this task: a model of a million parameters learns the *format* (numbers from the prompt, space
 separated, then end of turn) within a few hundred SFT steps, and the reward is exact and cheap.
-SFT demonstrations carry realistic mistakes at rate `demo_noise` (an adjacent swap, a dropped or
-duplicated item, an off-by-one value, the list left unsorted), so an SFT model *samples* those
-mistakes at about that rate. Preference pairs put the correct answer against one such mistake:
-exactly the signal DPO needs to push the mistakes' probability down.
-
-`python -m components.synthetic --params params.yaml` writes `data/raw/sft.jsonl` (TRL `messages`
-format) and `data/raw/preferences.jsonl` (TRL `prompt/chosen/rejected`, conversational), the same
-public formats users bring.
+The task's definition lives here, apart from the stages that use it: `synthesize` writes data from it,
+`bootstrap` trains the embedded tokenizer on its text, and the evaluation judge scores with `reward`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import re
-from pathlib import Path
 
 PHRASINGS = (
     "Sort ascending: {items}",
@@ -26,7 +17,11 @@ PHRASINGS = (
     "Put in increasing order: {items}",
     "Order the list {items} from low to high.",
 )
+
+
 MISTAKES = ("swap", "drop", "duplicate", "off_by_one", "unsorted")
+
+
 _NUMBER = re.compile(r"-?\d+")
 
 
@@ -110,51 +105,3 @@ def corpus(min_items: int, max_items: int, max_value: int, seed: int, n: int = 2
     """Text the embedded tokenizer is trained on: prompts and answers of the task."""
     sft, _ = generate(n, 0, min_items, max_items, max_value, 0.5, seed + 1)
     return [m["content"] for record in sft for m in record["messages"]]
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
-
-
-def run(
-    out_dir: str,
-    enabled: bool,
-    n_sft: int,
-    n_preference: int,
-    min_items: int,
-    max_items: int,
-    max_value: int,
-    demo_noise: float,
-    seed: int,
-) -> dict:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not enabled:
-        (out / "README.txt").write_text("synthetic.enabled is false: bring your own data via data.sources\n")
-        return {"sft": 0, "preference": 0}
-    sft, preferences = generate(n_sft, n_preference, min_items, max_items, max_value, demo_noise, seed)
-    _write_jsonl(out / "sft.jsonl", sft)
-    _write_jsonl(out / "preferences.jsonl", preferences)
-    noisy = sum(
-        reward(r["messages"][0]["content"], r["messages"][1]["content"]) < 1.0 for r in sft
-    )
-    return {"sft": len(sft), "preference": len(preferences), "sft_noisy": noisy}
-
-
-def main(argv: list[str] | None = None) -> None:
-    from components.config import load_params
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="data/raw")
-    args = parser.parse_args(argv)
-    p = load_params(args.params)
-    s = p.synthetic
-    result = run(args.out, s.enabled, s.n_sft, s.n_preference, s.min_items, s.max_items, s.max_value, s.demo_noise, p.seed)
-    print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
-"""Chat templating, label masking, length-bucketed batches and per-sequence log-probs.
+"""Token ids from canonical records: chat templating, label masks, truncation, batches and padding.
 
-Shared by prepare (token counts), sft, reference, dpo and evaluate, so every stage sees the same
-tokens for the same record.
+Shared by prepare (token counts), sft, reference, dpo and evaluate, so every stage sees the same tokens
+for the same record. Log-probs of those tokens are `core/scoring.py`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -142,24 +141,6 @@ def collate_pairs(pairs: Sequence[dict], pad_id: int) -> TokenBatch:
     return collate_sequences(seqs, pad_id)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-prob of the labelled tokens of each row, and how many there are.
-
-    logits: (B, T, V) from the model on input_ids; labels: (B, T) with IGNORE_INDEX where unscored.
-    Returns (logps (B,), counts (B,)). Computed in float32 via cross_entropy, which never
-    materialises the (B, T, V) log-softmax.
-    """
-    logits = logits[:, :-1, :]
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    token_logps = -F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        targets.clamp_min(0).reshape(-1),
-        reduction="none",
-    ).view(targets.shape)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
-
-
 def tokenize_pair(tokenizer, record: dict, max_length: int, max_prompt_length: int) -> dict:
     """Token ids of one canonical preference record, truncated as TRL does.
 
@@ -176,15 +157,6 @@ def tokenize_pair(tokenizer, record: dict, max_length: int, max_prompt_length: i
 
 def pair_length(pair: dict) -> int:
     return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
-
-
-def shared_prompt_supported(model) -> bool:
-    """The shared-prompt layout needs a custom 4D mask (sdpa/eager attention) and `logits_to_keep`."""
-    import inspect
-
-    base = getattr(model, "module", model)  # DDP: the wrapper has no `config`
-    impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
-    return impl in ("sdpa", "eager") and "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 @dataclass
@@ -244,37 +216,11 @@ def collate_shared_prompt(pairs: Sequence[dict], pad_id: int) -> SharedPromptBat
     return SharedPromptBatch(input_ids, position_ids, mask[:, None], targets, source, segment, k + 1)
 
 
-def _shared_prompt_logps(model, pairs: list[dict], pad_id: int, device):
-    batch = collate_shared_prompt(pairs, pad_id)
-    mask = batch.attention_mask.to(device)
-    if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds the mask to the scores
-        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    logits = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                   attention_mask=mask, logits_to_keep=batch.keep).logits  # (B, K + 1, V)
-    logits = logits.float()
-    log_z = torch.logsumexp(logits, dim=-1)  # (B, K + 1)
-    targets, source, segment = batch.targets.to(device), batch.source.to(device), batch.segment.to(device)
-    rows = torch.arange(len(pairs), device=device)[:, None]
-    token_logps = logits[rows, source, targets.clamp_min(0)] - log_z[rows, source]  # (B, K)
-    chosen, rejected = segment == 1, segment == 2
-    return ((token_logps * chosen).sum(-1), (token_logps * rejected).sum(-1), chosen.sum(-1), rejected.sum(-1))
-
-
-def pair_logps(model, pairs: list[dict], pad_id: int, device, share_prompt: bool | None = None):
-    """Summed response log-probs and token counts of chosen and rejected, in one forward pass.
-
-    Returns (chosen_logps (B,), rejected_logps (B,), chosen_tokens (B,), rejected_tokens (B,)).
-    With `share_prompt` (default: when the model supports it) each pair is one row whose prompt is
-    computed once and the LM head runs on response positions only; otherwise chosen and rejected are
-    stacked as 2B padded rows (DPO reference implementation's `concatenated_inputs`). Same numbers
-    either way, up to float rounding (tested).
-    """
-    if share_prompt is None:
-        share_prompt = shared_prompt_supported(model)
-    if share_prompt:
-        return _shared_prompt_logps(model, pairs, pad_id, device)
-    batch = collate_pairs(pairs, pad_id).to(device)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (2B, T, V)
-    logps, counts = sequence_logps(logits, batch.labels)
-    b = len(pairs)
-    return logps[:b], logps[b:], counts[:b], counts[b:]
+def tokenize_sft(tokenizer, records: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per record; labels are IGNORE_INDEX outside assistant turns."""
+    out = []
+    for r in records:
+        ids, mask = encode_chat(tokenizer, r["messages"])
+        ids, mask = ids[:max_length], mask[:max_length]
+        out.append((ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]))
+    return out

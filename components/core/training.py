@@ -1,26 +1,25 @@
-"""Pieces the SFT and DPO loops share: accelerator set-up, model loading, optimizer + schedule,
-the deterministic step plan, checkpoints and the non-finite-loss guard.
+"""Pieces the training loops share: accelerator set-up, mixed precision, model loading, optimizer +
+schedule, the deterministic step plan, the non-finite-loss guard and the final model write.
 
 Functions, not a Trainer class: each stage's loop stays explicit and readable top to bottom in its
-own file (sft.py, dpo.py); only the parts that must behave identically live here.
+own file (sft.py, dpo.py); only the parts that must behave identically live here. Checkpoints and
+resume are `core/checkpoints.py`.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from components.batching import bucketed_batches
+from components.core.io import atomic_dir
+from components.core.tokens import bucketed_batches
 
 log = logging.getLogger(__name__)
-STATE_FILE = "alignflow_state.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,6 +36,17 @@ def resolve_mixed_precision(requested: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
+
+
+def autocast(device: torch.device, mixed_precision: str):
+    """bf16/fp16 autocast on a GPU for code that runs outside an Accelerator (evaluation); fp32 on CPU.
+
+    Training loops use `accelerator.autocast()`, which reads the same resolved setting.
+    """
+    mp = resolve_mixed_precision(mixed_precision)
+    if device.type != "cuda" or mp == "no":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
 
 
 def make_accelerator(mixed_precision: str):
@@ -129,65 +139,7 @@ def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
     return list(indices[rank::world])
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def find_checkpoint(ckpt_dir: Path, fingerprint: str) -> tuple[Path, dict] | None:
-    """Newest complete checkpoint written by a run with the same fingerprint (params + data + code)."""
-    if not ckpt_dir.exists():
-        return None
-    for path in sorted(ckpt_dir.glob("step_*"), reverse=True):
-        state_file = path / STATE_FILE
-        if not state_file.exists():
-            continue  # killed while writing: not a resume point
-        state = json.loads(state_file.read_text())
-        if state.get("fingerprint") == fingerprint:
-            return path, state
-        log.info("ignoring %s: written by a run with different params or data", path)
-    return None
-
-
-def fingerprint(*parts: object) -> str:
-    """Identity of a run for resuming: hyper-parameters, world size and the bytes of its input files."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, str | Path) and Path(p).is_file():
-            h.update(Path(p).read_bytes())
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
-def resume(accelerator, ckpt_dir: Path, fingerprint_: str, total_steps: int) -> tuple[int, list[dict]]:
-    """(start step, metric history) from the newest matching checkpoint, its state loaded; (0, []) if none."""
-    found = find_checkpoint(ckpt_dir, fingerprint_)
-    if not found:
-        return 0, []
-    path, state = found
-    accelerator.load_state(str(path))
-    log.info("resuming from %s (step %d of %d)", path, state["step"], total_steps)
-    return state["step"], state["history"]
-
-
-def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: int) -> None:
-    """save_state (model, optimizer, scheduler, RNG) then our state file last, marking it complete."""
-    path = ckpt_dir / f"step_{step:07d}"
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        (path / STATE_FILE).write_text(json.dumps({**state, "step": step}))
-        for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def clear_checkpoints(accelerator, ckpt_dir: Path) -> None:
-    """After a successful run the final model is the artifact; checkpoints only cost disk."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+# ----------------------------------------------------------------------------- guards
 
 
 def guard_finite(loss: torch.Tensor, step: int, ckpt_dir: Path) -> None:
@@ -203,54 +155,19 @@ def guard_finite(loss: torch.Tensor, step: int, ckpt_dir: Path) -> None:
 
 
 def save_model_atomic(accelerator, model, tokenizer, out_dir: str) -> None:
-    """Write the final model next to out_dir and swap it in only when complete (LoRA merged)."""
+    """Write the final model (LoRA merged) into a temp dir and swap it in only when complete."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards on every rank
     if not accelerator.is_main_process:
         return
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp.", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         if hasattr(unwrapped, "merge_and_unload"):  # peft: ship a plain model downstream
             unwrapped = unwrapped.merge_and_unload()
             state_dict = None
         unwrapped.config.use_cache = True
         unwrapped.save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_json(path: str, data: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-    import csv
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    tmp = Path(path + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def progress(iterable_total: int, initial: int, desc: str, enabled: bool) -> Callable:
@@ -295,14 +212,14 @@ def maybe_crash(step: int) -> None:
 
 def stage_tracking(accelerator, stage: str, params: dict, inputs: list[str], enabled: bool):
     """The stage's MLflow run on the main process; a no-op context elsewhere or when disabled."""
-    from components import tracking
-    from components.config import params_hash
+    from components.core import tracking
+    from components.core.config import params_hash
 
     return tracking.stage_run(stage, params, inputs, params_hash(params),
                               enabled=enabled and accelerator.is_main_process)
 
 
 def log_step_metrics(run, row: dict, step: int) -> None:
-    from components import tracking
+    from components.core import tracking
 
     tracking.log_metrics(run, {k: v for k, v in row.items() if k != "step"}, step=step)

@@ -2,7 +2,7 @@
 
 `load_params("params.yaml")` fails at start with a message naming the offending key
 (`dpo.beta: Input should be greater than 0`), so a typo never silently trains with a default.
-Components take flat arguments; stage CLIs unpack the section they need.
+Stages take their section; the small pure functions below them take flat arguments.
 """
 
 from __future__ import annotations
@@ -118,11 +118,13 @@ class ReferenceConfig(Strict):
     batch_size: int = Field(64, gt=0)
 
 
+# The preference losses `dpo.loss` accepts; core/losses.py implements each (and imports this list).
 LOSSES = ("sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "kto")
+LossName = Literal[LOSSES]
 
 
 class DPOConfig(TrainLoopConfig):
-    loss: Literal["sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "kto"] = "sigmoid"
+    loss: LossName = "sigmoid"
     beta: float = Field(0.1, gt=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     simpo_gamma: float = Field(0.5, ge=0.0)

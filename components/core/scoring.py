@@ -1,0 +1,140 @@
+"""Log-probs of responses under a model: the one scoring path of every stage.
+
+reference and dpo score preference pairs with `pair_logps` (one shared-prompt row per pair where the
+model allows it), sft and evaluate take token NLLs with `batch_nll`, evaluate scores its own samples with
+`response_logps`. Every function returns per-sequence sums and token counts, so callers normalise as their
+objective needs. Inputs are the token lists of `core/tokens.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from components.core.tokens import (
+    IGNORE_INDEX,
+    collate_pairs,
+    collate_sequences,
+    collate_shared_prompt,
+    prompt_response_to_sequence,
+)
+from components.core.training import autocast
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of the labelled tokens of each row, and how many there are.
+
+    logits: (B, T, V) from the model on input_ids; labels: (B, T) with IGNORE_INDEX where unscored.
+    Returns (logps (B,), counts (B,)). Computed in float32 via cross_entropy, which never
+    materialises the (B, T, V) log-softmax.
+    """
+    logits = logits[:, :-1, :]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    token_logps = -F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.clamp_min(0).reshape(-1),
+        reduction="none",
+    ).view(targets.shape)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def shared_prompt_supported(model) -> bool:
+    """The shared-prompt layout needs a custom 4D mask (sdpa/eager attention) and `logits_to_keep`."""
+    import inspect
+
+    base = getattr(model, "module", model)  # DDP: the wrapper has no `config`
+    impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    return impl in ("sdpa", "eager") and "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _shared_prompt_logps(model, pairs: list[dict], pad_id: int, device):
+    batch = collate_shared_prompt(pairs, pad_id)
+    mask = batch.attention_mask.to(device)
+    if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    logits = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                   attention_mask=mask, logits_to_keep=batch.keep).logits  # (B, K + 1, V)
+    logits = logits.float()
+    log_z = torch.logsumexp(logits, dim=-1)  # (B, K + 1)
+    targets, source, segment = batch.targets.to(device), batch.source.to(device), batch.segment.to(device)
+    rows = torch.arange(len(pairs), device=device)[:, None]
+    token_logps = logits[rows, source, targets.clamp_min(0)] - log_z[rows, source]  # (B, K)
+    chosen, rejected = segment == 1, segment == 2
+    return ((token_logps * chosen).sum(-1), (token_logps * rejected).sum(-1), chosen.sum(-1), rejected.sum(-1))
+
+
+def pair_logps(model, pairs: list[dict], pad_id: int, device, share_prompt: bool | None = None):
+    """Summed response log-probs and token counts of chosen and rejected, in one forward pass.
+
+    Returns (chosen_logps (B,), rejected_logps (B,), chosen_tokens (B,), rejected_tokens (B,)).
+    With `share_prompt` (default: when the model supports it) each pair is one row whose prompt is
+    computed once and the LM head runs on response positions only; otherwise chosen and rejected are
+    stacked as 2B padded rows (DPO reference implementation's `concatenated_inputs`). Same numbers
+    either way, up to float rounding (tested).
+    """
+    if share_prompt is None:
+        share_prompt = shared_prompt_supported(model)
+    if share_prompt:
+        return _shared_prompt_logps(model, pairs, pad_id, device)
+    batch = collate_pairs(pairs, pad_id).to(device)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (2B, T, V)
+    logps, counts = sequence_logps(logits, batch.labels)
+    b = len(pairs)
+    return logps[:b], logps[b:], counts[:b], counts[b:]
+
+
+def batch_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL over labelled tokens of the batch, and the number of those tokens."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+    logps, counts = sequence_logps(logits, batch.labels)
+    return -logps.sum(), counts.sum()
+
+
+@torch.no_grad()
+def preference_logps(model, pairs: list[dict], batch_size: int, pad_id: int, mixed_precision: str = "auto"):
+    """Summed response log-probs of every pair, in input order, scored exactly as the reference stage does
+    (tokens.tokenize_pair + pair_logps). Returns (chosen (N,), rejected (N,), chosen_tokens (N,),
+    rejected_tokens (N,))."""
+    device = next(model.parameters()).device
+    columns: list[list[torch.Tensor]] = [[], [], [], []]
+    for start in range(0, len(pairs), batch_size):
+        with autocast(device, mixed_precision):
+            outputs = pair_logps(model, pairs[start : start + batch_size], pad_id, device)
+        for column, t in zip(columns, outputs, strict=True):
+            column.append(t.cpu())
+    chosen, rejected, chosen_tokens, rejected_tokens = (torch.cat(c) for c in columns)
+    return chosen.float(), rejected.float(), chosen_tokens, rejected_tokens
+
+
+@torch.no_grad()
+def response_logps(model, prompt_ids: list[list[int]], response_ids: list[list[int]], batch_size: int,
+                   pad_id: int, mixed_precision: str = "auto") -> torch.Tensor:
+    """log pi(y|x) summed over response tokens, per (prompt, response); (N,)."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompt_ids), batch_size):
+        seqs = [prompt_response_to_sequence(p, r) for p, r in
+                zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size], strict=True)]
+        batch = collate_sequences(seqs, pad_id).to(device)
+        with autocast(device, mixed_precision):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        out.append(sequence_logps(logits, batch.labels)[0].cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# ----------------------------------------------------------------------------- the reference artifact
+
+
+def load_reference_logps(path: str | Path) -> dict:
+    """{id: (chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)} from one split file."""
+    data = torch.load(path, weights_only=True)
+    return {
+        i: (c, r, ct, rt)
+        for i, c, r, ct, rt in zip(
+            data["ids"], data["chosen_logps"].tolist(), data["rejected_logps"].tolist(),
+            data["chosen_tokens"].tolist(), data["rejected_tokens"].tolist(), strict=True,
+        )
+    }

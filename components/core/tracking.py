@@ -1,0 +1,196 @@
+"""MLflow run context and lineage tags (git commit, DVC hashes of inputs, params hash, flow run).
+
+Nothing happens on import: the tracking URI is resolved when a run starts
+(`MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` in the working directory).
+When Prefect drives the pipeline it exports `ALIGNFLOW_PARENT_RUN_ID` and `ALIGNFLOW_FLOW_RUN_ID`;
+stage runs then nest under the flow's run and carry the flow-run id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT = os.environ.get("ALIGNFLOW_EXPERIMENT", "alignflow")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def git_state(cwd: str | Path = ".") -> dict[str, str]:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"git/commit": commit, "git/dirty": str(dirty).lower()}
+
+
+def tracking_uri_for(project_dir: str | Path) -> str:
+    """The tracking URI with a relative sqlite path made absolute in `project_dir`, where `dvc repro`
+    (cwd = project root) would put it; so subprocesses started elsewhere log to the same store."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(project_dir).resolve() / uri.removeprefix('sqlite:///')}"
+    return uri
+
+
+def lock_hashes(lock_path: str | Path = "dvc.lock") -> dict[str, str]:
+    """{out path: md5} of every stage's outs in dvc.lock ({} when there is no lock yet)."""
+    lock = Path(lock_path)
+    if not lock.exists():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return {o["path"]: o.get("md5") or o.get("hash", "") for s in stages.values() for o in s.get("outs", [])}
+
+
+def dvc_hashes(paths: list[str], lock_path: str | Path = "dvc.lock") -> dict[str, str]:
+    """DVC's md5 of each input path, read from the `outs` of the stage that produced it in dvc.lock.
+
+    `dvc repro` writes a stage's lock entry as soon as the stage finishes, so when a downstream stage
+    runs, its inputs' hashes in dvc.lock are the ones it is reading. Paths DVC does not produce
+    (or runs outside DVC) are simply absent.
+    """
+    produced = lock_hashes(lock_path)
+    return {f"dvc/{p}": produced[p] for p in paths if p in produced}
+
+
+def _lock_tags(repo: Path) -> dict[str, str]:
+    """Every out's hash and the hash of dvc.lock itself, as tags of a pipeline run."""
+    lock = repo / "dvc.lock"
+    if not lock.exists():
+        return {}
+    tags = {f"dvc/{path}": md5 for path, md5 in lock_hashes(lock).items()}
+    tags["dvc/dvc.lock"] = hashlib.md5(lock.read_bytes()).hexdigest()
+    return tags
+
+
+def lineage_tags(stage: str, inputs: list[str], params_digest: str) -> dict[str, str]:
+    tags = {"alignflow/stage": stage, "params/hash": params_digest, **git_state(), **dvc_hashes(inputs)}
+    if flow_run := os.environ.get("ALIGNFLOW_FLOW_RUN_ID"):
+        tags["prefect/flow_run_id"] = flow_run
+    return tags
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict, inputs: list[str], params_digest: str, enabled: bool = True) -> Iterator:
+    """An MLflow run for one stage execution; yields the active run (or None when disabled)."""
+    if not enabled:
+        yield None
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(EXPERIMENT)
+    tags = lineage_tags(stage, inputs, params_digest)
+    parent = os.environ.get("ALIGNFLOW_PARENT_RUN_ID")
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    with mlflow.start_run(run_name=stage, tags=tags) as run:
+        mlflow.log_params(_flatten(params))
+        yield run
+
+
+def log_metrics(run, metrics: dict[str, float], step: int | None = None) -> None:
+    if run is None:
+        return
+    import mlflow
+
+    clean = {k.replace("@", "_"): float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    mlflow.log_metrics(clean, step=step)
+
+
+# ----------------------------------------------------------------------------- pipeline (flow) runs
+
+
+def start_pipeline_run(uri: str, repo: Path, flow_run_id: str, flow_run_name: str, stages: list[str],
+                       force: bool) -> tuple[str, str]:
+    """Create the flow's MLflow run (before any stage, so the DB is created by one writer).
+
+    Returns (run id, experiment id)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    tags = {
+        "alignflow/kind": "pipeline",
+        "prefect/flow_run_id": flow_run_id,
+        "prefect/flow_run_name": flow_run_name,
+        **git_state(repo),
+        **_lock_tags(repo),
+    }
+    run = client.create_run(experiment_id, run_name=f"pipeline {flow_run_name}".strip(), tags=tags)
+    client.log_param(run.info.run_id, "stages", ",".join(stages))
+    client.log_param(run.info.run_id, "force", force)
+    return run.info.run_id, experiment_id
+
+
+def link_stage_runs(uri: str, experiment_id: str, parent_run_id: str, flow_run_id: str,
+                    stages: list[str]) -> dict[str, str]:
+    """Find the stages' runs from this flow run (one query, after the stages: the stage processes are the
+    only writers to the store while they run), cross-link them with the parent; mark crashed attempts FAILED.
+
+    Returns {stage: run id} of the newest run per stage."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`prefect/flow_run_id` = '{flow_run_id}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    linked: dict[str, str] = {}
+    wanted = set(stages)
+    for run in runs:  # newest first
+        stage = run.data.tags.get("alignflow/stage")
+        if stage not in wanted or run.info.run_id == parent_run_id:
+            continue
+        if stage not in linked:
+            linked[stage] = run.info.run_id
+            client.set_tag(parent_run_id, f"stage_run/{stage}", run.info.run_id)
+            client.set_tag(run.info.run_id, "parent_flow_run", parent_run_id)
+        elif run.info.status == "RUNNING":  # an attempt that was killed mid-run never closed its run
+            client.set_terminated(run.info.run_id, status="FAILED")
+    return linked
+
+
+def end_pipeline_run(uri: str, parent_run_id: str, repo: Path, summary: dict, status: str) -> None:
+    """Close the flow's run: the dvc.lock hashes it ended with, each stage's status and seconds."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for key, value in _lock_tags(repo).items():
+        client.set_tag(parent_run_id, key, value)
+    for stage, result in summary.items():
+        if isinstance(result, dict):
+            client.set_tag(parent_run_id, f"stage_status/{stage}", result["status"])
+            client.log_metric(parent_run_id, f"stage_seconds/{stage}", result["seconds"])
+        else:
+            client.set_tag(parent_run_id, f"alignflow/{stage}", str(result))
+    client.set_terminated(parent_run_id, status=status)

@@ -1,0 +1,64 @@
+"""synthesize stage: the embedded default task's data (core/sorting.py), in the formats users bring.
+
+SFT demonstrations carry realistic mistakes at rate `demo_noise` (an adjacent swap, a dropped or
+duplicated item, an off-by-one value, the list left unsorted), so an SFT model *samples* those
+mistakes at about that rate. Preference pairs put the correct answer against one such mistake:
+exactly the signal DPO needs to push the mistakes' probability down.
+
+`python -m components.synthesize --params params.yaml` writes `data/raw/sft.jsonl` (TRL `messages`
+format) and `data/raw/preferences.jsonl` (TRL `prompt/chosen/rejected`, conversational), the same
+public formats users bring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from components.core.io import write_jsonl
+from components.core.sorting import generate, reward
+
+
+def run(
+    out_dir: str,
+    enabled: bool,
+    n_sft: int,
+    n_preference: int,
+    min_items: int,
+    max_items: int,
+    max_value: int,
+    demo_noise: float,
+    seed: int,
+) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not enabled:
+        (out / "README.txt").write_text("synthetic.enabled is false: bring your own data via data.sources\n")
+        return {"sft": 0, "preference": 0}
+    sft, preferences = generate(n_sft, n_preference, min_items, max_items, max_value, demo_noise, seed)
+    write_jsonl(out / "sft.jsonl", sft)
+    write_jsonl(out / "preferences.jsonl", preferences)
+    noisy = sum(
+        reward(r["messages"][0]["content"], r["messages"][1]["content"]) < 1.0 for r in sft
+    )
+    return {"sft": len(sft), "preference": len(preferences), "sft_noisy": noisy}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from components.core.config import load_params
+    from components.core.logs import setup_logging
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default="data/raw")
+    args = parser.parse_args(argv)
+    setup_logging()
+    p = load_params(args.params)
+    s = p.synthetic
+    result = run(args.out, s.enabled, s.n_sft, s.n_preference, s.min_items, s.max_items, s.max_value, s.demo_noise, p.seed)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
