@@ -47,7 +47,7 @@ COPY --chown=alignflow:alignflow pyproject.toml README.md ./
 COPY --chown=alignflow:alignflow components ./components
 COPY --chown=alignflow:alignflow flows ./flows
 RUN pip install --no-cache-dir . \
-    && python -c "import torch, components.config, flows.pipeline; print('torch', torch.__version__)"
+    && python -c "import torch, components.core.config, flows.pipeline; print('torch', torch.__version__)"
 
 # The rest of the pipeline definition (dvc.yaml, params.yaml, configs/ ...); .dockerignore keeps out
 # .git, the venv, outputs, caches and tracking stores. Deployments clone the commit to run instead.

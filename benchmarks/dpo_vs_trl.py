@@ -4,7 +4,7 @@
     python benchmarks/dpo_vs_trl.py --device cuda --model-size 0.5b --steps 100 --batch-size 32  # GPU
 
 Same model, data and training job on both sides: the embedded sorting task's preference pairs
-(`components.synthetic.generate`), the model in `models/sft` if there is one (else the `model:`
+(`components.core.sorting.generate`), the model in `models/sft` if there is one (else the `model:`
 architecture of params.yaml built offline; `--model-size 0.5b` builds a random ~0.4B Qwen2-0.5B-shaped
 Llama with our tokenizer's vocab), `--steps` optimizer steps of `--batch-size` pairs, sigmoid DPO with
 beta 0.1 and no RPO term, AdamW (torch implementation, betas 0.9/0.95, no weight decay) at one lr,
@@ -23,7 +23,7 @@ Each system runs in its own subprocess (`--child`), so peak memory is that syste
   TRL precompute: the whole data set once; TRL no-precompute: every training batch again).
   tokens/s = (train_tokens + reference_tokens) / wall_s; `train_tokens_per_s` = train_tokens / wall_s
   (work-normalised: the same training job on both sides). The formula counts each prompt twice on both
-  sides, as the DPO objective sees it; ours computes it once (shared-prompt rows, components/batching.py),
+  sides, as the DPO objective sees it; ours computes it once (shared-prompt rows, components/core/scoring.py),
   TRL twice: `computed_*_tokens` are what each model actually ran.
 - peak memory: CPU `ru_maxrss` of the child (imports included; `rss_after_imports` shown too);
   GPU `torch.cuda.max_memory_allocated`.
@@ -162,30 +162,33 @@ class RegionTimer:
 
 
 def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
-    from components import batching, dpo, losses, reference, training
+    from components import dpo, reference
+    from components.core import checkpoints, losses, scoring, tokens, training
+    from components.core.io import read_jsonl
 
     if timer:
         timer.instrument_common()
+        # stages bind these names at import (`from components.core.x import f`): wrap them where they are called
         for mod in (reference, dpo):
             timer.wrap(mod, "tokenize_pair", "tokenisation (chat template + tokenizer)")
+            timer.wrap(mod, "read_jsonl", "read data")
+        timer.wrap(dpo, "load_reference_logps", "reference cache read")
         for attr, label in (("collate_pairs", "collation (pad + stack)"),
                             ("collate_shared_prompt", "collation (pad + stack)"),
                             ("sequence_logps", "log-probs (from logits) + batch to device"),
                             ("_shared_prompt_logps", "log-probs (from logits) + batch to device")):
-            if hasattr(batching, attr):  # shared-prompt rows (current) or stacked chosen/rejected rows
-                timer.wrap(batching, attr, label)
+            if hasattr(scoring, attr):  # shared-prompt rows (current) or stacked chosen/rejected rows
+                timer.wrap(scoring, attr, label)
         timer.wrap(losses, "preference_loss", "loss")
-        timer.wrap(dpo, "metric_sums", "metrics + logging")
+        timer.wrap(losses, "preference_metric_sums", "metrics + logging")
         timer.wrap(dpo, "reduce_means", "metrics + logging")
-        timer.wrap(dpo, "fingerprint", "resume fingerprint (hash inputs)")
-        timer.wrap(dpo, "load_reference_logps", "reference cache read")
-        timer.wrap(training, "read_jsonl", "read data")
+        timer.wrap(checkpoints, "fingerprint", "resume fingerprint (hash inputs)")
         timer.wrap(training, "load_tokenizer", "load tokenizer")
         timer.wrap(training, "make_accelerator", "accelerator setup + prepare")
         timer.wrap(training, "plan_steps", "step plan")
         timer.wrap(training, "save_model_atomic", "save model")
-        timer.wrap(training, "write_csv", "metrics + logging")
-        timer.wrap(training, "write_json", "metrics + logging")
+        timer.wrap(dpo, "write_csv", "metrics + logging")
+        timer.wrap(dpo, "write_json", "metrics + logging")
         import accelerate
 
         timer.wrap(accelerate.Accelerator, "prepare", "accelerator setup + prepare")
@@ -229,12 +232,12 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
 
     # Token counts, outside the timed region: replay the stage's own tokenisation and step plan.
     tok = training.load_tokenizer(spec["model"])
-    pairs = [batching.tokenize_pair(tok, r, spec["max_length"], spec["max_prompt_length"])
-             for r in training.read_jsonl(Path(spec["data_dir"]) / "pref_train.jsonl")]
-    plan = training.plan_steps([batching.pair_length(p) for p in pairs], spec["batch_size"], 1, spec["steps"], 1,
+    pairs = [tokens.tokenize_pair(tok, r, spec["max_length"], spec["max_prompt_length"])
+             for r in read_jsonl(Path(spec["data_dir"]) / "pref_train.jsonl")]
+    plan = training.plan_steps([tokens.pair_length(p) for p in pairs], spec["batch_size"], 1, spec["steps"], 1,
                                spec["seed"], 1)
     count = [pair_tokens(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in pairs]
-    shared = getattr(batching, "shared_prompt_supported", lambda _: False)(training.load_model(spec["model"]))
+    shared = scoring.shared_prompt_supported(training.load_model(spec["model"]))
     # what the model actually ran on: with shared-prompt rows each prompt is computed once per pair
     computed = [c - len(p["prompt_ids"]) if shared else c for c, p in zip(count, pairs, strict=True)]
     trained = [i for step in plan for mb in step for i in mb]
@@ -255,7 +258,7 @@ def child_trl(spec: dict, precompute: bool, timer: RegionTimer | None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from components.training import read_jsonl
+    from components.core.io import read_jsonl
 
     cuda = spec["device"] == "cuda"
     if timer:
@@ -365,8 +368,8 @@ def child_main(kind: str, spec_path: str, result_path: str, profile: bool) -> No
 
 def prepare_inputs(args, work: Path) -> dict:
     """Model dir and data dir (pref_train.jsonl + empty pref_eval.jsonl) shared by every child."""
-    from components import synthetic
-    from components.config import load_params
+    from components.core import sorting as synthetic
+    from components.core.config import load_params
 
     p = load_params(ROOT / "params.yaml")
     s = p.synthetic

@@ -4,6 +4,7 @@
     alignflow promote  [--version N] [--dry-run] [--json]
     alignflow rollback
     alignflow status   [--json]
+    alignflow summary  [--json]                          # headline results of the last pipeline run
 
 Exit codes: 0 success (promote: promoted, already champion, or --dry-run whatever the decision);
 1 error (bad params, no challenger, nothing to roll back to, MLflow failure, bad arguments);
@@ -20,6 +21,7 @@ import sys
 import traceback
 
 from components import register
+from components.core import registry
 
 EXIT_OK, EXIT_ERROR, EXIT_REJECTED = 0, 1, 2
 
@@ -50,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml")
 
     p = sub.add_parser("status", help="registered versions, aliases, key metrics")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("summary", help="headline results of the last pipeline run, read from its outputs")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--json", action="store_true")
     return parser
@@ -94,6 +100,58 @@ def format_status(result: dict) -> str:
     return "\n".join(lines)
 
 
+def read_summary(metrics_dir: str = "metrics", report: str = "reports/eval/index.html",
+                 registration: str = "reports/registration.json") -> dict:
+    """What the last pipeline run produced, from its output files (absent ones are None)."""
+    def load(path: str) -> dict | None:
+        return json.loads(open(path).read()) if os.path.exists(path) else None
+
+    return {"sft": load(os.path.join(metrics_dir, "sft.json")), "dpo": load(os.path.join(metrics_dir, "dpo.json")),
+            "eval": load(os.path.join(metrics_dir, "eval.json")), "registration": load(registration),
+            "report": report if os.path.exists(report) else None}
+
+
+def format_summary(s: dict, tracking_uri: str) -> str:
+    """A few lines a person reads at a glance: SFT, each trained policy, the report, the registry."""
+    def pct(v: float) -> str:
+        return f"{v:.1%}"
+
+    def ci(m: dict, key: str, fmt) -> str:
+        return f"[{fmt(m[key + '_ci_low'])}, {fmt(m[key + '_ci_high'])}]" if key + "_ci_low" in m else ""
+
+    lines = ["alignflow: results of the last pipeline run"]
+    e, sft = s["eval"] or {}, s["sft"] or {}
+    if sft:
+        parts = [f"held-out loss {sft['eval/loss_first']:.2f} -> {sft['eval/loss']:.2f}"] if "eval/loss" in sft else []
+        if "eval/sft/reward_mean" in e:
+            parts.append(f"judge reward {e['eval/sft/reward_mean']:.3f}")
+        if "eval/sft/reward_eq_1" in e:
+            parts.append(f"exact {pct(e['eval/sft/reward_eq_1'])}")
+        steps = sft.get("steps", "?")
+        lines.append(f"  {'SFT':<9} " + ("   ".join(parts) or f"{steps} steps"))
+    else:
+        lines.append(f"  {'SFT':<9} not run yet (dvc repro sft)")
+    if e:
+        lines.append(
+            f"  {'DPO':<9} judge reward {e['eval/reward_mean']:.3f} (Δ {e['eval/reward_delta']:+.3f} "
+            f"{ci(e, 'eval/reward_delta', lambda v: f'{v:+.3f}')})   win rate vs SFT {pct(e['eval/win_rate_vs_sft'])} "
+            f"[{pct(e['eval/win_rate_ci_low'])}, {pct(e['eval/win_rate_ci_high'])}]"
+            + (f"   exact {pct(e['eval/reward_eq_1'])}" if "eval/reward_eq_1" in e else ""))
+        lines.append(f"  {'':<9} preference accuracy {pct(e['eval/rewards/accuracies'])}   KL to SFT "
+                     f"{e['eval/kl_to_reference']:.2f} nats   length x{e['eval/length_ratio']:.2f}   "
+                     f"({int(e['eval/num_prompts'])} held-out prompts)")
+    else:
+        lines.append(f"  {'DPO':<9} not evaluated yet (dvc repro evaluate)")
+    lines.append(f"  {'report':<9} {s['report'] or 'not written yet'}")
+    r = s["registration"]
+    if r:
+        lines.append(f"  {'registry':<9} {r['name']} v{r['version']} = {r['alias']} in {tracking_uri}; "
+                     "gate it with `alignflow promote`, list with `alignflow status`")
+    else:
+        lines.append(f"  {'registry':<9} nothing registered yet (dvc repro register)")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -108,7 +166,7 @@ def _run(args) -> int:
         return EXIT_OK
     if args.command == "promote":
         e = p.evaluate
-        result = register.promote(
+        result = registry.promote(
             name, p.registry.gate.model_dump(), version=args.version, dry_run=args.dry_run,
             pref_eval_path=os.path.join(args.data_dir, "pref_eval.jsonl"), num_prompts=e.num_prompts,
             judge=e.judge, judge_path=e.judge_path, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
@@ -117,11 +175,17 @@ def _run(args) -> int:
         print(json.dumps(result, indent=2) if args.json else format_decision(result))
         return EXIT_OK if result["passed"] or args.dry_run else EXIT_REJECTED
     if args.command == "rollback":
-        result = register.rollback(name)
+        result = registry.rollback(name)
         print(f"{name}: champion v{result['demoted']} -> v{result['champion']} (rolled back)")
         return EXIT_OK
+    if args.command == "summary":
+        from components.core import tracking
+
+        result = read_summary()
+        print(json.dumps(result, indent=2) if args.json else format_summary(result, tracking.tracking_uri()))
+        return EXIT_OK
     if args.command == "status":
-        result = register.status(name)
+        result = registry.status(name)
         print(json.dumps(result, indent=2) if args.json else format_status(result))
         return EXIT_OK
     raise AssertionError(args.command)
@@ -130,7 +194,7 @@ def _run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from components.core.config import ParamsError
     from components.core.logs import setup_logging
-    from components.register import RegistryError
+    from components.core.registry import RegistryError
 
     try:
         args = _parser().parse_args(argv)

@@ -14,7 +14,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from components.batching import CHATML_TEMPLATE
+    from components.core.tokens import CHATML_TEMPLATE
 
     corpus = [
         "What is the capital of France? Paris is the capital of France.",
@@ -100,8 +100,8 @@ def tiny_repo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """models/base and data/prepared for the tiny params, built in-process (no DVC): for stage tests."""
-    from components import bootstrap, data, synthetic
-    from components.config import load_params
+    from components import bootstrap, prepare, synthesize
+    from components.core.config import load_params
 
     root = tmp_path_factory.mktemp("tiny_data")
     p = load_params(TINY_PARAMS)
@@ -109,9 +109,9 @@ def tiny_data(tmp_path_factory) -> Path:
     bootstrap.run(str(root / "models/base"), m.name_or_path, m.hidden_size, m.num_layers, m.num_heads,
                   m.num_kv_heads, m.intermediate_size, m.vocab_size, m.max_position_embeddings,
                   s.min_items, s.max_items, s.max_value, p.seed)
-    synthetic.run(str(root / "data/raw"), s.enabled, s.n_sft, s.n_preference, s.min_items, s.max_items,
+    synthesize.run(str(root / "data/raw"), s.enabled, s.n_sft, s.n_preference, s.min_items, s.max_items,
                   s.max_value, s.demo_noise, p.seed)
-    data.run([{"path": str(root / "data/raw"), "kind": "auto", "split": None}], str(root / "data/prepared"),
+    prepare.run([{"path": str(root / "data/raw"), "kind": "auto", "split": None}], str(root / "data/prepared"),
              str(root / "metrics/prepare.json"), str(root / "models/base"), p.data.eval_fraction,
              p.data.max_length, p.data.max_prompt_length, p.data.dedupe, p.seed)
     shutil.copy2(TINY_PARAMS, root / "params.yaml")

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from components import evaluate, synthetic
-from components.batching import pair_logps, tokenize_pair
+from components import evaluate
 from components.bootstrap import build_model, build_tokenizer
+from components.core import sorting as synthetic
+from components.core.generation import load_causal_lm
+from components.core.scoring import pair_logps
+from components.core.tokens import tokenize_pair
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +61,7 @@ def workspace(tmp_path_factory) -> dict:
     (data / "sft_eval.jsonl").write_text("".join(json.dumps({"id": f"s{i}", **r}) + "\n"
                                                   for i, r in enumerate(sft_records)))
 
-    reference = evaluate.load_causal_lm(str(root / "sft"))[0]  # the SFT model is the reference
+    reference = load_causal_lm(str(root / "sft"))[0]  # the SFT model is the reference
     (root / "ref").mkdir()
     torch.save(_reference_logps(reference, tokenizer, pref_records), root / "ref" / "eval.pt")
 

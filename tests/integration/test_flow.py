@@ -22,7 +22,8 @@ import pytest
 import yaml
 from conftest import make_repo_copy
 
-from flows.pipeline import Stage, StageTimeout, pipeline_stages, run_command, select_stages, stages_to_check
+from flows.pipeline import pipeline_stages, select_stages
+from flows.supervisor import StageTimeout, run_command
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFLINE_ENV = {
@@ -269,20 +270,6 @@ def test_stages_come_in_dependency_order_with_dvc_yaml_order_breaking_ties(tmp_p
     assert [s.upstream for s in stages] == [(), ("a",), ("b",), ()]
 
 
-def test_only_changed_stages_and_their_downstream_need_dvc_repro():
-    stages = [
-        Stage("a", "", False),
-        Stage("b", "", False, ("a",)),
-        Stage("c", "", False, ("b",)),
-        Stage("z", "", False),
-    ]
-    assert stages_to_check(stages, set()) == set()
-    assert stages_to_check(stages, {"b"}) == {"b", "c"}  # c's inputs change once b re-runs
-    assert stages_to_check(stages, {"a", "z"}) == {"a", "b", "c", "z"}
-    assert stages_to_check(stages[2:], {"a"}) == set()  # a is not in this run: c's inputs stay as they are
-    assert stages_to_check(stages, None) == {"a", "b", "c", "z"}  # status unknown: ask DVC stage by stage
-
-
 # ----------------------------------------------------------------------------- the flow on the real pipeline
 
 
@@ -399,7 +386,7 @@ def test_crashed_training_stage_is_retried_and_resumes_to_the_same_weights(flow_
 def test_prefect_yaml_deploys_with_schedule_pools_and_limits(prefect_server, tmp_path):
     from prefect.client.orchestration import get_client
 
-    from flows.pipeline import GPU_TAG, setup_work_pools
+    from flows.pools import GPU_TAG, setup_work_pools
 
     shutil.copytree(ROOT / "flows", tmp_path / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     setup_work_pools()

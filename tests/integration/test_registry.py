@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import cli, registry
-from components.registry import gate_decision
+from components import cli, register
+from components.core.gate import gate_decision
 
 NAME = "tiny-aligned"
 GATE = {"primary_metric": "eval/reward_mean", "min_delta": 0.0, "confidence": 0.95, "max_kl": 50.0,
@@ -80,8 +80,8 @@ def test_unpaired_scores_are_an_error():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Two real tiny Llamas sharing one tokenizer (with the ChatML template): different seeds."""
-    from components import synthetic
     from components.bootstrap import build_model, build_tokenizer
+    from components.core import sorting as synthetic
 
     root = tmp_path_factory.mktemp("models")
     tok = build_tokenizer(synthetic.corpus(3, 4, 9, 0), 300)
@@ -130,7 +130,7 @@ def stage_candidate(model_dir: Path, reward_mean: float, kl: float = 3.0) -> Non
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch, empty_store):
-    from components import synthetic
+    from components.core import sorting as synthetic
 
     monkeypatch.chdir(tmp_path)
     shutil.copy(empty_store, tmp_path / "mlflow.db")
@@ -170,7 +170,7 @@ def version_tags(version: str) -> dict[str, str]:
 
 @pytest.mark.integration
 def test_register_promote_rollback(workspace, tiny_models, monkeypatch, capsys):
-    from components import evaluate
+    from components.core import generation
 
     # -- first registration: challenger, lineage on the version; promotion: no champion -> champion
     stage_candidate(tiny_models["a"], reward_mean=0.40)
@@ -212,7 +212,7 @@ def test_register_promote_rollback(workspace, tiny_models, monkeypatch, capsys):
     def no_scoring(*args, **kwargs):
         raise AssertionError("score_prompts called although scores are cached")
 
-    monkeypatch.setattr(evaluate, "score_prompts", no_scoring)
+    monkeypatch.setattr(generation, "score_prompts", no_scoring)
     assert cli.main(["promote", "--dry-run"]) == 0  # dry run: 0 whatever the decision
     assert version_tags("2") == tags
 
@@ -221,7 +221,7 @@ def test_register_promote_rollback(workspace, tiny_models, monkeypatch, capsys):
         base = 0.7 if "/v2/" in model_dir else 0.3
         return ["x"] * len(prompts), [base + 0.01 * (i % 3) for i in range(len(prompts))]
 
-    monkeypatch.setattr(evaluate, "score_prompts", fake_scores)
+    monkeypatch.setattr(generation, "score_prompts", fake_scores)
     write_params(gate={"min_delta": 0.1}, max_new_tokens=5)
     capsys.readouterr()
     assert cli.main(["promote", "--dry-run"]) == 0
@@ -290,9 +290,12 @@ def test_failed_registration_leaves_aliases(workspace, tiny_models, monkeypatch)
     assert aliases() == before
 
 
-def test_registry_module_cli_is_the_alignflow_cli(capsys):
+def test_register_stage_cli_and_the_alignflow_cli(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        registry.main(["--help"])
+        register.main(["--help"])  # `python -m components.register`: the DVC stage, nothing else
     assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model-dir" in out and "promote" not in out
+    assert cli.main(["--help"]) == 0
     assert "promote" in capsys.readouterr().out
     assert cli.main(["frobnicate"]) == 1  # usage errors exit 1: 2 means "gate rejected"

@@ -82,7 +82,8 @@ def test_sft_two_processes_follow_one_process_loss(tiny_data, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_data, tmp_path, monkeypatch):
-    from components import sft, training
+    from components import sft
+    from components.core import training
 
     root = workdir(tiny_data, tmp_path / "nan")
     monkeypatch.chdir(root)

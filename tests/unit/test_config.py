@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import ParamsError, load_params
+from components.core.config import ParamsError, load_params
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = [REPO / "params.yaml", *sorted((REPO / "configs" / "params").glob("*.yaml"))]

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from components import evaluate
-from components.evaluate import JudgeError, bootstrap_ci, load_judge, win_values
+from components.core import generation, stats
+from components.core.rewards import JudgeError, load_judge
+from components.core.stats import bootstrap_ci, win_values
 
 # ----------------------------------------------------------------------------- bootstrap_ci
 
@@ -79,13 +80,13 @@ def test_win_rate_interval_of_all_ties_is_one_half():
 def test_implicit_rewards_hand_computed():
     policy = torch.tensor([-10.0, -4.0])
     reference = torch.tensor([-12.0, -3.0])
-    assert evaluate.implicit_rewards(policy, reference, beta=0.1).tolist() == pytest.approx([0.2, -0.1])
+    assert stats.implicit_rewards(policy, reference, beta=0.1).tolist() == pytest.approx([0.2, -0.1])
 
 
 def test_response_length_excludes_the_closing_eos():
-    assert evaluate.response_length([5, 6, 2], eos=[2]) == 2
-    assert evaluate.response_length([5, 6, 7], eos=[2]) == 3  # ran out of max_new_tokens
-    assert evaluate.response_length([], eos=[2]) == 0
+    assert generation.response_length([5, 6, 2], eos=[2]) == 2
+    assert generation.response_length([5, 6, 7], eos=[2]) == 3  # ran out of max_new_tokens
+    assert generation.response_length([], eos=[2]) == 0
 
 
 # ----------------------------------------------------------------------------- eval prompts
@@ -99,8 +100,8 @@ def test_eval_prompts_dedupes_orders_by_id_and_cuts(tmp_path):
     records = [rec("c", "three"), rec("a", "one"), rec("d", "one"), rec("b", "two")]
     path = tmp_path / "pref_eval.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert [i for i, _ in evaluate.eval_prompts(str(path), 0)] == ["a", "b", "c"]
-    assert evaluate.eval_prompts(str(path), 2) == [("a", records[1]["prompt"]), ("b", records[3]["prompt"])]
+    assert [i for i, _ in generation.eval_prompts(str(path), 0)] == ["a", "b", "c"]
+    assert generation.eval_prompts(str(path), 2) == [("a", records[1]["prompt"]), ("b", records[3]["prompt"])]
 
 
 # ----------------------------------------------------------------------------- judges
@@ -143,8 +144,8 @@ def test_judge_loading_errors_name_the_judge_path(kind, path, message):
 def test_reward_model_judge_scores_with_a_sequence_classifier(tmp_path, num_labels):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from components import synthetic
     from components.bootstrap import build_tokenizer
+    from components.core import sorting as synthetic
 
     tok = build_tokenizer(synthetic.corpus(3, 4, 9, 0, n=100), 300)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -158,3 +159,49 @@ def test_reward_model_judge_scores_with_a_sequence_classifier(tmp_path, num_labe
     a, b = judge(prompt, "1 2 3"), judge(prompt, "3 2 1")
     assert isinstance(a, float) and np.isfinite(a) and a != b
     assert judge(prompt, "1 2 3") == a  # deterministic (eval mode)
+
+
+# ----------------------------------------------------------------------------- evaluate.summarise (pure)
+
+
+def summarise_example(**overrides):
+    from components.evaluate import summarise
+
+    kwargs = dict(
+        scores={"sft": [0.5, 1.0, 0.0], "dpo": [1.0, 1.0, 0.5]},
+        lengths={"sft": [2, 4, 6], "dpo": [3, 3, 6]},
+        logps={"sft": (torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])),
+               "dpo": (torch.tensor([-0.5, -1.0]), torch.tensor([-4.0, -3.0]))},
+        ref_chosen=torch.tensor([-1.0, -2.0]), ref_rejected=torch.tensor([-3.0, -1.0]),
+        kl_terms=torch.tensor([0.2, 0.4, 0.0]), beta=0.5, bootstrap_samples=200, confidence=0.9, seed=0,
+        num_pairs=2, perplexity={"sft": 2.0, "dpo": 1.5}, exact_reward=True,
+    )
+    return summarise(**{**kwargs, **overrides})
+
+
+def test_summarise_hand_computed_metrics():
+    m = summarise_example()
+    expected = {
+        # implicit rewards 0.5 * (policy - reference): chosen (0.25, 0.5), rejected (-0.5, -1.0)
+        "eval/rewards/chosen": 0.375, "eval/rewards/rejected": -0.75,
+        "eval/rewards/margins": 1.125, "eval/rewards/accuracies": 1.0,
+        # log p(chosen) - log p(rejected): DPO (3.5, 2.0), SFT (2.0, -1.0)
+        "eval/logp_accuracy": 1.0, "eval/sft/logp_accuracy": 0.5,
+        "eval/logp_margin": 2.75, "eval/sft/logp_margin": 0.5,
+        "eval/reward_mean": 2.5 / 3, "eval/sft/reward_mean": 0.5, "eval/reward_delta": 1 / 3,
+        "eval/win_rate_vs_sft": 2.5 / 3,  # win, tie, win
+        "eval/kl_to_reference": 0.2, "eval/length_mean": 4.0, "eval/sft/length_mean": 4.0, "eval/length_ratio": 1.0,
+        "eval/num_prompts": 3, "eval/num_pairs": 2,
+        "eval/reward_eq_1": 2 / 3, "eval/sft/reward_eq_1": 1 / 3,
+        "eval/perplexity": 1.5, "eval/sft/perplexity": 2.0,
+    }
+    assert {k: m[k] for k in expected} == pytest.approx(expected)
+    for key in ("eval/reward_mean", "eval/sft/reward_mean", "eval/reward_delta"):
+        assert m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"]
+    assert m["eval/win_rate_ci_low"] <= m["eval/win_rate_vs_sft"] <= m["eval/win_rate_ci_high"]
+
+
+def test_summarise_without_exact_reward_or_perplexity_and_with_a_mute_sft():
+    m = summarise_example(exact_reward=False, perplexity={}, lengths={"sft": [0, 0, 0], "dpo": [3, 3, 6]})
+    assert "eval/reward_eq_1" not in m and "eval/perplexity" not in m
+    assert m["eval/length_ratio"] == pytest.approx(4.0)  # an SFT length of 0 is floored at one token

@@ -146,3 +146,26 @@ def test_readme_stage_table_links_each_stage_to_its_file():
     readme = (ROOT / "README.md").read_text()
     for stage in stage_modules():
         assert f"[`{stage}`](components/{stage}.py)" in readme, f"README stage table: link {stage} to its file"
+
+
+def test_summary_reads_the_pipeline_outputs(tmp_path, monkeypatch):
+    """`alignflow summary` (the end of scripts/run.sh): headline metrics, report and registry at a glance."""
+    import json
+
+    from components import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics").mkdir()
+    assert "not run yet" in cli.format_summary(cli.read_summary(), "sqlite:///mlflow.db")
+    (tmp_path / "metrics" / "sft.json").write_text(json.dumps({"eval/loss_first": 5.9, "eval/loss": 0.65}))
+    ev = {"eval/reward_mean": 0.83, "eval/reward_delta": 0.2, "eval/reward_delta_ci_low": 0.15,
+          "eval/reward_delta_ci_high": 0.25, "eval/win_rate_vs_sft": 0.69, "eval/win_rate_ci_low": 0.65,
+          "eval/win_rate_ci_high": 0.74, "eval/rewards/accuracies": 0.98, "eval/kl_to_reference": 1.5,
+          "eval/length_ratio": 1.02, "eval/num_prompts": 200, "eval/sft/reward_mean": 0.63}
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps(ev))
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "registration.json").write_text(json.dumps({"name": "m", "version": "3", "alias": "challenger"}))
+    text = cli.format_summary(cli.read_summary(), "sqlite:///mlflow.db")
+    assert "held-out loss 5.90 -> 0.65" in text and "judge reward 0.630" in text
+    assert "judge reward 0.830 (Δ +0.200 [+0.150, +0.250])" in text and "win rate vs SFT 69.0% [65.0%, 74.0%]" in text
+    assert "m v3 = challenger" in text and len(text.splitlines()) <= 8

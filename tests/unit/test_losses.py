@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.losses import (
+from components.core.losses import (
     REFERENCE_FREE,
     LossOutput,
     hinge_dpo,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components import batching, bootstrap, synthetic, training
-from components.batching import IGNORE_INDEX
+from components import bootstrap
+from components.core import scoring, sorting, tokens, training
+from components.core.tokens import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    tok = bootstrap.build_tokenizer(synthetic.corpus(3, 4, 9, seed=1), 300)
+    tok = bootstrap.build_tokenizer(sorting.corpus(3, 4, 9, seed=1), 300)
     model = bootstrap.build_model(tok, 32, 2, 2, 1, 64, 128, seed=1).eval()
     return tok, model
 
@@ -24,25 +25,25 @@ def test_encode_chat_trains_on_assistant_turns_only(tiny):
         {"role": "user", "content": "Sort ascending: 2 0"},
         {"role": "assistant", "content": "0 2"},
     ]
-    ids, mask = batching.encode_chat(tok, messages)
+    ids, mask = tokens.encode_chat(tok, messages)
     trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
     assert trained == "1 3<|im_end|>\n0 2<|im_end|>\n"
-    assert tok.decode(ids) == batching.render(tok, messages)
+    assert tok.decode(ids) == tokens.render(tok, messages)
 
 
 def test_prompt_response_split_is_a_token_boundary(tiny):
     tok, _ = tiny
     prompt = [{"role": "user", "content": "Sort ascending: 5 4"}]
-    p, r = batching.encode_prompt_response(tok, prompt, [{"role": "assistant", "content": "4 5"}])
-    assert p == batching.prompt_ids_for_generation(tok, prompt)
+    p, r = tokens.encode_prompt_response(tok, prompt, [{"role": "assistant", "content": "4 5"}])
+    assert p == tokens.prompt_ids_for_generation(tok, prompt)
     assert tok.decode(r) == "4 5<|im_end|>\n"
 
 
 def test_bucketed_batches_cover_everything_once_and_are_deterministic():
     lengths = [i % 17 for i in range(1000)]
-    a = batching.bucketed_batches(lengths, 32, seed=3, epoch=0)
-    assert a == batching.bucketed_batches(lengths, 32, seed=3, epoch=0)
-    assert a != batching.bucketed_batches(lengths, 32, seed=3, epoch=1)
+    a = tokens.bucketed_batches(lengths, 32, seed=3, epoch=0)
+    assert a == tokens.bucketed_batches(lengths, 32, seed=3, epoch=0)
+    assert a != tokens.bucketed_batches(lengths, 32, seed=3, epoch=1)
     assert sorted(i for b in a for i in b) == list(range(1000))
     # bucketing: the length spread inside a batch is far below the global spread (16)
     spreads = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a]
@@ -62,7 +63,7 @@ def test_plan_steps_accumulation_and_epochs():
 def test_sequence_logps_hand_computed():
     logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))  # (1, 3, 2)
     labels = torch.tensor([[IGNORE_INDEX, 1, 0]])
-    logps, counts = batching.sequence_logps(logits, labels)
+    logps, counts = scoring.sequence_logps(logits, labels)
     # token 1 predicted by position 0 (p=0.5), token 0 predicted by position 1 (p=0.25)
     torch.testing.assert_close(logps, torch.log(torch.tensor([0.5 * 0.25])))
     assert counts.tolist() == [2]
@@ -70,25 +71,25 @@ def test_sequence_logps_hand_computed():
 
 def test_shared_prompt_logps_equal_separate_rows(tiny):
     tok, model = tiny
-    _, prefs = synthetic.generate(0, 12, 3, 6, 9, 0.0, seed=5)
-    pairs = [batching.tokenize_pair(tok, {"id": str(i), **r}, 64, 48) for i, r in enumerate(prefs)]
+    _, prefs = sorting.generate(0, 12, 3, 6, 9, 0.0, seed=5)
+    pairs = [tokens.tokenize_pair(tok, {"id": str(i), **r}, 64, 48) for i, r in enumerate(prefs)]
     pairs[0]["rejected_ids"] = pairs[0]["rejected_ids"][:1]  # one-token response: edge of the mask logic
-    assert batching.shared_prompt_supported(model)
+    assert scoring.shared_prompt_supported(model)
     with torch.no_grad():
-        separate = batching.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=False)
-        shared = batching.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=True)
+        separate = scoring.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=False)
+        shared = scoring.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=True)
     for a, b in zip(separate, shared, strict=True):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_shared_prompt_gradients_match(tiny):
     tok, model = tiny
-    _, prefs = synthetic.generate(0, 6, 3, 5, 9, 0.0, seed=9)
-    pairs = [batching.tokenize_pair(tok, {"id": str(i), **r}, 64, 48) for i, r in enumerate(prefs)]
+    _, prefs = sorting.generate(0, 6, 3, 5, 9, 0.0, seed=9)
+    pairs = [tokens.tokenize_pair(tok, {"id": str(i), **r}, 64, 48) for i, r in enumerate(prefs)]
     grads = []
     for share in (False, True):
         model.zero_grad()
-        c, r, _, _ = batching.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=share)
+        c, r, _, _ = scoring.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=share)
         (c - 0.5 * r).sum().backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
@@ -102,4 +103,4 @@ def test_shared_prompt_detected_through_a_ddp_style_wrapper(tiny):
             super().__init__()
             self.module = module
 
-    assert batching.shared_prompt_supported(Wrapper(model))
+    assert scoring.shared_prompt_supported(Wrapper(model))

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from components import data
-from components.data import REASONS, DataError
+from components import prepare as prepare_stage
+from components.core.formats import REASONS
+from components.core.readers import DataError
 
 FIXTURES = Path(__file__).parents[1] / "data"
 MAX_LENGTH, MAX_PROMPT_LENGTH = 256, 128
@@ -59,7 +60,7 @@ def prepare(tmp_path, tokenizer_dir, *paths, kind="auto", **overrides) -> dict:
         seed=0,
     )
     kwargs.update(overrides)
-    return data.run(**kwargs)
+    return prepare_stage.run(**kwargs)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -484,7 +485,7 @@ def test_failed_run_leaves_previous_outputs_intact(tmp_path, tiny_tokenizer_dir,
             raise OSError("disk full")
         path.write_text("partial")
 
-    monkeypatch.setattr(data, "_write_jsonl", failing_write)
+    monkeypatch.setattr(prepare_stage, "_write_jsonl", failing_write)
     with pytest.raises(OSError, match="disk full"):
         prepare(tmp_path, tiny_tokenizer_dir, fixture("sft_messages.jsonl"))
     assert snapshot(tmp_path) == before
@@ -516,16 +517,16 @@ def test_report_and_metrics_add_up(tmp_path, tiny_tokenizer_dir):
 
 @pytest.fixture
 def cli(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    fake = types.ModuleType("components.bootstrap")
-    fake.resolve_model_path = lambda path: tiny_tokenizer_dir
-    monkeypatch.setitem(sys.modules, "components.bootstrap", fake)
+    from components.core import io
+
+    monkeypatch.setattr(io, "resolve_model_path", lambda path: tiny_tokenizer_dir)
     monkeypatch.chdir(tmp_path)
 
     def call(source: str) -> int:
         Path("params.yaml").write_text(
             f"data:\n  sources: [{{path: {source}}}]\n  max_length: {MAX_LENGTH}\n  max_prompt_length: {MAX_PROMPT_LENGTH}\n"
         )
-        return data.main(["--params", "params.yaml"])
+        return prepare_stage.main(["--params", "params.yaml"])
 
     return call
 
