@@ -1,40 +1,34 @@
-"""Prepare: read raw sources, validate, normalise to canonical chat records, dedupe, split by prompt.
+"""Prepare: read the sources, validate, normalise to canonical chat records, dedupe, split by prompt.
 
     python -m components.prepare --params params.yaml
 
-Reads `data.sources` (local .jsonl/.json/.parquet/.csv files, directories of them, or hub dataset names
-like `HuggingFaceH4/ultrafeedback_binarized`), writes `data/prepared/{sft,pref,unpaired}_{train,eval}.jsonl`
-plus `report.json` (per file: format, read, kept, dropped per reason, where), and `metrics/prepare.json`.
+Why this file is long: a third of it is this docstring, the stage's contract (errors, drop reasons, split);
+the rest is one linear run() plus the report. Reading and format parsing live in core/readers, core/formats.
 
-Formats (detected per file from the first record's keys, or forced with `kind`):
-    preference             prompt/chosen/rejected; strings or message lists. chosen/rejected may repeat the
-                           prompt turns first (UltraFeedback-binarized); they are stripped. A string prompt
-                           that is an HH transcript ("\\n\\nHuman: ...\\n\\nAssistant:") is parsed into turns.
-    preference_implicit    chosen/rejected only, each a whole conversation (HH-RLHF transcript strings or
-                           message lists); prompt = their shared turns up to the last shared user turn.
-    sft_messages           messages (must hold an assistant turn)
-    sft_prompt_completion  prompt/completion (strings or message lists)
-    unpaired               prompt/completion/label (KTO); label bool, 0/1 or "true"/"false"
-Other keys (prompt_id, score_chosen, messages next to chosen/rejected, ...) are ignored. Roles are
-system/user/assistant; a string prompt becomes one user turn, a string response one assistant turn.
+Reads `data.sources` (local .jsonl/.json/.parquet/.csv files or directories of them; each is a DVC dep
+through the `sources` stage) and `data.hub_sources` (hub datasets, pinned by revision), and writes
+`data/prepared/{sft,pref,unpaired}_{train,eval}.jsonl` plus `report.json` (per file: format, read, kept,
+dropped per reason with the first locations), `metrics/prepare.json` (totals and per file), and the same
+report to `reports/prepare.json` also when the stage fails.
+
+Formats: core/formats.FORMATS (TRL, HH-RLHF, UltraFeedback, OpenAI chat and preference fine-tuning,
+ShareGPT, LLaMA-Factory, Alpaca, xtuner), detected per file from its first record or narrowed with `kind`;
+`columns` renames a file's fields first. The README's format table has an example of each.
 
 The file is broken -> DataError, the run stops, nothing is written. The message is one line,
-`file:line: field 'x': problem`:
-    missing file or empty directory, unsupported extension, invalid JSON syntax, undecodable .json file,
-    a CSV row with the wrong number of cells, a record that is not an object, a first record matching no
-    format, a later record missing a field of the file's schema or looking like another schema (one file
-    holds one schema), `kind` disagreeing with the records, and nothing left after filtering.
-One record is bad -> it is dropped and counted under the first reason found (metrics `dropped/<reason>`,
-report.json keeps the first few locations per reason):
-    bad_utf8        undecodable bytes in a .jsonl line (or a .csv/.json string), or lone surrogates
-    wrong_type      a field of the wrong type (chosen: 42), a role outside system/user/assistant, no
-                    assistant turn, a response holding user turns, a prompt not ending with a user turn
-                    (preference/unpaired), a label that is not a boolean, HH text that is not a transcript
-    empty_field     null, empty list, or empty/whitespace content (empty *system* turns are removed instead)
-    identical_pair  chosen == rejected
-    duplicate       same content as an already kept record (dedupe=true; across all sources)
-    prompt_too_long prompt tokens > max_prompt_length (SFT: the turns before the first assistant turn)
-    too_long        prompt+response tokens > max_length (both chosen and rejected are checked)
+`file:line: field 'x': problem`: missing file or empty directory, unsupported extension, invalid JSON
+(unless data.skip_invalid_json), a CSV row with the wrong number of cells, a record that is not an object,
+a first record matching no format (of the `kind` asked for), a later record of another format.
+A file keeps less than data.min_kept_fraction of its records (or none) -> DataError naming the file and
+its first drop reasons with their lines.
+One record is bad -> it is dropped and counted under the first reason found (core/formats.REASONS):
+    bad_utf8 / invalid_json     undecodable bytes or lone surrogates / a .jsonl line that is not JSON
+    wrong_type / empty_field    a field of the wrong type or shape / null, empty list, empty content
+    unsupported_content         a non-text content part (image, audio, file)
+    tools_unsupported           tool turns, tool calls or tools, and a chat template that cannot render them
+    pretemplated                text holding this tokenizer's chat template that cannot be parsed back
+    identical_pair / duplicate  chosen == rejected / same content as a kept record (dedupe, across sources)
+    prompt_too_long / too_long  prompt tokens > max_prompt_length / prompt+response tokens > max_length
 Token counts come from `core/tokens.encode_chat`, i.e. the exact template the trainers use.
 
 Split: a record's side is decided by its conversation opening (system turns + first user turn), hashed
@@ -56,18 +50,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.core.formats import (
+    FORMATS,
     KINDS,
     REASONS,
-    SCHEMAS,
     Drop,
-    check_schema,
+    apply_columns,
+    check_format,
     conversations,
-    file_schema,
+    file_format,
     normalise,
+    uses_tools,
+    validate,
 )
 from components.core.io import atomic_dir, write_text
-from components.core.readers import UNDECODABLE, DataError, open_source
-from components.core.tokens import encode_chat
+from components.core.readers import UNDECODABLE, DataError, InvalidJSON, open_hub, open_source
+from components.core.tokens import (
+    chat_markers,
+    encode_chat,
+    holds_template,
+    parse_rendered,
+    template_supports_tools,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ MAX_EXAMPLES = 5  # dropped-record locations kept per reason and file in report.
 
 def _check_lengths(tokenizer, kind: str, content: dict, max_length: int, max_prompt_length: int) -> None:
     for messages in conversations(kind, content):
-        ids, trained = encode_chat(tokenizer, messages)
+        ids, trained = encode_chat(tokenizer, messages, content.get("tools"))
         prompt_tokens = trained.index(True) if True in trained else len(ids)
         if prompt_tokens > max_prompt_length:
             raise Drop(
@@ -143,8 +146,10 @@ class _FileReport:
     kind: str = ""
     read: int = 0
     kept: int = 0
+    untemplated: int = 0
     dropped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
+    hub: dict | None = None
 
     def drop(self, reason: str, loc: str, detail: str) -> None:
         self.dropped[reason] += 1
@@ -153,17 +158,30 @@ class _FileReport:
             shown.append(f"{loc}: {detail}")
         log.debug("drop %s %s: %s", reason, loc, detail)
 
+    def first_reasons(self, n: int = 3) -> str:
+        """'line 3: field 'chosen': ...; line 4: ...' for the most frequent reasons first."""
+        shown = []
+        for reason, _ in self.dropped.most_common():
+            for example in self.examples.get(reason, []):
+                loc, _, detail = example.partition(": ")
+                shown.append(f"line {loc.rsplit(':', 1)[-1]}: {detail} [{reason}]")
+        return "; ".join(shown[:n]) or "none"
+
     def as_dict(self) -> dict:
-        return {
+        out = {
             "source": self.source,
             "file": self.file,
             "format": self.format,
             "kind": self.kind,
             "read": self.read,
             "kept": self.kept,
+            "untemplated": self.untemplated,
             "dropped": {r: self.dropped[r] for r in REASONS},
             "dropped_examples": self.examples,
         }
+        if self.hub:
+            out["hub"] = self.hub
+        return out
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -183,6 +201,57 @@ def _write_outputs(
     write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
 
 
+def _untemplate(kind: str, content: dict, markers: dict | None) -> bool:
+    """Turns whose text already holds this tokenizer's chat template are parsed back into turns, so they are
+    never templated twice. Returns whether any was; raises Drop("pretemplated") when one cannot be parsed."""
+    changed = False
+    for key in ("messages", "prompt", "chosen", "rejected", "completion"):
+        turns = content.get(key)
+        if not isinstance(turns, list) or not any(holds_template(t["content"], markers) for t in turns):
+            continue
+        parsed: list[dict] = []
+        for turn in turns:
+            if not holds_template(turn["content"], markers):
+                parsed.append(turn)
+                continue
+            try:
+                parsed += parse_rendered(turn["content"], markers, turn["role"])
+            except ValueError as e:
+                raise Drop("pretemplated", f"field '{key}': text already rendered with a chat template ({e}); "
+                                           "give plain text or messages instead") from None
+        content[key] = parsed
+        changed = True
+    if changed:
+        validate(kind, content)
+    return changed
+
+
+def _fail_loud(reports: list[_FileReport], min_kept_fraction: float) -> list[str]:
+    """One line per file that lost too much: kept 0, or a kept share below min_kept_fraction."""
+    problems = []
+    for r in reports:
+        if r.read and (r.kept / r.read < min_kept_fraction or (r.kept == 0 and min_kept_fraction > 0)):
+            problems.append(f"{r.file}: kept {r.kept} of {r.read} (below data.min_kept_fraction "
+                            f"{min_kept_fraction:g}): first reasons: {r.first_reasons()}")
+    return problems
+
+
+def _inputs(sources: list[dict], hub_sources: list[dict], lenient: bool):
+    """(source label, kind, columns, file label, records, hub provenance) for every file of every source."""
+    for source in sources:
+        path, kind = source["path"], source.get("kind") or "auto"
+        if kind not in ("auto", *KINDS):
+            raise DataError(f"{path}: kind {kind!r} is not one of auto, {', '.join(KINDS)}")
+        for label, records in open_source(path, lenient):
+            yield path, kind, source.get("columns") or {}, label, records, None
+    for hub in hub_sources:
+        if not hub.get("revision"):
+            log.warning("%s: hub dataset not pinned (no revision): a change on the hub will not re-run prepare; "
+                        "set data.hub_sources[].revision to a commit", hub["name"])
+        label, records, provenance = open_hub(hub["name"], hub.get("split"), hub.get("revision"))
+        yield hub["name"], hub.get("kind") or "auto", hub.get("columns") or {}, label, records, provenance
+
+
 def run(
     sources: list[dict],
     out_dir: str,
@@ -193,60 +262,94 @@ def run(
     max_prompt_length: int,
     dedupe: bool,
     seed: int,
+    hub_sources: list[dict] | None = None,
+    min_kept_fraction: float = 0.5,
+    skip_invalid_json: bool = False,
+    report_path: str | None = None,
 ) -> dict:
-    """Read, validate, normalise, dedupe and split `sources`; write out_dir and metrics_path. Returns metrics."""
+    """Read, validate, normalise, dedupe and split the sources; write out_dir and metrics_path. Returns metrics.
+
+    A file that keeps less than `min_kept_fraction` of its records (or none) fails the stage with its first
+    drop reasons. The report (per file: format, read, kept, drops per reason with their first lines) is
+    written to `report_path` in every case, failure included, and to `out_dir/report.json` on success.
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    markers = chat_markers(tokenizer)
+    tools_ok = template_supports_tools(tokenizer)
+    settings = {"eval_fraction": eval_fraction, "max_length": max_length, "max_prompt_length": max_prompt_length,
+                "dedupe": dedupe, "seed": seed, "min_kept_fraction": min_kept_fraction,
+                "skip_invalid_json": skip_invalid_json}
 
     # ------------------------------------------------------------------ read and validate
     kept: list[tuple[str, dict, str]] = []  # (kind, record, prompt key)
     seen: set[str] = set()
     reports: list[_FileReport] = []
-    for source in sources:
-        path, kind, split = source["path"], source.get("kind") or "auto", source.get("split")
-        if kind not in ("auto", *KINDS):
-            raise DataError(f"{path}: kind {kind!r} is not one of auto, {', '.join(KINDS)}")
-        for label, records in open_source(path, split):
-            report = _FileReport(source=path, file=label)
-            reports.append(report)
-            schema, first_loc = None, ""
-            for line, record in records:
-                loc = f"{label}:{line}"
-                report.read += 1
-                if record is UNDECODABLE:
-                    report.drop("bad_utf8", loc, "line is not valid UTF-8")
-                    continue
-                if not isinstance(record, dict):
-                    raise DataError(f"{loc}: record is a {type(record).__name__}, expected an object")
-                if schema is None:
-                    schema, first_loc = file_schema(record, kind, loc), loc
-                    report.format, report.kind = schema, SCHEMAS[schema][0]
-                else:
-                    check_schema(record, schema, loc, first_loc)
-                try:
-                    record_kind, content = normalise(schema, record)
-                    rid = record_id(content)
-                    if dedupe and rid in seen:
-                        raise Drop("duplicate", f"same content as an earlier record (id {rid})")
-                    _check_lengths(tokenizer, record_kind, content, max_length, max_prompt_length)
-                except Drop as d:
-                    report.drop(d.reason, loc, d.detail)
-                    continue
-                seen.add(rid)
-                report.kept += 1
-                out = {"id": rid, **content, "source": loc}
-                kept.append((record_kind, out, _canonical(opening(record_kind, content))))
-            if report.read == 0:
-                log.warning("%s: no records", label)
+    for source, kind, columns, label, records, provenance in _inputs(sources, hub_sources or [], skip_invalid_json):
+        report = _FileReport(source=source, file=label, hub=provenance)
+        reports.append(report)
+        schema, first_loc = None, ""
+        for line, record in records:
+            loc = f"{label}:{line}"
+            report.read += 1
+            if record is UNDECODABLE:
+                report.drop("bad_utf8", loc, "line is not valid UTF-8")
+                continue
+            if isinstance(record, InvalidJSON):
+                report.drop("invalid_json", loc, record.message)
+                continue
+            if isinstance(record, list) and record and all(isinstance(m, dict) for m in record):
+                record = {"messages": record}  # a line that is a bare list of messages
+            if not isinstance(record, dict):
+                raise DataError(f"{loc}: record is a {type(record).__name__}, expected an object")
+            record = apply_columns(record, columns)
+            if schema is None:
+                schema, first_loc = file_format(record, kind, loc), loc
+                report.format, report.kind = schema, FORMATS[schema][0]
+            else:
+                check_format(record, schema, loc, first_loc)
+            try:
+                record_kind, content = normalise(schema, record)
+                if _untemplate(record_kind, content, markers):
+                    report.untemplated += 1
+                if uses_tools(content) and not tools_ok:
+                    raise Drop("tools_unsupported", "tool calls, tool results or tool definitions, and this "
+                                                    "tokenizer's chat template does not render tools")
+                rid = record_id(content)
+                if dedupe and rid in seen:
+                    raise Drop("duplicate", f"same content as an earlier record (id {rid})")
+                _check_lengths(tokenizer, record_kind, content, max_length, max_prompt_length)
+            except Drop as d:
+                report.drop(d.reason, loc, d.detail)
+                continue
+            seen.add(rid)
+            report.kept += 1
+            out = {"id": rid, **content, "source": loc}
+            kept.append((record_kind, out, _canonical(opening(record_kind, content))))
+        if report.read == 0:
+            log.warning("%s: no records", label)
+        if report.untemplated:
+            log.warning("%s: %d records held text already rendered with the chat template (%s); parsed back "
+                        "into messages so it is not templated twice", label, report.untemplated,
+                        ", ".join((markers or {}).get("special", [])[:3]))
 
     read = sum(r.read for r in reports)
     dropped = Counter()
     for r in reports:
         dropped.update(r.dropped)
+    files_report = {"settings": settings, "files": [r.as_dict() for r in reports]}
+    if report_path:
+        write_text(report_path, json.dumps(files_report, indent=2, ensure_ascii=False) + "\n")
+    where = f" (full report: {report_path})" if report_path else ""
+    problems = _fail_loud(reports, min_kept_fraction)
+    if problems:
+        raise DataError("\n".join(problems) + f"{where}; lower data.min_kept_fraction to accept such losses")
     if not kept:
         reasons = ", ".join(f"{k}={v}" for k, v in dropped.items() if v) or "none"
-        raise DataError(f"no records left after filtering (read {read}; dropped: {reasons})")
+        detail = "; ".join(f"{r.file}: {r.first_reasons(1)}" for r in reports if r.read)
+        raise DataError(f"no records left after filtering (read {read}; dropped: {reasons}){where}"
+                        + (f": {detail}" if detail else ""))
 
     # ------------------------------------------------------------------ split by prompt
     kinds_by_key: dict[str, set[str]] = {}
@@ -270,31 +373,19 @@ def run(
     metrics["read/total"] = read
     metrics["kept/total"] = len(kept)
     metrics["dropped/total"] = sum(dropped.values())
+    metrics["untemplated/total"] = sum(r.untemplated for r in reports)
     for reason in REASONS:
         metrics[f"dropped/{reason}"] = dropped[reason]
-    report = {
-        "settings": {
-            "eval_fraction": eval_fraction,
-            "max_length": max_length,
-            "max_prompt_length": max_prompt_length,
-            "dedupe": dedupe,
-            "seed": seed,
-        },
-        "files": [r.as_dict() for r in reports],
-        "totals": metrics,
-    }
+    for r in reports:  # per file, for `dvc metrics diff` when a source changes
+        metrics[f"file/{r.file}/read"] = r.read
+        metrics[f"file/{r.file}/kept"] = r.kept
+        metrics[f"file/{r.file}/dropped"] = sum(r.dropped.values())
+    report = {**files_report, "totals": metrics}
     _write_outputs(Path(out_dir), files, report, Path(metrics_path), metrics)
 
     for r in reports:
         drops = ", ".join(f"{k}={v}" for k, v in sorted(r.dropped.items()))
-        log.info(
-            "%s [%s]: read %d, kept %d%s",
-            r.file,
-            r.format,
-            r.read,
-            r.kept,
-            f", dropped {drops}" if drops else "",
-        )
+        log.info("%s [%s]: read %d, kept %d%s", r.file, r.format, r.read, r.kept, f", dropped {drops}" if drops else "")
     log.info(
         "prepare: kept %d of %d (sft %d/%d, preference %d/%d, unpaired %d/%d train/eval) -> %s",
         len(kept),
@@ -317,15 +408,20 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = load_params(args.params)
+        d = params.data
         run(
-            sources=[s.model_dump() for s in params.data.sources],
+            sources=[s.model_dump() for s in d.sources],
+            hub_sources=[s.model_dump() for s in d.hub_sources],
             out_dir="data/prepared",
             metrics_path="metrics/prepare.json",
+            report_path="reports/prepare.json",
             tokenizer_path=resolve_model_path("models/base"),
-            eval_fraction=params.data.eval_fraction,
-            max_length=params.data.max_length,
-            max_prompt_length=params.data.max_prompt_length,
-            dedupe=params.data.dedupe,
+            eval_fraction=d.eval_fraction,
+            max_length=d.max_length,
+            max_prompt_length=d.max_prompt_length,
+            dedupe=d.dedupe,
+            min_kept_fraction=d.min_kept_fraction,
+            skip_invalid_json=d.skip_invalid_json,
             seed=params.seed,
         )
     except (DataError, ParamsError) as e:

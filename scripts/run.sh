@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up and run the whole pipeline on the embedded default (tiny Llama + sorting task, offline):
-# bootstrap -> synthesize -> prepare -> sft -> reference -> dpo -> evaluate -> register.
+# bootstrap -> synthesize -> sources -> prepare -> sft -> reference -> dpo -> evaluate -> register.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -64,22 +64,40 @@ class SyntheticConfig(Strict):
 
 
 class SourceConfig(Strict):
-    path: str
+    """A local file or directory (a DVC dependency of prepare, through the `sources` stage)."""
+
+    path: str = Field(min_length=1)
     kind: Literal["auto", "sft", "preference", "unpaired"] = "auto"
-    split: str | None = None  # hub datasets: which split to read (e.g. "train_prefs")
+    # canonical field -> the file's field, for files whose names differ (like LLaMA-Factory's dataset_info)
+    columns: dict[str, str] = {}
+
+
+class HubSourceConfig(Strict):
+    """A Hugging Face hub dataset. Pin `revision` (a commit): params are DVC deps, the hub is not."""
+
+    name: str = Field(min_length=1)
+    split: str | None = None
+    revision: str | None = None
+    kind: Literal["auto", "sft", "preference", "unpaired"] = "auto"
+    columns: dict[str, str] = {}
 
 
 class DataConfig(Strict):
-    sources: list[SourceConfig] = Field(min_length=1)
+    sources: list[SourceConfig] = []
+    hub_sources: list[HubSourceConfig] = []
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     max_length: int = Field(128, gt=0)
     max_prompt_length: int = Field(96, gt=0)
     dedupe: bool = True
+    min_kept_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    skip_invalid_json: bool = False
 
     @model_validator(mode="after")
     def _lengths(self) -> DataConfig:
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+        if not self.sources and not self.hub_sources:
+            raise ValueError("no data: set data.sources (local files) or data.hub_sources")
         return self
 
 

@@ -3,7 +3,8 @@ hub datasets. Each reader yields (line, record) with the physical line number (1
 and hub datasets), so every later message can say `file:line`.
 
 A file that cannot be read is a `DataError` naming file:line; a .jsonl line whose bytes are not UTF-8
-is yielded as `UNDECODABLE` so the caller can drop and count it.
+is yielded as `UNDECODABLE` so the caller can drop and count it, and so is a line that is not valid JSON
+(`InvalidJSON`, with the parser's message) when the source asks for lenient reading.
 """
 
 from __future__ import annotations
@@ -19,16 +20,21 @@ EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 
 
 UNDECODABLE = object()  # a jsonl line whose bytes are not UTF-8
+HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+class InvalidJSON:
+    """A .jsonl line that does not parse, yielded instead of raising when reading leniently."""
+
+    def __init__(self, message: str):
+        self.message = message
 
 
 class DataError(ValueError):
     """A broken input file or schema; the message names file:line and field."""
 
 
-def _read_jsonl(data: bytes, label: str) -> Iterator[tuple[int, object]]:
+def _read_jsonl(data: bytes, label: str, lenient: bool = False) -> Iterator[tuple[int, object]]:
     for line_no, raw in enumerate(data.split(b"\n"), 1):
         raw = raw.rstrip(b"\r")
         if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
@@ -41,9 +47,15 @@ def _read_jsonl(data: bytes, label: str) -> Iterator[tuple[int, object]]:
             yield line_no, UNDECODABLE
             continue
         try:
-            yield line_no, json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{label}:{line_no}: invalid JSON: {e.msg} (column {e.colno})") from None
+            message = f"invalid JSON: {e.msg} (column {e.colno})"
+            if not lenient:
+                raise DataError(f"{label}:{line_no}: {message} (data.skip_invalid_json: true "
+                                "skips such lines and counts them)") from None
+            yield line_no, InvalidJSON(message)
+            continue
+        yield line_no, value
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -77,14 +89,14 @@ def _data_member(text: str, pos: int) -> int:
         pos = _skip_ws(text, _skip_ws(text, end) + 1)  # past ','
 
 
-def _read_json(data: bytes, label: str) -> Iterator[tuple[int, object]]:
+def _read_json(data: bytes, label: str, lenient: bool = False) -> Iterator[tuple[int, object]]:
     # surrogateescape: stray bytes inside strings become lone surrogates -> that record drops as bad_utf8
     text = data.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON lines in a .json file
-            yield from _read_jsonl(data, label)
+            yield from _read_jsonl(data, label, lenient)
             return
         raise DataError(f"{label}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -147,34 +159,38 @@ def _read_parquet(path: Path, label: str) -> Iterator[tuple[int, object]]:
     yield from enumerate(rows, 1)
 
 
-def _read_file(path: Path) -> Iterator[tuple[int, object]]:
+def _read_file(path: Path, lenient: bool = False) -> Iterator[tuple[int, object]]:
     label = str(path)
     if path.suffix == ".csv":
         yield from _read_csv(path, label)
     elif path.suffix == ".parquet":
         yield from _read_parquet(path, label)
     elif path.suffix == ".json":
-        yield from _read_json(path.read_bytes(), label)
+        yield from _read_json(path.read_bytes(), label, lenient)
     else:
-        yield from _read_jsonl(path.read_bytes(), label)
+        yield from _read_jsonl(path.read_bytes(), label, lenient)
 
 
-def _read_hub(name: str, split: str | None) -> Iterator[tuple[int, object]]:
+def open_hub(name: str, split: str | None, revision: str | None) -> tuple[str, Iterator[tuple[int, object]], dict]:
+    """(label, records, provenance) of a hub dataset; provenance records what was read (for lineage)."""
     import datasets  # heavy import; only for hub sources
 
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, split=split, revision=revision)
     except Exception as e:
-        raise DataError(f"{name}: cannot load hub dataset (split={split!r}): {e}") from None
+        raise DataError(f"{name}: cannot load hub dataset (split={split!r}, revision={revision!r}): {e}") from None
     if isinstance(ds, dict):  # DatasetDict: split=None
         if len(ds) != 1:
-            raise DataError(f"{name}: has splits {sorted(ds)}; set `split` on this source")
+            raise DataError(f"{name}: has splits {sorted(ds)}; set `split` on this hub source")
         ds = next(iter(ds.values()))
-    yield from enumerate(ds, 1)
+    provenance = {"name": name, "split": split, "revision": revision,
+                  "fingerprint": getattr(ds, "_fingerprint", None), "rows": len(ds)}
+    label = f"{name}[{split}]" if split else name
+    return label, enumerate(ds, 1), provenance
 
 
-def open_source(path: str, split: str | None) -> list[tuple[str, Iterator[tuple[int, object]]]]:
-    """(label, records) per file of a source; records yield (line, record)."""
+def open_source(path: str, lenient: bool = False) -> list[tuple[str, Iterator[tuple[int, object]]]]:
+    """(label, records) per file of a local source (a file or a directory of files); records yield (line, record)."""
     p = Path(path)
     if p.is_dir():
         files = sorted(
@@ -182,11 +198,12 @@ def open_source(path: str, split: str | None) -> list[tuple[str, Iterator[tuple[
         )
         if not files:
             raise DataError(f"{path}: directory holds no {'/'.join(EXTENSIONS)} files")
-        return [(str(f), _read_file(f)) for f in files]
+        return [(str(f), _read_file(f, lenient)) for f in files]
     if p.is_file():
         if p.suffix not in EXTENSIONS:
             raise DataError(f"{path}: unsupported extension {p.suffix!r} (expected {', '.join(EXTENSIONS)})")
-        return [(path, _read_file(p))]
-    if _HUB_NAME.match(path) and p.suffix not in EXTENSIONS:
-        return [(f"{path}[{split}]" if split else path, _read_hub(path, split))]
+        return [(path, _read_file(p, lenient))]
+    if HUB_NAME.match(path) and p.suffix not in EXTENSIONS:
+        raise DataError(f"{path}: not a local file or directory; a hub dataset goes under data.hub_sources "
+                        f"(e.g. {{name: {path}, split: train, revision: <commit>}}), pinned by revision")
     raise DataError(f"{path}: file not found")

@@ -23,29 +23,111 @@ CHATML_TEMPLATE = (
 )
 
 
-def render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+def render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False,
+           tools: list[dict] | None = None) -> str:
     template = tokenizer.chat_template or CHATML_TEMPLATE
+    extra = {"tools": tools} if tools else {}  # only when there are some: a template may test `tools is defined`
     return tokenizer.apply_chat_template(
-        list(messages), chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        list(messages), chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
     )
 
 
-def encode_chat(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
+def template_supports_tools(tokenizer) -> bool:
+    """Whether the chat template renders tool definitions, tool calls and tool results (Qwen2.5, Llama 3.1,
+    Mistral, ... do; ChatML and the embedded template do not)."""
+    template = tokenizer.chat_template or CHATML_TEMPLATE
+    return isinstance(template, str) and "tool_calls" in template and "tools" in template
+
+
+def chat_markers(tokenizer) -> dict | None:
+    """The text a chat template puts around each turn, learned by rendering a probe conversation.
+
+    Returns {"prefix": {role: text before its content}, "suffix": text after a turn's content,
+    "special": the tokenizer's special tokens that the rendering uses}, or None when the template does not
+    render turns with a common suffix (then pre-templated text cannot be parsed back).
+    """
+    s, u, a = "\x01S\x01", "\x01U\x01", "\x01A\x01"
+    try:
+        full = render(tokenizer, [{"role": "system", "content": s}, {"role": "user", "content": u},
+                                  {"role": "assistant", "content": a}])
+    except Exception:  # a template that rejects system turns, or the probe: no markers
+        return None
+    if not all(x in full for x in (s, u, a)):
+        return None
+    suffix = full.split(a, 1)[1].rstrip("\n") or None
+    between_su, between_ua = full.split(s, 1)[1].split(u, 1)[0], full.split(u, 1)[1].split(a, 1)[0]
+    if not suffix or not between_su.startswith(suffix) or not between_ua.startswith(suffix):
+        return None
+    user_prefix, assistant_prefix = between_su[len(suffix):].lstrip("\n"), between_ua[len(suffix):].lstrip("\n")
+    if "user" not in user_prefix:
+        return None
+    prefix = {"user": user_prefix, "assistant": assistant_prefix,
+              "system": user_prefix.replace("user", "system"), "tool": user_prefix.replace("user", "tool")}
+    special = [tok for tok in getattr(tokenizer, "all_special_tokens", []) + list(getattr(
+        tokenizer, "added_tokens_encoder", {})) if len(tok) > 1 and tok in full]
+    return {"prefix": prefix, "suffix": suffix, "special": sorted(set(special))}
+
+
+def holds_template(text: str, markers: dict | None) -> bool:
+    return bool(markers) and any(tok in text for tok in markers["special"])
+
+
+def parse_rendered(text: str, markers: dict, default_role: str) -> list[dict]:
+    """Turns of text that a chat template already rendered (the inverse of `render`, for that template).
+
+    Text that starts without a role prefix is one `default_role` turn (e.g. a response "Paris.<|im_end|>").
+    A trailing generation prompt (an assistant prefix with nothing after it) is dropped. Raises ValueError
+    when special tokens are left over that are not turn markers.
+    """
+    import re
+
+    prefixes = markers["prefix"]
+    pattern = re.compile("|".join(re.escape(p) for p in sorted(set(prefixes.values()), key=len, reverse=True)))
+    role_of = {p: r for r, p in prefixes.items()}
+    turns, pos = [], 0
+    first = pattern.search(text)
+    head = text[: first.start()] if first else text
+    bare = head
+    for tok in markers["special"]:  # BOS-like tokens before the first turn carry no content
+        bare = bare.replace(tok, "")
+    if bare.strip():
+        content = head.split(markers["suffix"], 1)[0]
+        turns.append({"role": default_role, "content": content.strip()})
+    pos = first.start() if first else len(text)
+    while pos < len(text):
+        m = pattern.match(text, pos)
+        if not m:
+            break
+        end = text.find(markers["suffix"], m.end())
+        body = text[m.end(): end if end >= 0 else len(text)]
+        turns.append({"role": role_of[m.group(0)], "content": body.strip()})
+        pos = end + len(markers["suffix"]) if end >= 0 else len(text)
+        nxt = pattern.search(text, pos)
+        pos = nxt.start() if nxt else len(text)
+    if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+        turns.pop()  # "<|im_start|>assistant\n" at the end of a prompt: the generation prompt
+    leftover = [tok for tok in markers["special"] if any(tok in t["content"] for t in turns)]
+    if leftover or not turns:
+        raise ValueError(f"cannot parse the rendered chat template (left over: {', '.join(leftover) or 'no turns'})")
+    return turns
+
+
+def encode_chat(tokenizer, messages: Sequence[dict], tools: list[dict] | None = None) -> tuple[list[int], list[bool]]:
     """Token ids of a conversation and, per token, whether it is an assistant token (trained on).
 
     Each assistant turn's text is the difference between the template rendered up to and including
     that turn and the template rendered up to it with a generation prompt. Segments are tokenised
     separately so the prompt/response boundary is always a token boundary.
     """
-    full = render(tokenizer, messages)
+    full = render(tokenizer, messages, tools=tools)
     segments: list[tuple[str, bool]] = []
     cursor = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(render(tokenizer, messages[:i], add_generation_prompt=True))
+        start = len(render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools))
         # the last turn rendered is `full` itself: don't render it twice more
-        upto = full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1])
+        upto = full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1], tools=tools)
         end = len(upto)
         if not full.startswith(upto) or start > end or start < cursor:
             raise ValueError("chat template is not prefix-stable; cannot locate assistant turns for label masking")
@@ -63,17 +145,19 @@ def encode_chat(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bo
     return ids, mask
 
 
-def encode_prompt_response(tokenizer, prompt: Sequence[dict], response: Sequence[dict]) -> tuple[list[int], list[int]]:
+def encode_prompt_response(tokenizer, prompt: Sequence[dict], response: Sequence[dict],
+                           tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
     """(prompt_ids, response_ids) for a prompt and its assistant response turn(s)."""
-    ids, mask = encode_chat(tokenizer, list(prompt) + list(response))
+    ids, mask = encode_chat(tokenizer, list(prompt) + list(response), tools)
     first = mask.index(True) if True in mask else len(ids)
     # trailing template tokens after the last assistant turn (e.g. "\n") are not part of the response
     last = len(mask) - mask[::-1].index(True) if True in mask else len(ids)
     return ids[:first], ids[first:last]
 
 
-def prompt_ids_for_generation(tokenizer, prompt: Sequence[dict]) -> list[int]:
-    return tokenizer(render(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+def prompt_ids_for_generation(tokenizer, prompt: Sequence[dict], tools: list[dict] | None = None) -> list[int]:
+    text = render(tokenizer, prompt, add_generation_prompt=True, tools=tools)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 # ----------------------------------------------------------------------------- batching
@@ -148,8 +232,9 @@ def tokenize_pair(tokenizer, record: dict, max_length: int, max_prompt_length: i
     response is cut so prompt + response <= max_length. prepare already drops over-long records,
     so truncation only bites when a user lowers max_length after prepare ran.
     """
-    prompt_ids, chosen_ids = encode_prompt_response(tokenizer, record["prompt"], record["chosen"])
-    _, rejected_ids = encode_prompt_response(tokenizer, record["prompt"], record["rejected"])
+    tools = record.get("tools")
+    prompt_ids, chosen_ids = encode_prompt_response(tokenizer, record["prompt"], record["chosen"], tools)
+    _, rejected_ids = encode_prompt_response(tokenizer, record["prompt"], record["rejected"], tools)
     prompt_ids = prompt_ids[-max_prompt_length:]
     room = max(1, max_length - len(prompt_ids))
     return {"id": record["id"], "prompt_ids": prompt_ids, "chosen_ids": chosen_ids[:room], "rejected_ids": rejected_ids[:room]}
@@ -220,7 +305,7 @@ def tokenize_sft(tokenizer, records: list[dict], max_length: int) -> list[tuple[
     """(input_ids, labels) per record; labels are IGNORE_INDEX outside assistant turns."""
     out = []
     for r in records:
-        ids, mask = encode_chat(tokenizer, r["messages"])
+        ids, mask = encode_chat(tokenizer, r["messages"], r.get("tools"))
         ids, mask = ids[:max_length], mask[:max_length]
         out.append((ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]))
     return out

@@ -236,6 +236,125 @@ def main() -> None:
         b'{"prompt": "Good line four?", "chosen": "Yes.", "rejected": "No."}\n'
     )
 
+    formats_from_public_docs()
+
+
+def write_json(name: str, records: list) -> None:
+    (HERE / name).write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+
+
+def formats_from_public_docs() -> None:
+    """One small file per format, shaped as the format's public documentation shows it (cited per file)."""
+    weather_tool = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+    # OpenAI chat fine-tuning JSONL (platform.openai.com/docs/guides/fine-tuning): messages, content as a
+    # string or as typed parts, tool calls with `tools` next to the messages.
+    write_jsonl("openai_chat.jsonl", [
+        {"messages": [system("You are terse."), user("Capital of Italy?"), assistant("Rome.")]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Describe a cat"},
+                                                   {"type": "text", "text": "in three words."}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "Small, furry, aloof."}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"},
+                                                   {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
+                      assistant("A dog.")]},  # 3: unsupported_content (an image part)
+        {"messages": [user("Weather in Paris?"),
+                      {"role": "assistant", "content": None, "tool_calls": [
+                          {"id": "call_1", "type": "function",
+                           "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                      {"role": "tool", "tool_call_id": "call_1", "content": "18C, sunny"},
+                      assistant("18C and sunny.")],
+         "tools": [weather_tool], "parallel_tool_calls": False},  # 4: tools (template must support them)
+    ])
+    # OpenAI preference fine-tuning (DPO) JSONL: input.messages, preferred_output, non_preferred_output
+    write_jsonl("openai_preference.jsonl", [
+        {"input": {"messages": [user("Hello, can you tell me how cold San Francisco is today?")],
+                   "tools": [], "parallel_tool_calls": True},
+         "preferred_output": [assistant("Today in San Francisco, it is not quite cold as expected.")],
+         "non_preferred_output": [assistant("It is not particularly cold in San Francisco today.")]},
+        {"input": {"messages": [system("Answer in French."), user("Say thanks.")]},
+         "preferred_output": [assistant("Merci.")], "non_preferred_output": [assistant("Thanks.")]},
+    ])
+    # ShareGPT as FastChat stores it (a JSON list; id, conversations of {from, value})
+    write_json("sharegpt.json", [
+        {"id": "identity_0", "conversations": [{"from": "human", "value": "Who are you?"},
+                                               {"from": "gpt", "value": "An assistant."},
+                                               {"from": "human", "value": "What can you do?"},
+                                               {"from": "gpt", "value": "Answer questions."}]},
+        {"id": "x1", "system": "Be brief.", "conversations": [{"from": "human", "value": "2+2?"},
+                                                              {"from": "gpt", "value": "4"}]},
+        # LLaMA-Factory sharegpt with tools: function_call / observation turns, `tools` as a JSON string
+        {"conversations": [{"from": "human", "value": "Weather in Oslo?"},
+                           {"from": "function_call", "value": "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}"},
+                           {"from": "observation", "value": "-3C"},
+                           {"from": "gpt", "value": "It is -3C."}],
+         "tools": json.dumps([weather_tool["function"]])},
+        {"conversations": [{"from": "narrator", "value": "Once upon a time"}, {"from": "gpt", "value": "..."}]},  # 4 wrong_type
+    ])
+    # LLaMA-Factory ShareGPT preference (data/README.md: conversations + chosen/rejected messages)
+    write_json("llamafactory_sharegpt_pref.json", [
+        {"conversations": [{"from": "human", "value": "Name a fruit."}],
+         "chosen": {"from": "gpt", "value": "Apple."}, "rejected": {"from": "gpt", "value": "Carrot."}},
+        {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Rate my poem."}],
+         "chosen": {"from": "gpt", "value": "It has lovely imagery."}, "rejected": {"from": "gpt", "value": "Bad."}},
+    ])
+    # Alpaca (tatsu-lab/stanford_alpaca; LLaMA-Factory adds system/history), its preference and KTO variants
+    write_json("alpaca.json", [
+        {"instruction": "Give three tips for staying healthy.", "input": "",
+         "output": "Eat well, sleep, exercise."},
+        {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour",
+         "system": "You translate.", "history": [["Translate to French: yes", "oui"]]},
+        {"instruction": "", "input": "orphan input", "output": "x"},  # 3 empty_field
+    ])
+    write_json("alpaca_preference.json", [
+        {"instruction": "Pick the larger number.", "input": "3 or 7", "chosen": "7", "rejected": "3"},
+    ])
+    write_json("alpaca_kto.json", [
+        {"instruction": "Is the sky green?", "input": "", "output": "No, it is usually blue.", "kto_tag": True},
+        {"instruction": "Is the sky green?", "input": "", "output": "Yes.", "kto_tag": False},
+    ])
+    # messages + label (KTO from conversations)
+    write_jsonl("kto_messages.jsonl", [
+        {"messages": [user("Best pet?"), assistant("It depends on you.")], "label": True},
+        {"messages": [user("Best pet?"), assistant("A rock.")], "label": "false"},
+        {"messages": [user("Hi"), assistant("Hello"), user("Bye")], "label": True},  # 3 wrong_type: ends with user
+    ])
+    # lines that are a bare list of messages
+    (HERE / "bare_lists.jsonl").write_text(
+        json.dumps([user("Ping?"), assistant("Pong.")]) + "\n"
+        + json.dumps([system("Count."), user("After 1?"), assistant("2")]) + "\n")
+    # HH-RLHF-style transcripts with single newlines, and pairs whose responses are single message dicts
+    write_jsonl("hh_single_newline.jsonl", [
+        {"chosen": "Human: Is it raining?\nAssistant: I cannot see outside.",
+         "rejected": "Human: Is it raining?\nAssistant: Yes."},
+        {"chosen": "Human: Hi\nAssistant: Hello!\nHuman: Joke?\nAssistant: Knock knock.",
+         "rejected": "Human: Hi\nAssistant: Hello!\nHuman: Joke?\nAssistant: No."},
+    ])
+    write_jsonl("pref_message_dicts.jsonl", [
+        {"prompt": [user("Largest planet?")], "chosen": {"role": "assistant", "content": "Jupiter."},
+         "rejected": {"role": "assistant", "content": "Mars."}},
+    ])
+    # xtuner's conversation format (xtuner docs: dataset_format)
+    write_json("xtuner.json", [
+        {"conversation": [{"system": "You are a chef.", "input": "Salt or sugar for pasta water?", "output": "Salt."},
+                          {"input": "How much?", "output": "A tablespoon per litre."}]},
+    ])
+    # TRL standard (string) pairs whose strings were already rendered with ChatML by the user
+    write_jsonl("pretemplated_chatml.jsonl", [
+        {"prompt": "<|im_start|>system\nBe exact.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+         "chosen": "4<|im_end|>\n", "rejected": "5<|im_end|>\n"},
+        {"prompt": "Plain question?", "chosen": "Plain answer.", "rejected": "Other answer."},
+    ])
+    # Files whose field names differ: mapped with `columns`
+    write_jsonl("custom_columns.jsonl", [
+        {"question": "Colour of snow?", "good": "White.", "bad": "Green.", "meta": 1},
+    ])
+    # JSON lines with broken lines, read with skip_invalid_json
+    (HERE / "some_invalid_json.jsonl").write_text(
+        json.dumps(pref("One?", "Yes.", "No.")) + "\n" + '{"prompt": "Two?", "chosen": \n'
+        + json.dumps(pref("Three?", "Yes.", "No.")) + "\n")
+
 
 if __name__ == "__main__":
     main()

@@ -49,7 +49,7 @@ def fixture(name: str) -> str:
 
 def prepare(tmp_path, tokenizer_dir, *paths, kind="auto", **overrides) -> dict:
     kwargs = dict(
-        sources=[{"path": p, "kind": kind, "split": None} for p in paths],
+        sources=[{"path": p, "kind": kind} for p in paths],
         out_dir=str(tmp_path / "prepared"),
         metrics_path=str(tmp_path / "metrics" / "prepare.json"),
         tokenizer_path=tokenizer_dir,
@@ -58,6 +58,7 @@ def prepare(tmp_path, tokenizer_dir, *paths, kind="auto", **overrides) -> dict:
         max_prompt_length=MAX_PROMPT_LENGTH,
         dedupe=True,
         seed=0,
+        min_kept_fraction=0.0,  # the fixtures drop records on purpose; fail-loud tests set their own
     )
     kwargs.update(overrides)
     return prepare_stage.run(**kwargs)
@@ -124,7 +125,8 @@ CASES = {
         "sft_messages",
         "sft",
         5,
-        {5: "wrong_type", 6: "wrong_type", 7: "empty_field", 8: "duplicate", 9: "wrong_type", 11: "too_long"},
+        # line 6 has a tool turn: the tiny ChatML template cannot render tools
+        {5: "wrong_type", 6: "tools_unsupported", 7: "empty_field", 8: "duplicate", 9: "wrong_type", 11: "too_long"},
     ),
     "sft_prompt_completion.csv": ("sft_prompt_completion", "sft", 5, {6: "empty_field"}),
     "kto_unpaired.json": ("unpaired", "unpaired", 7, {32: "wrong_type", 37: "empty_field"}),
@@ -290,19 +292,22 @@ def test_directory_source_reads_every_supported_file_sorted(tmp_path, tiny_token
 def test_hub_dataset_name_goes_through_load_dataset(tmp_path, tiny_tokenizer_dir, monkeypatch):
     calls = []
 
-    def load_dataset(name, split=None):
-        calls.append((name, split))
+    def load_dataset(name, split=None, revision=None):
+        calls.append((name, split, revision))
         return [{"prompt": "Hub question?", "chosen": "Yes.", "rejected": "No."}]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    prepare(
-        tmp_path,
-        tiny_tokenizer_dir,
-        "org/prefs",
-        sources=[{"path": "org/prefs", "kind": "auto", "split": "train_prefs"}],
-    )
-    assert calls == [("org/prefs", "train_prefs")]
+    prepare(tmp_path, tiny_tokenizer_dir, sources=[],
+            hub_sources=[{"name": "org/prefs", "split": "train_prefs", "revision": "abc123"}])
+    assert calls == [("org/prefs", "train_prefs", "abc123")]
     assert records(tmp_path / "prepared", "pref")[0]["source"] == "org/prefs[train_prefs]:1"
+    [entry] = json.loads((tmp_path / "prepared" / "report.json").read_text())["files"]
+    assert entry["hub"] == {"name": "org/prefs", "split": "train_prefs", "revision": "abc123", "fingerprint": None,
+                            "rows": 1}
+    # a hub name among the local sources: told where it goes (DVC cannot hash a hub dataset)
+    with pytest.raises(DataError, match="org/prefs: not a local file or directory; a hub dataset goes under "
+                                        "data.hub_sources"):
+        prepare(tmp_path, tiny_tokenizer_dir, "org/prefs")
 
 
 def test_dedupe_off_keeps_duplicates(tmp_path, tiny_tokenizer_dir):
@@ -338,7 +343,7 @@ def test_missing_field_names_file_line_and_field(tmp_path, tiny_tokenizer_dir):
     with pytest.raises(DataError) as e:
         prepare(tmp_path, tiny_tokenizer_dir, path)
     assert str(e.value).startswith(
-        f"{path}:3: field 'chosen': missing (schema 'preference' expects prompt/chosen/rejected)"
+        f"{path}:3: field 'chosen': missing (format 'preference' expects prompt/chosen/rejected"
     )
 
 
@@ -356,15 +361,16 @@ def test_missing_field_names_file_line_and_field(tmp_path, tiny_tokenizer_dir):
         (
             [PAIR],
             "sft",
-            ":1: field 'completion': missing (schema 'sft_prompt_completion' expects prompt/completion); "
-            "kind is 'sft' but the record looks like 'preference'",
+            ":1: kind 'sft': record matches no sft format (fields: chosen, prompt, rejected); it looks like "
+            "'preference' (preference data); the sft formats are: conversations (ShareGPT",
         ),
-        (
-            [{"prompt": "Q?", "completion": "A.", "label": 1}],
-            "sft",
-            ":1: kind 'sft' disagrees with the record",
+        (  # the error cites the schemas of the kind the user asked for, not another kind's
+            [{"prompt": "Q?", "completion": "A."}],
+            "preference",
+            ":1: kind 'preference': record matches no preference format (fields: completion, prompt); it looks "
+            "like 'sft_prompt_completion' (sft data); the preference formats are: "
+            "input/preferred_output/non_preferred_output (OpenAI preference fine-tuning); ",
         ),
-        ([{"prompt": "Q?", "completion": "A."}], "preference", ":1: field 'chosen': missing"),
     ],
 )
 def test_schema_errors(tmp_path, tiny_tokenizer_dir, lines, kind, message):
