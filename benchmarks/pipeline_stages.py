@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["bootstrap", "synthesize", "prepare", "sft", "reference", "dpo", "evaluate", "register"]
+STAGES = ["bootstrap", "synthesize", "sources", "prepare", "sft", "reference", "dpo", "evaluate", "register"]
 
 
 def fresh_copy(dst: Path, params: Path) -> None:

@@ -102,11 +102,15 @@ def pipeline_stages(repo_dir: str | Path) -> list[Stage]:
 def select_stages(all_stages: list[Stage], requested: list[str] | None) -> list[Stage]:
     if requested is None:
         return all_stages
-    known = {s.name for s in all_stages} | {s.short_name for s in all_stages}
+    # a matrix/foreach group is selected by its name too: "sources" = sources@src0, sources@src1, ...
+    def names(s: Stage) -> set[str]:
+        return {s.name, s.short_name, s.short_name.split("@", 1)[0]}
+
+    known = set().union(*(names(s) for s in all_stages))
     unknown = [r for r in requested if r not in known]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; dvc.yaml has {[s.name for s in all_stages]}")
-    return [s for s in all_stages if s.name in requested or s.short_name in requested]
+    return [s for s in all_stages if names(s) & set(requested)]
 
 
 def _dvc(*args: str) -> list[str]:

@@ -14,11 +14,12 @@ from conftest import run_cmd
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ALL_STAGES = ["bootstrap", "synthesize", "prepare", "sft", "reference", "dpo", "evaluate", "register"]
+ALL_STAGES = ["bootstrap", "synthesize", "sources@src0", "sources@src1", "prepare", "sft", "reference", "dpo",
+              "evaluate", "register"]
 
 
 def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '([\w-]+)'", output)
+    return re.findall(r"Running stage '([\w@-]+)'", output)
 
 
 def set_param(root: Path, section: str, key: str, value) -> None:
@@ -86,3 +87,34 @@ def test_beta_sweep_reuses_sft_and_reference(tiny_repo, tmp_path):
         assert after[name]["outs"] == before[name]["outs"]
     assert after["dpo"]["outs"] != before["dpo"]["outs"]
     assert json.loads((root / "metrics/dpo.json").read_text())["beta"] == 0.3
+
+
+def test_editing_a_user_source_reruns_prepare_and_everything_after(tiny_repo, tmp_path):
+    """The user's data file is a DVC dependency: edit it and prepare re-runs (and everything after it
+    becomes stale); leave it alone, or only touch it, and nothing runs."""
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_repo, root, symlinks=True)
+    mine = root / "data" / "mine.jsonl"
+    pairs = [{"prompt": f"Sort ascending: {i} 1", "chosen": f"1 {i}", "rejected": f"{i} 1"} for i in range(2, 8)]
+    mine.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["sources"].append({"path": "data/mine.jsonl", "kind": "preference"})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    out = run_cmd(["dvc", "repro", "prepare"], root).stdout
+    assert stages_run(out) == ["sources@src2", "prepare"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert [d for d in lock["sources@src2"]["deps"] if d["path"] == "data/mine.jsonl"][0]["md5"]  # hashed by DVC
+    kept = json.loads((root / "metrics/prepare.json").read_text())["file/data/mine.jsonl/kept"]
+    assert kept == 6
+
+    assert stages_run(run_cmd(["dvc", "repro", "prepare"], root).stdout) == []  # a no-op stays a no-op
+    mine.touch()
+    assert stages_run(run_cmd(["dvc", "repro", "prepare"], root).stdout) == []  # same bytes: still a no-op
+
+    mine.write_text("".join(json.dumps(p) + "\n" for p in pairs[:4]))  # the user shrinks the file
+    out = run_cmd(["dvc", "repro", "prepare"], root).stdout
+    assert stages_run(out) == ["sources@src2", "prepare"]
+    assert json.loads((root / "metrics/prepare.json").read_text())["file/data/mine.jsonl/kept"] == 4
+    # every stage that reads the prepared data is stale (register follows once the model it registers changes)
+    assert stages_run(run_cmd(["dvc", "repro", "--dry"], root).stdout) == ["sft", "reference", "dpo", "evaluate"]
