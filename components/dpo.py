@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from components.core import checkpoints, losses, training
+from components.core import checkpoints, losses, scoring, tokens, training
 from components.core.io import read_jsonl, write_csv, write_json
 from components.core.scoring import load_reference_logps, pair_logps
 from components.core.tokens import pair_length, tokenize_pair
@@ -101,6 +102,7 @@ def run(
     warmup_ratio: float = 0.1,
     scheduler: str = "cosine",
     max_grad_norm: float = 1.0,
+    divergence_factor: float = 100.0,
     eval_every: int = 50,
     save_every: int = 50,
     keep_checkpoints: int = 2,
@@ -144,9 +146,12 @@ def run(
 
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
-    fp = checkpoints.fingerprint(hyper, str(Path(data_dir) / "pref_train.jsonl"), str(Path(reference_dir) / "train.pt"),
-                              world)
-    start_step, history = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps)
+    code = checkpoints.code_fingerprint(sys.modules[__name__], training, scoring, tokens, losses, checkpoints)
+    fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path),
+                                 str(Path(data_dir) / "pref_train.jsonl"), str(Path(reference_dir) / "train.pt"), code,
+                                 world)
+    start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps)
+    guard = training.DivergenceGuard(divergence_factor, ckpt_dir, saved.get("guard"))
 
     # ---------------------------------------------------------------- train
     pad_id = tokenizer.pad_token_id
@@ -176,6 +181,7 @@ def run(
             loss_value = accelerator.reduce(step_loss, reduction="sum") / step_pairs
             training.guard_finite(loss_value, step + 1, ckpt_dir)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+            guard.check(step + 1, loss_value.item(), float(grad_norm) if grad_norm is not None else None)
             optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -200,7 +206,8 @@ def run(
                 history.append(row)
                 training.log_step_metrics(mlrun, row, done)
             if done % save_every == 0 and done < total_steps:
-                checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history},
+                checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history,
+                                                                                "guard": guard.state()},
                                          keep_checkpoints)
         bar.close()
 

@@ -277,7 +277,11 @@ def run(
         dpo_logp_margin=(logps["dpo"][0] - logps["dpo"][1]).tolist(), reward_margins=margins.tolist(),
         lengths=lengths, scores=scores, sft_curves_path=sft_curves_path, dpo_curves_path=dpo_curves_path,
         setup=setup, confidence=confidence, num_samples=num_samples_in_report)
-    report_html.write_report(report_dir, images, page, samples, metrics)
+    from components.core.checkpoints import model_identity
+
+    # which models these metrics are about: register refuses to tag another model with them
+    evaluated = {"sft": model_identity(sft_dir), "dpo": model_identity(dpo_dir)}
+    report_html.write_report(report_dir, images, page, samples, metrics, {"evaluated_models.json": evaluated})
     write_csv(plots_path, [
         {"prompt": i, "sft/reward": s["sft_score"], "dpo/reward": s["dpo_score"],
          "sft/length": s["sft_length"], "dpo/length": s["dpo_length"], "win": s["win"]}

@@ -13,19 +13,29 @@ write: a failure before it leaves the aliases where they were). Promotion, rollb
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from components.core.registry import CHALLENGER, RegistryError, now, registry_client
+from components.core.registry import (
+    CHALLENGER,
+    RegistryError,
+    now,
+    registry_client,
+    registry_lock,
+    version_of,
+)
 
 log = logging.getLogger("alignflow.registry")
 
 # What a registered model is made of; their DVC hashes (from dvc.lock) become lineage tags.
 LINEAGE_INPUTS = ["data/prepared", "models/sft", "artifacts/ref_logps", "models/dpo"]
 PIPELINE_PACKAGES = ("torch", "transformers", "accelerate")
+KEY_TAG = "alignflow/registration_key"
+EVALUATED_FILE = "evaluated_models.json"  # written by evaluate into its report: which models it scored
 
 
 def _pip_requirements() -> list[str]:
@@ -60,6 +70,37 @@ def _model_card(model_name: str, tags: dict[str, str], metrics: dict[str, float]
     )
 
 
+def registration_key(identity: str, lineage: dict[str, str], metrics: dict[str, float]) -> str:
+    """What makes a registration the same one: the model's bytes, its inputs' DVC hashes and params, and
+    its metrics (the git commit, run ids and times are left out)."""
+    stable = {k: v for k, v in lineage.items() if k.startswith(("dvc/", "params/"))}
+    blob = json.dumps({"model": identity, "lineage": stable, "metrics": metrics}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _registered(model_name: str, key: str):
+    """The version registered with this key, if any (newest first)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = registry_client().search_model_versions(f"name='{model_name}'")
+    except MlflowException:
+        return None
+    return next((v for v in sorted(versions, key=lambda v: -int(v.version)) if v.tags.get(KEY_TAG) == key), None)
+
+
+def _move_challenger(model_name: str, version: str) -> str | None:
+    """Point `challenger` at version unless a newer version holds it already (parallel registrations)."""
+    client = registry_client()
+    with registry_lock(model_name):
+        current = version_of(client, model_name, CHALLENGER)
+        if current is not None and int(current) > int(version):
+            log.warning("%s: challenger is v%s, newer than v%s; left there", model_name, current, version)
+            return None
+        client.set_registered_model_alias(model_name, CHALLENGER, version)
+    return CHALLENGER
+
+
 def read_eval_metrics(path: str) -> dict[str, float]:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no eval metrics; run the evaluate stage first (dvc repro evaluate)")
@@ -88,11 +129,33 @@ def register(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from components.core import tracking
+    from components.core.checkpoints import model_identity
     from components.core.io import write_json
 
     metrics = read_eval_metrics(metrics_path)
     if not (Path(model_dir) / "config.json").exists():
         raise FileNotFoundError(f"{model_dir}: no model here; run the dpo stage first (dvc repro dpo)")
+    identity = model_identity(model_dir)
+    evaluated_file = Path(eval_report_dir) / EVALUATED_FILE
+    if evaluated_file.exists():  # the metrics must be this model's, not another's
+        evaluated = json.loads(evaluated_file.read_text())
+        if evaluated.get("dpo") != identity:
+            raise RegistryError(f"{metrics_path} was computed for another model than {model_dir} (per "
+                                f"{evaluated_file}); evaluate this model first (dvc repro evaluate)")
+    else:
+        log.warning("%s missing: cannot check that %s is the model %s evaluated", evaluated_file, metrics_path,
+                    model_dir)
+    lineage_now = tracking.lineage_tags("register", LINEAGE_INPUTS, params_digest)
+    key = registration_key(identity, lineage_now, metrics)
+    existing = _registered(model_name, key)
+    if existing is not None:  # idempotent: the same artifact, lineage and metrics are one version
+        log.info("%s: %s with this lineage is already version %s; not registering it again", model_name,
+                 model_dir, existing.version)
+        result = {"name": model_name, "version": str(existing.version), "run_id": existing.run_id,
+                  "model_uri": f"models:/{model_name}/{existing.version}", "logged_model_uri": existing.source,
+                  "alias": _move_challenger(model_name, str(existing.version)), "tags": dict(existing.tags)}
+        write_json(out_path, result)
+        return result
     # An absolute path as name_or_path: MLflow asks the hub for a license file under that name, and
     # an absolute path fails the hub's repo-id check at once instead of retrying DNS for ~25 s offline.
     source = str(Path(model_dir).resolve())
@@ -120,13 +183,13 @@ def register(
 
     # After the run closed (FINISHED): a version never points at a failed run.
     tags = {**lineage, **{k: repr(v) for k, v in metrics.items()}, "alignflow/run_id": run_id,
-            "alignflow/registered_at": now()}
-    client = registry_client()
+            "alignflow/registered_at": now(), KEY_TAG: key, "alignflow/model_identity": identity}
+    registry_client()
     version = mlflow.register_model(info.model_uri, model_name, tags=tags)
-    client.set_registered_model_alias(model_name, CHALLENGER, version.version)  # last registry write
+    alias = _move_challenger(model_name, str(version.version))  # last registry write
     result = {"name": model_name, "version": str(version.version), "run_id": run_id,
               "model_uri": f"models:/{model_name}/{version.version}", "logged_model_uri": info.model_uri,
-              "alias": CHALLENGER, "tags": tags}
+              "alias": alias, "tags": tags}
     write_json(out_path, result)
     log.info("registered %s version %s (run %s) as %s", model_name, version.version, run_id, CHALLENGER)
     return result

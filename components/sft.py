@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from components.core import checkpoints, training
+from components.core import checkpoints, scoring, tokens, training
 from components.core.config import params_hash
 from components.core.io import read_jsonl, write_csv, write_json
 from components.core.scoring import batch_nll
@@ -62,6 +63,7 @@ def run(
     warmup_ratio: float = 0.05,
     scheduler: str = "cosine",
     max_grad_norm: float = 1.0,
+    divergence_factor: float = 100.0,
     eval_every: int = 50,
     save_every: int = 100,
     keep_checkpoints: int = 2,
@@ -96,8 +98,11 @@ def run(
 
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
-    fp = checkpoints.fingerprint(hyper, train_path, world)
-    start_step, history = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps)
+    code = checkpoints.code_fingerprint(sys.modules[__name__], training, scoring, tokens, checkpoints)
+    fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path), train_path,
+                                 world, code)
+    start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps)
+    guard = training.DivergenceGuard(divergence_factor, ckpt_dir, saved.get("guard"))
 
     # ---------------------------------------------------------------- train
     pad_id = tokenizer.pad_token_id
@@ -131,6 +136,7 @@ def run(
             loss = step_loss[0] / step_loss[1]
             training.guard_finite(loss, step + 1, ckpt_dir)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+            guard.check(step + 1, loss.item(), float(grad_norm) if grad_norm is not None else None)
             optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -158,7 +164,8 @@ def run(
                 history.append(row)
                 training.log_step_metrics(mlrun, row, done)
             if done % save_every == 0 and done < total_steps:
-                checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history},
+                checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history,
+                                                                                "guard": guard.state()},
                                          keep_checkpoints)
         bar.close()
 

@@ -1,41 +1,72 @@
-"""Checkpoints of the training stages: `save_state` plus a state file that names the run it belongs to.
+"""Checkpoints of the training stages, one directory per run identity:
 
-A checkpoint is a resume point only for a run with the same fingerprint (params + data + world size); the
-newest matching one is resumed, anything else is ignored. The state file is written last: a checkpoint
-without it was cut short and is not a resume point.
+    checkpoints/<stage>/<fingerprint>/step_0000050/   (accelerate save_state + alignflow_state.json)
+
+A run only ever writes into its own fingerprint's directory, so a run with other params can never leave a
+checkpoint that a later run resumes under the wrong identity. Each checkpoint is written into a
+`.step_N.partial` directory and renamed into place when complete (the state file, written last, lists
+every file with its size); a checkpoint is a resume point only if it is complete. The newest complete one
+that loads is resumed; a corrupt one (unreadable state file, a truncated weights or optimizer file, a load
+error) is skipped with a warning that names it, and the next older one is used. Other fingerprints'
+checkpoints are purged only once the new run's first checkpoint is complete.
+
+The fingerprint hashes the params that change the math (not eval/save/log cadence), the world size, the
+bytes of the input files and the source of the code that trains.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
 from pathlib import Path
 
+from components.core.io import replace_dir, write_json
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "alignflow_state.json"
+# Loop settings that do not change the trained weights: editing them must not restart a run from step 0.
+CADENCE_KEYS = ("eval_every", "save_every", "keep_checkpoints", "log_every", "track", "divergence_factor")
 
 
-def find_checkpoint(ckpt_dir: Path, fingerprint: str) -> tuple[Path, dict] | None:
-    """Newest complete checkpoint written by a run with the same fingerprint (params + data + code)."""
-    if not ckpt_dir.exists():
-        return None
-    for path in sorted(ckpt_dir.glob("step_*"), reverse=True):
-        state_file = path / STATE_FILE
-        if not state_file.exists():
-            continue  # killed while writing: not a resume point
-        state = json.loads(state_file.read_text())
-        if state.get("fingerprint") == fingerprint:
-            return path, state
-        log.info("ignoring %s: written by a run with different params or data", path)
-    return None
+def math_params(hyper: dict) -> dict:
+    """The run's settings minus cadence and output paths: what the fingerprint is made of."""
+    return {k: v for k, v in hyper.items() if k not in CADENCE_KEYS and not k.endswith(("_path", "_dir"))}
+
+
+def code_fingerprint(*modules) -> str:
+    """Hash of the source files of the modules that train (a code change is a different run)."""
+    h = hashlib.sha256()
+    for module in modules:
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def model_identity(path: str) -> str:
+    """A cheap identity of a model directory (names, sizes, first and last MiB of each file), or the hub id.
+
+    Hashing whole multi-GB weights on every start would cost minutes; any real change of the weights
+    (another init, another training run) changes their first and last bytes.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return path
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.iterdir() if p.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
+    return h.hexdigest()[:16]
 
 
 def fingerprint(*parts: object) -> str:
-    """Identity of a run for resuming: hyper-parameters, world size and the bytes of its input files."""
-    import hashlib
-
+    """Identity of a run for resuming: settings, world size, code hash and the bytes of its input files."""
     h = hashlib.sha256()
     for p in parts:
         if isinstance(p, str | Path) and Path(p).is_file():
@@ -45,26 +76,92 @@ def fingerprint(*parts: object) -> str:
     return h.hexdigest()[:16]
 
 
-def resume(accelerator, ckpt_dir: Path, fingerprint_: str, total_steps: int) -> tuple[int, list[dict]]:
-    """(start step, metric history) from the newest matching checkpoint, its state loaded; (0, []) if none."""
-    found = find_checkpoint(ckpt_dir, fingerprint_)
-    if not found:
-        return 0, []
-    path, state = found
-    accelerator.load_state(str(path))
-    log.info("resuming from %s (step %d of %d)", path, state["step"], total_steps)
-    return state["step"], state["history"]
+def _step_dirs(run_dir: Path) -> list[Path]:
+    return sorted((p for p in run_dir.glob("step_*") if p.is_dir()), reverse=True) if run_dir.is_dir() else []
+
+
+def _complete_state(path: Path, fingerprint_: str) -> dict | None:
+    """The state of a complete, intact checkpoint; None (with a warning naming it) otherwise."""
+    state_file = path / STATE_FILE
+    if not state_file.exists():
+        log.warning("skipping checkpoint %s: no %s (cut short while writing)", path, STATE_FILE)
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        log.warning("skipping checkpoint %s: %s is unreadable (%s)", path, STATE_FILE, e)
+        return None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint_ or "step" not in state:
+        log.warning("skipping checkpoint %s: its state file names another run", path)
+        return None
+    for name, size in state.get("files", {}).items():
+        f = path / name
+        actual = f.stat().st_size if f.exists() else None
+        if actual != size:
+            log.warning("skipping checkpoint %s: %s is %s bytes, expected %d (truncated or missing)", path, name,
+                        actual, size)
+            return None
+    return state
+
+
+def find_checkpoints(ckpt_dir: Path, fingerprint_: str) -> list[tuple[Path, dict]]:
+    """Complete checkpoints of this run, newest first."""
+    found = []
+    for path in _step_dirs(Path(ckpt_dir) / fingerprint_):
+        state = _complete_state(path, fingerprint_)
+        if state is not None:
+            found.append((path, state))
+    return found
+
+
+def find_checkpoint(ckpt_dir: Path, fingerprint_: str) -> tuple[Path, dict] | None:
+    found = find_checkpoints(ckpt_dir, fingerprint_)
+    return found[0] if found else None
+
+
+def resume(accelerator, ckpt_dir: Path, fingerprint_: str, total_steps: int) -> tuple[int, list[dict], dict]:
+    """(start step, metric history, the rest of the saved state) from the newest checkpoint of this run that
+    loads; (0, [], {}) if none."""
+    for path, state in find_checkpoints(ckpt_dir, fingerprint_):
+        try:
+            accelerator.load_state(str(path))
+        except Exception as e:  # a file that passed the size check but does not load: try an older one
+            log.warning("skipping checkpoint %s: cannot load it (%s: %s)", path, type(e).__name__, e)
+            continue
+        log.info("resuming from %s (step %d of %d)", path, state["step"], total_steps)
+        return state["step"], state["history"], state
+    others = [p.name for p in Path(ckpt_dir).iterdir() if p.is_dir() and p.name != fingerprint_] \
+        if Path(ckpt_dir).is_dir() else []
+    if others:
+        log.info("not resuming checkpoints of other runs under %s (%s): different params, data or code",
+                 ckpt_dir, ", ".join(sorted(others)))
+    return 0, [], {}
 
 
 def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: int) -> None:
-    """save_state (model, optimizer, scheduler, RNG) then our state file last, marking it complete."""
-    path = ckpt_dir / f"step_{step:07d}"
+    """save_state (model, optimizer, scheduler, RNG) into a partial dir, the state file last, then rename."""
+    run_dir = Path(ckpt_dir) / state["fingerprint"]
+    final = run_dir / f"step_{step:07d}"
+    partial = run_dir / f".step_{step:07d}.partial"
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(path))
     if accelerator.is_main_process:
-        (path / STATE_FILE).write_text(json.dumps({**state, "step": step}))
-        for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {str(f.relative_to(partial)): f.stat().st_size for f in sorted(partial.rglob("*")) if f.is_file()}
+        write_json(partial / STATE_FILE, {**state, "step": step, "files": files})
+        replace_dir(partial, final)
+        kept = {p for p, _ in find_checkpoints(ckpt_dir, state["fingerprint"])[:keep]}
+        for old in run_dir.iterdir():  # older, corrupt or partial leftovers of this run
+            if old not in kept:
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        # this run has a complete resume point now: other runs' checkpoints are stale
+        for other in Path(ckpt_dir).iterdir():
+            if other.is_dir() and other.name != state["fingerprint"]:
+                shutil.rmtree(other, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 

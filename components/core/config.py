@@ -121,6 +121,9 @@ class TrainLoopConfig(Strict):
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = Field(1.0, ge=0.0)
+    # stop (no update applied, last checkpoint kept) when a step's loss or gradient norm exceeds this many
+    # times its value at the run's first step (at least 1.0): divergence without a NaN
+    divergence_factor: float = Field(100.0, gt=1.0)
     eval_every: int = Field(50, gt=0)
     save_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)

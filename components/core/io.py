@@ -86,6 +86,13 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
             old.unlink(missing_ok=True)
 
 
+def replace_dir(tmp: str | Path, dest: str | Path) -> None:
+    """Put a fully written directory `tmp` in place of `dest` (fsynced first; old copy removed after)."""
+    tmp, dest = Path(tmp), Path(dest)
+    _fsync_tree(tmp)
+    _swap_into_place(tmp, dest)
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | Path) -> Iterator[Path]:
     """Write a directory artifact: fill the yielded temp dir; it replaces `dest` only if the block succeeds."""

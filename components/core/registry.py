@@ -5,19 +5,29 @@ promote: the eval metrics stored with two versions may come from different eval 
 are re-scored on the *current* held-out prompts (same prompts, same sampling seeds) with the evaluate
 stage's own code (core/generation, core/rewards); the per-prompt difference challenger - champion is
 bootstrapped. `champion` moves only when `core/gate.gate_decision` passes. Every decision is recorded as
-`promotion/*` tags on the candidate. Aliases always move last: a failure anywhere before leaves
-`champion` and `challenger` where they were.
+`promotion/*` tags on the candidate.
+
+Transactions: every alias move (promote, rollback, register's `challenger`) happens inside
+`registry_lock(model)`, re-reads the alias it is about to move and aborts with a RegistryError if another
+command moved it meanwhile (compare-and-set), and writes its tags only after the move. So two promotions at
+once cannot both win, a rollback during a promotion is never undone, and the previous-champion chain that
+rollback walks stays consistent. The lock is a file lock on this machine (next to a SQLite store, else under
+~/.cache/alignflow/locks); on a shared tracking server run promotions from one place (the flow's promote
+task: one run at a time per work pool).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import statistics
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,18 +36,11 @@ from components.core.gate import gate_decision
 log = logging.getLogger("alignflow.registry")
 
 CHAMPION = "champion"
-
-
 CHALLENGER = "challenger"
-
-
 PRIMARY_METRIC = "eval/reward_mean"  # the only primary metric that can be re-scored per prompt
-
-
 SCORES_DIR = "promotion_scores"  # run artifact folder: cached per-prompt scores of a version
-
-
 TAG_VALUE_LIMIT = 4000  # MLflow caps tag values (5000 chars on SQL stores)
+LOCK_TIMEOUT_S = 600.0
 
 
 class RegistryError(RuntimeError):
@@ -57,6 +60,47 @@ def registry_client():
     uri = tracking.tracking_uri()
     mlflow.set_tracking_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def _lock_path(model_name: str) -> Path:
+    from components.core import tracking
+
+    uri = tracking.tracking_uri()
+    digest = hashlib.sha256(f"{uri}\0{model_name}".encode()).hexdigest()[:16]
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return db.parent / f".{db.name}.{digest}.lock"
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alignflow" / "locks"
+    root.mkdir(parents=True, exist_ok=True)
+    return root / f"{digest}.lock"
+
+
+@contextlib.contextmanager
+def registry_lock(model_name: str, timeout_s: float = LOCK_TIMEOUT_S):
+    """Exclusive lock for moving the aliases of `model_name` (released when the process dies)."""
+    import fcntl
+
+    path = _lock_path(model_name)
+    with open(path, "a+") as f:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RegistryError(f"{model_name}: another registry command holds {path} for over "
+                                        f"{timeout_s:g}s; nothing changed") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def version_of(client, name: str, alias: str) -> str | None:
+    v = _by_alias(client, name, alias)
+    return str(v.version) if v is not None else None
 
 
 def _by_alias(client, name: str, alias: str):
@@ -218,6 +262,7 @@ def promote(
     if dry_run:
         return result
 
+    candidate_v = str(candidate.version)
     tags = {
         "promotion/decision": result["decision"],
         "promotion/reasons": "; ".join(decision.reasons)[:TAG_VALUE_LIMIT],
@@ -229,16 +274,23 @@ def promote(
         "promotion/gate": json.dumps(gate, sort_keys=True),
         "promotion/at": now(),
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, str(candidate.version), key, value)
-    if decision.passed:
-        if champion is not None:
-            client.set_model_version_tag(model_name, str(candidate.version), "promotion/previous_champion",
-                                         str(champion.version))
-        elif "promotion/previous_champion" in candidate.tags:  # stale, from an earlier promotion
-            client.delete_model_version_tag(model_name, str(candidate.version), "promotion/previous_champion")
-        client.set_registered_model_alias(model_name, CHAMPION, str(candidate.version))  # last write
-        log.info("%s: champion %s -> %s", model_name, result["champion"], candidate.version)
+    with registry_lock(model_name):
+        # compare-and-set: the decision was made against result["champion"]; if another promote or a
+        # rollback moved it while we scored, this decision is void
+        current = version_of(client, model_name, CHAMPION)
+        if current != result["champion"]:
+            raise RegistryError(f"{model_name}: champion moved from v{result['champion']} to v{current} while "
+                                f"this promotion of v{candidate_v} was scoring; nothing changed, re-run "
+                                "alignflow promote to compare against the new champion")
+        if decision.passed:
+            client.set_registered_model_alias(model_name, CHAMPION, candidate_v)  # the move, then its record
+            log.info("%s: champion %s -> %s", model_name, result["champion"], candidate_v)
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, candidate_v, key, value)
+        if decision.passed and champion is not None:
+            client.set_model_version_tag(model_name, candidate_v, "promotion/previous_champion", str(champion.version))
+        elif "promotion/previous_champion" in candidate.tags:  # stale: from an earlier promotion
+            client.delete_model_version_tag(model_name, candidate_v, "promotion/previous_champion")
     return result
 
 
@@ -248,9 +300,14 @@ def rollback(model_name: str) -> dict:
     Repeated rollbacks walk further back. If `challenger` points at the demoted version it is removed,
     so a plain `alignflow promote` cannot re-promote it by accident (`--version` still can).
     """
+    client = registry_client()
+    with registry_lock(model_name):  # no promote can move champion between our read and our move
+        return _rollback(client, model_name)
+
+
+def _rollback(client, model_name: str) -> dict:
     from mlflow.exceptions import MlflowException
 
-    client = registry_client()
     current = _by_alias(client, model_name, CHAMPION)
     if current is None:
         raise RegistryError(f"{model_name}: no {CHAMPION} to roll back")
@@ -263,11 +320,11 @@ def rollback(model_name: str) -> dict:
     except MlflowException as e:
         raise RegistryError(f"{model_name}: previous champion version {previous} is gone ({e})") from e
     at, demoted = now(), str(current.version)
+    client.set_registered_model_alias(model_name, CHAMPION, previous)  # the move, then its record
     client.set_model_version_tag(model_name, demoted, "rollback/demoted_at", at)
     client.set_model_version_tag(model_name, demoted, "rollback/restored_version", previous)
     client.set_model_version_tag(model_name, previous, "rollback/restored_at", at)
     client.set_model_version_tag(model_name, previous, "rollback/replaced_version", demoted)
-    client.set_registered_model_alias(model_name, CHAMPION, previous)
     challenger = _by_alias(client, model_name, CHALLENGER)
     if challenger is not None and str(challenger.version) == demoted:
         client.delete_registered_model_alias(model_name, CHALLENGER)

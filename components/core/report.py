@@ -309,9 +309,12 @@ def build_report(metrics: dict, samples: list[dict], *, wins: list[float], sft_l
     return images, render_html(metrics, samples[:num_samples], images, setup, confidence)
 
 
-def write_report(report_dir: str, images: dict[str, bytes], page: str, samples: list[dict], metrics: dict) -> None:
-    """reports/eval/: index.html, the PNGs, samples.jsonl and metrics.json, swapped in complete."""
+def write_report(report_dir: str, images: dict[str, bytes], page: str, samples: list[dict], metrics: dict,
+                 extra_json: dict[str, dict] | None = None) -> None:
+    """reports/eval/: index.html, the PNGs, samples.jsonl, metrics.json (+ extra_json files), swapped in complete."""
     with atomic_dir(report_dir) as tmp:
+        for name, data in (extra_json or {}).items():
+            write_json(tmp / name, data)
         for name, png in images.items():
             (tmp / name).write_bytes(png)
         (tmp / "index.html").write_text(page, encoding="utf-8")

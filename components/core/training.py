@@ -26,6 +26,10 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; no update was applied and the last checkpoint is intact."""
 
 
+class DivergenceError(RuntimeError):
+    """The loss or gradient norm exploded without going NaN; no update was applied, the last checkpoint is kept."""
+
+
 # ----------------------------------------------------------------------------- accelerator
 
 
@@ -149,6 +153,37 @@ def guard_finite(loss: torch.Tensor, step: int, ckpt_dir: Path) -> None:
             f"Last good checkpoint (if any) is kept under {ckpt_dir}. Lower the learning rate, "
             f"check the data, or use mixed_precision=bf16 instead of fp16."
         )
+
+
+class DivergenceGuard:
+    """Stops a run whose loss or gradient norm exceeds `factor` x its first-step value (floored at 1.0).
+
+    The first-step values travel with the checkpoints (`state()`), so a resumed run keeps its baseline.
+    """
+
+    def __init__(self, factor: float, ckpt_dir: Path, state: dict | None = None):
+        self.factor, self.ckpt_dir = factor, ckpt_dir
+        self.first_loss = (state or {}).get("first_loss")
+        self.first_grad_norm = (state or {}).get("first_grad_norm")
+
+    def state(self) -> dict:
+        return {"first_loss": self.first_loss, "first_grad_norm": self.first_grad_norm}
+
+    def check(self, step: int, loss: float, grad_norm: float | None) -> None:
+        if self.first_loss is None:
+            self.first_loss = loss
+            self.first_grad_norm = grad_norm
+            return
+        for name, value, first in (("loss", loss, self.first_loss), ("gradient norm", grad_norm, self.first_grad_norm)):
+            if value is None or first is None:
+                continue
+            limit = self.factor * max(abs(first), 1.0)
+            if value > limit:
+                raise DivergenceError(
+                    f"training diverged at step {step}: {name} {value:.4g} > {self.factor:g} x its first-step "
+                    f"value {first:.4g}; no update applied. Last good checkpoint (if any) is kept under "
+                    f"{self.ckpt_dir}. Lower the learning rate (or raise *.divergence_factor if this is expected)."
+                )
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -8,6 +8,7 @@ writes from this one process only). Tests call `components.cli.main` so exit cod
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -126,6 +127,9 @@ def stage_candidate(model_dir: Path, reward_mean: float, kl: float = 3.0) -> Non
     Path("metrics/eval.json").write_text(json.dumps(metrics))
     Path("reports/eval").mkdir(parents=True, exist_ok=True)
     Path("reports/eval/index.html").write_text("<html>report</html>")
+    from components.core.checkpoints import model_identity  # as evaluate records which model it scored
+
+    Path("reports/eval/evaluated_models.json").write_text(json.dumps({"dpo": model_identity("models/dpo")}))
 
 
 @pytest.fixture
@@ -299,3 +303,121 @@ def test_register_stage_cli_and_the_alignflow_cli(capsys):
     assert cli.main(["--help"]) == 0
     assert "promote" in capsys.readouterr().out
     assert cli.main(["frobnicate"]) == 1  # usage errors exit 1: 2 means "gate rejected"
+
+
+# ----------------------------------------------------------------------------- transactions
+
+SLOW_PROMOTE = '''
+import os, sys, time
+from pathlib import Path
+from components.core import generation
+
+def scores(model_dir, prompts, judge, **kwargs):
+    # a barrier: announce that this promotion has read the champion and is scoring, then wait for "go"
+    marks = Path(os.environ["MARKS"])
+    (marks / f"scoring-{os.getpid()}").touch()
+    deadline = time.time() + 120
+    while not (marks / "go").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    base = {"/v2/": 0.8, "/v3/": 0.7}.get(next((k for k in ("/v2/", "/v3/") if k in model_dir), ""), 0.3)
+    return ["x"] * len(prompts), [base + 0.01 * (i % 3) for i in range(len(prompts))]
+
+generation.score_prompts = scores
+from components import cli
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+def start_promote(version: str, marks: Path):
+    import os
+    import subprocess
+    import sys
+
+    script = marks / "promote.py"
+    script.write_text(SLOW_PROMOTE)
+    env = {**os.environ, "MARKS": str(marks)}
+    return subprocess.Popen([sys.executable, str(script), "promote", "--version", version], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, timeout=120.0):
+    import time
+
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def three_versions(tiny_models) -> None:
+    stage_candidate(tiny_models["a"], reward_mean=0.40)
+    assert cli.main(["register"]) == 0 and cli.main(["promote"]) == 0  # v1 champion
+    stage_candidate(tiny_models["b"], reward_mean=0.55)
+    assert cli.main(["register"]) == 0  # v2
+    stage_candidate(tiny_models["a"], reward_mean=0.50)  # same weights as v1, other metrics: a new version
+    assert cli.main(["register"]) == 0  # v3
+    assert aliases() == {"champion": "1", "challenger": "3"}
+
+
+@pytest.mark.integration
+def test_two_promotions_at_once_cannot_both_win(workspace, tiny_models, tmp_path):
+    three_versions(tiny_models)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    procs = {v: start_promote(v, marks) for v in ("2", "3")}
+    # each scores 2 versions (candidate, champion): both have read champion v1 once 4 scorings started
+    wait_for(lambda: len(list(marks.glob("scoring-*"))) >= 2)
+    (marks / "go").touch()
+    results = {v: (p.wait(timeout=300), p.stdout.read() + p.stderr.read()) for v, p in procs.items()}
+    winners = [v for v, (rc, _) in results.items() if rc == 0]
+    assert len(winners) == 1, results
+    [loser] = [v for v in results if v not in winners]
+    assert results[loser][0] == 1 and "champion moved from v1 to v" in results[loser][1]
+    assert aliases()["champion"] == winners[0]
+    assert version_tags(winners[0])["promotion/previous_champion"] == "1"
+    assert "promotion/decision" not in version_tags(loser)  # an aborted decision leaves no record
+
+
+@pytest.mark.integration
+def test_a_rollback_during_a_promotion_is_not_undone(workspace, tiny_models, tmp_path, monkeypatch):
+    from components.core import generation
+
+    three_versions(tiny_models)
+    with monkeypatch.context() as m:
+        m.setattr(generation, "score_prompts", lambda model_dir, prompts, judge, **kw: (
+            ["x"] * len(prompts), [(0.8 if "/v2/" in model_dir else 0.3) + 0.01 * (i % 3) for i in range(len(prompts))]))
+        assert cli.main(["promote", "--version", "2"]) == 0  # v2 champion, previous v1
+    assert aliases()["champion"] == "2"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = start_promote("3", marks)
+    wait_for(lambda: any(marks.glob("scoring-*")))  # it has read champion v2 and is scoring
+    assert cli.main(["rollback"]) == 0  # champion v2 -> v1 meanwhile
+    (marks / "go").touch()
+    rc, out = proc.wait(timeout=300), proc.stdout.read() + proc.stderr.read()
+    assert rc == 1 and "champion moved from v2 to v1" in out
+    assert aliases()["champion"] == "1"  # the rollback stands
+    assert version_tags("2")["rollback/restored_version"] == "1"
+    assert cli.main(["rollback"]) == 1  # v1 was the first champion: the chain is intact
+
+
+@pytest.mark.integration
+def test_register_is_idempotent_and_checks_whose_metrics_it_records(workspace, tiny_models):
+    import mlflow
+
+    stage_candidate(tiny_models["a"], reward_mean=0.40)
+    Path("reports/eval/evaluated_models.json").write_text(json.dumps({"dpo": "not-this-model"}))
+    assert cli.main(["register"]) == 1  # metrics of another model: refused, nothing registered
+    assert not mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"]).search_registered_models()
+
+    stage_candidate(tiny_models["a"], reward_mean=0.40)  # now with the right evaluated model
+    assert cli.main(["register"]) == 0 and cli.main(["register"]) == 0  # same artifact + lineage: one version
+    assert [v.version for v in mlflow.MlflowClient().search_model_versions(f"name='{NAME}'")] == [1]
+    assert json.loads(Path("reports/registration.json").read_text())["version"] == "1"
+
+    from components.register import _move_challenger
+
+    stage_candidate(tiny_models["b"], reward_mean=0.55)
+    assert cli.main(["register"]) == 0 and aliases()["challenger"] == "2"
+    assert _move_challenger(NAME, "1") is None  # a slower parallel registration of an older version ...
+    assert aliases()["challenger"] == "2"  # ... leaves challenger on the newest

@@ -18,6 +18,27 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.integration
 
 
+def set_params(root: Path, **overrides) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def crash_at(root: Path, step: int) -> None:
+    env = pipeline_env(root) | {"ALIGNFLOW_CRASH_AT_STEP": str(step)}
+    proc = subprocess.run(stage("sft"), cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 137, proc.stderr[-2000:]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
 def workdir(tiny_data: Path, dst: Path, **overrides) -> Path:
     """models/base + data/prepared + params.yaml (with section overrides) in a fresh directory."""
     for rel in ("models/base", "data/prepared"):
@@ -52,16 +73,18 @@ def test_sft_resumes_after_crash_with_identical_weights(tiny_data, tmp_path):
     env["ALIGNFLOW_CRASH_AT_STEP"] = "8"  # save_every=3: checkpoints at 3 and 6, hard exit at 8
     proc = subprocess.run(stage("sft"), cwd=crashed, env=env, capture_output=True, text=True)
     assert proc.returncode == 137, proc.stderr[-2000:]
-    assert (crashed / "checkpoints/sft/step_0000006/alignflow_state.json").exists()
+    [run_dir] = (crashed / "checkpoints/sft").iterdir()  # one directory per run identity
+    assert (run_dir / "step_0000006/alignflow_state.json").exists()
     assert not (crashed / "models/sft").exists()
 
+    set_params(crashed, sft__eval_every=2, sft__log_every=2)  # cadence is not identity: still resumes
     resumed = run_cmd(stage("sft"), crashed, env=pipeline_env(crashed) | {"ALIGNFLOW_LOG_LEVEL": "INFO"})
-    assert "resuming from checkpoints/sft/step_0000006" in resumed.stderr
+    assert f"resuming from checkpoints/sft/{run_dir.name}/step_0000006" in resumed.stderr
     a, b = weights(whole / "models/sft"), weights(crashed / "models/sft")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert column(whole / "plots/sft.csv", "train/loss") == column(crashed / "plots/sft.csv", "train/loss")
+    assert column(whole / "plots/sft.csv", "train/loss")[:6] == column(crashed / "plots/sft.csv", "train/loss")[:6]
     assert not (crashed / "checkpoints/sft").exists()  # cleaned after success
 
 
@@ -101,7 +124,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_data, tmp_path, mo
     with pytest.raises(training.NonFiniteLossError, match="step 5"):
         sft.run("models/base", "data/prepared/sft_train.jsonl", "data/prepared/sft_eval.jsonl",
                 max_steps=10, batch_size=8, eval_every=100, save_every=3, track=False)
-    assert (root / "checkpoints/sft/step_0000003/alignflow_state.json").exists()
+    assert list((root / "checkpoints/sft").glob("*/step_0000003/alignflow_state.json"))
     assert not (root / "models/sft").exists()
 
 
@@ -164,3 +187,49 @@ def test_dpo_two_processes_follow_one_process(tiny_data, tmp_path):
         a, b = column(one / "plots/dpo.csv", name), column(two / "plots/dpo.csv", name)
         assert len(a) == len(b) > 0, name
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+
+
+def test_crash_change_params_crash_then_resume_never_mixes_runs(tiny_data, tmp_path):
+    """Run A crashes; the user changes a param (run B) and B crashes too. B's checkpoints live in B's own
+    directory, A's are purged only once B has a complete one, and B resumes to the weights of an
+    uninterrupted B: a checkpoint is never resumed under another run's identity."""
+    whole_b = workdir(tiny_data, tmp_path / "whole_b", sft__learning_rate=1.0e-3)
+    run_cmd(stage("sft"), whole_b)
+    root = workdir(tiny_data, tmp_path / "root")
+    crash_at(root, 4)  # A: checkpoint at step 3
+    [run_a] = (root / "checkpoints/sft").iterdir()
+    set_params(root, sft__learning_rate=1.0e-3)  # B
+    crash_at(root, 7)  # B: checkpoints at 3 and 6
+    [run_b] = (root / "checkpoints/sft").iterdir()
+    assert run_b.name != run_a.name  # A's were purged after B's first complete checkpoint
+    assert sorted(p.name for p in run_b.iterdir()) == ["step_0000003", "step_0000006"]
+    resumed = run_cmd(stage("sft"), root, env=pipeline_env(root) | {"ALIGNFLOW_LOG_LEVEL": "INFO"})
+    assert f"resuming from checkpoints/sft/{run_b.name}/step_0000006" in resumed.stderr
+    assert_same_weights(whole_b / "models/sft", root / "models/sft")
+
+
+def test_corrupt_checkpoints_are_skipped_for_the_next_older_one(tiny_data, tmp_path):
+    whole = workdir(tiny_data, tmp_path / "whole")
+    run_cmd(stage("sft"), whole)
+    for broken in ("alignflow_state.json", "model.safetensors"):
+        root = workdir(tiny_data, tmp_path / broken)
+        crash_at(root, 8)  # checkpoints at 3 and 6
+        [step6] = (root / "checkpoints/sft").glob("*/step_0000006")
+        path = step6 / broken
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by a full disk
+        resumed = run_cmd(stage("sft"), root, env=pipeline_env(root) | {"ALIGNFLOW_LOG_LEVEL": "INFO"})
+        assert f"skipping checkpoint {step6.relative_to(root)}" in resumed.stderr
+        assert "/step_0000003 (step 3 of 10)" in resumed.stderr
+        assert_same_weights(whole / "models/sft", root / "models/sft")
+
+
+def test_divergence_without_nan_stops_before_the_update(tiny_data, tmp_path, monkeypatch):
+    from components import sft
+    from components.core import training
+
+    root = workdir(tiny_data, tmp_path / "diverge")
+    monkeypatch.chdir(root)
+    with pytest.raises(training.DivergenceError, match=r"training diverged at step \d+: (loss|gradient norm)"):
+        sft.run("models/base", "data/prepared/sft_train.jsonl", "data/prepared/sft_eval.jsonl", max_steps=10,
+                batch_size=8, eval_every=100, save_every=100, learning_rate=1000.0, track=False)
+    assert not (root / "models/sft").exists()
