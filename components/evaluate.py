@@ -36,7 +36,7 @@ from components.core.generation import eos_ids, eval_prompts, generate_tokens, l
 from components.core.io import read_jsonl, write_csv, write_json
 from components.core.rewards import last_user_text, load_judge
 from components.core.scoring import batch_nll, preference_logps, response_logps
-from components.core.stats import bootstrap_ci, implicit_rewards, win_values
+from components.core.stats import bootstrap_ci, bootstrap_ratio_ci, implicit_rewards, win_values
 from components.core.tokens import collate_sequences, tokenize_pair, tokenize_sft
 from components.core.training import autocast
 
@@ -88,8 +88,14 @@ def score_models(sft_dir: str, dpo_dir: str, pref_records: list[dict], prompt_me
         if sft_records:
             perplexity[name] = heldout_perplexity(model, tokenizer, sft_records, max_length, batch_size, mixed_precision)
 
-    # KL(pi_dpo || pi_sft) ~ E_{y ~ pi_dpo}[log pi_dpo(y|x) - log pi_sft(y|x)], summed over the response
-    dpo_prompt_ids, dpo_response_ids = generated["dpo"]
+    # KL(pi_dpo || pi_sft) ~ E_{y ~ pi_dpo}[log pi_dpo(y|x) - log pi_sft(y|x)], summed over the response.
+    # The estimator needs samples of the policy itself: at another temperature / top-p they come from a
+    # different distribution (biased, even negative), so then the policy samples again, untempered.
+    if temperature == 1.0 and top_p == 1.0:
+        dpo_prompt_ids, dpo_response_ids = generated["dpo"]
+    else:
+        dpo_prompt_ids, dpo_response_ids = generate_tokens(dpo_model, tokenizer, prompt_messages, max_new_tokens,
+                                                           1.0, 1.0, batch_size, seed + 1, desc="generate dpo (KL)")
     kl_terms = (response_logps(dpo_model, dpo_prompt_ids, dpo_response_ids, batch_size, pad_id, mixed_precision)
                 - response_logps(sft_model, dpo_prompt_ids, dpo_response_ids, batch_size, pad_id, mixed_precision))
     return {"logps": logps, "generated": generated, "perplexity": perplexity, "kl_terms": kl_terms,
@@ -120,7 +126,8 @@ def summarise(
     scores[name], lengths[name]: judge score and generated length per held-out prompt (P,), for
     name in sft, dpo (same prompts, same order). logps[name] = (chosen (N,), rejected (N,)): summed
     response log-probs on the held-out pairs; ref_chosen, ref_rejected (N,): the reference's.
-    kl_terms (P,): log pi_dpo - log pi_sft on the DPO samples. exact_reward: the judge gives 1.0 exactly
+    kl_terms (P,): log pi_dpo - log pi_sft on untempered DPO samples (mean and bootstrap CI reported).
+    exact_reward: the judge gives 1.0 exactly
     for a correct answer (the synthetic task), so the share of 1.0 scores is reported too.
     """
     wins = win_values(scores["dpo"], scores["sft"])
@@ -134,6 +141,10 @@ def summarise(
     reward_mean, reward_low, reward_high = bootstrap_ci(scores["dpo"], bootstrap_samples, confidence, seed)
     sft_mean, sft_low, sft_high = bootstrap_ci(scores["sft"], bootstrap_samples, confidence, seed)
     sft_len, dpo_len = float(np.mean(lengths["sft"])), float(np.mean(lengths["dpo"]))
+    kl, kl_low, kl_high = bootstrap_ci(kl_terms.tolist(), bootstrap_samples, confidence, seed)
+    # floor of one token: an SFT model that always stops at once must not make the ratio infinite
+    ratio, ratio_low, ratio_high = bootstrap_ratio_ci(lengths["dpo"], lengths["sft"], bootstrap_samples, confidence,
+                                                      seed)
     metrics: dict[str, float] = {
         "eval/rewards/chosen": dpo_chosen_r.mean().item(),
         "eval/rewards/rejected": dpo_rejected_r.mean().item(),
@@ -155,11 +166,14 @@ def summarise(
         "eval/win_rate_vs_sft": win_rate,
         "eval/win_rate_ci_low": win_low,
         "eval/win_rate_ci_high": win_high,
-        "eval/kl_to_reference": kl_terms.mean().item(),
+        "eval/kl_to_reference": kl,
+        "eval/kl_to_reference_ci_low": kl_low,
+        "eval/kl_to_reference_ci_high": kl_high,
         "eval/length_mean": dpo_len,
         "eval/sft/length_mean": sft_len,
-        # floor of one token: an SFT model that always stops at once must not make the ratio infinite
-        "eval/length_ratio": dpo_len / max(sft_len, 1.0),
+        "eval/length_ratio": ratio,
+        "eval/length_ratio_ci_low": ratio_low,
+        "eval/length_ratio_ci_high": ratio_high,
         "eval/num_prompts": len(scores["dpo"]),
         "eval/num_pairs": num_pairs,
     }

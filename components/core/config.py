@@ -193,6 +193,8 @@ class GateConfig(Strict):
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     max_kl: float = Field(50.0, gt=0.0)
     max_length_ratio: float = Field(2.0, gt=0.0)
+    # a bootstrap over a handful of prompts is no evidence: refuse to promote on fewer
+    min_prompts: int = Field(50, ge=1)
 
 
 class RegisterConfig(Strict):

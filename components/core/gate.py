@@ -46,8 +46,14 @@ def gate_decision(
     """
     reasons: list[str] = []
     delta = ci_low = ci_high = None
+    min_prompts = gate.get("min_prompts", 1)
     if champion_scores is None:
         reasons.append("PASS no champion: the first candidate becomes champion")
+        evaluated = candidate_metrics.get("eval/num_prompts")
+        if evaluated is None or math.isnan(evaluated) or evaluated < min_prompts:
+            reasons.append(f"FAIL evaluated on {_n(evaluated)} held-out prompts < gate.min_prompts {min_prompts}")
+        else:
+            reasons.append(f"PASS evaluated on {_n(evaluated)} held-out prompts >= gate.min_prompts {min_prompts}")
     else:
         if candidate_scores is None or len(candidate_scores) != len(champion_scores) or not champion_scores:
             n_cand = None if candidate_scores is None else len(candidate_scores)
@@ -59,9 +65,12 @@ def gate_decision(
         ok = delta >= min_delta
         reasons.append(f"{'PASS' if ok else 'FAIL'} {metric} delta {delta:+.4f} >= min_delta {min_delta:+.4f} "
                        f"({len(diffs)} prompts)")
+        ok = len(diffs) >= min_prompts
+        reasons.append(f"{'PASS' if ok else 'FAIL'} compared on {len(diffs)} prompts "
+                       f"{'>=' if ok else '<'} gate.min_prompts {min_prompts}")
         ok = ci_low > 0
-        reasons.append(f"{'PASS' if ok else 'FAIL'} {level} CI of delta [{ci_low:+.4f}, {ci_high:+.4f}] "
-                       f"{'excludes' if ok else 'includes'} 0")
+        where = "lies above 0" if ok else "lies below 0" if ci_high < 0 else "includes 0"
+        reasons.append(f"{'PASS' if ok else 'FAIL'} {level} CI of delta [{ci_low:+.4f}, {ci_high:+.4f}] {where}")
     for metric, key in GUARDRAILS:
         value, limit = candidate_metrics.get(metric), gate[key]
         if value is None or math.isnan(value):
@@ -70,3 +79,7 @@ def gate_decision(
             reasons.append(f"{'PASS' if value <= limit else 'FAIL'} {metric} {value:.4f} <= {key} {limit}")
     passed = all(r.startswith("PASS") for r in reasons)
     return Decision(passed, reasons, delta, ci_low, ci_high)
+
+
+def _n(value: float | None) -> str:
+    return "?" if value is None or math.isnan(value) else str(int(value))

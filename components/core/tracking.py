@@ -173,24 +173,32 @@ def link_stage_runs(uri: str, experiment_id: str, parent_run_id: str, flow_run_i
             continue
         if stage not in linked:
             linked[stage] = run.info.run_id
-            client.set_tag(parent_run_id, f"stage_run/{stage}", run.info.run_id)
+            client.set_tag(parent_run_id, f"stage_run/{_key(stage)}", run.info.run_id)
             client.set_tag(run.info.run_id, "parent_flow_run", parent_run_id)
         elif run.info.status == "RUNNING":  # an attempt that was killed mid-run never closed its run
             client.set_terminated(run.info.run_id, status="FAILED")
     return linked
 
 
+def _key(name: str) -> str:
+    """An MLflow-safe key part: matrix stage names (`sources@src0`) carry a character MLflow rejects."""
+    return name.replace("@", "-")
+
+
 def end_pipeline_run(uri: str, parent_run_id: str, repo: Path, summary: dict, status: str) -> None:
-    """Close the flow's run: the dvc.lock hashes it ended with, each stage's status and seconds."""
+    """Close the flow's run: the dvc.lock hashes it ended with, each stage's status and seconds. The run is
+    terminated even if recording one of those fails."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    for key, value in _lock_tags(repo).items():
-        client.set_tag(parent_run_id, key, value)
-    for stage, result in summary.items():
-        if isinstance(result, dict):
-            client.set_tag(parent_run_id, f"stage_status/{stage}", result["status"])
-            client.log_metric(parent_run_id, f"stage_seconds/{stage}", result["seconds"])
-        else:
-            client.set_tag(parent_run_id, f"alignflow/{stage}", str(result))
-    client.set_terminated(parent_run_id, status=status)
+    try:
+        for key, value in _lock_tags(repo).items():
+            client.set_tag(parent_run_id, key, value)
+        for stage, result in summary.items():
+            if isinstance(result, dict):
+                client.set_tag(parent_run_id, f"stage_status/{_key(stage)}", result["status"])
+                client.log_metric(parent_run_id, f"stage_seconds/{_key(stage)}", result["seconds"])
+            else:
+                client.set_tag(parent_run_id, f"alignflow/{_key(stage)}", str(result))
+    finally:
+        client.set_terminated(parent_run_id, status=status)

@@ -50,11 +50,13 @@ def test_second_repro_does_nothing(tiny_repo):
 @pytest.mark.parametrize(
     "section, key, value, direct",
     [
-        ("sft", "learning_rate", 1.0e-3, ["sft"]),
-        ("dpo", "beta", 0.2, ["dpo", "evaluate"]),  # evaluate reads beta for the implicit reward
-        ("dpo", "loss", "ipo", ["dpo"]),
-        ("reference", "batch_size", 3, ["reference"]),
-        ("evaluate", "temperature", 0.7, ["evaluate"]),
+        # register's lineage hash covers every params section but register.gate: it is directly stale too
+        ("sft", "learning_rate", 1.0e-3, ["sft", "register"]),
+        ("dpo", "beta", 0.2, ["dpo", "evaluate", "register"]),  # evaluate reads beta for the implicit reward
+        ("dpo", "loss", "ipo", ["dpo", "register"]),
+        ("reference", "batch_size", 3, ["reference", "register"]),
+        ("evaluate", "temperature", 0.7, ["evaluate", "register"]),
+        ("register", "gate", {"min_prompts": 10}, []),  # the gate is applied by promote, not by register
     ],
 )
 def test_param_change_invalidates_only_its_stages(tiny_repo, tmp_path, section, key, value, direct):
@@ -90,8 +92,9 @@ def test_beta_sweep_reuses_sft_and_reference(tiny_repo, tmp_path):
 
 
 def test_editing_a_user_source_reruns_prepare_and_everything_after(tiny_repo, tmp_path):
-    """The user's data file is a DVC dependency: edit it and prepare re-runs (and everything after it
-    becomes stale); leave it alone, or only touch it, and nothing runs."""
+    """The user's data file is a DVC dependency: edit it and prepare re-runs, and every stage that reads
+    the data that changed (here preference pairs only: not SFT) becomes stale; leave it alone, or only
+    touch it, and nothing runs."""
     root = tmp_path / "repo"
     shutil.copytree(tiny_repo, root, symlinks=True)
     mine = root / "data" / "mine.jsonl"
@@ -116,5 +119,7 @@ def test_editing_a_user_source_reruns_prepare_and_everything_after(tiny_repo, tm
     out = run_cmd(["dvc", "repro", "prepare"], root).stdout
     assert stages_run(out) == ["sources@src2", "prepare"]
     assert json.loads((root / "metrics/prepare.json").read_text())["file/data/mine.jsonl/kept"] == 4
-    # every stage that reads the prepared data is stale (register follows once the model it registers changes)
-    assert stages_run(run_cmd(["dvc", "repro", "--dry"], root).stdout) == ["sft", "reference", "dpo", "evaluate"]
+    # only the preference data changed: the stages that read it are stale, SFT is not (its files are unchanged;
+    # register follows once the model it registers changes)
+    stale = stages_run(run_cmd(["dvc", "repro", "--dry"], root).stdout)
+    assert "sft" not in stale and stale[:3] == ["reference", "dpo", "evaluate"]

@@ -201,3 +201,25 @@ def test_missing_reference_fails_clearly_and_keeps_old_report(workspace, tmp_pat
                      pref_eval_path=str(root / "prepared/pref_eval.jsonl"), reference_path=str(tmp_path / "eval.pt"),
                      report_dir=str(report), metrics_path=str(tmp_path / "m.json"), track=False)
     assert (report / "index.html").read_text() == "previous good report"
+
+
+def test_kl_is_estimated_on_untempered_policy_samples(workspace, monkeypatch):
+    """Sampling at T=0.5 for the judge must not bias the KL guardrail: the KL samples come from the
+    policy itself (T=1, top_p=1), and the estimate carries a bootstrap interval."""
+    calls = []
+    real = evaluate.generate_tokens
+
+    def recording(model, tokenizer, prompts, max_new_tokens, temperature, top_p, *args, **kwargs):
+        calls.append((kwargs.get("desc"), temperature, top_p))
+        return real(model, tokenizer, prompts, max_new_tokens, temperature, top_p, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_tokens", recording)
+    metrics, _ = _run(workspace, "tempered", temperature=0.5, top_p=0.9)
+    assert ("generate dpo (KL)", 1.0, 1.0) in calls
+    assert [c for c in calls if c[0] in ("generate sft", "generate dpo")] == [("generate sft", 0.5, 0.9),
+                                                                              ("generate dpo", 0.5, 0.9)]
+    assert metrics["eval/kl_to_reference_ci_low"] <= metrics["eval/kl_to_reference"] <= metrics["eval/kl_to_reference_ci_high"]
+    assert metrics["eval/length_ratio_ci_low"] <= metrics["eval/length_ratio"] <= metrics["eval/length_ratio_ci_high"]
+    calls.clear()
+    _run(workspace, "untempered")
+    assert all(c[0] != "generate dpo (KL)" for c in calls)  # T=1, top_p=1: the judged samples serve

@@ -20,8 +20,8 @@ from components.core.gate import gate_decision
 
 NAME = "tiny-aligned"
 GATE = {"primary_metric": "eval/reward_mean", "min_delta": 0.0, "confidence": 0.95, "max_kl": 50.0,
-        "max_length_ratio": 2.0}
-GOOD_METRICS = {"eval/kl_to_reference": 3.0, "eval/length_ratio": 1.1}
+        "max_length_ratio": 2.0, "min_prompts": 2}
+GOOD_METRICS = {"eval/kl_to_reference": 3.0, "eval/length_ratio": 1.1, "eval/num_prompts": 6}
 
 
 # ----------------------------------------------------------------------------- gate_decision (unit)
@@ -32,7 +32,7 @@ def test_gate_passes_on_a_clear_paired_improvement():
     d = gate_decision([0.75, 1.0, 0.5, 0.5], [0.25, 0.5, 0.0, 0.0], GOOD_METRICS, GATE, 200, 0)
     assert d.passed, d.reasons
     assert (d.delta, d.ci_low, d.ci_high) == (0.5, 0.5, 0.5)
-    assert len(d.reasons) == 4 and all(r.startswith("PASS") for r in d.reasons)
+    assert len(d.reasons) == 5 and all(r.startswith("PASS") for r in d.reasons)
 
 
 def test_gate_rejects_when_the_interval_includes_zero():
@@ -49,7 +49,7 @@ def test_gate_rejects_a_tie_and_a_too_small_gain():
     assert not tie.passed and (tie.delta, tie.ci_low) == (0.0, 0.0)  # [0, 0] does not exclude zero
     small = gate_decision([0.75, 0.75], [0.5, 0.5], GOOD_METRICS, {**GATE, "min_delta": 0.5}, 200, 0)
     assert not small.passed
-    assert [r.split()[0] for r in small.reasons] == ["FAIL", "PASS", "PASS", "PASS"]  # CI fine, delta short
+    assert [r.split()[0] for r in small.reasons] == ["FAIL", "PASS", "PASS", "PASS", "PASS"]  # CI fine, delta short
 
 
 @pytest.mark.parametrize("metrics, failing", [
@@ -57,9 +57,11 @@ def test_gate_rejects_a_tie_and_a_too_small_gain():
     ({"eval/kl_to_reference": 1.0, "eval/length_ratio": 2.5}, "eval/length_ratio"),
     ({"eval/length_ratio": 1.0}, "eval/kl_to_reference missing"),
     ({"eval/kl_to_reference": float("nan"), "eval/length_ratio": 1.0}, "eval/kl_to_reference missing"),
+    ({"eval/kl_to_reference": 1.0, "eval/length_ratio": 1.0}, "compared on"),
 ])
 def test_guardrails_veto_an_improvement(metrics, failing):
-    d = gate_decision([1.0, 1.0], [0.0, 0.0], metrics, GATE, 200, 0)
+    gate = {**GATE, "min_prompts": 3} if failing == "compared on" else GATE
+    d = gate_decision([1.0, 1.0], [0.0, 0.0], metrics, gate, 200, 0)
     assert not d.passed
     assert [r for r in d.reasons if r.startswith("FAIL")] == [next(r for r in d.reasons if failing in r)]
 
@@ -67,7 +69,17 @@ def test_guardrails_veto_an_improvement(metrics, failing):
 def test_no_champion_passes_but_guardrails_still_apply():
     d = gate_decision(None, None, GOOD_METRICS, GATE, 200, 0)
     assert d.passed and "no champion" in d.reasons[0] and d.delta is None
-    assert not gate_decision(None, None, {"eval/kl_to_reference": 99.0, "eval/length_ratio": 1.0}, GATE, 200, 0).passed
+    assert not gate_decision(None, None, {**GOOD_METRICS, "eval/kl_to_reference": 99.0}, GATE, 200, 0).passed
+
+
+def test_too_few_prompts_never_promote_and_a_ci_below_zero_says_so():
+    one = gate_decision([0.9], [0.1], GOOD_METRICS, {**GATE, "min_prompts": 50}, 200, 0)
+    assert not one.passed and (one.ci_low, one.ci_high) == pytest.approx((0.8, 0.8))  # a "CI" of one prompt
+    assert "FAIL compared on 1 prompts < gate.min_prompts 50" in one.reasons
+    first = gate_decision(None, None, {**GOOD_METRICS, "eval/num_prompts": 4}, {**GATE, "min_prompts": 50}, 200, 0)
+    assert not first.passed and "FAIL evaluated on 4 held-out prompts < gate.min_prompts 50" in first.reasons
+    worse = gate_decision([0.0] * 10, [1.0] * 10, GOOD_METRICS, GATE, 200, 0)
+    assert any(r.endswith("lies below 0") for r in worse.reasons)
 
 
 def test_unpaired_scores_are_an_error():
