@@ -41,16 +41,18 @@ def attach_reference(pairs: list[dict], reference: dict, path: str) -> None:
         p["ref_chosen"], p["ref_rejected"], _, _ = reference[p["id"]]
 
 
-def pair_losses(model, pairs: list[dict], pad_id: int, device, loss_kwargs: dict) -> tuple[losses.LossOutput, dict]:
-    """Per-pair losses of a micro-batch and the tensors the metrics need."""
+def pair_losses(model, pairs: list[dict], pad_id: int, device, loss_kwargs: dict,
+                kto_kl: torch.Tensor | None = None) -> tuple[losses.LossOutput, dict]:
+    """Per-pair losses of a micro-batch and the tensors the metrics need (incl. the summed log-ratios)."""
     pc, pr, nc, nr = pair_logps(model, pairs, pad_id, device)
     rc = torch.tensor([p["ref_chosen"] for p in pairs], device=device)
     rr = torch.tensor([p["ref_rejected"] for p in pairs], device=device)
     out = losses.preference_loss(
         policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc, reference_rejected_logps=rr,
-        chosen_lengths=nc, rejected_lengths=nr, **loss_kwargs,
+        chosen_lengths=nc, rejected_lengths=nr, kto_kl=kto_kl, **loss_kwargs,
     )
-    return out, {"pc": pc.detach(), "pr": pr.detach()}
+    log_ratio_sum = ((pc - rc) + (pr - rr)).detach().sum()
+    return out, {"pc": pc.detach(), "pr": pr.detach(), "log_ratio_sum": log_ratio_sum}
 
 
 def reduce_means(accelerator, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
@@ -61,14 +63,14 @@ def reduce_means(accelerator, sums: dict[str, torch.Tensor], count: int) -> dict
 
 
 @torch.no_grad()
-def evaluate_pairs(model, accelerator, pairs, batch_size, pad_id, loss_kwargs) -> dict[str, float]:
+def evaluate_pairs(model, accelerator, pairs, batch_size, pad_id, loss_kwargs, kto_kl=None) -> dict[str, float]:
     model.eval()
     order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))
     mine = training.shard(order, accelerator.process_index, accelerator.num_processes)
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
     for s in range(0, len(mine), batch_size):
         out, lp = pair_losses(model, [pairs[i] for i in mine[s : s + batch_size]], pad_id, accelerator.device,
-                              loss_kwargs)
+                              loss_kwargs, kto_kl)
         for k, v in losses.preference_metric_sums(out, lp["pc"], lp["pr"]).items():
             sums[k] = sums[k] + v
     model.train()
@@ -152,6 +154,8 @@ def run(
                                  world)
     start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps)
     guard = training.DivergenceGuard(divergence_factor, ckpt_dir, saved.get("guard"))
+    # KTO's reference point z0: the previous step's mean log-ratio over all its pairs on all processes
+    kto_kl = torch.tensor(float(saved.get("kto_kl", 0.0)), device=accelerator.device)
 
     # ---------------------------------------------------------------- train
     pad_id = tokenizer.pad_token_id
@@ -166,19 +170,22 @@ def run(
             micro_batches = plan[step]
             step_pairs = sum(len(mb) for mb in micro_batches)
             step_loss = torch.zeros((), device=accelerator.device)
+            step_log_ratio = torch.zeros((), device=accelerator.device)
             for k, mb in enumerate(micro_batches):
                 mine = [train[i] for i in training.shard(mb, rank, world)]
                 with training.maybe_no_sync(accelerator, model, k == len(micro_batches) - 1):
                     with accelerator.autocast():
-                        out, lp = pair_losses(model, mine, pad_id, accelerator.device, loss_kwargs)
+                        out, lp = pair_losses(model, mine, pad_id, accelerator.device, loss_kwargs, kto_kl)
                     # mean over all pairs of the global step; * world undoes DDP's gradient averaging
                     accelerator.backward(out.losses.sum() * world / step_pairs)
                 step_loss += out.losses.detach().sum()
+                step_log_ratio += lp["log_ratio_sum"]
                 for key, v in losses.preference_metric_sums(out, lp["pc"], lp["pr"]).items():
                     window[key] = window[key] + v
                 window_pairs += len(mine)
                 tokens_seen += sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in mine)
             loss_value = accelerator.reduce(step_loss, reduction="sum") / step_pairs
+            kto_kl = (accelerator.reduce(step_log_ratio, reduction="sum") / (2 * step_pairs)).clamp(min=0)
             training.guard_finite(loss_value, step + 1, ckpt_dir)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
             guard.check(step + 1, loss_value.item(), float(grad_norm) if grad_norm is not None else None)
@@ -201,13 +208,13 @@ def run(
                 window_pairs = 0
             if evals and (done % eval_every == 0 or done == total_steps):
                 row = row or {"step": done}
-                row.update(evaluate_pairs(model, accelerator, evals, batch_size, pad_id, loss_kwargs))
+                row.update(evaluate_pairs(model, accelerator, evals, batch_size, pad_id, loss_kwargs, kto_kl))
             if row:
                 history.append(row)
                 training.log_step_metrics(mlrun, row, done)
             if done % save_every == 0 and done < total_steps:
                 checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history,
-                                                                                "guard": guard.state()},
+                                                                                "guard": guard.state(), "kto_kl": kto_kl.item()},
                                          keep_checkpoints)
         bar.close()
 

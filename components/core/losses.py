@@ -44,6 +44,8 @@ def _per_token(logps: Tensor, lengths: Tensor) -> Tensor:
 
 def _log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Maechler 2012), as TRL's ORPO."""
+    # a mean log-prob of exactly 0 (P = 1) would give log(0) = -inf and a NaN loss: stay just below it
+    x = x.clamp(max=-1e-6)
     return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
@@ -266,10 +268,12 @@ def kto_from_pairs(
     beta: float,
     desirable_weight: float,
     undesirable_weight: float,
+    kl: Tensor | None = None,
 ) -> LossOutput:
     """KTO on a paired batch: each chosen is desirable, each rejected undesirable.
 
-        z0     = max(0, mean over the 2B completions of (log pi(y) - log ref(y))), detached
+        z0     = max(0, kl) when given, else max(0, mean over the 2B completions of (log pi(y) - log ref(y))),
+                 detached
         loss_i = (kto(y_w,i) + kto(y_l,i)) / 2                                       # (B,)
 
     TRL estimates z0 = KL(pi || ref) from *mismatched* pairs (completion of example i-1 scored under
@@ -279,13 +283,18 @@ def kto_from_pairs(
     completions. It is an approximation of TRL's z0, not equal to it: matched completions are the
     ones being pushed up/down, so their mean log-ratio tracks the policy's drift more directly.
     Averaging each pair's two terms keeps `losses.mean()` equal to KTO's mean over 2B completions.
+    The dpo stage passes `kl`: the previous optimizer step's mean over all its micro-batches and processes
+    (0 at the first step, where policy = reference), so z0 does not depend on how a step is split.
     Rewards: beta * (policy - reference) on summed log-probs, (B,) each. extra: `kl` = z0.
     """
     policy_logps = torch.cat([policy_chosen_logps, policy_rejected_logps])  # (2B,)
     reference_logps = torch.cat([reference_chosen_logps, reference_rejected_logps])  # (2B,)
     batch_size = policy_chosen_logps.shape[0]
     labels = torch.arange(2 * batch_size, device=policy_logps.device) < batch_size  # (2B,)
-    z0 = (policy_logps - reference_logps).detach().mean().clamp(min=0)
+    if kl is None:
+        z0 = (policy_logps - reference_logps).detach().mean().clamp(min=0)
+    else:
+        z0 = torch.as_tensor(kl, dtype=policy_logps.dtype, device=policy_logps.device).clamp(min=0)
     out = kto(policy_logps, reference_logps, labels, z0, beta, desirable_weight, undesirable_weight)
     losses = 0.5 * (out.losses[:batch_size] + out.losses[batch_size:])  # (B,)
     return LossOutput(losses, out.chosen_rewards, out.rejected_rewards, out.extra)
@@ -310,6 +319,7 @@ def preference_loss(
     kto_desirable_weight: float = 1.0,
     kto_undesirable_weight: float = 1.0,
     rpo_alpha: float = 0.0,
+    kto_kl: Tensor | None = None,
 ) -> LossOutput:
     """The loss named by `dpo.loss` in params.yaml, plus `rpo_alpha * rpo_nll` when rpo_alpha > 0.
 
@@ -343,7 +353,7 @@ def preference_loss(
     elif name == "orpo":
         out = orpo(*policy, *lengths, alpha=orpo_alpha)
     else:  # kto
-        out = kto_from_pairs(*policy, *reference, beta, kto_desirable_weight, kto_undesirable_weight)
+        out = kto_from_pairs(*policy, *reference, beta, kto_desirable_weight, kto_undesirable_weight, kto_kl)
 
     if rpo_alpha > 0:
         nll = rpo_nll(policy_chosen_logps, chosen_lengths)

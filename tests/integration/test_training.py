@@ -172,16 +172,18 @@ def test_reference_then_dpo_resume_exactly(tiny_data, tmp_path):
     assert len(rows) == 8 and all(0.0 <= r <= 1.0 for r in rows)
 
 
-def test_dpo_two_processes_follow_one_process(tiny_data, tmp_path):
-    """DPO under torchrun x2 (DDP, shared-prompt rows) follows the 1-process run at the same global batch."""
-    one = workdir(tiny_data, tmp_path / "one", dpo__batch_size=4)
-    two = workdir(tiny_data, tmp_path / "two", dpo__batch_size=2)
+@pytest.mark.parametrize("loss, port", [("sigmoid", 29518), ("kto", 29519)])
+def test_dpo_two_processes_follow_one_process(tiny_data, tmp_path, loss, port):
+    """DPO under torchrun x2 (DDP, shared-prompt rows) follows the 1-process run at the same global batch.
+    For KTO that includes its reference point z0, estimated over the whole step on every process."""
+    one = workdir(tiny_data, tmp_path / "one", dpo__batch_size=4, dpo__loss=loss)
+    two = workdir(tiny_data, tmp_path / "two", dpo__batch_size=2, dpo__loss=loss)
     shutil.copytree(one / "models/base", one / "models/sft")
     run_cmd(stage("reference"), one)
     shutil.copytree(one / "models/sft", two / "models/sft")
     shutil.copytree(one / "artifacts", two / "artifacts")
     run_cmd(stage("dpo"), one)
-    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
              "-m", "components.dpo", "--params", "params.yaml"], two)
     for name in ("loss", "rewards/margins", "eval/loss"):
         a, b = column(one / "plots/dpo.csv", name), column(two / "plots/dpo.csv", name)

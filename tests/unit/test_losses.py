@@ -500,3 +500,20 @@ def test_parity_kto_from_pairs_with_trl_formula_given_our_kl(batch):
     assert close(out.extra["kl"], z0)
     assert close(out.losses.mean(), trl_losses.nanmean())
     assert close(out.chosen_rewards, trl_chosen) and close(out.rejected_rewards, trl_rejected)
+
+
+
+def test_orpo_is_finite_when_a_response_is_certain():
+    """A mean log-prob of exactly 0 (P = 1) made log(1 - P) = -inf and the loss NaN."""
+    out = orpo(T([0.0]), T([-3.0]), T([2]), T([2]), 1.0)
+    assert torch.isfinite(out.losses).all() and torch.isfinite(out.extra["log_odds_chosen"]).all()
+
+
+def test_kto_from_pairs_uses_the_given_reference_point():
+    from components.core.losses import kto_from_pairs
+
+    args = (T([-1.0, -2.0]), T([-3.0, -1.0]), T([-1.5, -2.0]), T([-2.0, -2.0]), 0.1, 1.0, 1.0)
+    batch = kto_from_pairs(*args)  # z0 from this batch: mean(0.5, 0, -1, 1) = 0.125
+    given = kto_from_pairs(*args, kl=torch.tensor(0.4))
+    assert batch.extra["kl"].item() == pytest.approx(0.125) and given.extra["kl"].item() == pytest.approx(0.4)
+    assert kto_from_pairs(*args, kl=torch.tensor(-1.0)).extra["kl"].item() == 0.0  # clamped at 0
