@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from components.core.io import SOURCE_FILE, atomic_dir
+from components.core.logs import stage_main
 from components.core.tokens import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
@@ -111,15 +112,14 @@ def run(
     return result
 
 
+@stage_main("bootstrap")
 def main(argv: list[str] | None = None) -> None:
     from components.core.config import load_params
-    from components.core.logs import setup_logging
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="models/base")
     args = parser.parse_args(argv)
-    setup_logging()
     p = load_params(args.params)
     m, s = p.model, p.synthetic
     result = run(args.out, m.name_or_path, m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,

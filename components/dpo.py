@@ -24,6 +24,7 @@ import torch
 
 from components.core import checkpoints, losses, scoring, tokens, training
 from components.core.io import read_jsonl, write_csv, write_json
+from components.core.logs import stage_main
 from components.core.scoring import load_reference_logps, pair_logps
 from components.core.tokens import pair_length, tokenize_pair
 
@@ -235,9 +236,9 @@ def run(
     return final
 
 
+@stage_main("dpo")
 def main(argv: list[str] | None = None) -> None:
     from components.core.config import load_params
-    from components.core.logs import setup_logging
 
     parser = argparse.ArgumentParser(description="preference optimisation stage")
     parser.add_argument("--params", default="params.yaml")
@@ -246,7 +247,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-dir", default="artifacts/ref_logps")
     parser.add_argument("--out", default="models/dpo")
     args = parser.parse_args(argv)
-    setup_logging()
     p = load_params(args.params)
     d = p.dpo
     result = run(

@@ -34,6 +34,7 @@ import torch
 from components.core import report as report_html
 from components.core.generation import eos_ids, eval_prompts, generate_tokens, load_causal_lm, response_length
 from components.core.io import read_jsonl, write_csv, write_json
+from components.core.logs import stage_main
 from components.core.rewards import last_user_text, load_judge
 from components.core.scoring import batch_nll, preference_logps, response_logps
 from components.core.stats import bootstrap_ci, bootstrap_ratio_ci, implicit_rewards, win_values
@@ -318,9 +319,9 @@ def run(
     return metrics
 
 
+@stage_main("evaluate")
 def main(argv: list[str] | None = None) -> None:
     from components.core.config import load_params
-    from components.core.logs import setup_logging
 
     parser = argparse.ArgumentParser(description="Evaluation stage: SFT vs DPO on held-out data, HTML report")
     parser.add_argument("--params", default="params.yaml")
@@ -333,7 +334,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", default="reports/eval")
     parser.add_argument("--no-track", action="store_true", help="skip MLflow")
     args = parser.parse_args(argv)
-    setup_logging()
     p = load_params(args.params)
     result = run(
         sft_dir=args.sft,

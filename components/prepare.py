@@ -63,6 +63,7 @@ from components.core.formats import (
     validate,
 )
 from components.core.io import atomic_dir, write_text
+from components.core.logs import stage_main
 from components.core.readers import UNDECODABLE, DataError, InvalidJSON, open_hub, open_source
 from components.core.tokens import (
     chat_markers,
@@ -396,37 +397,31 @@ def run(
     return metrics
 
 
+@stage_main("prepare")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Prepare canonical SFT / preference / unpaired data.")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    from components.core.config import ParamsError, load_params
+    from components.core.config import load_params
     from components.core.io import resolve_model_path
-    from components.core.logs import setup_logging
 
-    setup_logging()
-
-    try:
-        params = load_params(args.params)
-        d = params.data
-        run(
-            sources=[s.model_dump() for s in d.sources],
-            hub_sources=[s.model_dump() for s in d.hub_sources],
-            out_dir="data/prepared",
-            metrics_path="metrics/prepare.json",
-            report_path="reports/prepare.json",
-            tokenizer_path=resolve_model_path("models/base"),
-            eval_fraction=d.eval_fraction,
-            max_length=d.max_length,
-            max_prompt_length=d.max_prompt_length,
-            dedupe=d.dedupe,
-            min_kept_fraction=d.min_kept_fraction,
-            skip_invalid_json=d.skip_invalid_json,
-            seed=params.seed,
-        )
-    except (DataError, ParamsError) as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
-        return 1
+    params = load_params(args.params)  # a ParamsError / DataError: one line + the input-error mark, exit 2
+    d = params.data
+    run(
+        sources=[s.model_dump() for s in d.sources],
+        hub_sources=[s.model_dump() for s in d.hub_sources],
+        out_dir="data/prepared",
+        metrics_path="metrics/prepare.json",
+        report_path="reports/prepare.json",
+        tokenizer_path=resolve_model_path("models/base"),
+        eval_fraction=d.eval_fraction,
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        dedupe=d.dedupe,
+        min_kept_fraction=d.min_kept_fraction,
+        skip_invalid_json=d.skip_invalid_json,
+        seed=params.seed,
+    )
     return 0
 
 

@@ -20,6 +20,7 @@ import torch
 
 from components.core import training
 from components.core.io import atomic_dir, read_jsonl, write_json
+from components.core.logs import stage_main
 from components.core.scoring import pair_logps
 from components.core.tokens import pair_length, tokenize_pair
 
@@ -102,9 +103,9 @@ def run(
     return summary
 
 
+@stage_main("reference")
 def main(argv: list[str] | None = None) -> None:
     from components.core.config import load_params
-    from components.core.logs import setup_logging
 
     parser = argparse.ArgumentParser(description="reference log-prob stage")
     parser.add_argument("--params", default="params.yaml")
@@ -112,7 +113,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default="data/prepared")
     parser.add_argument("--out", default="artifacts/ref_logps")
     args = parser.parse_args(argv)
-    setup_logging()
     p = load_params(args.params)
     result = run(args.model, args.data_dir, args.out, p.data.max_length, p.data.max_prompt_length,
                  p.reference.batch_size, p.compute.mixed_precision, p.model.trust_remote_code)

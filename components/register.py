@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from components.core.logs import stage_main
 from components.core.registry import (
     CHALLENGER,
     RegistryError,
@@ -227,18 +228,16 @@ def add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reports/registration.json")
 
 
+@stage_main("register")
 def main(argv: list[str] | None = None) -> int:
     """`python -m components.register`: the DVC stage. Exit 0 registered, 1 error (message names the cause)."""
-    from components.core.config import ParamsError
-    from components.core.logs import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m components.register", description=__doc__.splitlines()[0])
     add_register_arguments(parser)
     args = parser.parse_args(argv)
-    setup_logging()
     try:
         result = register_from_params(args.params, args.model_dir, args.metrics, args.eval_report, args.out)
-    except (ParamsError, RegistryError, FileNotFoundError) as e:
+    except (RegistryError, FileNotFoundError) as e:  # params errors: stage_main's input-error exit
         print(f"register: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({k: result[k] for k in ("name", "version", "run_id", "model_uri", "alias")}))

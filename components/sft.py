@@ -23,6 +23,7 @@ import torch
 from components.core import checkpoints, scoring, tokens, training
 from components.core.config import params_hash
 from components.core.io import read_jsonl, write_csv, write_json
+from components.core.logs import stage_main
 from components.core.scoring import batch_nll
 from components.core.tokens import IGNORE_INDEX, collate_sequences, tokenize_sft
 
@@ -191,10 +192,10 @@ def run(
     return final
 
 
+@stage_main("sft")
 def main(argv: list[str] | None = None) -> None:
     from components.core.config import load_params
     from components.core.io import resolve_model_path
-    from components.core.logs import setup_logging
 
     parser = argparse.ArgumentParser(description="SFT stage")
     parser.add_argument("--params", default="params.yaml")
@@ -202,7 +203,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default="data/prepared")
     parser.add_argument("--out", default="models/sft")
     args = parser.parse_args(argv)
-    setup_logging()
     p = load_params(args.params)
     s = p.sft
     result = run(

@@ -16,6 +16,7 @@ import hashlib
 from pathlib import Path
 
 from components.core.io import write_json
+from components.core.logs import stage_main
 from components.core.readers import EXTENSIONS
 
 
@@ -42,14 +43,13 @@ def fingerprint(path: str | Path) -> dict:
     return {"path": str(path), "files": len(data_files(root)), "bytes": total, "sha256": digest.hexdigest()}
 
 
+@stage_main("sources")
 def main(argv: list[str] | None = None) -> None:
-    from components.core.logs import setup_logging
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--path", required=True, help="a data.sources[].path")
     parser.add_argument("--out", required=True, help="where the fingerprint goes (data/fingerprints/<key>.json)")
     args = parser.parse_args(argv)
-    setup_logging()
     write_json(args.out, fingerprint(args.path))
 
 

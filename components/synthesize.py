@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from components.core.io import write_jsonl
+from components.core.logs import stage_main
 from components.core.sorting import generate, reward
 
 
@@ -45,15 +46,14 @@ def run(
     return {"sft": len(sft), "preference": len(preferences), "sft_noisy": noisy}
 
 
+@stage_main("synthesize")
 def main(argv: list[str] | None = None) -> None:
     from components.core.config import load_params
-    from components.core.logs import setup_logging
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="data/raw")
     args = parser.parse_args(argv)
-    setup_logging()
     p = load_params(args.params)
     s = p.synthetic
     result = run(args.out, s.enabled, s.n_sft, s.n_preference, s.min_items, s.max_items, s.max_value, s.demo_noise, p.seed)

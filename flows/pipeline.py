@@ -130,7 +130,16 @@ def _stage_env(extra: dict[str, str]) -> dict[str, str]:
 # ----------------------------------------------------------------------------- tasks
 
 
-@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, tags=[DVC_TAG])
+def retry_unless_input_error(task, task_run, state) -> bool:
+    """Retry a failed stage unless it failed on its inputs (bad params or data, a diverging run): the
+    stage printed INPUT_ERROR_MARK, and a retry would fail the same way."""
+    from components.core.logs import INPUT_ERROR_MARK
+
+    return INPUT_ERROR_MARK not in f"{state.message or ''} {state.data!r}"
+
+
+@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, tags=[DVC_TAG],
+      retry_condition_fn=retry_unless_input_error)
 def run_stage(
     stage: str,
     repo_dir: str,

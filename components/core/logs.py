@@ -8,8 +8,10 @@ its loggers stay at WARNING unless ALIGNFLOW_LOG_LEVEL=DEBUG.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_LOGGERS = ("accelerate", "accelerate.accelerator", "accelerate.checkpointing")
@@ -21,3 +23,36 @@ def setup_logging(level: str | None = None) -> None:
     if level != "DEBUG":
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# Printed by a stage that fails on its inputs (params, data, a diverging run): the flow does not retry it.
+INPUT_ERROR_MARK = "[alignflow] input error"
+_INPUT_ERRORS = {"ParamsError", "DataError", "NonFiniteLossError", "DivergenceError", "JudgeError"}
+
+
+def is_input_error(e: BaseException) -> bool:
+    """Errors a re-run with the same params and data would hit again (by class name: no imports here)."""
+    return bool({c.__name__ for c in type(e).__mro__} & _INPUT_ERRORS)
+
+
+def stage_main(stage: str):
+    """Decorate a stage's `main(argv)`: logging set up once; an input error exits 2 with one clear line and
+    INPUT_ERROR_MARK (so orchestration knows a retry cannot help); anything else propagates as a traceback."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def main(argv: list[str] | None = None):
+            setup_logging()
+            try:
+                return fn(argv)
+            except Exception as e:
+                if not is_input_error(e):
+                    raise
+                print(f"{stage}: error: {e}", file=sys.stderr)
+                print(f"{INPUT_ERROR_MARK} ({type(e).__name__}): fix the params or data; retrying cannot help",
+                      file=sys.stderr)
+                sys.exit(2)
+
+        return main
+
+    return wrap

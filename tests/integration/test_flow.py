@@ -178,6 +178,19 @@ def repro_run(tiny_repo):
 # ----------------------------------------------------------------------------- runner + ordering (fast)
 
 
+def test_a_stage_that_failed_on_its_inputs_is_not_retried():
+    from prefect.states import Failed
+
+    from components.core.logs import INPUT_ERROR_MARK
+    from flows.pipeline import StageFailed, retry_unless_input_error
+
+    deterministic = StageFailed(f"stage 'prepare' failed with exit code 1; last lines:\nprepare: error: x.jsonl:3: "
+                                f"invalid JSON\n{INPUT_ERROR_MARK} (DataError): fix the params or data")
+    crashed = StageFailed("stage 'sft' failed with exit code 137; last lines:\nKilled")
+    assert retry_unless_input_error(None, None, Failed(data=deterministic, message=repr(deterministic))) is False
+    assert retry_unless_input_error(None, None, Failed(data=crashed, message=repr(crashed))) is True
+
+
 def test_runner_streams_merged_output_line_by_line(tmp_path):
     lines: list[str] = []
     rc = run_command(

@@ -543,8 +543,12 @@ def test_cli_writes_outputs(cli, tmp_path):
     assert {p.name for p in (tmp_path / "data" / "prepared").iterdir()} == {*OUTPUTS, "report.json"}
 
 
-def test_cli_data_error_is_one_line(cli, capsys):
-    assert cli(fixture("broken_json.jsonl")) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("prepare: error: ") and "broken_json.jsonl:3: invalid JSON" in err
-    assert "\n" not in err and "Traceback" not in err
+def test_cli_data_error_is_one_line_and_marked_not_worth_retrying(cli, capsys):
+    from components.core.logs import INPUT_ERROR_MARK
+
+    with pytest.raises(SystemExit) as e:
+        cli(fixture("broken_json.jsonl"))
+    assert e.value.code == 2
+    first, mark = capsys.readouterr().err.strip().splitlines()
+    assert first.startswith("prepare: error: ") and "broken_json.jsonl:3: invalid JSON" in first
+    assert mark.startswith(INPUT_ERROR_MARK)  # the flow does not retry it (tests/integration/test_flow.py)
