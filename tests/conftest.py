@@ -72,7 +72,9 @@ def make_repo_copy(dst: Path, params: Path = TINY_PARAMS) -> Path:
                            text=True, check=True).stdout.split()
     for rel in files:
         src = REPO / rel
-        if src.is_file() and not rel.startswith(("tests/", "benchmarks/")) and rel != "dvc.lock":
+        # outputs of an earlier run (dvc.lock, committed metrics/plots) stay out: the copy starts clean
+        if src.is_file() and not rel.startswith(("tests/", "benchmarks/", "metrics/", "plots/", "reports/")) \
+                and rel != "dvc.lock":
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)
     shutil.copy2(params, dst / "params.yaml")

@@ -1,7 +1,9 @@
 """MLflow run context and lineage tags (git commit, DVC hashes of inputs, params hash, flow run).
 
-Nothing happens on import: the tracking URI is resolved when a run starts
-(`MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db` in the working directory).
+Nothing happens on import: the tracking URI is resolved when a run starts (`MLFLOW_TRACKING_URI`, else
+`sqlite:///<project>/mlflow.db`, absolute, also from a `dvc exp run --queue` workspace). SQLite takes one
+writer at a time: for parallel experiments (`dvc exp run --run-all -j 2`) or a team, point
+MLFLOW_TRACKING_URI at an MLflow tracking server (README, "Team set-up").
 When Prefect drives the pipeline it exports `ALIGNFLOW_PARENT_RUN_ID` and `ALIGNFLOW_FLOW_RUN_ID`;
 stage runs then nest under the flow's run and carry the flow-run id.
 """
@@ -24,8 +26,26 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT = os.environ.get("ALIGNFLOW_EXPERIMENT", "alignflow")
 
 
+def project_root(start: str | Path = ".") -> Path:
+    """The project a stage runs for: the nearest directory with a dvc.yaml, and for a queued or parallel
+    `dvc exp run` (whose workspace is a temp copy under <project>/.dvc/tmp/exps/) the project above it."""
+    here = Path(start).resolve()
+    parts = here.parts
+    if ".dvc" in parts:  # a DVC experiment workspace: log into the project, not into the temp copy
+        return Path(*parts[: parts.index(".dvc")])
+    for d in (here, *here.parents):
+        if (d / "dvc.yaml").exists():
+            return d
+    return here
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """MLFLOW_TRACKING_URI, else the project's sqlite:///<project>/mlflow.db; a relative sqlite path is made
+    absolute in the project, so every stage, flow and experiment workspace of a project shares one store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{project_root() / uri.removeprefix('sqlite:///')}"
+    return uri
 
 
 def git_state(cwd: str | Path = ".") -> dict[str, str]:
@@ -41,11 +61,10 @@ def git_state(cwd: str | Path = ".") -> dict[str, str]:
 
 
 def tracking_uri_for(project_dir: str | Path) -> str:
-    """The tracking URI with a relative sqlite path made absolute in `project_dir`, where `dvc repro`
-    (cwd = project root) would put it; so subprocesses started elsewhere log to the same store."""
-    uri = tracking_uri()
+    """tracking_uri() as seen from `project_dir` (the flow resolves it once for all its stages)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(project_dir).resolve() / uri.removeprefix('sqlite:///')}"
+        uri = f"sqlite:///{project_root(project_dir) / uri.removeprefix('sqlite:///')}"
     return uri
 
 
@@ -105,7 +124,9 @@ def stage_run(stage: str, params: dict, inputs: list[str], params_digest: str, e
         return
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    ensure_experiment(uri)
     mlflow.set_experiment(EXPERIMENT)
     tags = lineage_tags(stage, inputs, params_digest)
     parent = os.environ.get("ALIGNFLOW_PARENT_RUN_ID")
@@ -114,6 +135,19 @@ def stage_run(stage: str, params: dict, inputs: list[str], params_digest: str, e
     with mlflow.start_run(run_name=stage, tags=tags) as run:
         mlflow.log_params(_flatten(params))
         yield run
+
+
+def ensure_experiment(uri: str, project_dir: str | Path = ".") -> str:
+    """The experiment's id, creating it if needed. With a local store its artifacts go to <project>/mlruns
+    (absolute): created from a `dvc exp run` workspace, MLflow would put them in the temp copy."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (project_root(project_dir) / "mlruns").as_uri() if uri.startswith("sqlite:") else None
+    return client.create_experiment(EXPERIMENT, artifact_location=location)
 
 
 def log_metrics(run, metrics: dict[str, float], step: int | None = None) -> None:
@@ -136,8 +170,7 @@ def start_pipeline_run(uri: str, repo: Path, flow_run_id: str, flow_run_name: st
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    experiment_id = ensure_experiment(uri, repo)
     tags = {
         "alignflow/kind": "pipeline",
         "prefect/flow_run_id": flow_run_id,

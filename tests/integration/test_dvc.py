@@ -123,3 +123,70 @@ def test_editing_a_user_source_reruns_prepare_and_everything_after(tiny_repo, tm
     # register follows once the model it registers changes)
     stale = stages_run(run_cmd(["dvc", "repro", "--dry"], root).stdout)
     assert "sft" not in stale and stale[:3] == ["reference", "dpo", "evaluate"]
+
+
+def commit_all(root: Path) -> None:
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "pipeline run"]):
+        run_cmd(cmd, root)
+
+
+def test_a_failed_stage_loses_nothing(tiny_repo, tmp_path):
+    """dvc repro removes a stage's outputs before running it; when the stage fails, the previous ones come
+    back: models from the DVC cache (`dvc checkout`), metrics and plots from git (committed, DVC's way)."""
+    import subprocess
+
+    from conftest import pipeline_env
+
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_repo, root, symlinks=True)
+    commit_all(root)
+    model_before = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["dpo"]["outs"]
+    metrics_before = (root / "metrics/dpo.json").read_bytes()
+    set_param(root, "dpo", "learning_rate", 1000.0)  # diverges within a few steps (no NaN needed)
+    proc = subprocess.run(["dvc", "repro", "dpo"], cwd=root, env=pipeline_env(root), capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and ("training diverged" in output or "non-finite loss" in output), output[-2000:]
+    assert yaml.safe_load((root / "dvc.lock").read_text())["stages"]["dpo"]["outs"] == model_before  # lock kept
+    run_cmd(["git", "checkout", "--", "params.yaml", "metrics", "plots"], root)
+    run_cmd(["dvc", "checkout", "dpo"], root)
+    assert (root / "metrics/dpo.json").read_bytes() == metrics_before
+    assert (root / "models/dpo/model.safetensors").exists()
+    assert stages_run(run_cmd(["dvc", "repro", "--dry"], root).stdout) == []  # everything as before
+
+
+def _experiments(obj, found=None) -> list[tuple[dict, dict]]:
+    """(params, metrics) of every experiment in `dvc exp show --json` output."""
+    found = [] if found is None else found
+    if isinstance(obj, dict):
+        data = obj.get("data")
+        if isinstance(data, dict) and "params" in data and "metrics" in data:
+            params = data["params"].get("params.yaml", {}).get("data", {})
+            metrics = data["metrics"].get("metrics/eval.json", {}).get("data", {})
+            found.append((params, metrics))
+        for v in obj.values():
+            _experiments(v, found)
+    elif isinstance(obj, list):
+        for v in obj:
+            _experiments(v, found)
+    return found
+
+
+def test_a_queued_experiment_logs_to_the_project_and_carries_its_metrics(tiny_repo, tmp_path):
+    from conftest import pipeline_env
+    from mlflow import MlflowClient
+
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_repo, root, symlinks=True)
+    commit_all(root)
+    env = pipeline_env(root)
+    env.pop("MLFLOW_TRACKING_URI")  # the default: the project's mlflow.db, whatever the workspace
+    run_cmd(["dvc", "exp", "run", "--queue", "-S", "dpo.beta=0.3", "--name", "beta03"], root, env=env)
+    run_cmd(["dvc", "exp", "run", "--run-all", "-j", "1"], root, env=env, timeout=900)
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    [experiment] = [e for e in client.search_experiments() if e.name == "alignflow"]
+    dpo_runs = client.search_runs([experiment.experiment_id], "tags.`alignflow/stage` = 'dpo'")
+    assert len(dpo_runs) == 2  # the base run and the queued experiment's, in the project's store
+    assert all(not r.info.artifact_uri.startswith(str(root / ".dvc")) for r in dpo_runs)  # artifacts too
+    exps = _experiments(json.loads(run_cmd(["dvc", "exp", "show", "--json"], root, env=env).stdout))
+    swept = [m for p, m in exps if p.get("dpo", {}).get("beta") == 0.3]
+    assert swept and all(isinstance(m.get("eval/reward_mean"), float) for m in swept)  # metrics, not "!"
