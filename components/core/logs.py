@@ -42,7 +42,10 @@ def stage_main(stage: str):
     def wrap(fn):
         @functools.wraps(fn)
         def main(argv: list[str] | None = None):
+            from components.core import lifeline
+
             setup_logging()
+            lifeline.watch_launcher()  # under `dvc repro`: exit when that dvc process is killed
             try:
                 return fn(argv)
             except Exception as e:

@@ -41,6 +41,7 @@ PRIMARY_METRIC = "eval/reward_mean"  # the only primary metric that can be re-sc
 SCORES_DIR = "promotion_scores"  # run artifact folder: cached per-prompt scores of a version
 TAG_VALUE_LIMIT = 4000  # MLflow caps tag values (5000 chars on SQL stores)
 LOCK_TIMEOUT_S = 600.0
+PROMOTE_DIR_PREFIX = "alignflow-promote-"  # + pid: the versions a promotion downloads to re-score
 
 
 class RegistryError(RuntimeError):
@@ -60,6 +61,28 @@ def registry_client():
     uri = tracking.tracking_uri()
     mlflow.set_tracking_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def sweep_promote_dirs(root: str | Path | None = None) -> list[Path]:
+    """Remove the download directories of promotions whose process is gone (killed mid-promotion)."""
+    root = Path(root or tempfile.gettempdir())
+    removed = []
+    for d in root.glob(f"{PROMOTE_DIR_PREFIX}*"):
+        pid = d.name[len(PROMOTE_DIR_PREFIX):].split("-", 1)[0]
+        if d.is_dir() and (not pid.isdigit() or not _pid_alive(int(pid))):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _lock_path(model_name: str) -> Path:
@@ -251,7 +274,8 @@ def promote(
                     "batch_size": batch_size, "seed": seed, "judge": judge, "judge_path": judge_path}
         digest = eval_set_digest(prompts, settings)
         judge_fn = load_judge(judge, judge_path)
-        with tempfile.TemporaryDirectory(prefix="alignflow-promote-") as work:
+        sweep_promote_dirs()
+        with tempfile.TemporaryDirectory(prefix=f"{PROMOTE_DIR_PREFIX}{os.getpid()}-") as work:
             cand = score_version(client, model_name, candidate, prompts, judge_fn, settings, digest, work)
             champ = score_version(client, model_name, champion, prompts, judge_fn, settings, digest, work)
         decision = gate_decision(cand, champ, metrics, gate, bootstrap_samples, seed)

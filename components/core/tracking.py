@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,15 +127,47 @@ def stage_run(stage: str, params: dict, inputs: list[str], params_digest: str, e
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    ensure_experiment(uri)
+    close_dead_runs(uri, ensure_experiment(uri), stage)
     mlflow.set_experiment(EXPERIMENT)
-    tags = lineage_tags(stage, inputs, params_digest)
+    tags = {**lineage_tags(stage, inputs, params_digest), "alignflow/host": socket.gethostname(),
+            "alignflow/pid": str(os.getpid())}
     parent = os.environ.get("ALIGNFLOW_PARENT_RUN_ID")
     if parent:
         tags["mlflow.parentRunId"] = parent
     with mlflow.start_run(run_name=stage, tags=tags) as run:
         mlflow.log_params(_flatten(params))
         yield run
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_dead_runs(uri: str, experiment_id: str, stage: str) -> list[str]:
+    """Mark FAILED this stage's runs left RUNNING by a process on this host that no longer exists (killed
+    with SIGKILL, or the machine went down): a RUNNING run is one that is still running."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    host = socket.gethostname()
+    closed = []
+    runs = client.search_runs([experiment_id], f"tags.`alignflow/stage` = '{stage}' AND attributes.status = 'RUNNING'")
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("alignflow/host") == host and tags.get("alignflow/pid", "").isdigit() \
+                and not _alive(int(tags["alignflow/pid"])):
+            client.set_terminated(run.info.run_id, status="FAILED")
+            client.set_tag(run.info.run_id, "alignflow/ended", "process gone (killed); closed by the next run")
+            closed.append(run.info.run_id)
+    if closed:
+        log.warning("%s: marked %d run(s) of dead processes FAILED: %s", stage, len(closed), ", ".join(closed))
+    return closed
 
 
 def ensure_experiment(uri: str, project_dir: str | Path = ".") -> str:

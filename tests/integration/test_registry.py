@@ -433,3 +433,29 @@ def test_register_is_idempotent_and_checks_whose_metrics_it_records(workspace, t
     assert cli.main(["register"]) == 0 and aliases()["challenger"] == "2"
     assert _move_challenger(NAME, "1") is None  # a slower parallel registration of an older version ...
     assert aliases()["challenger"] == "2"  # ... leaves challenger on the newest
+
+
+@pytest.mark.integration
+def test_runs_of_killed_processes_are_closed_and_promote_leftovers_swept(workspace, tmp_path):
+    import socket
+
+    import mlflow
+
+    from components.core import registry, tracking
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    experiment = tracking.ensure_experiment(uri)
+    client = mlflow.MlflowClient(uri)
+    here = {"alignflow/stage": "sft", "alignflow/host": socket.gethostname()}
+    dead = client.create_run(experiment, tags={**here, "alignflow/pid": "999999999"})  # SIGKILLed mid-run
+    alive = client.create_run(experiment, tags={**here, "alignflow/pid": str(os.getpid())})
+    elsewhere = client.create_run(experiment, tags={**here, "alignflow/host": "other", "alignflow/pid": "999999999"})
+    assert tracking.close_dead_runs(uri, experiment, "sft") == [dead.info.run_id]
+    status = {r: client.get_run(r).info.status for r in (dead.info.run_id, alive.info.run_id, elsewhere.info.run_id)}
+    assert list(status.values()) == ["FAILED", "RUNNING", "RUNNING"]  # another host's runs are not ours to judge
+
+    stale = tmp_path / f"{registry.PROMOTE_DIR_PREFIX}999999999-abc"
+    mine = tmp_path / f"{registry.PROMOTE_DIR_PREFIX}{os.getpid()}-def"
+    stale.mkdir()
+    mine.mkdir()
+    assert registry.sweep_promote_dirs(tmp_path) == [stale] and mine.exists()

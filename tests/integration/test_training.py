@@ -235,3 +235,35 @@ def test_divergence_without_nan_stops_before_the_update(tiny_data, tmp_path, mon
         sft.run("models/base", "data/prepared/sft_train.jsonl", "data/prepared/sft_eval.jsonl", max_steps=10,
                 batch_size=8, eval_every=100, save_every=100, learning_rate=1000.0, track=False)
     assert not (root / "models/sft").exists()
+
+
+def test_killing_dvc_does_not_leave_an_orphaned_trainer(tiny_data, tmp_path):
+    """The trainer exits when the `dvc repro` that started it is killed (SIGKILL reaches no children)."""
+    import os
+    import signal
+    import time
+
+    root = workdir(tiny_data, tmp_path / "orphan", sft__max_steps=5000, sft__save_every=3)
+    # a stand-in for `dvc repro`: its command line is what the trainer recognises as its launcher
+    launcher = ("import subprocess, sys; subprocess.run([sys.executable, '-m', 'components.sft', "
+                "'--params', 'params.yaml'])")
+    parent = subprocess.Popen([sys.executable, "-c", launcher, "dvc", "repro", "sft"], cwd=root, env=pipeline_env(root))
+    try:
+        deadline = time.time() + 120
+        while not list((root / "checkpoints/sft").glob("*/step_0000003")):  # training, watchdog running
+            assert time.time() < deadline and parent.poll() is None, "training never started"
+            time.sleep(0.2)
+        children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                    and (p / "stat").exists() and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent.pid]
+        assert children
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 30
+        while any(Path(f"/proc/{c}").exists() and "Z" not in (Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1][:3])
+                  for c in children):
+            assert time.time() < deadline, "the trainer outlived its dvc process"
+            time.sleep(0.2)
+        assert not (root / "models/sft").exists()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
