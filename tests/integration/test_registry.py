@@ -459,3 +459,21 @@ def test_runs_of_killed_processes_are_closed_and_promote_leftovers_swept(workspa
     stale.mkdir()
     mine.mkdir()
     assert registry.sweep_promote_dirs(tmp_path) == [stale] and mine.exists()
+
+
+@pytest.mark.integration
+def test_a_rejected_version_keeps_no_stale_previous_champion(workspace, tiny_models, monkeypatch):
+    from components.core import generation
+
+    three_versions(tiny_models)
+    scores = {"/v2/": 0.8, "/v3/": 0.2}
+    monkeypatch.setattr(generation, "score_prompts", lambda model_dir, prompts, judge, **kw: (
+        ["x"] * len(prompts),
+        [next((s for k, s in scores.items() if k in model_dir), 0.5) + 0.01 * (i % 3) for i in range(len(prompts))]))
+    assert cli.main(["promote", "--version", "2"]) == 0 and version_tags("2")["promotion/previous_champion"] == "1"
+    assert cli.main(["rollback"]) == 0  # v2 demoted; it still says it once replaced v1
+    scores["/v2/"] = 0.1  # re-scored on a new eval set it now loses
+    write_params(gate={"min_delta": 0.0}, max_new_tokens=5)
+    assert cli.main(["promote", "--version", "2"]) == 2
+    tags = version_tags("2")
+    assert tags["promotion/decision"] == "rejected" and "promotion/previous_champion" not in tags
