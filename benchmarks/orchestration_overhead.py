@@ -69,7 +69,7 @@ def copy_repo(dst: Path, tiny: bool) -> Path:
         if (
             rel
             and rel != "dvc.lock"
-            and not rel.startswith(("tests/", "benchmarks/"))
+            and not rel.startswith(("tests/", "benchmarks/", "metrics/", "plots/", "reports/"))
             and (ROOT / rel).is_file()
         ):
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)

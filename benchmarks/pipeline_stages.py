@@ -27,7 +27,8 @@ def fresh_copy(dst: Path, params: Path) -> None:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
     for rel in files:
-        if (ROOT / rel).is_file() and not rel.startswith(("tests/", "benchmarks/")) and rel != "dvc.lock":
+        if (ROOT / rel).is_file() and not rel.startswith(("tests/", "benchmarks/", "metrics/", "plots/", "reports/")) \
+                and rel != "dvc.lock":
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dst / rel)
     shutil.copy2(params, dst / "params.yaml")

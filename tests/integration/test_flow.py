@@ -52,6 +52,8 @@ VOLATILE_KEY_PARTS = (
     "created",
     "git/commit",
     "prefect/",
+    "alignflow/pid",  # the registering process and host: identity of a run, not of its result
+    "alignflow/host",
 )
 
 # Files inside cached (cache: true) outs that carry wall-clock timings, so the out's hash changes on every

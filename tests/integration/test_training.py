@@ -250,7 +250,7 @@ def test_killing_dvc_does_not_leave_an_orphaned_trainer(tiny_data, tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", launcher, "dvc", "repro", "sft"], cwd=root, env=pipeline_env(root))
     try:
         deadline = time.time() + 120
-        while not list((root / "checkpoints/sft").glob("*/step_0000003")):  # training, watchdog running
+        while not list((root / "checkpoints/sft").glob("*/step_*")):  # training, watchdog running
             assert time.time() < deadline and parent.poll() is None, "training never started"
             time.sleep(0.2)
         children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
