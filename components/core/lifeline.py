@@ -19,6 +19,17 @@ log = logging.getLogger(__name__)
 POLL_S = 1.0
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _stat(pid: int) -> tuple[int, int] | None:
     """(ppid, start time) of a process, or None when it is gone."""
     try:

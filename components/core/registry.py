@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from components.core.gate import gate_decision
+from components.core.lifeline import pid_alive
 
 log = logging.getLogger("alignflow.registry")
 
@@ -69,20 +70,10 @@ def sweep_promote_dirs(root: str | Path | None = None) -> list[Path]:
     removed = []
     for d in root.glob(f"{PROMOTE_DIR_PREFIX}*"):
         pid = d.name[len(PROMOTE_DIR_PREFIX):].split("-", 1)[0]
-        if d.is_dir() and (not pid.isdigit() or not _pid_alive(int(pid))):
+        if d.is_dir() and (not pid.isdigit() or not pid_alive(int(pid))):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _lock_path(model_name: str) -> Path:

@@ -139,20 +139,12 @@ def stage_run(stage: str, params: dict, inputs: list[str], params_digest: str, e
         yield run
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def close_dead_runs(uri: str, experiment_id: str, stage: str) -> list[str]:
     """Mark FAILED this stage's runs left RUNNING by a process on this host that no longer exists (killed
     with SIGKILL, or the machine went down): a RUNNING run is one that is still running."""
     from mlflow import MlflowClient
+
+    from components.core.lifeline import pid_alive
 
     client = MlflowClient(uri)
     host = socket.gethostname()
@@ -161,7 +153,7 @@ def close_dead_runs(uri: str, experiment_id: str, stage: str) -> list[str]:
     for run in runs:
         tags = run.data.tags
         if tags.get("alignflow/host") == host and tags.get("alignflow/pid", "").isdigit() \
-                and not _alive(int(tags["alignflow/pid"])):
+                and not pid_alive(int(tags["alignflow/pid"])):
             client.set_terminated(run.info.run_id, status="FAILED")
             client.set_tag(run.info.run_id, "alignflow/ended", "process gone (killed); closed by the next run")
             closed.append(run.info.run_id)

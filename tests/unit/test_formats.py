@@ -9,22 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_prepare import by_line, fixture, prepare, records
+from test_prepare import assistant, by_line, fixture, prepare, records, system, user
 
 from components.core.readers import DataError
 from components.core.tokens import encode_chat
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
 
 
 def drops(out: Path) -> dict[int, str]:
