@@ -62,7 +62,7 @@ from components.core.formats import (
     uses_tools,
     validate,
 )
-from components.core.io import atomic_dir, write_text
+from components.core.io import atomic_dir, write_jsonl, write_text
 from components.core.logs import stage_main
 from components.core.readers import UNDECODABLE, DataError, InvalidJSON, open_hub, open_source
 from components.core.tokens import (
@@ -186,9 +186,7 @@ class _FileReport:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_jsonl(path, records, ensure_ascii=False)
 
 
 def _write_outputs(

@@ -114,11 +114,6 @@ def find_checkpoints(ckpt_dir: Path, fingerprint_: str) -> list[tuple[Path, dict
     return found
 
 
-def find_checkpoint(ckpt_dir: Path, fingerprint_: str) -> tuple[Path, dict] | None:
-    found = find_checkpoints(ckpt_dir, fingerprint_)
-    return found[0] if found else None
-
-
 def resume(accelerator, ckpt_dir: Path, fingerprint_: str, total_steps: int) -> tuple[int, list[dict], dict]:
     """(start step, metric history, the rest of the saved state) from the newest checkpoint of this run that
     loads; (0, [], {}) if none."""

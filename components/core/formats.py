@@ -60,8 +60,6 @@ FORMATS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "sft_messages": ("sft", ("messages",), "TRL / OpenAI fine-tuning messages"),
     "sft_prompt_completion": ("sft", ("prompt", "completion"), "TRL prompt-completion"),
 }
-# Backwards-compatible name: the formats used to be called schemas.
-SCHEMAS = {name: (kind, fields) for name, (kind, fields, _) in FORMATS.items()}
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # HH-RLHF transcripts: "\n\nHuman: ...\n\nAssistant: ..." and the single-newline variant some copies use
@@ -119,10 +117,6 @@ def check_format(record: dict, name: str, loc: str, first_loc: str) -> None:
         extra = next((f for f in FORMATS[guess][1] if f not in fields), FORMATS[guess][1][0])
         raise DataError(f"{loc}: field '{extra}': unexpected, record looks like '{guess}' but the file's format "
                         f"is '{name}' (set by {first_loc}); one file holds one format")
-
-
-# Backwards-compatible names.
-file_schema, check_schema = file_format, check_format
 
 
 def apply_columns(record: dict, columns: dict[str, str]) -> dict:

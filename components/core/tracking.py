@@ -43,10 +43,7 @@ def project_root(start: str | Path = ".") -> Path:
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else the project's sqlite:///<project>/mlflow.db; a relative sqlite path is made
     absolute in the project, so every stage, flow and experiment workspace of a project shares one store."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{project_root() / uri.removeprefix('sqlite:///')}"
-    return uri
+    return tracking_uri_for(".")
 
 
 def git_state(cwd: str | Path = ".") -> dict[str, str]:
