@@ -195,7 +195,7 @@ def run(
             optimizer.zero_grad(set_to_none=True)
             training.maybe_crash(step + 1)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value.item():.4f}")
+            bar.set_postfix(loss=f"{loss_value.item():.4f}", refresh=False)  # redraw at the bar's own pace
 
             done = step + 1
             row = None

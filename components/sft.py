@@ -144,7 +144,7 @@ def run(
             training.maybe_crash(step + 1)
             window += step_loss
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # redraw at the bar's own pace
 
             done = step + 1
             row = None

@@ -24,6 +24,7 @@ import collections
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,10 @@ DEFAULT_TIMEOUTS_S: dict[str, float] = {
 FALLBACK_TIMEOUT_S = 2 * 3600.0
 
 TRAINING_LAUNCHERS = ("accelerate launch", "torchrun", "deepspeed")
+
+# `python -m flows.pipeline run` imports MLflow and opens its store in this thread while Prefect starts its
+# server; the flow waits for it before it writes (one writer at a time), so the work is overlapped, not raced
+_tracking_warm_up: threading.Thread | None = None
 
 
 class StageFailed(RuntimeError):
@@ -127,6 +132,21 @@ def _stage_env(extra: dict[str, str]) -> dict[str, str]:
     return {**env, **extra}
 
 
+def _limited_tags(tags: set[str]) -> set[str]:
+    """The tags among `tags` that a task concurrency limit keys on (`setup-pools` creates them).
+
+    A task carries a tag only when a limit exists for it: Prefect acquires a slot for every tag of every
+    task run, a round trip that took up to 2 s per stage in Prefect 3.8 even with no limit behind it."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            return tags & {limit.tag for limit in client.read_concurrency_limits(limit=200, offset=0)}
+    except Exception as e:  # keep the tags: a limit we could not read may exist
+        get_run_logger().warning("could not read task concurrency limits (%s); tagging every task", e)
+        return set(tags)
+
+
 # ----------------------------------------------------------------------------- tasks
 
 
@@ -138,7 +158,7 @@ def retry_unless_input_error(task, task_run, state) -> bool:
     return INPUT_ERROR_MARK not in f"{state.message or ''} {state.data!r}"
 
 
-@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, tags=[DVC_TAG],
+@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE,
       retry_condition_fn=retry_unless_input_error)
 def run_stage(
     stage: str,
@@ -249,6 +269,7 @@ def alignflow_pipeline(
     remote = dvc_remote or os.environ.get("ALIGNFLOW_DVC_REMOTE") or None
     flow_run_id = str(current_flow_run.get_id() or "")
     logger.info("stages in order: %s", " -> ".join(s.name for s in plan))
+    limited = _limited_tags({DVC_TAG, GPU_TAG})
 
     uri = tracking.tracking_uri_for(repo)
     extra_env = {"MLFLOW_TRACKING_URI": uri}
@@ -256,6 +277,8 @@ def alignflow_pipeline(
         extra_env["ALIGNFLOW_FLOW_RUN_ID"] = flow_run_id
     parent_run_id = experiment_id = None
     if track:  # before any stage, so the tracking DB has one writer at a time
+        if _tracking_warm_up is not None:
+            _tracking_warm_up.join()
         parent_run_id, experiment_id = tracking.start_pipeline_run(
             uri, repo, flow_run_id, str(current_flow_run.get_name() or ""), [s.name for s in plan], force)
         extra_env["ALIGNFLOW_PARENT_RUN_ID"] = parent_run_id
@@ -271,7 +294,7 @@ def alignflow_pipeline(
                 task_run_name=f"dvc repro {stage.name}",
                 retries=retries,
                 retry_delay_seconds=retry_delay_s,
-                tags=[DVC_TAG, GPU_TAG] if stage.training else [DVC_TAG],
+                tags=[t for t in ([DVC_TAG, GPU_TAG] if stage.training else [DVC_TAG]) if t in limited],
             )
             timeout = timeouts.get(stage.name, timeouts.get(stage.short_name, FALLBACK_TIMEOUT_S))
             summary[stage.short_name] = stage_task(stage.name, str(repo), force, float(timeout), extra_env, remote)
@@ -344,6 +367,10 @@ def main(argv: list[str] | None = None) -> None:
         "timeouts_s": _parse_timeouts(args.timeout) or None,
     }
     if args.command == "run":
+        global _tracking_warm_up
+        _tracking_warm_up = threading.Thread(
+            target=tracking.warm_up, args=(tracking.tracking_uri_for(args.repo_dir), args.repo_dir), daemon=True)
+        _tracking_warm_up.start()
         print(json.dumps(alignflow_pipeline(**params), indent=2))
         return
     from prefect.settings import PREFECT_API_URL

@@ -184,6 +184,15 @@ def log_metrics(run, metrics: dict[str, float], step: int | None = None) -> None
 # ----------------------------------------------------------------------------- pipeline (flow) runs
 
 
+def warm_up(uri: str, project_dir: str | Path = ".") -> None:
+    """Import MLflow and create the store and experiment now (seconds on a fresh SQLite file), so that a flow
+    can do it while something else waits (Prefect's server start) rather than before its first stage."""
+    try:
+        ensure_experiment(uri, project_dir)
+    except Exception as e:  # the flow's own start_pipeline_run will raise it with context
+        log.debug("MLflow warm-up failed: %s", e)
+
+
 def start_pipeline_run(uri: str, repo: Path, flow_run_id: str, flow_run_name: str, stages: list[str],
                        force: bool) -> tuple[str, str]:
     """Create the flow's MLflow run (before any stage, so the DB is created by one writer).
@@ -200,9 +209,10 @@ def start_pipeline_run(uri: str, repo: Path, flow_run_id: str, flow_run_name: st
         **git_state(repo),
         **_lock_tags(repo),
     }
+    from mlflow.entities import Param
+
     run = client.create_run(experiment_id, run_name=f"pipeline {flow_run_name}".strip(), tags=tags)
-    client.log_param(run.info.run_id, "stages", ",".join(stages))
-    client.log_param(run.info.run_id, "force", force)
+    client.log_batch(run.info.run_id, params=[Param("stages", ",".join(stages)), Param("force", str(force))])
     return run.info.run_id, experiment_id
 
 
@@ -220,6 +230,8 @@ def link_stage_runs(uri: str, experiment_id: str, parent_run_id: str, flow_run_i
         filter_string=f"tags.`prefect/flow_run_id` = '{flow_run_id}'",
         order_by=["attributes.start_time DESC"],
     )
+    from mlflow.entities import RunTag
+
     linked: dict[str, str] = {}
     wanted = set(stages)
     for run in runs:  # newest first
@@ -228,10 +240,11 @@ def link_stage_runs(uri: str, experiment_id: str, parent_run_id: str, flow_run_i
             continue
         if stage not in linked:
             linked[stage] = run.info.run_id
-            client.set_tag(parent_run_id, f"stage_run/{_key(stage)}", run.info.run_id)
             client.set_tag(run.info.run_id, "parent_flow_run", parent_run_id)
         elif run.info.status == "RUNNING":  # an attempt that was killed mid-run never closed its run
             client.set_terminated(run.info.run_id, status="FAILED")
+    if linked:
+        client.log_batch(parent_run_id, tags=[RunTag(f"stage_run/{_key(s)}", r) for s, r in linked.items()])
     return linked
 
 
@@ -243,17 +256,23 @@ def _key(name: str) -> str:
 def end_pipeline_run(uri: str, parent_run_id: str, repo: Path, summary: dict, status: str) -> None:
     """Close the flow's run: the dvc.lock hashes it ended with, each stage's status and seconds. The run is
     terminated even if recording one of those fails."""
+    import time
+
     from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
 
     client = MlflowClient(uri)
     try:
-        for key, value in _lock_tags(repo).items():
-            client.set_tag(parent_run_id, key, value)
+        tags = [RunTag(key, value) for key, value in _lock_tags(repo).items()]
+        metrics = []
+        now = int(time.time() * 1000)
         for stage, result in summary.items():
             if isinstance(result, dict):
-                client.set_tag(parent_run_id, f"stage_status/{_key(stage)}", result["status"])
-                client.log_metric(parent_run_id, f"stage_seconds/{_key(stage)}", result["seconds"])
+                tags.append(RunTag(f"stage_status/{_key(stage)}", result["status"]))
+                metrics.append(Metric(f"stage_seconds/{_key(stage)}", result["seconds"], now, 0))
             else:
-                client.set_tag(parent_run_id, f"alignflow/{_key(stage)}", str(result))
+                tags.append(RunTag(f"alignflow/{_key(stage)}", str(result)))
+        for start in range(0, max(len(tags), len(metrics)), 100):  # MLflow takes <= 100 tags per batch
+            client.log_batch(parent_run_id, metrics=metrics[start : start + 100], tags=tags[start : start + 100])
     finally:
         client.set_terminated(parent_run_id, status=status)

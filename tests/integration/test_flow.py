@@ -448,3 +448,8 @@ def test_prefect_yaml_deploys_with_schedule_pools_and_limits(prefect_server, tmp
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
         assert client.read_work_pool("cpu").type == "process"
         assert client.read_concurrency_limit_by_tag(GPU_TAG).concurrency_limit == 1
+    # the flow tags its tasks with exactly the tags a limit keys on (an unlimited tag costs a round trip)
+    from flows.pipeline import _limited_tags
+    from flows.pools import DVC_TAG
+
+    assert _limited_tags({DVC_TAG, GPU_TAG, "no-limit-here"}) == {DVC_TAG, GPU_TAG}
