@@ -1,4 +1,4 @@
-"""Evaluation stage: SFT vs DPO on held-out data, and an HTML report a person can read in a minute.
+"""Evaluation stage: SFT vs DPO (and GRPO) on held-out data, and an HTML report a person can read in a minute.
 
     python -m components.evaluate --params params.yaml
 
@@ -10,6 +10,8 @@ For both models it measures
   mean reward, exact-solve rate, per-prompt win rate DPO vs SFT with a bootstrap interval;
 - a Monte-Carlo estimate of KL(pi_dpo || pi_sft) on the DPO samples, response lengths, and held-out
   SFT perplexity.
+The GRPO policy (models/grpo, when there is one) is measured the same way on the same prompts and seeds:
+`eval/grpo/...` (reward with CI, exact solves, win rate vs SFT and vs DPO, KL to SFT, length ratio).
 Writes metrics/eval.json, plots/eval.csv (one row per prompt, for `dvc plots`), reports/eval/
 (index.html with embedded PNGs, the PNGs, samples.jsonl) and one MLflow run.
 
@@ -42,7 +44,6 @@ from components.core.tokens import collate_sequences, tokenize_pair, tokenize_sf
 from components.core.training import autocast
 
 log = logging.getLogger("alignflow.evaluate")
-POLICIES = ("sft", "dpo")
 
 
 # ----------------------------------------------------------------------------- scoring with a model
@@ -67,43 +68,75 @@ def heldout_perplexity(model, tokenizer, records: list[dict], max_length: int, b
 def score_models(sft_dir: str, dpo_dir: str, pref_records: list[dict], prompt_messages: list[list[dict]],
                  sft_records: list[dict], *, max_new_tokens: int, temperature: float, top_p: float,
                  batch_size: int, max_length: int, max_prompt_length: int, mixed_precision: str, seed: int,
-                 trust_remote_code: bool) -> dict:
-    """Everything evaluate needs a model for, per held-out item.
+                 trust_remote_code: bool, grpo_dir: str | None = None) -> dict:
+    """Everything evaluate needs a model for, per held-out item, for SFT, DPO and (with grpo_dir) GRPO.
 
     Returns logps[name] = (chosen (N,), rejected (N,), chosen_tokens (N,), rejected_tokens (N,)) on the
     pairs, generated[name] = (prompt_ids, response_ids) per prompt, perplexity[name] (when there are SFT
-    records), kl_terms (P,) = log pi_dpo(y|x) - log pi_sft(y|x) on the DPO samples, and the eos ids.
+    records), kl_terms[name] (P,) = log pi_name(y|x) - log pi_sft(y|x) on name's untempered samples, and
+    the eos ids. Every policy samples the same prompts with the same seed (common random numbers).
     """
     sft_model, tokenizer = load_causal_lm(sft_dir, trust_remote_code)
-    dpo_model, _ = load_causal_lm(dpo_dir, trust_remote_code)
+    policies = {"dpo": load_causal_lm(dpo_dir, trust_remote_code)[0]}
+    if grpo_dir:
+        policies["grpo"] = load_causal_lm(grpo_dir, trust_remote_code)[0]
     pad_id = tokenizer.pad_token_id
     pairs = [tokenize_pair(tokenizer, r, max_length, max_prompt_length) for r in pref_records]
 
     logps: dict[str, tuple[torch.Tensor, ...]] = {}
     generated: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
     perplexity: dict[str, float] = {}
-    for name, model in (("sft", sft_model), ("dpo", dpo_model)):
+    for name, model in (("sft", sft_model), *policies.items()):
         logps[name] = preference_logps(model, pairs, batch_size, pad_id, mixed_precision)
         generated[name] = generate_tokens(model, tokenizer, prompt_messages, max_new_tokens, temperature, top_p,
                                           batch_size, seed, desc=f"generate {name}")
         if sft_records:
             perplexity[name] = heldout_perplexity(model, tokenizer, sft_records, max_length, batch_size, mixed_precision)
 
-    # KL(pi_dpo || pi_sft) ~ E_{y ~ pi_dpo}[log pi_dpo(y|x) - log pi_sft(y|x)], summed over the response.
+    # KL(pi || pi_sft) ~ E_{y ~ pi}[log pi(y|x) - log pi_sft(y|x)], summed over the response.
     # The estimator needs samples of the policy itself: at another temperature / top-p they come from a
     # different distribution (biased, even negative), so then the policy samples again, untempered.
-    if temperature == 1.0 and top_p == 1.0:
-        dpo_prompt_ids, dpo_response_ids = generated["dpo"]
-    else:
-        dpo_prompt_ids, dpo_response_ids = generate_tokens(dpo_model, tokenizer, prompt_messages, max_new_tokens,
-                                                           1.0, 1.0, batch_size, seed + 1, desc="generate dpo (KL)")
-    kl_terms = (response_logps(dpo_model, dpo_prompt_ids, dpo_response_ids, batch_size, pad_id, mixed_precision)
-                - response_logps(sft_model, dpo_prompt_ids, dpo_response_ids, batch_size, pad_id, mixed_precision))
+    kl_terms = {}
+    for name, model in policies.items():
+        if temperature == 1.0 and top_p == 1.0:
+            prompt_ids, response_ids = generated[name]
+        else:
+            prompt_ids, response_ids = generate_tokens(model, tokenizer, prompt_messages, max_new_tokens, 1.0, 1.0,
+                                                       batch_size, seed + 1, desc=f"generate {name} (KL)")
+        kl_terms[name] = (response_logps(model, prompt_ids, response_ids, batch_size, pad_id, mixed_precision)
+                          - response_logps(sft_model, prompt_ids, response_ids, batch_size, pad_id, mixed_precision))
     return {"logps": logps, "generated": generated, "perplexity": perplexity, "kl_terms": kl_terms,
-            "eos": eos_ids(dpo_model, tokenizer), "tokenizer": tokenizer}
+            "eos": eos_ids(policies["dpo"], tokenizer), "tokenizer": tokenizer}
 
 
 # ----------------------------------------------------------------------------- metrics (pure)
+
+
+def policy_vs_sft(name: str, scores: dict[str, Sequence[float]], lengths: dict[str, Sequence[int]],
+                  kl_terms: torch.Tensor, bootstrap_samples: int, confidence: float, seed: int,
+                  exact_reward: bool) -> dict[str, float]:
+    """One policy against SFT on the same prompts: judge reward, paired delta and win rate, KL to SFT, length
+    ratio, each with its bootstrap CI. Keys without prefix (the caller adds `eval/` or `eval/grpo/`)."""
+    wins = win_values(scores[name], scores["sft"])
+    win_rate, win_low, win_high = bootstrap_ci(wins, bootstrap_samples, confidence, seed)
+    deltas = [d - s for d, s in zip(scores[name], scores["sft"], strict=True)]
+    delta, delta_low, delta_high = bootstrap_ci(deltas, bootstrap_samples, confidence, seed)
+    reward_mean, reward_low, reward_high = bootstrap_ci(scores[name], bootstrap_samples, confidence, seed)
+    kl, kl_low, kl_high = bootstrap_ci(kl_terms.tolist(), bootstrap_samples, confidence, seed)
+    # floor of one token: an SFT model that always stops at once must not make the ratio infinite
+    ratio, ratio_low, ratio_high = bootstrap_ratio_ci(lengths[name], lengths["sft"], bootstrap_samples, confidence,
+                                                      seed)
+    out = {
+        "reward_mean": reward_mean, "reward_mean_ci_low": reward_low, "reward_mean_ci_high": reward_high,
+        "reward_delta": delta, "reward_delta_ci_low": delta_low, "reward_delta_ci_high": delta_high,
+        "win_rate_vs_sft": win_rate, "win_rate_ci_low": win_low, "win_rate_ci_high": win_high,
+        "kl_to_reference": kl, "kl_to_reference_ci_low": kl_low, "kl_to_reference_ci_high": kl_high,
+        "length_mean": float(np.mean(lengths[name])),
+        "length_ratio": ratio, "length_ratio_ci_low": ratio_low, "length_ratio_ci_high": ratio_high,
+    }
+    if exact_reward:
+        out["reward_eq_1"] = float(np.mean([s == 1.0 for s in scores[name]]))
+    return out
 
 
 def summarise(
@@ -113,7 +146,7 @@ def summarise(
     logps: dict[str, tuple[torch.Tensor, torch.Tensor]],
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
-    kl_terms: torch.Tensor,
+    kl_terms: torch.Tensor | dict[str, torch.Tensor],
     beta: float,
     bootstrap_samples: int,
     confidence: float,
@@ -125,27 +158,19 @@ def summarise(
     """The stage's metrics from per-item numbers; no model involved.
 
     scores[name], lengths[name]: judge score and generated length per held-out prompt (P,), for
-    name in sft, dpo (same prompts, same order). logps[name] = (chosen (N,), rejected (N,)): summed
-    response log-probs on the held-out pairs; ref_chosen, ref_rejected (N,): the reference's.
-    kl_terms (P,): log pi_dpo - log pi_sft on untempered DPO samples (mean and bootstrap CI reported).
-    exact_reward: the judge gives 1.0 exactly
-    for a correct answer (the synthetic task), so the share of 1.0 scores is reported too.
+    name in sft, dpo and optionally grpo (same prompts, same order). logps[name] = (chosen (N,),
+    rejected (N,)): summed response log-probs on the held-out pairs; ref_chosen, ref_rejected (N,): the
+    reference's. kl_terms[name] (P,): log pi_name - log pi_sft on name's untempered samples (a tensor
+    means DPO's). DPO's metrics keep their plain `eval/` names (the gate's); GRPO's are `eval/grpo/...`,
+    plus its win rate against DPO on the same prompts. exact_reward: the judge gives 1.0 exactly for a
+    correct answer (the synthetic task), so the share of 1.0 scores is reported too.
     """
-    wins = win_values(scores["dpo"], scores["sft"])
+    kl_terms = kl_terms if isinstance(kl_terms, dict) else {"dpo": kl_terms}
     dpo_chosen_r = implicit_rewards(logps["dpo"][0], ref_chosen, beta)
     dpo_rejected_r = implicit_rewards(logps["dpo"][1], ref_rejected, beta)
     margins = dpo_chosen_r - dpo_rejected_r
-    logp_margin = {name: (logps[name][0] - logps[name][1]) for name in POLICIES}
-    win_rate, win_low, win_high = bootstrap_ci(wins, bootstrap_samples, confidence, seed)
-    deltas = [d - s for d, s in zip(scores["dpo"], scores["sft"], strict=True)]
-    delta, delta_low, delta_high = bootstrap_ci(deltas, bootstrap_samples, confidence, seed)
-    reward_mean, reward_low, reward_high = bootstrap_ci(scores["dpo"], bootstrap_samples, confidence, seed)
+    logp_margin = {name: (logps[name][0] - logps[name][1]) for name in logps}
     sft_mean, sft_low, sft_high = bootstrap_ci(scores["sft"], bootstrap_samples, confidence, seed)
-    sft_len, dpo_len = float(np.mean(lengths["sft"])), float(np.mean(lengths["dpo"]))
-    kl, kl_low, kl_high = bootstrap_ci(kl_terms.tolist(), bootstrap_samples, confidence, seed)
-    # floor of one token: an SFT model that always stops at once must not make the ratio infinite
-    ratio, ratio_low, ratio_high = bootstrap_ratio_ci(lengths["dpo"], lengths["sft"], bootstrap_samples, confidence,
-                                                      seed)
     metrics: dict[str, float] = {
         "eval/rewards/chosen": dpo_chosen_r.mean().item(),
         "eval/rewards/rejected": dpo_rejected_r.mean().item(),
@@ -155,36 +180,31 @@ def summarise(
         "eval/sft/logp_accuracy": (logp_margin["sft"] > 0).float().mean().item(),
         "eval/logp_margin": logp_margin["dpo"].mean().item(),
         "eval/sft/logp_margin": logp_margin["sft"].mean().item(),
-        "eval/reward_mean": reward_mean,
-        "eval/reward_mean_ci_low": reward_low,
-        "eval/reward_mean_ci_high": reward_high,
         "eval/sft/reward_mean": sft_mean,
         "eval/sft/reward_mean_ci_low": sft_low,
         "eval/sft/reward_mean_ci_high": sft_high,
-        "eval/reward_delta": delta,
-        "eval/reward_delta_ci_low": delta_low,
-        "eval/reward_delta_ci_high": delta_high,
-        "eval/win_rate_vs_sft": win_rate,
-        "eval/win_rate_ci_low": win_low,
-        "eval/win_rate_ci_high": win_high,
-        "eval/kl_to_reference": kl,
-        "eval/kl_to_reference_ci_low": kl_low,
-        "eval/kl_to_reference_ci_high": kl_high,
-        "eval/length_mean": dpo_len,
-        "eval/sft/length_mean": sft_len,
-        "eval/length_ratio": ratio,
-        "eval/length_ratio_ci_low": ratio_low,
-        "eval/length_ratio_ci_high": ratio_high,
+        "eval/sft/length_mean": float(np.mean(lengths["sft"])),
         "eval/num_prompts": len(scores["dpo"]),
         "eval/num_pairs": num_pairs,
     }
+    for name, prefix in (("dpo", "eval/"), ("grpo", "eval/grpo/")):
+        if name in scores:
+            metrics.update({prefix + k: v for k, v in policy_vs_sft(
+                name, scores, lengths, kl_terms[name], bootstrap_samples, confidence, seed, exact_reward).items()})
+    if "grpo" in scores:
+        metrics["eval/grpo/logp_accuracy"] = (logp_margin["grpo"] > 0).float().mean().item()
+        wins = win_values(scores["grpo"], scores["dpo"])
+        rate, low, high = bootstrap_ci(wins, bootstrap_samples, confidence, seed)
+        metrics.update({"eval/grpo/win_rate_vs_dpo": rate, "eval/grpo/win_rate_vs_dpo_ci_low": low,
+                        "eval/grpo/win_rate_vs_dpo_ci_high": high})
     if exact_reward:
-        metrics["eval/reward_eq_1"] = float(np.mean([s == 1.0 for s in scores["dpo"]]))
         metrics["eval/sft/reward_eq_1"] = float(np.mean([s == 1.0 for s in scores["sft"]]))
     if perplexity:
         metrics["eval/sft/perplexity"] = perplexity["sft"]
         metrics["eval/perplexity"] = perplexity["dpo"]
-    return metrics
+        if "grpo" in perplexity:
+            metrics["eval/grpo/perplexity"] = perplexity["grpo"]
+    return dict(sorted(metrics.items()))
 
 
 def _reference_for(reference_path: str, pref_eval_path: str, pref_records: list[dict]) -> tuple[dict, torch.Tensor]:
@@ -204,11 +224,13 @@ def _reference_for(reference_path: str, pref_eval_path: str, pref_records: list[
 def run(
     sft_dir: str = "models/sft",
     dpo_dir: str = "models/dpo",
+    grpo_dir: str | None = None,
     pref_eval_path: str = "data/prepared/pref_eval.jsonl",
     sft_eval_path: str = "data/prepared/sft_eval.jsonl",
     reference_path: str = "artifacts/ref_logps/eval.pt",
     sft_curves_path: str = "plots/sft.csv",
     dpo_curves_path: str = "plots/dpo.csv",
+    grpo_curves_path: str = "plots/grpo.csv",
     metrics_path: str = "metrics/eval.json",
     plots_path: str = "plots/eval.csv",
     report_dir: str = "reports/eval",
@@ -249,7 +271,8 @@ def run(
     scored = score_models(sft_dir, dpo_dir, pref_records, prompt_messages, sft_records,
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           batch_size=batch_size, max_length=max_length, max_prompt_length=max_prompt_length,
-                          mixed_precision=mixed_precision, seed=seed, trust_remote_code=trust_remote_code)
+                          mixed_precision=mixed_precision, seed=seed, trust_remote_code=trust_remote_code,
+                          grpo_dir=grpo_dir)
     logps, generated, tokenizer, eos = scored["logps"], scored["generated"], scored["tokenizer"], scored["eos"]
     # Cheap guard against silently comparing different token sequences with the cached reference.
     if "chosen_tokens" in reference and "rejected_tokens" in reference:
@@ -260,14 +283,15 @@ def run(
                              "the reference log-probs were computed with another tokenizer or max_length")
 
     # ---------------------------------------------------------------- judge the generations
+    names = list(generated)  # sft, dpo (, grpo)
     texts = {name: [tokenizer.decode(r, skip_special_tokens=True).strip() for r in generated[name][1]]
-             for name in POLICIES}
+             for name in names}
     scores = {name: [float(judge_fn(p, t)) for p, t in zip(prompt_messages, texts[name], strict=True)]
-              for name in POLICIES}
-    lengths = {name: [response_length(r, eos) for r in generated[name][1]] for name in POLICIES}
+              for name in names}
+    lengths = {name: [response_length(r, eos) for r in generated[name][1]] for name in names}
 
     # ---------------------------------------------------------------- metrics
-    metrics = summarise(scores=scores, lengths=lengths, logps={n: logps[n][:2] for n in POLICIES},
+    metrics = summarise(scores=scores, lengths=lengths, logps={n: logps[n][:2] for n in names},
                         ref_chosen=ref_chosen, ref_rejected=ref_rejected, kl_terms=scored["kl_terms"], beta=beta,
                         bootstrap_samples=bootstrap_samples, confidence=confidence, seed=seed,
                         num_pairs=len(pref_records), perplexity=scored["perplexity"],
@@ -278,10 +302,10 @@ def run(
     kl_terms = scored["kl_terms"]
     samples = [
         {"id": pid, "prompt": prompt, "prompt_text": last_user_text(prompt),
-         "sft_response": texts["sft"][i], "dpo_response": texts["dpo"][i],
-         "sft_score": scores["sft"][i], "dpo_score": scores["dpo"][i],
-         "sft_length": lengths["sft"][i], "dpo_length": lengths["dpo"][i],
-         "win": wins[i], "kl_term": float(kl_terms[i])}
+         **{f"{n}_response": texts[n][i] for n in names}, **{f"{n}_score": scores[n][i] for n in names},
+         **{f"{n}_length": lengths[n][i] for n in names},
+         "win": wins[i], "kl_term": float(kl_terms["dpo"][i]),
+         **({"grpo_kl_term": float(kl_terms["grpo"][i])} if "grpo" in kl_terms else {})}
         for i, (pid, prompt) in enumerate(prompts)
     ]
     margins = implicit_rewards(logps["dpo"][0], ref_chosen, beta) - implicit_rewards(logps["dpo"][1], ref_rejected, beta)
@@ -291,15 +315,17 @@ def run(
         metrics, samples, wins=wins, sft_logp_margin=(logps["sft"][0] - logps["sft"][1]).tolist(),
         dpo_logp_margin=(logps["dpo"][0] - logps["dpo"][1]).tolist(), reward_margins=margins.tolist(),
         lengths=lengths, scores=scores, sft_curves_path=sft_curves_path, dpo_curves_path=dpo_curves_path,
+        grpo_curves_path=grpo_curves_path if grpo_dir else "",
         setup=setup, confidence=confidence, num_samples=num_samples_in_report)
     from components.core.checkpoints import model_identity
 
     # which models these metrics are about: register refuses to tag another model with them
-    evaluated = {"sft": model_identity(sft_dir), "dpo": model_identity(dpo_dir)}
+    evaluated = {"sft": model_identity(sft_dir), "dpo": model_identity(dpo_dir),
+                 **({"grpo": model_identity(grpo_dir)} if grpo_dir else {})}
     report_html.write_report(report_dir, images, page, samples, metrics, {"evaluated_models.json": evaluated})
     write_csv(plots_path, [
-        {"prompt": i, "sft/reward": s["sft_score"], "dpo/reward": s["dpo_score"],
-         "sft/length": s["sft_length"], "dpo/length": s["dpo_length"], "win": s["win"]}
+        {"prompt": i, **{f"{n}/reward": s[f"{n}_score"] for n in names}, **{f"{n}/length": s[f"{n}_length"] for n in names},
+         "win": s["win"]}
         for i, s in enumerate(samples)
     ])
     write_json(metrics_path, metrics)
@@ -309,7 +335,7 @@ def run(
     from components.core.config import params_hash
 
     tracking_params = {k: v for k, v in hyper.items() if not k.endswith(("_path", "_dir"))}
-    inputs = [sft_dir, dpo_dir, pref_eval_path, sft_eval_path, reference_path]
+    inputs = [sft_dir, dpo_dir, *([grpo_dir] if grpo_dir else []), pref_eval_path, sft_eval_path, reference_path]
     with tracking.stage_run("evaluate", tracking_params, inputs, params_hash(tracking_params), enabled=track) as mlrun:
         tracking.log_metrics(mlrun, metrics)
         if mlrun is not None:
@@ -327,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--sft", default="models/sft")
     parser.add_argument("--dpo", default="models/dpo")
+    parser.add_argument("--grpo", default="models/grpo", help="also evaluate this GRPO policy ('' = none)")
     parser.add_argument("--data-dir", default="data/prepared")
     parser.add_argument("--reference", default="artifacts/ref_logps/eval.pt")
     parser.add_argument("--metrics", default="metrics/eval.json")
@@ -338,6 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(
         sft_dir=args.sft,
         dpo_dir=args.dpo,
+        grpo_dir=args.grpo if args.grpo and Path(args.grpo).exists() else None,
         pref_eval_path=f"{args.data_dir}/pref_eval.jsonl",
         sft_eval_path=f"{args.data_dir}/sft_eval.jsonl",
         reference_path=args.reference,

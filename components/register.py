@@ -1,8 +1,11 @@
-"""register stage: log the DPO model to MLflow, register a new version, point `challenger` at it.
+"""register stage: log the candidate model (DPO or GRPO) to MLflow, register a new version, point `challenger` at it.
 
     python -m components.register --params params.yaml   # the DVC `register` stage (= alignflow register)
 
-Logs `models/dpo/` as an MLflow transformers model (weights + tokenizer + chat template) in a run tagged
+`register.candidate` picks the policy: `dpo` (models/dpo) or `grpo` (models/grpo). The version carries
+that policy's held-out metrics under the gate's names (`eval/reward_mean`, `eval/kl_to_reference`, ...:
+GRPO's `eval/grpo/*` are mapped onto them), so `alignflow promote` gates either the same way.
+Logs the candidate's directory as an MLflow transformers model (weights + tokenizer + chat template) in a run tagged
 with its lineage (git commit and dirty flag, DVC hashes of the prepared data, SFT model, reference
 log-probs and DPO model, params hash, Prefect flow run, eval metrics), registers a new version of
 `register.model_name` carrying the same tags, and points the `challenger` alias at it (the last registry
@@ -34,6 +37,7 @@ log = logging.getLogger("alignflow.registry")
 
 # What a registered model is made of; their DVC hashes (from dvc.lock) become lineage tags.
 LINEAGE_INPUTS = ["data/prepared", "models/sft", "artifacts/ref_logps", "models/dpo"]
+CANDIDATE_INPUTS = {"dpo": LINEAGE_INPUTS, "grpo": ["data/prepared", "models/sft", "models/grpo"]}
 PIPELINE_PACKAGES = ("torch", "transformers", "accelerate")
 KEY_TAG = "alignflow/registration_key"
 EVALUATED_FILE = "evaluated_models.json"  # written by evaluate into its report: which models it scored
@@ -52,7 +56,7 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
-def _model_card(model_name: str, tags: dict[str, str], metrics: dict[str, float]):
+def _model_card(model_name: str, tags: dict[str, str], metrics: dict[str, float], candidate: str = "dpo"):
     from huggingface_hub import ModelCard
 
     shown = ["eval/reward_mean", "eval/sft/reward_mean", "eval/win_rate_vs_sft", "eval/kl_to_reference",
@@ -60,9 +64,11 @@ def _model_card(model_name: str, tags: dict[str, str], metrics: dict[str, float]
     lines = [f"- `{k}`: {metrics[k]:.4f}" for k in shown if k in metrics]
     return ModelCard(
         "---\nlicense: other\nlibrary_name: transformers\npipeline_tag: text-generation\n"
-        "tags: [alignflow, dpo]\n---\n"
+        f"tags: [alignflow, {candidate}]\n---\n"
         f"# {model_name}\n\n"
-        "Causal LM trained by the alignflow pipeline: SFT, then preference optimisation (DPO family).\n\n"
+        "Causal LM trained by the alignflow pipeline: SFT, then "
+        + ("preference optimisation (DPO family)" if candidate == "dpo" else "online RL with verifiable rewards (GRPO)")
+        + ".\n\n"
         f"- git commit: `{tags.get('git/commit', 'unknown')}` (dirty: {tags.get('git/dirty', 'unknown')})\n"
         f"- params hash: `{tags.get('params/hash', '')}`\n"
         f"- data (DVC md5): `{tags.get('dvc/data/prepared', 'not run under DVC')}`\n\n"
@@ -102,11 +108,21 @@ def _move_challenger(model_name: str, version: str) -> str | None:
     return CHALLENGER
 
 
-def read_eval_metrics(path: str) -> dict[str, float]:
+def read_eval_metrics(path: str, candidate: str = "dpo") -> dict[str, float]:
+    """The candidate's eval metrics under the gate's names: DPO's as evaluate wrote them; for GRPO its
+    `eval/grpo/<m>` become `eval/<m>` (with the shared `eval/sft/*`, `eval/num_*`)."""
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no eval metrics; run the evaluate stage first (dvc repro evaluate)")
     raw = json.loads(Path(path).read_text())
-    return {k: float(v) for k, v in raw.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    metrics = {k: float(v) for k, v in raw.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    if candidate == "dpo":
+        return metrics
+    own = {k.replace(f"eval/{candidate}/", "eval/", 1): v for k, v in metrics.items() if k.startswith(f"eval/{candidate}/")}
+    if not own:
+        raise FileNotFoundError(f"{path}: no eval/{candidate}/* metrics; evaluate the {candidate} model first "
+                                "(dvc repro evaluate)")
+    shared = {k: v for k, v in metrics.items() if k.startswith(("eval/sft/", "eval/num_"))}
+    return {**shared, **own}
 
 
 def register(
@@ -120,6 +136,7 @@ def register(
     eval_report_dir: str = "reports/eval",
     out_path: str = "reports/registration.json",
     extra_artifacts: Sequence[str] = ("params.yaml", "dvc.lock"),
+    candidate: str = "dpo",
 ) -> dict:
     """Log model_dir to MLflow, register it as a new version of model_name, alias it `challenger`.
 
@@ -133,20 +150,21 @@ def register(
     from components.core.checkpoints import model_identity
     from components.core.io import write_json
 
-    metrics = read_eval_metrics(metrics_path)
+    metrics = read_eval_metrics(metrics_path, candidate)
+    inputs = CANDIDATE_INPUTS[candidate]
     if not (Path(model_dir) / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: no model here; run the dpo stage first (dvc repro dpo)")
+        raise FileNotFoundError(f"{model_dir}: no model here; run the {candidate} stage first (dvc repro {candidate})")
     identity = model_identity(model_dir)
     evaluated_file = Path(eval_report_dir) / EVALUATED_FILE
     if evaluated_file.exists():  # the metrics must be this model's, not another's
         evaluated = json.loads(evaluated_file.read_text())
-        if evaluated.get("dpo") != identity:
+        if evaluated.get(candidate) != identity:
             raise RegistryError(f"{metrics_path} was computed for another model than {model_dir} (per "
                                 f"{evaluated_file}); evaluate this model first (dvc repro evaluate)")
     else:
         log.warning("%s missing: cannot check that %s is the model %s evaluated", evaluated_file, metrics_path,
                     model_dir)
-    lineage_now = tracking.lineage_tags("register", LINEAGE_INPUTS, params_digest)
+    lineage_now = tracking.lineage_tags("register", inputs, params_digest)
     key = registration_key(identity, lineage_now, metrics)
     existing = _registered(model_name, key)
     if existing is not None:  # idempotent: the same artifact, lineage and metrics are one version
@@ -164,7 +182,7 @@ def register(
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     model.config.use_cache = True  # training saves with it off; serving wants the KV cache
 
-    with tracking.stage_run("register", params, LINEAGE_INPUTS, params_digest) as run:
+    with tracking.stage_run("register", {**params, "candidate": candidate}, inputs, params_digest) as run:
         run_id = run.info.run_id
         tracking.log_metrics(run, metrics)
         lineage = {k: v for k, v in mlflow.get_run(run_id).data.tags.items() if not k.startswith("mlflow.")}
@@ -172,7 +190,7 @@ def register(
             transformers_model={"model": model, "tokenizer": tokenizer},
             task="text-generation",
             save_pretrained=True,
-            model_card=_model_card(model_name, lineage, metrics),
+            model_card=_model_card(model_name, lineage, metrics, candidate),
             pip_requirements=_pip_requirements(),
             name="model",
         )
@@ -184,7 +202,8 @@ def register(
 
     # After the run closed (FINISHED): a version never points at a failed run.
     tags = {**lineage, **{k: repr(v) for k, v in metrics.items()}, "alignflow/run_id": run_id,
-            "alignflow/registered_at": now(), KEY_TAG: key, "alignflow/model_identity": identity}
+            "alignflow/registered_at": now(), KEY_TAG: key, "alignflow/model_identity": identity,
+            "alignflow/candidate": candidate}
     registry_client()
     version = mlflow.register_model(info.model_uri, model_name, tags=tags)
     alias = _move_challenger(model_name, str(version.version))  # last registry write
@@ -205,7 +224,7 @@ def register(
 # ----------------------------------------------------------------------------- stage CLI
 
 
-def register_from_params(params_path: str = "params.yaml", model_dir: str = "models/dpo",
+def register_from_params(params_path: str = "params.yaml", model_dir: str | None = None,
                          metrics_path: str = "metrics/eval.json", eval_report_dir: str = "reports/eval",
                          out_path: str = "reports/registration.json") -> dict:
     """The register stage with its params: what `dvc repro register` and `alignflow register` run."""
@@ -215,14 +234,15 @@ def register_from_params(params_path: str = "params.yaml", model_dir: str = "mod
     # The version's lineage hash: every section that shaped the model or its metrics. `register`
     # itself (name, gate) is left out: changing the gate does not make a different model.
     params = p.model_dump(by_alias=True, exclude={"registry"})
-    return register(model_dir=model_dir, metrics_path=metrics_path, model_name=p.registry.model_name,
+    candidate = p.registry.candidate
+    return register(model_dir=model_dir or f"models/{candidate}", candidate=candidate, metrics_path=metrics_path, model_name=p.registry.model_name,
                     params=params, params_digest=params_hash(params), trust_remote_code=p.model.trust_remote_code,
                     eval_report_dir=eval_report_dir, out_path=out_path)
 
 
 def add_register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--model-dir", default="models/dpo")
+    parser.add_argument("--model-dir", default=None, help="default: models/<register.candidate>")
     parser.add_argument("--metrics", default="metrics/eval.json")
     parser.add_argument("--eval-report", default="reports/eval")
     parser.add_argument("--out", default="reports/registration.json")

@@ -49,6 +49,7 @@ DEFAULT_TIMEOUTS_S: dict[str, float] = {
     "sft": 8 * 3600,
     "reference": 2 * 3600,
     "dpo": 8 * 3600,
+    "grpo": 8 * 3600,
     "evaluate": 2 * 3600,
     "register": 30 * 60,
 }

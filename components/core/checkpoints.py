@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "alignflow_state.json"
 # Loop settings that do not change the trained weights: editing them must not restart a run from step 0.
-CADENCE_KEYS = ("eval_every", "save_every", "keep_checkpoints", "log_every", "track", "divergence_factor")
+CADENCE_KEYS = ("eval_every", "save_every", "keep_checkpoints", "log_every", "track", "divergence_factor",
+                "zero_std_warning")
 
 
 def math_params(hyper: dict) -> dict:
@@ -150,8 +151,8 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: i
         write_json(partial / STATE_FILE, {**state, "step": step, "files": files})
         replace_dir(partial, final)
         kept = {p for p, _ in find_checkpoints(ckpt_dir, state["fingerprint"])[:keep]}
-        for old in run_dir.iterdir():  # older, corrupt or partial leftovers of this run
-            if old not in kept:
+        for old in run_dir.iterdir():  # older, corrupt or partial leftovers of this run (not its other files)
+            if old not in kept and old.name.startswith(("step_", ".step_")):
                 shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
         # this run has a complete resume point now: other runs' checkpoints are stale
         for other in Path(ckpt_dir).iterdir():

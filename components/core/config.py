@@ -166,6 +166,55 @@ class DPOConfig(TrainLoopConfig):
         return self
 
 
+class RewardSpec(Strict):
+    name: str = Field(min_length=1)  # components/core/rewards.py REWARD_FUNCTIONS, or "package.module:function"
+    weight: float = 1.0
+
+
+class GRPOConfig(Strict):
+    """Online RL with verifiable rewards (GRPO, Dr. GRPO, DAPO): every default spelled out, with its source."""
+
+    max_steps: int = Field(60, gt=0)  # optimizer steps
+    prompts_per_step: int = Field(16, gt=0)  # prompts per generation round (global, all processes)
+    num_generations: int = Field(8, ge=2)  # G: completions per prompt (the group)
+    generation_batch_size: int = Field(8, gt=0)  # prompts per generate() call (x G rows)
+    micro_batch_size: int = Field(64, gt=0)  # completions per forward/backward
+    max_completion_length: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    learning_rate: float = Field(1e-6, gt=0.0)  # TRL's GRPOConfig default, for real models
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    scheduler: Literal["cosine", "linear", "constant"] = "constant"
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    beta: float = Field(0.0, ge=0.0)  # k3 KL to the reference (TRL >= 0.19: 0.0); 0 = reference never loaded
+    epsilon_low: float = Field(0.2, ge=0.0, lt=1.0)  # clip range below 1 (PPO / GRPO)
+    epsilon_high: float = Field(0.2, ge=0.0)  # above 1; DAPO's clip-higher uses 0.28
+    num_iterations: int = Field(1, gt=0)  # mu: optimizer steps per generation round (old log-probs kept when > 1)
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"  # TRL 1.16's default
+    mask_truncated_completions: bool = False  # DAPO: completions without an end-of-turn carry no loss
+    dynamic_sampling: bool = False  # DAPO: drop zero-std groups and generate more prompts to refill
+    max_resample_rounds: int = Field(3, ge=0)  # dynamic sampling: extra generation rounds before giving up
+    rewards: list[RewardSpec] = [RewardSpec(name="sorting")]
+    prompts: Literal["pref", "sft"] = "pref"  # prompts of data/prepared/<prompts>_train.jsonl (pref: the preference pairs)
+    zero_std_warning: float = Field(0.5, ge=0.0, le=1.0)  # warn when frac_reward_zero_std stays above it
+    divergence_factor: float = Field(100.0, gt=1.0)
+    save_every: int = Field(20, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(5, gt=0)
+    lora: LoraConfig = LoraConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GRPOConfig:
+        if self.save_every % self.num_iterations:
+            raise ValueError(f"save_every ({self.save_every}) must be a multiple of num_iterations "
+                             f"({self.num_iterations}): checkpoints fall between generation rounds")
+        if not self.rewards:
+            raise ValueError("rewards: at least one reward function")
+        return self
+
+
 class EvaluateConfig(Strict):
     num_prompts: int = Field(200, ge=0)
     max_new_tokens: int = Field(32, gt=0)
@@ -199,6 +248,7 @@ class GateConfig(Strict):
 
 class RegisterConfig(Strict):
     model_name: str = Field("alignflow-default", min_length=1)
+    candidate: Literal["dpo", "grpo"] = "dpo"  # which trained policy register proposes (models/<candidate>)
     gate: GateConfig = GateConfig()
 
 
@@ -213,6 +263,7 @@ class Params(Strict):
     sft: SFTConfig = SFTConfig()
     reference: ReferenceConfig = ReferenceConfig()
     dpo: DPOConfig = DPOConfig()
+    grpo: GRPOConfig = GRPOConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     # "register" would shadow a pydantic attribute; the params file still says `register:`.
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")

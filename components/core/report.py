@@ -17,7 +17,8 @@ import numpy as np
 
 from components.core.io import atomic_dir, write_json, write_jsonl
 
-PALETTE = {"sft": "#8c96a8", "dpo": "#3b6fd9", "win": "#2e9e6b", "tie": "#c9cdd6", "loss": "#d9534f"}
+PALETTE = {"sft": "#8c96a8", "dpo": "#3b6fd9", "grpo": "#e08a2c", "win": "#2e9e6b", "tie": "#c9cdd6",
+           "loss": "#d9534f"}
 
 
 def _figure_png(fig) -> bytes:
@@ -51,9 +52,12 @@ def _series(rows: list[dict], column: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def plot_training_curves(sft_rows: list[dict], dpo_rows: list[dict]) -> bytes | None:
-    """One panel per quantity that exists: SFT loss, DPO loss, DPO reward margins, DPO accuracies."""
+def plot_training_curves(sft_rows: list[dict], dpo_rows: list[dict], grpo_rows: list[dict] | None = None) -> bytes | None:
+    """One panel per quantity that exists: SFT loss, DPO loss, DPO reward margins, DPO accuracies, GRPO reward
+    and its zero-std share."""
     import matplotlib.pyplot as plt
+
+    grpo_rows = grpo_rows or []
 
     panels = [
         ("SFT loss", sft_rows, [("train/loss", "train"), ("eval/loss", "held-out")]),
@@ -61,6 +65,7 @@ def plot_training_curves(sft_rows: list[dict], dpo_rows: list[dict]) -> bytes | 
         ("DPO reward margin", dpo_rows, [("rewards/margins", "train"), ("eval/rewards/margins", "held-out")]),
         ("DPO preference accuracy", dpo_rows,
          [("rewards/accuracies", "train"), ("eval/rewards/accuracies", "held-out")]),
+        ("GRPO reward (rollouts)", grpo_rows, [("reward", "mean"), ("frac_reward_zero_std", "zero-std groups")]),
     ]
     panels = [(t, rows, [(c, lab, _series(rows, c)) for c, lab in cols]) for t, rows, cols in panels]
     # keep the first non-empty column per label (dpo.csv calls its train loss "loss")
@@ -163,14 +168,13 @@ def plot_win_rate(wins: list[float], rate: float, low: float, high: float, confi
     return _figure_png(fig)
 
 
-def plot_distributions(sft_lengths: list[int], dpo_lengths: list[int], sft_scores: list[float],
-                       dpo_scores: list[float]) -> bytes:
+def plot_distributions(lengths: dict[str, list[int]], scores: dict[str, list[float]]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
-    _hist(a, {"sft": sft_lengths, "dpo": dpo_lengths}, bins=25, integer=True)
+    _hist(a, dict(lengths), bins=25, integer=True)
     a.set_title("Response length (tokens)", fontsize=10)
-    _hist(b, {"sft": sft_scores, "dpo": dpo_scores}, bins=20)
+    _hist(b, dict(scores), bins=20)
     b.set_title("Judge score per response", fontsize=10)
     fig.tight_layout()
     return _figure_png(fig)
@@ -232,6 +236,21 @@ def render_html(metrics: dict, samples: list[dict], images: dict[str, bytes], se
     if "eval/reward_eq_1" in m:
         cards.append(_card("Exactly solved", f'{m["eval/sft/reward_eq_1"]:.1%}<span class="arrow">→</span>'
                                              f'{m["eval/reward_eq_1"]:.1%}', "SFT → DPO, share of prompts with reward 1"))
+    if "eval/grpo/reward_mean" in m:
+        g = "eval/grpo/"
+        cards.append(_card("GRPO judge reward", f'{m["eval/sft/reward_mean"]:.3f}<span class="arrow">→</span>'
+                                                f'{m[g + "reward_mean"]:.3f}',
+                           f'SFT → GRPO, Δ {m[g + "reward_delta"]:+.3f} [{m[g + "reward_delta_ci_low"]:+.3f}, '
+                           f'{m[g + "reward_delta_ci_high"]:+.3f}]',
+                           "good" if m[g + "reward_delta_ci_low"] > 0 else "bad" if m[g + "reward_delta_ci_high"] < 0
+                           else "neutral"))
+        cards.append(_card("GRPO win rate", f'{m[g + "win_rate_vs_sft"]:.1%}',
+                           f'vs SFT [{m[g + "win_rate_ci_low"]:.1%}, {m[g + "win_rate_ci_high"]:.1%}]; vs DPO '
+                           f'{m[g + "win_rate_vs_dpo"]:.1%} [{m[g + "win_rate_vs_dpo_ci_low"]:.1%}, '
+                           f'{m[g + "win_rate_vs_dpo_ci_high"]:.1%}]'))
+        extra = (f'exact {m[g + "reward_eq_1"]:.1%}; ' if g + "reward_eq_1" in m else "")
+        cards.append(_card("GRPO KL · length", f'{m[g + "kl_to_reference"]:.2f}',
+                           f'{extra}KL(π_GRPO ‖ π_SFT) nats; length ×{m[g + "length_ratio"]:.2f} vs SFT', "neutral"))
     if "eval/sft/perplexity" in m:
         cards.append(_card("Held-out perplexity", f'{m["eval/sft/perplexity"]:.3f}<span class="arrow">→</span>'
                                                   f'{m["eval/perplexity"]:.3f}', "SFT → DPO, assistant tokens", "neutral"))
@@ -252,17 +271,22 @@ def render_html(metrics: dict, samples: list[dict], images: dict[str, bytes], se
     )
 
     rows = []
+    with_grpo = bool(samples) and "grpo_response" in samples[0]
     for s in samples:
         outcome = {1.0: ("win", "DPO"), 0.5: ("tie", "tie"), 0.0: ("loss", "SFT")}[s["win"]]
+        grpo_cells = (f'<td class="text">{esc(s["grpo_response"])}</td><td class="num">{s["grpo_score"]:.3f}</td>'
+                      if with_grpo else "")
         rows.append(
             f'<tr><td class="text">{esc(s["prompt_text"])}</td>'
             f'<td class="text">{esc(s["sft_response"])}</td><td class="num">{s["sft_score"]:.3f}</td>'
             f'<td class="text">{esc(s["dpo_response"])}</td><td class="num">{s["dpo_score"]:.3f}</td>'
-            f'<td><span class="badge {outcome[0]}">{outcome[1]}</span></td></tr>'
+            f'<td><span class="badge {outcome[0]}">{outcome[1]}</span></td>{grpo_cells}</tr>'
         )
+    grpo_head = "<th>GRPO response</th><th>score</th>" if with_grpo else ""
     sample_table = (
-        '<table class="samples"><thead><tr><th style="width:28%">Prompt</th><th>SFT response</th><th>score</th>'
-        "<th>DPO response</th><th>score</th><th>better</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        '<table class="samples"><thead><tr><th style="width:24%">Prompt</th><th>SFT response</th><th>score</th>'
+        f"<th>DPO response</th><th>score</th><th>DPO vs SFT</th>{grpo_head}</tr></thead><tbody>" + "".join(rows)
+        + "</tbody></table>"
         if rows else "<p>No samples requested (evaluate.num_samples_in_report = 0).</p>"
     )
     items = sorted(m.items())
@@ -295,15 +319,16 @@ def render_html(metrics: dict, samples: list[dict], images: dict[str, bytes], se
 def build_report(metrics: dict, samples: list[dict], *, wins: list[float], sft_logp_margin: list[float],
                  dpo_logp_margin: list[float], reward_margins: list[float], lengths: dict[str, list[int]],
                  scores: dict[str, list[float]], sft_curves_path: str, dpo_curves_path: str, setup: dict,
-                 confidence: float, num_samples: int) -> tuple[dict[str, bytes], str]:
+                 confidence: float, num_samples: int, grpo_curves_path: str = "") -> tuple[dict[str, bytes], str]:
     """(PNG bytes by file name, HTML page) of the evaluation report."""
     images: dict[str, bytes] = {
         "win_rate.png": plot_win_rate(wins, metrics["eval/win_rate_vs_sft"], metrics["eval/win_rate_ci_low"],
                                       metrics["eval/win_rate_ci_high"], confidence),
         "margins.png": plot_margins(sft_logp_margin, dpo_logp_margin, reward_margins, setup["β"]),
-        "distributions.png": plot_distributions(lengths["sft"], lengths["dpo"], scores["sft"], scores["dpo"]),
+        "distributions.png": plot_distributions(lengths, scores),
     }
-    curves = plot_training_curves(read_curves(sft_curves_path), read_curves(dpo_curves_path))
+    curves = plot_training_curves(read_curves(sft_curves_path), read_curves(dpo_curves_path),
+                                  read_curves(grpo_curves_path))
     if curves:
         images["training_curves.png"] = curves
     return images, render_html(metrics, samples[:num_samples], images, setup, confidence)

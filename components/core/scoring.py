@@ -125,6 +125,46 @@ def response_logps(model, prompt_ids: list[list[int]], response_ids: list[list[i
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def completion_token_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, device,
+                           temperature: float = 1.0, with_entropy: bool = False):
+    """Per-token log-probs of each completion given its prompt, under logits / temperature (as sampled).
+
+    Rows are [left-padded prompt | right-padded completion] (TRL's layout), position ids count real tokens
+    only, and the LM head runs on the completion positions alone (`logits_to_keep`) when the model takes it.
+    Returns (logps (B, C), mask (B, C) bool, entropy (B, C) or None), C = the longest completion. Entropy
+    (of the tempered distribution, in nats) carries no gradient.
+    """
+    import inspect
+
+    p_width = max(len(p) for p in prompt_ids)
+    c_width = max(max(len(c) for c in completion_ids), 1)
+    ids = torch.full((len(prompt_ids), p_width + c_width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        ids[i, p_width - len(p) : p_width] = torch.tensor(p)
+        attn[i, p_width - len(p) : p_width] = True
+        if c:
+            ids[i, p_width : p_width + len(c)] = torch.tensor(c)
+            attn[i, p_width : p_width + len(c)] = True
+    positions = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    ids, attn, positions = ids.to(device), attn.to(device), positions.to(device)
+    base = getattr(model, "module", model)
+    kwargs = {"logits_to_keep": c_width + 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    logits = model(input_ids=ids, attention_mask=attn.long(), position_ids=positions, **kwargs).logits
+    logits = logits[:, -(c_width + 1) : -1, :].float()  # (B, C, V): position t predicts completion token t
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = ids[:, p_width:]
+    mask = attn[:, p_width:]
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            logp_all = torch.log_softmax(logits, dim=-1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return token_logps * mask, mask, entropy
+
+
 # ----------------------------------------------------------------------------- the reference artifact
 
 

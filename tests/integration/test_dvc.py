@@ -15,7 +15,7 @@ from conftest import run_cmd
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ALL_STAGES = ["bootstrap", "synthesize", "sources@src0", "sources@src1", "prepare", "sft", "reference", "dpo",
-              "evaluate", "register"]
+              "grpo", "evaluate", "register"]
 
 
 def stages_run(output: str) -> list[str]:
@@ -31,7 +31,8 @@ def set_param(root: Path, section: str, key: str, value) -> None:
 def test_full_repro_writes_every_artifact(tiny_repo):
     for rel in ("models/base/config.json", "models/base/tokenizer.json", "data/raw/sft.jsonl",
                 "data/prepared/pref_train.jsonl", "models/sft/model.safetensors", "artifacts/ref_logps/train.pt",
-                "models/dpo/model.safetensors", "reports/eval/index.html", "reports/registration.json"):
+                "models/dpo/model.safetensors", "models/grpo/model.safetensors", "artifacts/rollouts/config.json",
+                "reports/eval/index.html", "reports/registration.json"):
         assert (tiny_repo / rel).exists(), rel
     prepare = json.loads((tiny_repo / "metrics/prepare.json").read_text())
     assert prepare["read/total"] == prepare["kept/total"] + prepare["dropped/total"]
@@ -56,6 +57,8 @@ def test_second_repro_does_nothing(tiny_repo):
         ("dpo", "loss", "ipo", ["dpo", "register"]),
         ("reference", "batch_size", 3, ["reference", "register"]),
         ("evaluate", "temperature", 0.7, ["evaluate", "register"]),
+        ("grpo", "beta", 0.1, ["grpo", "register"]),  # a GRPO change never touches SFT, reference or DPO
+        ("register", "candidate", "grpo", ["register"]),
         ("register", "gate", {"min_prompts": 10}, []),  # the gate is applied by promote, not by register
     ],
 )
@@ -73,7 +76,7 @@ def test_sft_change_reruns_sft_and_everything_after(tiny_repo, tmp_path):
     shutil.copytree(tiny_repo, root, symlinks=True)
     set_param(root, "sft", "learning_rate", 1.0e-3)
     out = run_cmd(["dvc", "repro"], root).stdout
-    assert stages_run(out) == ["sft", "reference", "dpo", "evaluate", "register"]
+    assert stages_run(out) == ["sft", "reference", "dpo", "grpo", "evaluate", "register"]
 
 
 def test_beta_sweep_reuses_sft_and_reference(tiny_repo, tmp_path):
@@ -122,7 +125,7 @@ def test_editing_a_user_source_reruns_prepare_and_everything_after(tiny_repo, tm
     # only the preference data changed: the stages that read it are stale, SFT is not (its files are unchanged;
     # register follows once the model it registers changes)
     stale = stages_run(run_cmd(["dvc", "repro", "--dry"], root).stdout)
-    assert "sft" not in stale and stale[:3] == ["reference", "dpo", "evaluate"]
+    assert "sft" not in stale and stale[:4] == ["reference", "dpo", "grpo", "evaluate"]
 
 
 def commit_all(root: Path) -> None:

@@ -436,7 +436,7 @@ def test_prefect_yaml_deploys_with_schedule_pools_and_limits(prefect_server, tmp
         assert nightly.job_variables["gpu_count"] == 1 and nightly.job_variables["image"]
         assert nightly.concurrency_limit == 1 or nightly.global_concurrency_limit.limit == 1
         train = client.read_deployment_by_name("alignflow-pipeline/train-gpu")
-        assert train.work_pool_name == "gpu" and train.parameters["stages"] == ["sft", "reference", "dpo"]
+        assert train.work_pool_name == "gpu" and train.parameters["stages"] == ["sft", "reference", "dpo", "grpo"]
         cpu = client.read_deployment_by_name("alignflow-pipeline/cpu-stages")
         assert cpu.work_pool_name == "cpu" and cpu.parameters["stages"] == ["sources", "prepare", "evaluate", "register"]
 

@@ -1,0 +1,179 @@
+"""Our `grpo` stage against TRL 1.16 `GRPOTrainer` on the same job: wall time, generated tokens/s, peak memory.
+
+    .venv/bin/python benchmarks/grpo_vs_trl.py                      # CPU, models/sft, 20 steps, 2 rounds
+    .venv/bin/python benchmarks/grpo_vs_trl.py --steps 5 --rounds 1 # smoke
+
+Same on both sides: the policy (models/sft, or the base model when there is no SFT model), the prompts
+(the embedded task's preference prompts from data/prepared/pref_train.jsonl, in one fixed order), G
+completions per prompt, `--prompts` prompts per optimizer step, max completion length, temperature 1,
+top_p 1, beta (0 = no reference model on either side), the sorting reward, loss type `dapo`, group
+scaling, one iteration per generation, AdamW at one constant lr, clipping at 1.0, fp32 on CPU, HF
+`generate` with the KV cache, no eval, no checkpoints, final model saved. TRL's own default
+`gradient_checkpointing` is turned off (ours does not checkpoint).
+
+Each run is its own subprocess (`--child`), rounds alternate the order (ours, TRL / TRL, ours):
+- wall_s: from the first line of work (load tokenizer and model) to the final model on disk (imports excluded;
+  `process_s` is the whole subprocess);
+- generated tokens: completion tokens sampled (TRL: the sum of its logged `completions/mean_length` x
+  completions; ours: metrics/grpo.json `generated_tokens`); tokens/s = generated tokens / wall_s;
+- peak memory: `ru_maxrss` of the child (imports included).
+Writes benchmarks/results/grpo_vs_trl_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": ""}
+
+
+def child_ours(spec: dict, work: Path) -> dict:
+    from components import grpo
+    from components.core.config import GRPOConfig
+
+    cfg = GRPOConfig(max_steps=spec["steps"], prompts_per_step=spec["prompts"], num_generations=spec["G"],
+                     generation_batch_size=spec["prompts"], micro_batch_size=spec["prompts"] * spec["G"],
+                     max_completion_length=spec["max_completion_length"], learning_rate=spec["lr"],
+                     beta=spec["beta"], loss_type="dapo", scale_rewards="group", save_every=10**6,
+                     log_every=10**6)
+    data = work / "data"
+    data.mkdir(exist_ok=True)
+    (data / "pref_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spec["records"]))
+    started = time.perf_counter()
+    final = grpo.run(cfg, model_path=spec["model"], data_dir=str(data), out_dir=str(work / "model"),
+                     rollouts_dir=str(work / "rollouts"), metrics_path=str(work / "metrics.json"),
+                     plots_path=str(work / "plots.csv"), checkpoint_dir=str(work / "ckpt"),
+                     max_prompt_length=spec["max_prompt_length"], seed=spec["seed"], track=False)
+    return {"wall_s": time.perf_counter() - started, "generated_tokens": final["generated_tokens"],
+            "reward_first": final["reward_first"], "reward_last": final["reward"]}
+
+
+def child_trl(spec: dict, work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from components.core.rewards import sorting_reward
+
+    def reward(prompts, completions, **_):
+        return [sorting_reward(p, c[-1]["content"] if isinstance(c, list) else c, "")
+                for p, c in zip(prompts, completions, strict=True)]
+
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in spec["records"]])
+    args = GRPOConfig(
+        output_dir=str(work / "trl"), max_steps=spec["steps"], per_device_train_batch_size=spec["prompts"] * spec["G"],
+        num_generations=spec["G"], max_completion_length=spec["max_completion_length"], temperature=1.0,
+        top_p=1.0, top_k=0, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
+        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, beta=spec["beta"], loss_type="dapo",
+        scale_rewards="group", num_iterations=1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        bf16=False, gradient_checkpointing=False, seed=spec["seed"], shuffle_dataset=False, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
+                          processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(work / "trl_model"))
+    wall = time.perf_counter() - started
+    logs = [r for r in trainer.state.log_history if "completions/mean_length" in r]
+    tokens = sum(r["completions/mean_length"] for r in logs) * spec["prompts"] * spec["G"]
+    return {"wall_s": wall, "generated_tokens": int(tokens), "reward_first": logs[0]["reward"],
+            "reward_last": logs[-1]["reward"]}
+
+
+def child_main(kind: str, spec_path: str, out_path: str) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", str(os.cpu_count()))))
+    spec = json.loads(Path(spec_path).read_text())
+    work = Path(tempfile.mkdtemp(prefix=f"grpo-bench-{kind}-"))
+    result = child_ours(spec, work) if kind == "ours" else child_trl(spec, work)
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path(out_path).write_text(json.dumps(result))
+
+
+def run_child(kind: str, spec_path: Path, work: Path, tag: str) -> dict:
+    out = work / f"{tag}.json"
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, __file__, "--child", kind, str(spec_path), str(out)], cwd=work,
+                          env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    result = json.loads(out.read_text())
+    result["process_s"] = time.perf_counter() - started
+    result["tokens_per_s"] = result["generated_tokens"] / result["wall_s"]
+    return result
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child_main(*sys.argv[2:5])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per optimizer step")
+    parser.add_argument("--generations", type=int, default=8, help="G")
+    parser.add_argument("--max-completion-length", type=int, default=24)
+    parser.add_argument("--beta", type=float, default=0.04, help="k3 KL weight (0: no reference model)")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--model", default=str(ROOT / "models/sft"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/grpo_vs_trl_cpu.json"))
+    args = parser.parse_args()
+
+    from components.core.io import read_jsonl
+
+    records = read_jsonl(ROOT / "data/prepared/pref_train.jsonl")
+    n = args.steps * args.prompts  # one epoch's worth, in file order; both sides see each prompt once
+    spec = {"model": args.model, "steps": args.steps, "prompts": args.prompts, "G": args.generations,
+            "max_completion_length": args.max_completion_length, "beta": args.beta, "lr": args.lr, "seed": 1234,
+            "max_prompt_length": 96, "records": [{"id": r["id"], "prompt": r["prompt"], "chosen": r["chosen"]}
+                                                 for r in records[:n]]}
+    work = Path(tempfile.mkdtemp(prefix="grpo-bench-"))
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    rounds = []
+    for r in range(args.rounds):
+        order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")
+        results = {kind: run_child(kind, spec_path, work, f"{kind}_{r}") for kind in order}
+        rounds.append(results)
+        o, t = results["ours"], results["trl"]
+        print(f"round {r + 1}: ours {o['wall_s']:.1f}s {o['tokens_per_s']:.0f} tok/s {o['peak_rss_bytes'] / 2**20:.0f} MiB"
+              f" | TRL {t['wall_s']:.1f}s {t['tokens_per_s']:.0f} tok/s {t['peak_rss_bytes'] / 2**20:.0f} MiB")
+    best = {k: min((x[k] for x in rounds), key=lambda x: x["wall_s"]) for k in ("ours", "trl")}
+    summary = {
+        "speedup_wall": best["trl"]["wall_s"] / best["ours"]["wall_s"],
+        "tokens_per_s_ratio": best["ours"]["tokens_per_s"] / best["trl"]["tokens_per_s"],
+        "peak_memory_ratio": min(x["ours"]["peak_rss_bytes"] for x in rounds)
+        / min(x["trl"]["peak_rss_bytes"] for x in rounds),
+        "targets": {"speedup_wall": ">= 1.5", "peak_memory_ratio": "<= 0.8"},
+    }
+    result = {"benchmark": "grpo_vs_trl", "device": "cpu", "job": {k: v for k, v in spec.items() if k != "records"},
+              "rounds": rounds, "summary": summary,
+              "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
+              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,510 @@
+"""Online RL stage with verifiable rewards: GRPO, Dr. GRPO and DAPO (chosen by `grpo.loss_type` & co.).
+
+    accelerate launch --config_file configs/accelerate/cpu.yaml -m components.grpo --params params.yaml
+
+Why this file is long: it is the whole online loop of one pipeline step (prompt sampler, generation,
+scoring, advantages, μ updates, rollout artifacts, resume), kept readable top to bottom in one place like
+sft.py and dpo.py; the math is in core/rl.py, the reward functions in core/rewards.py.
+
+Per generation round: the sampler takes `prompts_per_step` prompts (a seeded permutation per epoch; its
+position is checkpointed), HF `generate` (KV cache, batched, seeded per chunk of prompts) samples G
+completions each, the reward functions score them, core/rl.py turns rewards into group-relative
+advantages, and `num_iterations` optimizer steps minimise the clipped surrogate on them. Rounds are
+split over processes by chunks that do not depend on the world size, and every process gets the whole
+round, so N processes follow one process at the same global batch.
+
+Every round is written as a rollout table (parquet, one row per completion: ids, text, sampler
+log-probs, old / reference log-probs when computed, each reward, advantage, seeds, the policy's weights
+hash). Rounds are kept next to the run's checkpoints while it trains and land in artifacts/rollouts/ at the
+end. Checkpoints fall between rounds, so a resumed run regenerates exactly what it missed: N steps
+uninterrupted == crash + resume, bit for bit on CPU. Writes models/grpo/, artifacts/rollouts/,
+metrics/grpo.json (TRL's metric names), plots/grpo.csv and one MLflow run with a sample table per log step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import random
+import shutil
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from components.core import checkpoints, rewards, rl, scoring, tokens, training
+from components.core.config import GRPOConfig
+from components.core.generation import eos_ids
+from components.core.io import atomic_dir, read_jsonl, write_csv, write_json
+from components.core.logs import stage_main
+from components.core.tokens import prompt_ids_for_generation
+
+log = logging.getLogger("alignflow.grpo")
+
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    messages: list[dict]
+    answer: str  # the record's reference answer (chosen / assistant text), for answer-checking rewards
+    ids: list[int]
+
+
+def load_prompts(path: Path, kind: str, tokenizer, max_prompt_length: int) -> tuple[list[Prompt], int]:
+    """One Prompt per distinct prompt of the prepared file, in file order; (prompts, dropped as too long)."""
+    seen, out, too_long = set(), [], 0
+    for r in read_jsonl(path):
+        if kind == "pref":
+            messages, answer = r["prompt"], r["chosen"][-1]["content"]
+        else:
+            turns = r["messages"]
+            last = max(i for i, m in enumerate(turns) if m["role"] == "assistant")
+            messages, answer = turns[:last], turns[last]["content"]
+        key = json.dumps(messages, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        ids = prompt_ids_for_generation(tokenizer, messages)
+        if len(ids) > max_prompt_length:
+            too_long += 1
+            continue
+        out.append(Prompt(str(r["id"]), messages, answer, ids))
+    return out, too_long
+
+
+class PromptSampler:
+    """Prompt i of the run = a seeded permutation of the prompts for epoch i // n, at i % n. The position
+    (prompts taken so far) is all the state there is: it goes into every checkpoint."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def take(self, position: int, k: int) -> list[int]:
+        out = []
+        for i in range(position, position + k):
+            epoch = i // self.n
+            if epoch not in self._perms:
+                perm = list(range(self.n))
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(perm)
+                self._perms[epoch] = perm
+            out.append(self._perms[epoch][i % self.n])
+        return out
+
+
+def chunk_seed(seed: int, round_: int, attempt: int, chunk: int) -> int:
+    return (((seed * 1_000_003 + round_) * 101 + attempt) * 4099 + chunk) % (2**63)
+
+
+def weights_hash(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- generation and scoring
+
+
+@torch.no_grad()
+def sample_chunk(model, tokenizer, prompts: list[Prompt], cfg: GRPOConfig, seed: int, eos: list[int],
+                 pad_id: int) -> list[dict]:
+    """G completions for each prompt in one generate() call: ids (up to and including the first end token),
+    the sampler's per-token log-probs (after temperature / top-p), and whether the length limit cut it."""
+    rows = [p for p in prompts for _ in range(cfg.num_generations)]
+    width = max(len(p.ids) for p in rows)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[pad_id] * (width - len(p.ids)) + p.ids for p in rows], device=device)
+    attention = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in rows], device=device)
+    torch.manual_seed(seed)
+    out = model.generate(
+        input_ids=input_ids, attention_mask=attention, max_new_tokens=cfg.max_completion_length, min_new_tokens=0,
+        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=0.0, num_beams=1,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos, pad_token_id=pad_id, use_cache=True,
+        output_scores=True, return_dict_in_generate=True,
+    )
+    new = out.sequences[:, width:]  # (B, new)
+    scores = torch.stack(out.scores, dim=1).float()  # (B, new, V): the processed logits it sampled from
+    sampler_logps = (scores.gather(-1, new.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scores, dim=-1))
+    completions = []
+    for i, row in enumerate(new.tolist()):
+        cut = next((j + 1 for j, t in enumerate(row) if t in eos), None)
+        ids = row[:cut] if cut else row
+        completions.append({"ids": ids, "sampler_logps": sampler_logps[i, : len(ids)].tolist(),
+                            "truncated": cut is None})
+    return completions
+
+
+def score(prompt: Prompt, completions: list[dict], tokenizer, reward_fns: dict, weights: dict[str, float]) -> None:
+    for c in completions:
+        c["text"] = tokenizer.decode(c["ids"], skip_special_tokens=True).strip()
+        c["rewards"] = {name: float(fn(prompt.messages, c["text"], prompt.answer)) for name, fn in reward_fns.items()}
+        c["reward"] = sum(weights[name] * v for name, v in c["rewards"].items())
+
+
+def collect_round(generate_batch, prompts_per_step: int, dynamic: bool, max_resample_rounds: int,
+                  round_: int = 0) -> tuple[list[dict], list[dict], float]:
+    """The groups a round trains on: (every group generated, the kept ones, frac_reward_zero_std of the first
+    batch). generate_batch(attempt, n) samples n more prompts' groups, each with a `zero_std` flag.
+
+    Without dynamic sampling every group is kept. With it (DAPO), zero-std groups are dropped and more
+    prompts are sampled until `prompts_per_step` groups have reward variance, at most max_resample_rounds
+    extra times; then it trains on the first prompts_per_step kept (fewer, with a warning, if it ran out;
+    the last batch, with a warning, if none had any variance).
+    """
+    batch = generate_batch(0, prompts_per_step)
+    groups, first_zero_frac = list(batch), sum(g["zero_std"] for g in batch) / len(batch)
+    if not dynamic:
+        return groups, batch, first_zero_frac
+    kept = [g for g in batch if not g["zero_std"]]
+    attempt = 0
+    while len(kept) < prompts_per_step and attempt < max_resample_rounds:
+        attempt += 1
+        batch = generate_batch(attempt, prompts_per_step - len(kept))
+        groups += batch
+        kept += [g for g in batch if not g["zero_std"]]
+    if not kept:
+        log.warning("round %d: every group has equal rewards after %d resampling rounds; training on the last "
+                    "batch (zero advantages)", round_, attempt)
+        return groups, batch, first_zero_frac
+    if len(kept) < prompts_per_step:
+        log.warning("round %d: only %d of %d groups with reward variance after %d resampling rounds", round_,
+                    len(kept), prompts_per_step, attempt)
+    return groups, kept[:prompts_per_step], first_zero_frac
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "data/prepared",
+        out_dir: str = "models/grpo", rollouts_dir: str = "artifacts/rollouts", metrics_path: str = "metrics/grpo.json",
+        plots_path: str = "plots/grpo.csv", checkpoint_dir: str = "checkpoints/grpo", max_prompt_length: int = 96,
+        mixed_precision: str = "auto", seed: int = 1234, trust_remote_code: bool = False, track: bool = True) -> dict:
+    accelerator = training.make_accelerator(mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    torch.manual_seed(seed)
+    G = cfg.num_generations
+
+    # ---------------------------------------------------------------- prompts, rewards
+    tokenizer = training.load_tokenizer(model_path, trust_remote_code)
+    prompt_file = Path(data_dir) / f"{cfg.prompts}_train.jsonl"
+    prompts, too_long = load_prompts(prompt_file, cfg.prompts, tokenizer, max_prompt_length)
+    if too_long:
+        log.warning("%s: %d prompts longer than data.max_prompt_length=%d tokens skipped", prompt_file, too_long,
+                    max_prompt_length)
+    if not prompts:
+        raise ValueError(f"{prompt_file}: no prompts to train on")
+    reward_fns = {r.name: rewards.load_reward_function(r.name) for r in cfg.rewards}
+    reward_weights = {r.name: r.weight for r in cfg.rewards}
+    reward_ids = {name: rewards.reward_identity(name) for name in reward_fns}
+    sampler = PromptSampler(len(prompts), seed)
+
+    # ---------------------------------------------------------------- models, optimizer, schedule
+    model = training.load_model(model_path, trust_remote_code, cfg.lora.model_dump())
+    lora = cfg.lora.enabled
+    ref_model = None
+    if cfg.beta > 0 and not lora:  # with LoRA the reference is the base with adapters off: no second copy
+        ref_model = training.load_model(model_path, trust_remote_code).to(accelerator.device).eval()
+        ref_model.requires_grad_(False)
+    optimizer = training.make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    schedule = training.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(schedule)
+    eos = eos_ids(accelerator.unwrap_model(model), tokenizer)
+    pad_id = tokenizer.pad_token_id
+
+    # ---------------------------------------------------------------- resume
+    ckpt_dir = Path(checkpoint_dir)
+    hyper = checkpoints.math_params(cfg.model_dump())
+    code = checkpoints.code_fingerprint(sys.modules[__name__], training, scoring, tokens, rl, rewards, checkpoints)
+    fp = checkpoints.fingerprint(hyper, reward_ids, checkpoints.model_identity(model_path), str(prompt_file),
+                                 max_prompt_length, seed, code, world)
+    step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, cfg.max_steps)
+    position = int(saved.get("sampler_position", 0))
+    generated_tokens = int(saved.get("generated_tokens", 0))
+    guard = training.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
+    work = ckpt_dir / fp / "rollouts"  # this run's rounds; survives a crash, unlike the DVC out
+    if accelerator.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+
+    params = {**cfg.model_dump(), "world_size": world, "seed": seed, "max_prompt_length": max_prompt_length,
+              "reward_hashes": reward_ids, "model": model_path}
+    with training.stage_tracking(accelerator, "grpo", params, [model_path, str(prompt_file)], track) as mlrun:
+        bar = training.progress(cfg.max_steps, step, f"grpo ({cfg.loss_type})", accelerator.is_local_main_process)
+        zero_std_streak, t_start = 0, time.perf_counter()
+        while step < cfg.max_steps:
+            round_ = step // cfg.num_iterations
+            timing = defaultdict(float)
+            # ------------------------------------------------------------ generate + score (chunks over ranks)
+            unwrapped = accelerator.unwrap_model(model)
+            policy_hash = weights_hash(unwrapped) if accelerator.is_main_process else ""
+            unwrapped.eval()
+
+            def generate_batch(attempt: int, need: int, round_=round_, unwrapped=unwrapped, timing=timing) -> list[dict]:
+                nonlocal position
+                chosen = sampler.take(position, need)
+                position += need
+                chunks = [chosen[i : i + cfg.generation_batch_size]
+                          for i in range(0, len(chosen), cfg.generation_batch_size)]
+                mine = []
+                for c in range(rank, len(chunks), world):
+                    s = chunk_seed(seed, round_, attempt, c)
+                    t0 = time.perf_counter()
+                    completions = sample_chunk(unwrapped, tokenizer, [prompts[i] for i in chunks[c]], cfg, s, eos, pad_id)
+                    timing["generate"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    for j, idx in enumerate(chunks[c]):
+                        group = completions[j * G : (j + 1) * G]
+                        score(prompts[idx], group, tokenizer, reward_fns, reward_weights)
+                        mine.append({"order": (attempt, c, j), "prompt": idx, "seed": s, "completions": group})
+                    timing["score"] += time.perf_counter() - t0
+                from accelerate.utils import gather_object
+
+                batch = sorted(gather_object(mine) if world > 1 else mine, key=lambda g: g["order"])
+                for g in batch:
+                    r = torch.tensor([c["reward"] for c in g["completions"]])
+                    g["zero_std"] = bool(torch.isclose(rl.unbiased_std(r), torch.zeros(())))
+                return batch
+
+            groups, kept, first_zero_frac = collect_round(generate_batch, cfg.prompts_per_step, cfg.dynamic_sampling,
+                                                          cfg.max_resample_rounds, round_)
+            unwrapped.train()
+
+            # ------------------------------------------------------------ advantages, plan of micro-batches
+            rows = [(g, c) for g in kept for c in g["completions"]]
+            reward_t = torch.tensor([c["reward"] for _, c in rows])
+            advantages, group_std = rl.group_advantages(reward_t, G, cfg.scale_rewards)
+            for (_, c), a in zip(rows, advantages.tolist(), strict=True):
+                c["advantage"] = a
+            counted = [0 if (cfg.mask_truncated_completions and c["truncated"]) else len(c["ids"]) for _, c in rows]
+            mbs = [list(range(i, min(i + cfg.micro_batch_size, len(rows)))) for i in range(0, len(rows), cfg.micro_batch_size)]
+            totals = rl.Totals(sequences=len(rows), tokens=sum(counted), micro_batches=len(mbs),
+                               max_completion_length=cfg.max_completion_length)
+            per_rank = -(-len(mbs) // world)  # equal forward/backward counts on every rank (DDP); padding weighs 0
+            my_mbs = [(k, 1.0) if k < len(mbs) else (k % len(mbs), 0.0)
+                      for k in range(rank, per_rank * world, world)]
+
+            def forward(net, k, with_entropy=False, rows=rows, mbs=mbs):
+                sel = [rows[i] for i in mbs[k]]
+                with accelerator.autocast():
+                    logps, mask, entropy = scoring.completion_token_logps(
+                        net, [prompts[g["prompt"]].ids for g, _ in sel], [c["ids"] for _, c in sel], pad_id,
+                        accelerator.device, cfg.temperature, with_entropy)
+                if cfg.mask_truncated_completions:
+                    mask = mask & ~torch.tensor([c["truncated"] for _, c in sel], device=mask.device)[:, None]
+                return logps, mask, entropy
+
+            old, ref = {}, {}
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for k, _ in my_mbs:
+                    if cfg.num_iterations > 1 and k not in old:  # the policy that sampled, before any update
+                        old[k] = forward(model, k)[0].detach()
+                    if cfg.beta > 0 and k not in ref:
+                        if ref_model is not None:
+                            ref[k] = forward(ref_model, k)[0]
+                        else:
+                            with accelerator.unwrap_model(model).disable_adapter():
+                                ref[k] = forward(model, k)[0]
+            timing["reference"] += time.perf_counter() - t0
+
+            # ------------------------------------------------------------ rollouts of this round
+            t0 = time.perf_counter()
+            _write_round(accelerator, work, round_, step, rows, prompts, mbs, old, ref, reward_ids, policy_hash, world)
+            timing["write"] += time.perf_counter() - t0
+            round_tokens = sum(len(c["ids"]) for g in groups for c in g["completions"])
+            generated_tokens += round_tokens
+            tokens_per_s = round_tokens * world / max(timing["generate"] * world, 1e-9)  # rank 0's pace x ranks
+
+            # ------------------------------------------------------------ num_iterations optimizer steps
+            for _ in range(cfg.num_iterations):
+                t0 = time.perf_counter()
+                sums = defaultdict(lambda: torch.zeros((), device=accelerator.device))
+                for n, (k, weight) in enumerate(my_mbs):
+                    adv = advantages[mbs[k]].to(accelerator.device)
+                    with training.maybe_no_sync(accelerator, model, n == len(my_mbs) - 1):
+                        logps, mask, entropy = forward(model, k, with_entropy=True)
+                        out = rl.clipped_surrogate(logps, old.get(k, logps.detach()), adv, cfg.epsilon_low,
+                                                   cfg.epsilon_high, cfg.beta, ref.get(k))
+                        share = rl.aggregate(out.per_token_loss, mask, cfg.loss_type, totals)
+                        accelerator.backward(share * weight * world)  # * world undoes DDP's averaging
+                    m = mask.float() * weight
+                    sums["loss"] += share.detach() * weight
+                    sums["tokens"] += m.sum()
+                    sums["entropy"] += (entropy * m).sum()
+                    if out.per_token_kl is not None:
+                        sums["kl"] += (out.per_token_kl.detach() * m).sum()
+                    for key, v in rl.clip_fractions(out.ratio.detach(), adv, mask, cfg.epsilon_low,
+                                                    cfg.epsilon_high).items():
+                        sums[key] += v * weight
+                keys = sorted(sums)
+                reduced = dict(zip(keys, accelerator.reduce(torch.stack([sums[k] for k in keys]), "sum").tolist(),
+                                   strict=True))
+                loss_value = torch.tensor(reduced["loss"])
+                training.guard_finite(loss_value, step + 1, ckpt_dir)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) \
+                    if cfg.max_grad_norm > 0 else None
+                guard.check(step + 1, abs(reduced["loss"]), float(grad_norm) if grad_norm is not None else None)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                timing["update"] += time.perf_counter() - t0
+                step += 1
+                training.maybe_crash(step)
+                bar.update(1)
+
+                tokens_n = max(reduced["tokens"], 1.0)
+                lengths = [len(c["ids"]) for _, c in rows]
+                terminated = [n for (_, c), n in zip(rows, lengths, strict=True) if not c["truncated"]]
+                row = {
+                    "step": step, "loss": reduced["loss"], "reward": reward_t.mean().item(),
+                    "reward_std": group_std.mean().item(), "frac_reward_zero_std": first_zero_frac,
+                    **{f"rewards/{name}/mean": float(torch.tensor([c["rewards"][name] for _, c in rows]).mean())
+                       for name in reward_fns},
+                    **{f"rewards/{name}/std": float(rl.unbiased_std(torch.tensor([c["rewards"][name] for _, c in rows])))
+                       for name in reward_fns},
+                    "completions/mean_length": sum(lengths) / len(lengths), "completions/min_length": min(lengths),
+                    "completions/max_length": max(lengths),
+                    "completions/clipped_ratio": sum(c["truncated"] for _, c in rows) / len(rows),
+                    "completions/mean_terminated_length": sum(terminated) / len(terminated) if terminated else 0.0,
+                    "entropy": reduced["entropy"] / tokens_n,
+                    **({"kl": reduced["kl"] / tokens_n} if cfg.beta > 0 else {}),
+                    "clip_ratio/low_mean": reduced["clip_ratio/low"] / tokens_n,
+                    "clip_ratio/high_mean": reduced["clip_ratio/high"] / tokens_n,
+                    "clip_ratio/region_mean": reduced["clip_ratio/region"] / tokens_n,
+                    "learning_rate": schedule.get_last_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "groups_generated": len(groups), "groups_kept": len(kept),
+                    **{f"time/{phase}": s for phase, s in timing.items()},
+                    "generated_tokens_per_second": tokens_per_s,
+                    "num_tokens": generated_tokens,
+                }
+                timing = defaultdict(float)  # phase seconds belong to the round's first step
+                history.append(row)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    training.log_step_metrics(mlrun, row, step)
+                    _log_samples(mlrun, kept, prompts, step)
+            zero_std_streak = zero_std_streak + 1 if first_zero_frac > cfg.zero_std_warning else 0
+            if zero_std_streak == 5:
+                log.warning("frac_reward_zero_std above %.2f for 5 rounds (now %.2f): most groups carry no "
+                            "gradient. Raise num_generations or temperature, or set dynamic_sampling",
+                            cfg.zero_std_warning, first_zero_frac)
+            if step % cfg.save_every == 0 and step < cfg.max_steps:
+                checkpoints.save_checkpoint(accelerator, ckpt_dir, step,
+                                            {"fingerprint": fp, "history": history, "guard": guard.state(),
+                                             "sampler_position": position, "generated_tokens": generated_tokens},
+                                            cfg.keep_checkpoints)
+        bar.close()
+
+        # ------------------------------------------------------------ outputs
+        training.save_model_atomic(accelerator, model, tokenizer, out_dir)
+        final = _final_metrics(history, cfg, generated_tokens, time.perf_counter() - t_start, world, len(prompts))
+        if accelerator.is_main_process:
+            with atomic_dir(rollouts_dir) as tmp:
+                for f in sorted(work.glob("round_*.parquet")):
+                    shutil.copy2(f, Path(tmp) / f.name)
+                write_json(Path(tmp) / "config.json", {"grpo": cfg.model_dump(), "reward_hashes": reward_ids,
+                                                         "prompts": str(prompt_file), "seed": seed})
+            write_csv(plots_path, history)
+            write_json(metrics_path, final)
+            training.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, cfg.max_steps)
+            if mlrun is not None:
+                import mlflow
+
+                mlflow.log_artifacts(rollouts_dir, artifact_path="rollouts")
+    checkpoints.clear_checkpoints(accelerator, ckpt_dir)
+    return final
+
+
+def _write_round(accelerator, work: Path, round_: int, step: int, rows, prompts, mbs, old, ref, reward_ids,
+                 policy_hash: str, world: int) -> None:
+    """The round's rollout table (rank 0 writes it; old / reference log-probs are gathered from their ranks)."""
+    def per_row(computed: dict) -> dict[int, list[float]]:
+        local = {i: computed[k][j][: len(rows[i][1]["ids"])].tolist() for k in computed for j, i in enumerate(mbs[k])}
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            merged = {}
+            for part in gather_object([local]):
+                merged.update(part)
+            return merged
+        return local
+
+    old_rows, ref_rows = per_row(old), per_row(ref)
+    if not accelerator.is_main_process:
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = []
+    for i, (g, c) in enumerate(rows):
+        p = prompts[g["prompt"]]
+        records.append({
+            "round": round_, "step": step, "prompt_id": p.id, "prompt_index": g["prompt"], "prompt_ids": p.ids,
+            "prompt": json.dumps(p.messages), "answer": p.answer, "completion_ids": c["ids"], "completion": c["text"],
+            "truncated": c["truncated"], "sampler_logps": c["sampler_logps"], "old_logps": old_rows.get(i),
+            "ref_logps": ref_rows.get(i), "reward": c["reward"], **{f"reward/{k}": v for k, v in c["rewards"].items()},
+            "advantage": c["advantage"], "seed": g["seed"], "policy_hash": policy_hash,
+            "reward_hashes": json.dumps(reward_ids, sort_keys=True),
+        })
+    tmp = work / f".round_{round_:06d}.parquet.tmp"
+    pq.write_table(pa.Table.from_pylist(records), tmp)
+    tmp.replace(work / f"round_{round_:06d}.parquet")
+
+
+def _log_samples(mlrun, kept, prompts, step: int, n_groups: int = 4) -> None:
+    if mlrun is None:
+        return
+    import mlflow
+
+    sel = [(g, c) for g in kept[:n_groups] for c in g["completions"]]
+    mlflow.log_table({"prompt": [prompts[g["prompt"]].messages[-1]["content"] for g, _ in sel],
+                      "completion": [c["text"] for _, c in sel], "reward": [c["reward"] for _, c in sel],
+                      "advantage": [c["advantage"] for _, c in sel]},
+                     artifact_file=f"samples/step_{step:06d}.json")
+
+
+def _final_metrics(history: list[dict], cfg: GRPOConfig, generated_tokens: int, seconds: float, world: int,
+                   num_prompts: int) -> dict:
+    last = history[-1]
+    tail = history[-min(len(history), cfg.log_every):]
+    final = {k: v for k, v in last.items() if not k.startswith("time/") and k != "step"}
+    final["reward_last_window"] = sum(r["reward"] for r in tail) / len(tail)
+    final["reward_first"] = history[0]["reward"]
+    final.update({"steps": cfg.max_steps, "world_size": world, "train/prompts": num_prompts,
+                  "generated_tokens": generated_tokens, "seconds": round(seconds, 2)})
+    for phase in ("generate", "score", "reference", "update", "write"):
+        final[f"time/{phase}_total"] = sum(r.get(f"time/{phase}", 0.0) for r in history)
+    for key, value in cfg.model_dump().items():  # the resolved config, every default spelled out
+        final[f"config/{key}"] = value if isinstance(value, int | float | str | bool) else json.dumps(value)
+    return final
+
+
+@stage_main("grpo")
+def main(argv: list[str] | None = None) -> None:
+    from components.core.config import load_params
+
+    parser = argparse.ArgumentParser(description="online RL stage (GRPO / Dr. GRPO / DAPO)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", default="models/sft", help="policy init (default: the SFT model)")
+    parser.add_argument("--data-dir", default="data/prepared")
+    parser.add_argument("--out", default="models/grpo")
+    args = parser.parse_args(argv)
+    p = load_params(args.params)
+    result = run(p.grpo, model_path=args.model, data_dir=args.data_dir, out_dir=args.out,
+                 max_prompt_length=p.data.max_prompt_length, mixed_precision=p.compute.mixed_precision, seed=p.seed,
+                 trust_remote_code=p.model.trust_remote_code)
+    log.info("grpo done: %s", json.dumps({k: v for k, v in result.items() if not k.startswith("config/")}))
+
+
+if __name__ == "__main__":
+    main()
