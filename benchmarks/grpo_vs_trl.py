@@ -12,8 +12,9 @@ scaling, one iteration per generation, AdamW at one constant lr, clipping at 1.0
 `gradient_checkpointing` is turned off (ours does not checkpoint).
 
 Each run is its own subprocess (`--child`), rounds alternate the order (ours, TRL / TRL, ours):
-- wall_s: from the first line of work (load tokenizer and model) to the final model on disk (imports excluded;
-  `process_s` is the whole subprocess);
+- wall_s: from the child's first line, before it imports torch, to the final model on disk: each side pays
+  for its own imports (TRL, datasets, ...; ours: transformers, accelerate, pyarrow), as a user does;
+  `process_s` is the whole subprocess incl. interpreter start;
 - generated tokens: completion tokens sampled (TRL: the sum of its logged `completions/mean_length` x
   completions; ours: metrics/grpo.json `generated_tokens`); tokens/s = generated tokens / wall_s;
 - peak memory: `ru_maxrss` of the child (imports included).
@@ -52,12 +53,11 @@ def child_ours(spec: dict, work: Path) -> dict:
     data = work / "data"
     data.mkdir(exist_ok=True)
     (data / "pref_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spec["records"]))
-    started = time.perf_counter()
     final = grpo.run(cfg, model_path=spec["model"], data_dir=str(data), out_dir=str(work / "model"),
                      rollouts_dir=str(work / "rollouts"), metrics_path=str(work / "metrics.json"),
                      plots_path=str(work / "plots.csv"), checkpoint_dir=str(work / "ckpt"),
                      max_prompt_length=spec["max_prompt_length"], seed=spec["seed"], track=False)
-    return {"wall_s": time.perf_counter() - started, "generated_tokens": final["generated_tokens"],
+    return {"generated_tokens": final["generated_tokens"],
             "reward_first": final["reward_first"], "reward_last": final["reward"]}
 
 
@@ -73,7 +73,6 @@ def child_trl(spec: dict, work: Path) -> dict:
         return [sorting_reward(p, c[-1]["content"] if isinstance(c, list) else c, "")
                 for p, c in zip(prompts, completions, strict=True)]
 
-    started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -92,20 +91,21 @@ def child_trl(spec: dict, work: Path) -> dict:
                           processing_class=tokenizer)
     trainer.train()
     trainer.save_model(str(work / "trl_model"))
-    wall = time.perf_counter() - started
     logs = [r for r in trainer.state.log_history if "completions/mean_length" in r]
     tokens = sum(r["completions/mean_length"] for r in logs) * spec["prompts"] * spec["G"]
-    return {"wall_s": wall, "generated_tokens": int(tokens), "reward_first": logs[0]["reward"],
+    return {"generated_tokens": int(tokens), "reward_first": logs[0]["reward"],
             "reward_last": logs[-1]["reward"]}
 
 
 def child_main(kind: str, spec_path: str, out_path: str) -> None:
+    started = time.perf_counter()  # before any heavy import: each side pays for its own stack, as a user does
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", str(os.cpu_count()))))
     spec = json.loads(Path(spec_path).read_text())
     work = Path(tempfile.mkdtemp(prefix=f"grpo-bench-{kind}-"))
     result = child_ours(spec, work) if kind == "ours" else child_trl(spec, work)
+    result["wall_s"] = time.perf_counter() - started
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     Path(out_path).write_text(json.dumps(result))
 

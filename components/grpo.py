@@ -286,7 +286,8 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
             for (_, c), a in zip(rows, advantages.tolist(), strict=True):
                 c["advantage"] = a
             counted = [0 if (cfg.mask_truncated_completions and c["truncated"]) else len(c["ids"]) for _, c in rows]
-            mbs = [list(range(i, min(i + cfg.micro_batch_size, len(rows)))) for i in range(0, len(rows), cfg.micro_batch_size)]
+            per_mb = max(1, cfg.micro_batch_size // G) * G  # whole groups: each prompt is computed once per row
+            mbs = [list(range(i, min(i + per_mb, len(rows)))) for i in range(0, len(rows), per_mb)]
             totals = rl.Totals(sequences=len(rows), tokens=sum(counted), micro_batches=len(mbs),
                                max_completion_length=cfg.max_completion_length)
             per_rank = -(-len(mbs) // world)  # equal forward/backward counts on every rank (DDP); padding weighs 0
@@ -295,10 +296,12 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
 
             def forward(net, k, with_entropy=False, rows=rows, mbs=mbs):
                 sel = [rows[i] for i in mbs[k]]
+                group_rows = [sel[i : i + G] for i in range(0, len(sel), G)]
                 with accelerator.autocast():
-                    logps, mask, entropy = scoring.completion_token_logps(
-                        net, [prompts[g["prompt"]].ids for g, _ in sel], [c["ids"] for _, c in sel], pad_id,
-                        accelerator.device, cfg.temperature, with_entropy)
+                    logps, mask, entropy = scoring.group_token_logps(
+                        net, [prompts[grp[0][0]["prompt"]].ids for grp in group_rows],
+                        [[c["ids"] for _, c in grp] for grp in group_rows], pad_id, accelerator.device,
+                        cfg.temperature, with_entropy)
                 if cfg.mask_truncated_completions:
                     mask = mask & ~torch.tensor([c["truncated"] for _, c in sel], device=mask.device)[:, None]
                 return logps, mask, entropy

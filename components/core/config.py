@@ -178,7 +178,7 @@ class GRPOConfig(Strict):
     prompts_per_step: int = Field(16, gt=0)  # prompts per generation round (global, all processes)
     num_generations: int = Field(8, ge=2)  # G: completions per prompt (the group)
     generation_batch_size: int = Field(8, gt=0)  # prompts per generate() call (x G rows)
-    micro_batch_size: int = Field(64, gt=0)  # completions per forward/backward
+    micro_batch_size: int = Field(64, gt=0)  # completions per forward/backward (whole groups, at least one)
     max_completion_length: int = Field(32, gt=0)
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

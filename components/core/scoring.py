@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from components.core.tokens import (
     IGNORE_INDEX,
+    collate_groups,
     collate_pairs,
     collate_sequences,
     collate_shared_prompt,
@@ -163,6 +164,37 @@ def completion_token_logps(model, prompt_ids: list[list[int]], completion_ids: l
             logp_all = torch.log_softmax(logits, dim=-1)
             entropy = -(logp_all.exp() * logp_all).sum(-1)
     return token_logps * mask, mask, entropy
+
+
+def group_token_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[list[int]]], pad_id: int,
+                      device, temperature: float = 1.0, with_entropy: bool = False):
+    """completion_token_logps for G completions per prompt, with each prompt computed once (one row per group,
+    `tokens.collate_groups`). Same returns, rows ordered group-major (group b, completion j -> row b*G + j);
+    C = the longest completion. Falls back to separate rows when the model cannot take a 4D mask."""
+    if not shared_prompt_supported(model):
+        flat_prompts = [p for p, cs in zip(prompt_ids, completion_ids, strict=True) for _ in cs]
+        return completion_token_logps(model, flat_prompts, [c for cs in completion_ids for c in cs], pad_id, device,
+                                      temperature, with_entropy)
+    batch = collate_groups(prompt_ids, completion_ids, pad_id)
+    attn = batch.attention_mask.to(device)
+    if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds the mask to the scores
+        attn = torch.zeros(attn.shape, device=device).masked_fill(~attn, torch.finfo(torch.float32).min)
+    logits = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                   attention_mask=attn, logits_to_keep=batch.keep).logits.float()  # (B, K + 1, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    rows = torch.arange(len(prompt_ids), device=device)[:, None]
+    source, targets = batch.source.to(device), batch.targets.to(device)
+    picked = logits[rows, source]  # (B, K, V): the distribution each slot's token was drawn from
+    slot_logps = picked.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+    index, mask = batch.index.to(device), batch.mask.to(device)
+    token_logps = slot_logps.reshape(-1)[index] * mask
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            logp_all = torch.log_softmax(picked, dim=-1)
+            entropy = (-(logp_all.exp() * logp_all).sum(-1)).reshape(-1)[index] * mask
+    return token_logps, mask, entropy
 
 
 # ----------------------------------------------------------------------------- the reference artifact

@@ -301,6 +301,68 @@ def collate_shared_prompt(pairs: Sequence[dict], pad_id: int) -> SharedPromptBat
     return SharedPromptBatch(input_ids, position_ids, mask[:, None], targets, source, segment, k + 1)
 
 
+@dataclass
+class GroupBatch:
+    """B groups (one prompt, G completions each) as B rows `[left pad | prompt | c_1 | ... | c_G | right pad]`.
+
+    The prompt is computed once per group instead of G times (online RL samples G completions per prompt).
+    Each completion's positions restart at the prompt's end and the 4D mask lets it see only the prompt and
+    itself, so every completion is conditioned exactly as in its own row. `index` maps each completion's
+    tokens (row b*G + j, token t) to its slot in the kept logits (flattened (B, K)); `mask` marks real tokens.
+    """
+
+    input_ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, 1, T, T) bool
+    targets: torch.Tensor  # (B, K) completion token ids by slot
+    source: torch.Tensor  # (B, K) kept-logit index predicting each slot
+    index: torch.Tensor  # (B * G, C) flat slot index of each completion token
+    mask: torch.Tensor  # (B * G, C) bool
+    keep: int  # logits_to_keep = K + 1
+
+
+def collate_groups(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[Sequence[int]]],
+                   pad_id: int) -> GroupBatch:
+    b = len(prompts)
+    g = len(completions[0])
+    start = max(len(p) for p in prompts)
+    k = max(max(sum(len(c) for c in cs), 1) for cs in completions)
+    c_max = max(max(len(c) for c in cs) for cs in completions) or 1
+    t = start + k
+    input_ids = torch.full((b, t), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((b, t), dtype=torch.long)
+    seg = torch.zeros((b, t), dtype=torch.long)  # 0 pad, -1 prompt, j + 1 completion j
+    targets = torch.full((b, k), IGNORE_INDEX, dtype=torch.long)
+    source = torch.zeros((b, k), dtype=torch.long)
+    index = torch.zeros((b * g, c_max), dtype=torch.long)
+    mask = torch.zeros((b * g, c_max), dtype=torch.bool)
+    for row, (prompt, cs) in enumerate(zip(prompts, completions, strict=True)):
+        np_ = len(prompt)
+        input_ids[row, start - np_ : start] = torch.as_tensor(prompt)
+        position_ids[row, start - np_ : start] = torch.arange(np_)
+        seg[row, start - np_ : start] = -1
+        off = 0
+        for j, c in enumerate(cs):
+            n = len(c)
+            if n:
+                input_ids[row, start + off : start + off + n] = torch.as_tensor(c)
+                position_ids[row, start + off : start + off + n] = torch.arange(np_, np_ + n)
+                seg[row, start + off : start + off + n] = j + 1
+                targets[row, off : off + n] = torch.as_tensor(c)
+                # kept logit i sits at position start - 1 + i; a completion's first token is predicted by the
+                # prompt's last position (kept index 0), the others by the token before them
+                source[row, off : off + n] = torch.arange(off, off + n)
+                source[row, off] = 0
+                index[row * g + j, :n] = row * k + torch.arange(off, off + n)
+                mask[row * g + j, :n] = True
+            off += n
+    q, kv = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    attend = causal & (q != 0) & (kv != 0) & ((kv == -1) | (kv == q))
+    attend |= torch.eye(t, dtype=torch.bool)  # padding rows attend to themselves: no all-masked row (NaN in sdpa)
+    return GroupBatch(input_ids, position_ids, attend[:, None], targets, source, index, mask, k + 1)
+
+
 def tokenize_sft(tokenizer, records: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per record; labels are IGNORE_INDEX outside assistant turns."""
     out = []

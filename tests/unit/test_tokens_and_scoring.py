@@ -104,3 +104,27 @@ def test_shared_prompt_detected_through_a_ddp_style_wrapper(tiny):
             self.module = module
 
     assert scoring.shared_prompt_supported(Wrapper(model))
+
+
+def test_group_rows_equal_separate_completion_rows(tiny):
+    """GRPO's one-row-per-group layout (prompt computed once, G completions behind it) gives the per-token
+    log-probs and entropies of one row per completion, with temperature, incl. an empty and a 1-token one."""
+    tok, model = tiny
+    prompts = [tokens.prompt_ids_for_generation(tok, [{"role": "user", "content": f"Sort ascending: {i} 3 1"}])
+               for i in range(3)]
+    prompts[1] = prompts[1][2:]  # another length: left padding in play
+    g = torch.Generator().manual_seed(0)
+    comps = [[torch.randint(5, 250, (n,), generator=g).tolist() for n in lens]
+             for lens in ([4, 1, 6], [3, 3, 0], [5, 2, 2])]
+    flat_p = [p for p, cs in zip(prompts, comps, strict=True) for _ in cs]
+    flat_c = [c for cs in comps for c in cs]
+    with torch.no_grad():
+        sep, sep_mask, sep_ent = scoring.completion_token_logps(model, flat_p, flat_c, tok.pad_token_id, "cpu", 0.7,
+                                                                with_entropy=True)
+        grp, grp_mask, grp_ent = scoring.group_token_logps(model, prompts, comps, tok.pad_token_id, "cpu", 0.7,
+                                                           with_entropy=True)
+    width = sep.shape[1]
+    assert torch.equal(sep_mask, grp_mask[:, :width]) and not grp_mask[:, width:].any()
+    torch.testing.assert_close(grp[:, :width], sep, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grp_ent[:, :width], sep_ent * sep_mask, rtol=1e-5, atol=1e-5)
+    assert sep_mask.sum(-1).tolist() == [len(c) for c in flat_c]
