@@ -134,8 +134,12 @@ def policy_vs_sft(name: str, scores: dict[str, Sequence[float]], lengths: dict[s
         "length_mean": float(np.mean(lengths[name])),
         "length_ratio": ratio, "length_ratio_ci_low": ratio_low, "length_ratio_ci_high": ratio_high,
     }
-    if exact_reward:
-        out["reward_eq_1"] = float(np.mean([s == 1.0 for s in scores[name]]))
+    if exact_reward:  # share of exact solves, and its paired difference to SFT with a bootstrap CI
+        solved = [float(s == 1.0) for s in scores[name]]
+        gained = [a - float(b == 1.0) for a, b in zip(solved, scores["sft"], strict=True)]
+        out["reward_eq_1"] = float(np.mean(solved))
+        d, d_low, d_high = bootstrap_ci(gained, bootstrap_samples, confidence, seed)
+        out.update({"reward_eq_1_delta": d, "reward_eq_1_delta_ci_low": d_low, "reward_eq_1_delta_ci_high": d_high})
     return out
 
 
@@ -365,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(
         sft_dir=args.sft,
         dpo_dir=args.dpo,
-        grpo_dir=args.grpo if args.grpo and Path(args.grpo).exists() else None,
+        grpo_dir=args.grpo if args.grpo and (Path(args.grpo) / "config.json").exists() else None,  # not disabled
         pref_eval_path=f"{args.data_dir}/pref_eval.jsonl",
         sft_eval_path=f"{args.data_dir}/sft_eval.jsonl",
         reference_path=args.reference,

@@ -492,6 +492,18 @@ def _final_metrics(history: list[dict], cfg: GRPOConfig, generated_tokens: int, 
     return final
 
 
+def skip(out_dir: str, rollouts_dir: str = "artifacts/rollouts", metrics_path: str = "metrics/grpo.json",
+         plots_path: str = "plots/grpo.csv") -> None:
+    """grpo.enabled = false: placeholders for the DVC outs (evaluate skips a policy without a config.json)."""
+    note = {"enabled": False, "reason": "grpo.enabled is false in params"}
+    for d in (out_dir, rollouts_dir):
+        with atomic_dir(d) as tmp:
+            write_json(Path(tmp) / "disabled.json", note)
+    write_json(metrics_path, note)
+    write_csv(plots_path, [])
+    log.info("grpo: disabled (grpo.enabled: false); wrote placeholders")
+
+
 @stage_main("grpo")
 def main(argv: list[str] | None = None) -> None:
     from components.core.config import load_params
@@ -503,6 +515,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="models/grpo")
     args = parser.parse_args(argv)
     p = load_params(args.params)
+    if not p.grpo.enabled:
+        skip(args.out)
+        return
     result = run(p.grpo, model_path=args.model, data_dir=args.data_dir, out_dir=args.out,
                  max_prompt_length=p.data.max_prompt_length, mixed_precision=p.compute.mixed_precision, seed=p.seed,
                  trust_remote_code=p.model.trust_remote_code)

@@ -174,6 +174,7 @@ class RewardSpec(Strict):
 class GRPOConfig(Strict):
     """Online RL with verifiable rewards (GRPO, Dr. GRPO, DAPO): every default spelled out, with its source."""
 
+    enabled: bool = True  # false: the stage writes placeholders only (data without a verifiable reward)
     max_steps: int = Field(60, gt=0)  # optimizer steps
     prompts_per_step: int = Field(16, gt=0)  # prompts per generation round (global, all processes)
     num_generations: int = Field(8, ge=2)  # G: completions per prompt (the group)

@@ -40,6 +40,23 @@ def test_full_repro_writes_every_artifact(tiny_repo):
     assert sft["eval/loss"] < sft["eval/loss_first"]
     lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())
     assert sorted(lock["stages"]) == sorted(ALL_STAGES)
+    evaluated = json.loads((tiny_repo / "metrics/eval.json").read_text())
+    for key in ("eval/grpo/reward_mean", "eval/grpo/win_rate_vs_dpo", "eval/grpo/kl_to_reference"):
+        assert key in evaluated, key
+    assert "GRPO response" in (tiny_repo / "reports/eval/index.html").read_text()
+
+
+def test_register_candidate_grpo_registers_the_grpo_model_under_the_gates_names(tiny_repo, tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_repo, root, symlinks=True)
+    set_param(root, "register", "candidate", "grpo")
+    assert stages_run(run_cmd(["dvc", "repro", "register"], root).stdout) == ["register"]
+    registration = json.loads((root / "reports/registration.json").read_text())
+    evaluated = json.loads((root / "metrics/eval.json").read_text())
+    tags = registration["tags"]
+    assert tags["alignflow/candidate"] == "grpo"
+    assert float(tags["eval/reward_mean"]) == pytest.approx(evaluated["eval/grpo/reward_mean"])
+    assert float(tags["eval/kl_to_reference"]) == pytest.approx(evaluated["eval/grpo/kl_to_reference"])
 
 
 def test_second_repro_does_nothing(tiny_repo):

@@ -97,3 +97,12 @@ def test_grpo_two_processes_follow_one_process(tiny_data, tmp_path):
         a, b = column(one / "plots/grpo.csv", name), column(two / "plots/grpo.csv", name)
         assert len(a) == len(b) == 4, name
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+
+
+def test_grpo_disabled_writes_placeholders_that_evaluate_skips(tiny_data, tmp_path):
+    root = grpo_workdir(tiny_data, tmp_path / "off", grpo__enabled=False)
+    run_cmd(stage("grpo"), root)
+    assert json.loads((root / "models/grpo/disabled.json").read_text())["enabled"] is False
+    assert (root / "artifacts/rollouts/disabled.json").exists()
+    assert json.loads((root / "metrics/grpo.json").read_text())["enabled"] is False
+    assert not (root / "models/grpo/config.json").exists()  # what evaluate checks before loading a policy

@@ -201,6 +201,47 @@ def test_summarise_hand_computed_metrics():
     assert m["eval/win_rate_ci_low"] <= m["eval/win_rate_vs_sft"] <= m["eval/win_rate_ci_high"]
 
 
+def test_summarise_reports_grpo_beside_dpo_by_hand():
+    m = summarise_example(
+        scores={"sft": [0.5, 1.0, 0.0], "dpo": [1.0, 1.0, 0.5], "grpo": [1.0, 0.5, 1.0]},
+        lengths={"sft": [2, 4, 6], "dpo": [3, 3, 6], "grpo": [4, 4, 4]},
+        logps={"sft": (torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])),
+               "dpo": (torch.tensor([-0.5, -1.0]), torch.tensor([-4.0, -3.0])),
+               "grpo": (torch.tensor([-1.0, -1.0]), torch.tensor([-2.0, -0.5]))},
+        kl_terms={"dpo": torch.tensor([0.2, 0.4, 0.0]), "grpo": torch.tensor([1.0, 2.0, 3.0])},
+    )
+    expected = {
+        "eval/grpo/reward_mean": 2.5 / 3, "eval/grpo/reward_delta": 1 / 3,
+        "eval/grpo/win_rate_vs_sft": 2 / 3,  # win, loss, win
+        "eval/grpo/win_rate_vs_dpo": 0.5,  # tie, loss, win
+        "eval/grpo/kl_to_reference": 2.0, "eval/grpo/length_mean": 4.0, "eval/grpo/length_ratio": 1.0,
+        "eval/grpo/logp_accuracy": 0.5,  # margins 1.0, -0.5
+        "eval/grpo/reward_eq_1": 2 / 3, "eval/grpo/reward_eq_1_delta": 1 / 3,  # solved (1,0,1) vs SFT (0,1,0)
+        "eval/reward_eq_1_delta": 1 / 3,  # DPO solved (1,1,0) vs SFT (0,1,0)
+        "eval/reward_mean": 2.5 / 3,  # DPO's keys unchanged
+    }
+    assert {k: m[k] for k in expected} == pytest.approx(expected)
+    assert m["eval/grpo/win_rate_vs_dpo_ci_low"] <= 0.5 <= m["eval/grpo/win_rate_vs_dpo_ci_high"]
+
+
+def test_register_maps_the_grpo_candidates_metrics_onto_the_gates_names(tmp_path):
+    import json
+
+    from components.register import read_eval_metrics
+
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"eval/reward_mean": 0.8, "eval/kl_to_reference": 1.5, "eval/sft/reward_mean": 0.6,
+                                "eval/num_prompts": 200, "eval/grpo/reward_mean": 0.7,
+                                "eval/grpo/kl_to_reference": 2.5, "eval/grpo/length_ratio": 1.1}))
+    assert read_eval_metrics(str(path), "dpo")["eval/reward_mean"] == 0.8
+    grpo = read_eval_metrics(str(path), "grpo")
+    assert grpo == {"eval/reward_mean": 0.7, "eval/kl_to_reference": 2.5, "eval/length_ratio": 1.1,
+                    "eval/sft/reward_mean": 0.6, "eval/num_prompts": 200.0}
+    path.write_text(json.dumps({"eval/reward_mean": 0.8}))
+    with pytest.raises(FileNotFoundError, match="no eval/grpo"):
+        read_eval_metrics(str(path), "grpo")
+
+
 def test_summarise_without_exact_reward_or_perplexity_and_with_a_mute_sft():
     m = summarise_example(exact_reward=False, perplexity={}, lengths={"sft": [0, 0, 0], "dpo": [3, 3, 6]})
     assert "eval/reward_eq_1" not in m and "eval/perplexity" not in m
