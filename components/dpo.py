@@ -25,21 +25,37 @@ import torch
 from components.core import checkpoints, losses, scoring, tokens, training
 from components.core.io import read_jsonl, write_csv, write_json
 from components.core.logs import stage_main
-from components.core.scoring import load_reference_logps, pair_logps
-from components.core.tokens import pair_length, tokenize_pair
+from components.core.scoring import StaleReferenceError, load_reference_logps, pair_logps
+from components.core.tokens import pair_length, pair_token_hash, tokenize_pair
 
 log = logging.getLogger("alignflow.dpo")
 
 
 def attach_reference(pairs: list[dict], reference: dict, path: str) -> None:
+    """Each pair's cached reference log-probs, keyed by (record id, token hash): a reference computed on other
+    tokens (another tokenizer or chat template, data.max_length / max_prompt_length changed) is refused."""
     missing = [p["id"] for p in pairs if p["id"] not in reference]
     if missing:
-        raise ValueError(
+        raise StaleReferenceError(
             f"{path}: no reference log-probs for {len(missing)} pairs (e.g. id {missing[0]}); "
             "the data changed since the reference stage ran: re-run it (dvc repro reference)"
         )
+    stale = []
     for p in pairs:
-        p["ref_chosen"], p["ref_rejected"], _, _ = reference[p["id"]]
+        _, _, ct, rt, token_hash = reference[p["id"]]
+        counts_differ = (ct, rt) != (len(p["chosen_ids"]), len(p["rejected_ids"]))
+        if counts_differ or (token_hash is not None and token_hash != pair_token_hash(p)):
+            stale.append((p["id"], "token counts" if counts_differ else "tokens"))
+    if stale:
+        pid, what = stale[0]
+        raise StaleReferenceError(
+            f"{path}: the reference log-probs of {len(stale)} of {len(pairs)} pairs were computed on other tokens "
+            f"(e.g. id {pid}: its {what} differ from this tokenisation). The tokenizer, chat template, "
+            "data.max_length or data.max_prompt_length changed since the reference stage ran: re-run it "
+            "(dvc repro reference)"
+        )
+    for p in pairs:
+        p["ref_chosen"], p["ref_rejected"] = reference[p["id"]][:2]
 
 
 def pair_losses(model, pairs: list[dict], pad_id: int, device, loss_kwargs: dict,

@@ -3,7 +3,7 @@
     accelerate launch --config_file configs/accelerate/cpu.yaml -m components.reference --params params.yaml
 
 Writes `artifacts/ref_logps/{train,eval}.pt` (per example id: summed log-probs of chosen and rejected,
-token counts; per-token means are sum / count) and `meta.json`. DVC caches the artifact and the stage
+token counts, and a hash of the exact tokens scored; per-token means are sum / count) and `meta.json`. DVC caches the artifact and the stage
 reads no `dpo.*` param, so a sweep over N betas (or losses) pays for one reference pass, not N. TRL
 keeps precomputed reference log-probs in memory for one run only.
 """
@@ -22,7 +22,7 @@ from components.core import training
 from components.core.io import atomic_dir, read_jsonl, write_json
 from components.core.logs import stage_main
 from components.core.scoring import pair_logps
-from components.core.tokens import pair_length, tokenize_pair
+from components.core.tokens import pair_length, pair_token_hash, tokenize_pair
 
 log = logging.getLogger("alignflow.reference")
 SPLITS = ("train", "eval")
@@ -53,6 +53,8 @@ def score_pairs(model, accelerator, pairs: list[dict], batch_size: int, pad_id: 
         "rejected_logps": torch.tensor([x[2] for x in results], dtype=torch.float32),
         "chosen_tokens": torch.tensor([x[3] for x in results], dtype=torch.long),
         "rejected_tokens": torch.tensor([x[4] for x in results], dtype=torch.long),
+        # what each log-prob was computed on: dpo refuses a reference whose tokens differ from its own
+        "token_hashes": [pair_token_hash(pairs[i]) for i, *_ in results],
     }
 
 

@@ -200,13 +200,19 @@ def group_token_logps(model, prompt_ids: list[list[int]], completion_ids: list[l
 # ----------------------------------------------------------------------------- the reference artifact
 
 
+class StaleReferenceError(ValueError):
+    """The cached reference log-probs do not belong to the pairs being trained (other ids or other tokens)."""
+
+
 def load_reference_logps(path: str | Path) -> dict:
-    """{id: (chosen_logps, rejected_logps, chosen_tokens, rejected_tokens)} from one split file."""
+    """{id: (chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, token_hash)} from one split file
+    (token_hash is None in artifacts written before it was recorded)."""
     data = torch.load(path, weights_only=True)
+    hashes = data.get("token_hashes") or [None] * len(data["ids"])
     return {
-        i: (c, r, ct, rt)
-        for i, c, r, ct, rt in zip(
+        i: (c, r, ct, rt, h)
+        for i, c, r, ct, rt, h in zip(
             data["ids"], data["chosen_logps"].tolist(), data["rejected_logps"].tolist(),
-            data["chosen_tokens"].tolist(), data["rejected_tokens"].tolist(), strict=True,
+            data["chosen_tokens"].tolist(), data["rejected_tokens"].tolist(), hashes, strict=True,
         )
     }

@@ -240,6 +240,16 @@ def tokenize_pair(tokenizer, record: dict, max_length: int, max_prompt_length: i
     return {"id": record["id"], "prompt_ids": prompt_ids, "chosen_ids": chosen_ids[:room], "rejected_ids": rejected_ids[:room]}
 
 
+def pair_token_hash(pair: dict) -> str:
+    """Identity of the exact tokens a pair is scored on (prompt, chosen, rejected): what a cached reference
+    log-prob belongs to. Changes with the tokenizer, the chat template, max_length or max_prompt_length."""
+    import hashlib
+
+    blob = ",".join(map(str, pair["prompt_ids"])) + "|" + ",".join(map(str, pair["chosen_ids"])) + "|" + \
+        ",".join(map(str, pair["rejected_ids"]))
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
 def pair_length(pair: dict) -> int:
     return len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
 

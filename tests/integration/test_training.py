@@ -267,3 +267,16 @@ def test_killing_dvc_does_not_leave_an_orphaned_trainer(tiny_data, tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_dpo_refuses_a_reference_computed_on_other_tokens(tiny_data, tmp_path):
+    """data.max_length lowered after the reference stage ran: the cached log-probs belong to longer responses
+    (or another prompt cut), so dpo stops with a message naming the stage to re-run instead of training on them."""
+    root = workdir(tiny_data, tmp_path / "stale")
+    shutil.copytree(root / "models/base", root / "models/sft")
+    run_cmd(stage("reference"), root)
+    set_params(root, data__max_length=24, data__max_prompt_length=20)
+    proc = subprocess.run(stage("dpo"), cwd=root, env=pipeline_env(root), capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "computed on other tokens" in proc.stderr and "dvc repro reference" in proc.stderr
+    assert not (root / "models/dpo").exists()
