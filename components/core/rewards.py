@@ -56,16 +56,22 @@ def _reward_model_judge(path: str) -> Judge:
     return judge
 
 
-def _function_judge(path: str) -> Judge:
-    module_name, _, attr = path.partition(":")
+def import_callable(spec: str, key: str, malformed: str) -> Callable:
+    """`package.module:function` imported; a JudgeError naming the params key `key` otherwise."""
+    module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise JudgeError(f"evaluate.judge_path={path!r}: a function judge is 'package.module:function'")
+        raise JudgeError(f"{key}={spec!r}: {malformed}")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise JudgeError(f"evaluate.judge_path={path!r}: cannot import it ({type(e).__name__}: {e})") from e
+        raise JudgeError(f"{key}={spec!r}: cannot import it ({type(e).__name__}: {e})") from e
     if not callable(fn):
-        raise JudgeError(f"evaluate.judge_path={path!r}: {attr} is not callable")
+        raise JudgeError(f"{key}={spec!r}: {attr} is not callable")
+    return fn
+
+
+def _function_judge(path: str) -> Judge:
+    fn = import_callable(path, "evaluate.judge_path", "a function judge is 'package.module:function'")
 
     def judge(prompt: list[dict], response: str) -> float:
         return float(fn(prompt, response))
@@ -159,17 +165,8 @@ def load_reward_function(name: str) -> RewardFn:
     """A registered reward by name, or `package.module:function` (same signature) for your own."""
     if name in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[name]
-    module_name, _, attr = name.partition(":")
-    if not module_name or not attr:
-        raise JudgeError(f"grpo.rewards: unknown reward {name!r}; expected one of {sorted(REWARD_FUNCTIONS)} "
-                         "or 'package.module:function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise JudgeError(f"grpo.rewards: cannot import {name!r} ({type(e).__name__}: {e})") from e
-    if not callable(fn):
-        raise JudgeError(f"grpo.rewards: {name!r} is not callable")
-    return fn
+    return import_callable(name, "grpo.rewards", f"unknown reward; expected one of {sorted(REWARD_FUNCTIONS)} "
+                                                 "or 'package.module:function'")
 
 
 def reward_identity(name: str) -> str:
