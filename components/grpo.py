@@ -276,9 +276,10 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                 from accelerate.utils import gather_object
 
                 batch = sorted(gather_object(mine) if world > 1 else mine, key=lambda g: g["order"])
-                for g in batch:
-                    r = torch.tensor([c["reward"] for c in g["completions"]])
-                    g["zero_std"] = bool(torch.isclose(rl.unbiased_std(r), torch.zeros(())))
+                _, batch_std = rl.group_advantages(
+                    torch.tensor([c["reward"] for g in batch for c in g["completions"]]), G, "none")
+                for g, zero in zip(batch, rl.zero_std_groups(batch_std, G).tolist(), strict=True):
+                    g["zero_std"] = zero
                 return batch
 
             groups, kept, first_zero_frac = collect_round(generate_batch, cfg.prompts_per_step, cfg.dynamic_sampling,
@@ -332,7 +333,22 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
             timing["write"] += time.perf_counter() - t0
             round_tokens = sum(len(c["ids"]) for g in groups for c in g["completions"])
             generated_tokens += round_tokens
-            tokens_per_s = round_tokens * world / max(timing["generate"] * world, 1e-9)  # rank 0's pace x ranks
+            lengths = [len(c["ids"]) for _, c in rows]
+            terminated = [n for (_, c), n in zip(rows, lengths, strict=True) if not c["truncated"]]
+            per_fn = {name: torch.tensor([c["rewards"][name] for _, c in rows]) for name in reward_fns}
+            round_metrics = {  # the round's samples: the same for each of its num_iterations steps
+                "reward": reward_t.mean().item(), "reward_std": group_std.mean().item(),
+                "frac_reward_zero_std": first_zero_frac,
+                **{f"rewards/{name}/mean": v.mean().item() for name, v in per_fn.items()},
+                **{f"rewards/{name}/std": rl.unbiased_std(v).item() for name, v in per_fn.items()},
+                "completions/mean_length": sum(lengths) / len(lengths), "completions/min_length": min(lengths),
+                "completions/max_length": max(lengths),
+                "completions/clipped_ratio": sum(c["truncated"] for _, c in rows) / len(rows),
+                "completions/mean_terminated_length": sum(terminated) / len(terminated) if terminated else 0.0,
+                "groups_generated": len(groups), "groups_kept": len(kept),
+                # every rank's tokens over rank 0's generation seconds (the ranks generate side by side)
+                "generated_tokens_per_second": round_tokens / max(timing["generate"], 1e-9),
+            }
 
             # ------------------------------------------------------------ num_iterations optimizer steps
             for _ in range(cfg.num_iterations):
@@ -372,19 +388,8 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                 bar.update(1)
 
                 tokens_n = max(reduced["tokens"], 1.0)
-                lengths = [len(c["ids"]) for _, c in rows]
-                terminated = [n for (_, c), n in zip(rows, lengths, strict=True) if not c["truncated"]]
                 row = {
-                    "step": step, "loss": reduced["loss"], "reward": reward_t.mean().item(),
-                    "reward_std": group_std.mean().item(), "frac_reward_zero_std": first_zero_frac,
-                    **{f"rewards/{name}/mean": float(torch.tensor([c["rewards"][name] for _, c in rows]).mean())
-                       for name in reward_fns},
-                    **{f"rewards/{name}/std": float(rl.unbiased_std(torch.tensor([c["rewards"][name] for _, c in rows])))
-                       for name in reward_fns},
-                    "completions/mean_length": sum(lengths) / len(lengths), "completions/min_length": min(lengths),
-                    "completions/max_length": max(lengths),
-                    "completions/clipped_ratio": sum(c["truncated"] for _, c in rows) / len(rows),
-                    "completions/mean_terminated_length": sum(terminated) / len(terminated) if terminated else 0.0,
+                    "step": step, "loss": reduced["loss"], **round_metrics,
                     "entropy": reduced["entropy"] / tokens_n,
                     **({"kl": reduced["kl"] / tokens_n} if cfg.beta > 0 else {}),
                     "clip_ratio/low_mean": reduced["clip_ratio/low"] / tokens_n,
@@ -392,9 +397,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                     "clip_ratio/region_mean": reduced["clip_ratio/region"] / tokens_n,
                     "learning_rate": schedule.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "groups_generated": len(groups), "groups_kept": len(kept),
                     **{f"time/{phase}": s for phase, s in timing.items()},
-                    "generated_tokens_per_second": tokens_per_s,
                     "num_tokens": generated_tokens,
                 }
                 timing = defaultdict(float)  # phase seconds belong to the round's first step
