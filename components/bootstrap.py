@@ -6,22 +6,33 @@ directory (`AutoModelForCausalLM` / `AutoTokenizer.from_pretrained("models/base"
   encodes), ChatML special tokens and chat template;
 - a randomly initialised (seeded) `LlamaForCausalLM` sized by the `model` section.
 
-When `model.name_or_path` names a local directory or a hub id, nothing is built: the stage writes
-`models/base/alignflow_source.json` pointing at it, and `core/io.resolve_model_path` follows
-the pointer.
+When `model.name_or_path` names a local directory or a hub id whose tokenizer has a chat template, nothing is
+built or copied: the stage writes `models/base/alignflow_source.json` pointing at it, and
+`core/io.resolve_model_path` follows the pointer. When that tokenizer has no chat template, `models/base/`
+becomes a copy of the model made chat-ready (what TRL's `clone_chat_template` does, for ChatML): `<|im_start|>`
+and `<|im_end|>` added as special tokens, the ChatML template, eos `<|im_end|>` in tokenizer, config and
+generation config, a pad token, embeddings resized. `alignflow_template.json` records what was done; there is
+no pointer, so every later stage loads `models/base` itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from components.core.io import SOURCE_FILE, atomic_dir
 from components.core.logs import stage_main
 from components.core.tokens import CHATML_TEMPLATE
 
+log = logging.getLogger(__name__)
+
 SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+# models/base/<TEMPLATE_FILE>: the record of a user's model made chat-ready here (not a pointer: see SOURCE_FILE)
+TEMPLATE_FILE = "alignflow_template.json"
+EMBEDDING_MULTIPLE = 64
 
 
 def build_tokenizer(texts: list[str], vocab_size: int):
@@ -77,6 +88,71 @@ def build_model(tokenizer, hidden_size: int, num_layers: int, num_heads: int, nu
     return model
 
 
+def has_chat_template(tokenizer) -> bool:
+    template = getattr(tokenizer, "chat_template", None)
+    return bool(template.strip() if isinstance(template, str) else template)
+
+
+def add_chatml(model, tokenizer, seed: int) -> dict:
+    """Make a template-less model chat-ready with ChatML, in place; returns what was added (for the record).
+
+    - `<|im_start|>` / `<|im_end|>` become special tokens (new ids only where not already in the vocabulary), so
+      each encodes to one id and is never split; the chat template is `CHATML_TEMPLATE`; eos is `<|im_end|>`.
+    - pad: an existing pad token is kept; otherwise a fresh `<|pad|>` is added rather than reusing eos, bos or
+      the old eos: a dedicated token never occurs in text, so nothing that masks "ids == pad" (HF collators,
+      generate's attention-mask inference) can hide a real eos/bos token.
+    - embeddings grow only when the vocabulary outgrew them, rounded up to a multiple of 64 as TRL does (GPU
+      matmuls on the vocab dimension stay tile-aligned; a checkpoint's vocab usually already was). The extra
+      rows have no token (as in Qwen2.5); they decode to nothing. New rows: transformers' default (sampled
+      around the old embeddings' mean and covariance), seeded so the stage is reproducible.
+    - config eos/pad become the new ids; the generation config stops on `<|im_end|>` and on the old eos (a base
+      model ends documents with it), like Qwen's instruct checkpoints.
+    """
+    import torch
+
+    old_eos, old_rows = tokenizer.eos_token, model.get_input_embeddings().weight.shape[0]
+    vocab = tokenizer.get_vocab()
+    added = [t for t in CHATML_TOKENS if t not in vocab]
+    tokenizer.add_special_tokens({"extra_special_tokens": CHATML_TOKENS}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token in (None, "<|im_end|>"):  # never pad == eos
+        if "<|pad|>" not in vocab:
+            added.append("<|pad|>")
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = CHATML_TEMPLATE
+    for tok in CHATML_TOKENS:
+        if len(tokenizer(tok, add_special_tokens=False)["input_ids"]) != 1:
+            raise RuntimeError(f"{tok} does not encode to a single token after adding it")
+
+    if len(tokenizer) > old_rows:
+        torch.manual_seed(seed)
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    text_config = model.config.get_text_config()
+    text_config.eos_token_id, text_config.pad_token_id = eos_id, pad_id
+    if model.can_generate():
+        old_eos_id = tokenizer.convert_tokens_to_ids(old_eos) if old_eos else None
+        model.generation_config.eos_token_id = [eos_id] + ([old_eos_id] if old_eos_id not in (None, eos_id) else [])
+        model.generation_config.pad_token_id = pad_id
+    rows = model.get_input_embeddings().weight.shape[0]
+    return {"added_tokens": added, "added_token_ids": tokenizer.convert_tokens_to_ids(added), "eos_token": "<|im_end|>",
+            "eos_token_id": eos_id, "old_eos_token": old_eos, "pad_token": tokenizer.pad_token, "pad_token_id": pad_id,
+            "tokenizer_size": len(tokenizer), "embedding_rows": [old_rows, rows]}
+
+
+def materialise_with_chatml(out: Path, name_or_path: str, tokenizer, trust_remote_code: bool, seed: int) -> dict:
+    """Load the user's model (its dtype kept: dtype="auto"), add ChatML, save model + tokenizer + record to `out`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype="auto", trust_remote_code=trust_remote_code)
+    record = add_chatml(model, tokenizer, seed)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / TEMPLATE_FILE).write_text(json.dumps(
+        {"name_or_path": name_or_path, "chat_template": "chatml-added", **record}, indent=2) + "\n")
+    return {**record, "dtype": str(model.dtype).removeprefix("torch.")}
+
+
 def run(
     out_dir: str,
     name_or_path: str,
@@ -91,6 +167,7 @@ def run(
     max_items: int,
     max_value: int,
     seed: int,
+    trust_remote_code: bool = False,
 ) -> dict:
     from components.core import sorting
     from components.core.config import EMBEDDED
@@ -99,8 +176,20 @@ def run(
         raise FileNotFoundError(f"model.name_or_path: {name_or_path} does not exist")
     with atomic_dir(out_dir) as tmp:
         if name_or_path != EMBEDDED:
-            (tmp / SOURCE_FILE).write_text(json.dumps({"name_or_path": name_or_path}) + "\n")
-            result = {"model": name_or_path, "built": False}
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            if has_chat_template(tokenizer):
+                log.info("%s has a chat template: %s points at it, nothing copied", name_or_path, SOURCE_FILE)
+                (tmp / SOURCE_FILE).write_text(json.dumps({"name_or_path": name_or_path}) + "\n")
+                result = {"model": name_or_path, "built": False, "chat_template": "own"}
+            else:
+                log.info("%s has no chat template: copying it to %s with ChatML added", name_or_path, out_dir)
+                added = materialise_with_chatml(tmp, name_or_path, tokenizer, trust_remote_code, seed)
+                log.info("%s: added tokens %s, eos %s (id %d), pad %s, embeddings %d -> %d rows (%s)", out_dir,
+                         added["added_tokens"] or "none", added["eos_token"], added["eos_token_id"],
+                         added["pad_token"], *added["embedding_rows"], added["dtype"])
+                result = {"model": name_or_path, "built": False, "chat_template": "added", **added}
         else:
             tokenizer = build_tokenizer(sorting.corpus(min_items, max_items, max_value, seed), vocab_size)
             model = build_model(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads,
@@ -108,7 +197,8 @@ def run(
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             n_params = sum(p.numel() for p in model.parameters())
-            result = {"model": EMBEDDED, "built": True, "parameters": n_params, "vocab_size": len(tokenizer)}
+            result = {"model": EMBEDDED, "built": True, "chat_template": "own", "parameters": n_params,
+                      "vocab_size": len(tokenizer)}
     return result
 
 
@@ -124,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     m, s = p.model, p.synthetic
     result = run(args.out, m.name_or_path, m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,
                  m.intermediate_size, m.vocab_size, m.max_position_embeddings,
-                 s.min_items, s.max_items, s.max_value, p.seed)
+                 s.min_items, s.max_items, s.max_value, p.seed, trust_remote_code=m.trust_remote_code)
     print(json.dumps(result))
 
 

@@ -83,15 +83,17 @@ def reduce_means(accelerator, sums: dict[str, torch.Tensor], count: int) -> dict
 def evaluate_pairs(model, accelerator, pairs, batch_size, pad_id, loss_kwargs, kto_kl=None) -> dict[str, float]:
     model.eval()
     order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))
-    mine = training.shard(order, accelerator.process_index, accelerator.num_processes)
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
-    for s in range(0, len(mine), batch_size):
-        out, lp = pair_losses(model, [pairs[i] for i in mine[s : s + batch_size]], pad_id, accelerator.device,
-                              loss_kwargs, kto_kl)
-        for k, v in losses.preference_metric_sums(out, lp["pc"], lp["pr"]).items():
-            sums[k] = sums[k] + v
+    count = 0
+    # the same number of forwards on every process (FSDP gathers weights in each one); padding counts 0
+    for idx, padding in training.even_shard(batches, accelerator.process_index, accelerator.num_processes):
+        out, lp = pair_losses(model, [pairs[i] for i in idx], pad_id, accelerator.device, loss_kwargs, kto_kl)
+        count += 0 if padding else len(idx)
+        for k, v in losses.preference_metric_sums(out, lp["pc"], lp["pr"]).items():  # same keys on every rank
+            sums[k] = sums[k] + (0.0 if padding else v)
     model.train()
-    return {f"eval/{k}": v for k, v in reduce_means(accelerator, dict(sums), len(mine)).items()}
+    return {f"eval/{k}": v for k, v in reduce_means(accelerator, dict(sums), count).items()}
 
 
 def run(
@@ -158,9 +160,8 @@ def run(
 
     # ---------------------------------------------------------------- model, optimizer, schedule
     model = training.load_model(model_path, trust_remote_code, lora)
-    optimizer = training.make_optimizer(model, learning_rate, weight_decay)
+    model, optimizer = training.prepare_training(accelerator, model, learning_rate, weight_decay)
     lr_schedule = training.make_scheduler(optimizer, scheduler, int(warmup_ratio * total_steps), total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(lr_schedule)
 
     # ---------------------------------------------------------------- resume
@@ -169,7 +170,7 @@ def run(
     fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path),
                                  str(Path(data_dir) / "pref_train.jsonl"), str(Path(reference_dir) / "train.pt"), code,
                                  world)
-    start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps)
+    start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
     guard = training.DivergenceGuard(divergence_factor, ckpt_dir, saved.get("guard"))
     # KTO's reference point z0: the previous step's mean log-ratio over all its pairs on all processes
     kto_kl = torch.tensor(float(saved.get("kto_kl", 0.0)), device=accelerator.device)
@@ -204,8 +205,8 @@ def run(
             loss_value = accelerator.reduce(step_loss, reduction="sum") / step_pairs
             kto_kl = (accelerator.reduce(step_log_ratio, reduction="sum") / (2 * step_pairs)).clamp(min=0)
             training.guard_finite(loss_value, step + 1, ckpt_dir)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
-            guard.check(step + 1, loss_value.item(), float(grad_norm) if grad_norm is not None else None)
+            grad_norm = training.clip_grad_norm(accelerator, model, max_grad_norm)
+            guard.check(step + 1, loss_value.item(), grad_norm)
             optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -232,7 +233,7 @@ def run(
             if done % save_every == 0 and done < total_steps:
                 checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history,
                                                                                 "guard": guard.state(), "kto_kl": kto_kl.item()},
-                                         keep_checkpoints)
+                                         keep_checkpoints, model, optimizer)
         bar.close()
 
         # ------------------------------------------------------------ outputs

@@ -190,12 +190,11 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
         plots_path: str = "plots/grpo.csv", checkpoint_dir: str = "checkpoints/grpo", max_prompt_length: int = 96,
         mixed_precision: str = "auto", seed: int = 1234, trust_remote_code: bool = False, track: bool = True) -> dict:
     accelerator = training.make_accelerator(mixed_precision)
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+    if training.fsdp_requested():
         from components.core.config import ParamsError
 
-        raise ParamsError(f"compute.accelerate_config: the grpo stage runs on one device or DDP (cpu, single_gpu, "
-                          f"multi_gpu); generating from {accelerator.distributed_type.name}-sharded weights is not "
-                          "supported yet")
+        raise ParamsError("compute.accelerate_config: the grpo stage runs on one device or DDP (cpu, single_gpu, "
+                          "multi_gpu); generating from FSDP-sharded weights is not supported yet")
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(seed)
     G = cfg.num_generations

@@ -35,13 +35,15 @@ def score_pairs(model, accelerator, pairs: list[dict], batch_size: int, pad_id: 
 
     order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))  # length-sorted: little padding
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    mine = training.shard(batches, accelerator.process_index, accelerator.num_processes)
+    # the same number of forwards on every process (FSDP gathers weights in each one)
+    mine = training.even_shard(batches, accelerator.process_index, accelerator.num_processes)
     results: list[tuple[int, float, float, int, int]] = []
     bar = training.progress(len(mine), 0, desc, accelerator.is_local_main_process)
-    for idx in mine:
+    for idx, padding in mine:
         with accelerator.autocast():
             c, r, ct, rt = pair_logps(model, [pairs[i] for i in idx], pad_id, accelerator.device)
-        results += zip(idx, c.tolist(), r.tolist(), ct.tolist(), rt.tolist(), strict=True)
+        if not padding:
+            results += zip(idx, c.tolist(), r.tolist(), ct.tolist(), rt.tolist(), strict=True)
         bar.update(1)
     bar.close()
     if accelerator.num_processes > 1:
@@ -72,7 +74,7 @@ def run(
     accelerator = training.make_accelerator(mixed_precision)
     tokenizer = training.load_tokenizer(model_path, trust_remote_code)
     model = training.load_model(model_path, trust_remote_code)
-    model = accelerator.prepare(model).eval()
+    model = training.prepare_frozen(accelerator, model)
 
     results, summary = {}, {}
     t0 = time.perf_counter()

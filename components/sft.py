@@ -35,12 +35,13 @@ def evaluate_loss(model, accelerator, examples, batch_size: int, pad_id: int) ->
     """Token-mean NLL over the eval set, sharded over processes."""
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # length-sorted: little padding
-    mine = training.shard(order, accelerator.process_index, accelerator.num_processes)
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     total = torch.zeros(2, device=accelerator.device)
-    for start in range(0, len(mine), batch_size):
-        batch = collate_sequences([examples[i] for i in mine[start : start + batch_size]], pad_id)
-        nll, n = batch_nll(model, batch.to(accelerator.device))
-        total += torch.stack([nll.float(), n.float()])
+    # the same number of forwards on every process (FSDP gathers weights in each one); padding counts 0
+    for idx, padding in training.even_shard(batches, accelerator.process_index, accelerator.num_processes):
+        nll, n = batch_nll(model, collate_sequences([examples[i] for i in idx], pad_id).to(accelerator.device))
+        if not padding:
+            total += torch.stack([nll.float(), n.float()])
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return (total[0] / total[1].clamp_min(1)).item()
@@ -92,9 +93,8 @@ def run(
 
     # ---------------------------------------------------------------- model, optimizer, schedule
     model = training.load_model(model_path, trust_remote_code, lora)
-    optimizer = training.make_optimizer(model, learning_rate, weight_decay)
+    model, optimizer = training.prepare_training(accelerator, model, learning_rate, weight_decay)
     lr_schedule = training.make_scheduler(optimizer, scheduler, int(warmup_ratio * total_steps), total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(lr_schedule)  # not prepared: it would step once per process
 
     # ---------------------------------------------------------------- resume
@@ -102,7 +102,7 @@ def run(
     code = checkpoints.code_fingerprint(sys.modules[__name__], training, scoring, tokens, checkpoints)
     fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path), train_path,
                                  world, code)
-    start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps)
+    start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
     guard = training.DivergenceGuard(divergence_factor, ckpt_dir, saved.get("guard"))
 
     # ---------------------------------------------------------------- train
@@ -136,8 +136,8 @@ def run(
             step_loss = accelerator.reduce(step_loss, reduction="sum")
             loss = step_loss[0] / step_loss[1]
             training.guard_finite(loss, step + 1, ckpt_dir)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
-            guard.check(step + 1, loss.item(), float(grad_norm) if grad_norm is not None else None)
+            grad_norm = training.clip_grad_norm(accelerator, model, max_grad_norm)
+            guard.check(step + 1, loss.item(), grad_norm)
             optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -167,7 +167,7 @@ def run(
             if done % save_every == 0 and done < total_steps:
                 checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history,
                                                                                 "guard": guard.state()},
-                                         keep_checkpoints)
+                                         keep_checkpoints, model, optimizer)
         bar.close()
 
         # ------------------------------------------------------------ outputs

@@ -115,12 +115,39 @@ def find_checkpoints(ckpt_dir: Path, fingerprint_: str) -> list[tuple[Path, dict
     return found
 
 
-def resume(accelerator, ckpt_dir: Path, fingerprint_: str, total_steps: int) -> tuple[int, list[dict], dict]:
+SHARDS_DIR = "fsdp"  # FSDP2 runs: model + optimizer shards, written by every process (torch.distributed.checkpoint)
+
+
+def _save_shards(path: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / SHARDS_DIR))
+
+
+def _load_shards(path: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(path / SHARDS_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def resume(accelerator, ckpt_dir: Path, fingerprint_: str, total_steps: int, model=None,
+           optimizer=None) -> tuple[int, list[dict], dict]:
     """(start step, metric history, the rest of the saved state) from the newest checkpoint of this run that
-    loads; (0, [], {}) if none."""
+    loads; (0, [], {}) if none. Pass model and optimizer: FSDP-sharded ones are restored from their shards."""
+    from components.core.training import is_sharded
+
+    sharded = model is not None and is_sharded(model)
     for path, state in find_checkpoints(ckpt_dir, fingerprint_):
         try:
             accelerator.load_state(str(path))
+            if sharded:
+                _load_shards(path, model, optimizer)
         except Exception as e:  # a file that passed the size check but does not load: try an older one
             log.warning("skipping checkpoint %s: cannot load it (%s: %s)", path, type(e).__name__, e)
             continue
@@ -134,8 +161,11 @@ def resume(accelerator, ckpt_dir: Path, fingerprint_: str, total_steps: int) -> 
     return 0, [], {}
 
 
-def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: int) -> None:
-    """save_state (model, optimizer, scheduler, RNG) into a partial dir, the state file last, then rename."""
+def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: int, model=None,
+                    optimizer=None) -> None:
+    """save_state (model, optimizer, scheduler, RNG) into a partial dir, the state file last, then rename.
+    An FSDP-sharded model and its optimizer are saved as shards by every process (`SHARDS_DIR`)."""
+    from components.core.training import is_sharded
     run_dir = Path(ckpt_dir) / state["fingerprint"]
     final = run_dir / f"step_{step:07d}"
     partial = run_dir / f".step_{step:07d}.partial"
@@ -145,6 +175,8 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: i
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    if model is not None and is_sharded(model):
+        _save_shards(partial, model, optimizer)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {str(f.relative_to(partial)): f.stat().st_size for f in sorted(partial.rglob("*")) if f.is_file()}

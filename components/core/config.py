@@ -23,7 +23,7 @@ class Strict(BaseModel):
 
 
 class ComputeConfig(Strict):
-    accelerate_config: Literal["cpu", "single_gpu", "multi_gpu", "fsdp", "deepspeed_zero3"] = "cpu"
+    accelerate_config: Literal["cpu", "single_gpu", "multi_gpu", "fsdp"] = "cpu"
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 

@@ -53,14 +53,113 @@ def autocast(device: torch.device, mixed_precision: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
 
 
+def fsdp_requested() -> bool:
+    """`accelerate launch` with an FSDP config (configs/accelerate/fsdp.yaml) sets ACCELERATE_USE_FSDP."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def make_accelerator(mixed_precision: str):
+    """The Accelerator of a stage: process group, device, autocast, RNG/scheduler state in checkpoints.
+
+    Under an FSDP launch config alignflow shards the model itself with torch's FSDP2 `fully_shard`
+    (`prepare_training`), the same code on GPUs (NCCL) and on CPU (gloo; accelerate ignores FSDP on CPU),
+    so the sharded path is the tested one. accelerate is therefore built without its FSDP plugin.
+    """
+    import os
+
     from accelerate import Accelerator
 
     mp = resolve_mixed_precision(mixed_precision)
     if mp != "no" and not torch.cuda.is_available():
         log.warning("mixed_precision=%s requested without a GPU; training in fp32", mp)
         mp = "no"
-    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ValueError("DeepSpeed launch configs are not supported (its engine steps the optimizer on every "
+                         "backward, which breaks alignflow's accumulation and clipping): use "
+                         "compute.accelerate_config: fsdp, which shards parameters, gradients and optimizer state "
+                         "as ZeRO-3 does")
+    saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _layer_classes(model) -> set[str]:
+    """Which modules become FSDP units: the accelerate config's class list, else the model's own
+    `_no_split_modules` (the decoder layer class of every HF architecture)."""
+    import os
+
+    named = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    classes = {c.strip() for c in named.split(",") if c.strip()} or set(getattr(model, "_no_split_modules", None) or [])
+    base = getattr(model, "base_model", model)
+    present = {type(m).__name__ for m in base.modules()}
+    if not classes & present:
+        raise ValueError(f"FSDP: none of the layer classes {sorted(classes) or '[]'} is in the model "
+                         f"({type(model).__name__}); set fsdp_transformer_layer_cls_to_wrap in the accelerate config")
+    return classes & present
+
+
+def shard_model(model, device) -> torch.nn.Module:
+    """FSDP2: each decoder layer, then the root (embeddings, final norm, LM head), is one unit whose
+    parameters, gradients and optimizer state are split over the processes and gathered per forward.
+    Compute precision stays with autocast, as on every other backend; fp32 master weights are sharded."""
+    import os
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "no_shard")
+    classes = _layer_classes(model)
+    model.to(device)
+    for module in list(model.modules()):
+        if type(module).__name__ in classes:
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    return model
+
+
+def prepare_training(accelerator, model, learning_rate: float, weight_decay: float):
+    """(model, optimizer) ready for the loop: DDP / single device through accelerate, or FSDP2 shards
+    (the optimizer is built over the sharded parameters, as FSDP2 requires)."""
+    if fsdp_requested() and accelerator.num_processes > 1:
+        if hasattr(model, "peft_config"):
+            raise ValueError("LoRA under FSDP is not supported: a LoRA run keeps the frozen base whole on each "
+                             "device anyway; use compute.accelerate_config: multi_gpu (DDP)")
+        model = shard_model(model, accelerator.device)
+        return model, make_optimizer(model, learning_rate, weight_decay)
+    optimizer = make_optimizer(model, learning_rate, weight_decay)
+    return accelerator.prepare(model, optimizer)
+
+
+def prepare_frozen(accelerator, model):
+    """A model that is only scored (reference pass): sharded like the trained ones under FSDP."""
+    if fsdp_requested() and accelerator.num_processes > 1:
+        return shard_model(model, accelerator.device).eval()
+    return accelerator.prepare(model).eval()
+
+
+def clip_grad_norm(accelerator, model, max_norm: float) -> float | None:
+    """Clip the global gradient norm (over all shards / processes); returns it as a float, None if off."""
+    if max_norm <= 0:
+        return None
+    if is_sharded(model):
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
 
 
 def load_model(path: str, trust_remote_code: bool = False, lora: dict | None = None):
@@ -143,6 +242,19 @@ def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
     return list(indices[rank::world])
 
 
+def even_shard(batches: Sequence[list[int]], rank: int, world: int) -> list[tuple[list[int], bool]]:
+    """This rank's batches, round-robin, as (indices, is_padding): every rank gets the same number of
+    batches, short ranks repeat a real batch flagged as padding (run, then left out of every result).
+
+    Under FSDP each forward is a collective, so a rank with one forward fewer hangs the others.
+    """
+    if not batches:
+        return []
+    per_rank = -(-len(batches) // world)
+    mine = [(list(b), False) for b in batches[rank::world]]
+    return mine + [(list(batches[0]), True)] * (per_rank - len(mine))
+
+
 # ----------------------------------------------------------------------------- guards
 
 
@@ -191,18 +303,39 @@ class DivergenceGuard:
 
 def save_model_atomic(accelerator, model, tokenizer, out_dir: str) -> None:
     """Write the final model (LoRA merged) into a temp dir and swap it in only when complete."""
+    import json
+
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards on every rank
+    if is_sharded(model):  # every rank takes part in the gather; rank 0 receives the full weights on CPU
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # tied parameters (embeddings = LM head) come back under every name: keep the first, as HF saves them
+        seen: dict[int, str] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if id(param) in seen:
+                state_dict.pop(name, None)
+            seen.setdefault(id(param), name)
+        unwrapped = model
+    else:
+        unwrapped = accelerator.unwrap_model(model)
+        state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
     with atomic_dir(out_dir) as tmp:
-        if hasattr(unwrapped, "merge_and_unload"):  # peft: ship a plain model downstream
+        if hasattr(unwrapped, "merge_and_unload") and not is_sharded(unwrapped):  # peft: a plain model downstream
             unwrapped = unwrapped.merge_and_unload()
             state_dict = None
         unwrapped.config.use_cache = True
         unwrapped.save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
         tokenizer.save_pretrained(tmp)
+        if is_sharded(unwrapped):  # FSDP2 renames the class (FSDPLlamaForCausalLM): keep the model's own name
+            from torch.distributed.fsdp import FSDPModule
+
+            arch = next(c.__name__ for c in type(unwrapped).__mro__[1:] if c is not FSDPModule)
+            config = json.loads((tmp / "config.json").read_text())
+            config["architectures"] = [arch]
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def progress(iterable_total: int, initial: int, desc: str, enabled: bool) -> Callable:
@@ -219,11 +352,20 @@ def progress(iterable_total: int, initial: int, desc: str, enabled: bool) -> Cal
 # ----------------------------------------------------------------------------- loop plumbing
 
 
-def maybe_no_sync(accelerator, model, sync: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation step."""
-    import contextlib
+@contextlib.contextmanager
+def _fsdp_sync(model, sync: bool):
+    model.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
-    return contextlib.nullcontext() if sync or accelerator.num_processes == 1 else accelerator.no_sync(model)
+
+def maybe_no_sync(accelerator, model, sync: bool):
+    """Skip the gradient all-reduce (FSDP: reduce-scatter) on all but the last micro-batch of a step."""
+    if sync or accelerator.num_processes == 1:
+        return contextlib.nullcontext()
+    return _fsdp_sync(model, False) if is_sharded(model) else accelerator.no_sync(model)
 
 
 def maybe_crash(step: int) -> None:

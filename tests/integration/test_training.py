@@ -280,3 +280,42 @@ def test_dpo_refuses_a_reference_computed_on_other_tokens(tiny_data, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "computed on other tokens" in proc.stderr and "dvc repro reference" in proc.stderr
     assert not (root / "models/dpo").exists()
+
+
+def test_fsdp_two_processes_follow_one_process_with_uneven_batches(tiny_data, tmp_path):
+    """reference + dpo under FSDP2 (torchrun x2, gloo): 9 reference batches and 3 eval batches go to 2 processes
+    (padding batches keep the per-forward collectives in step), the run crashes at step 5 and resumes from its
+    sharded checkpoint, and the result follows the 1-process run at the same global batch."""
+    one = workdir(tiny_data, tmp_path / "one", dpo__batch_size=18, reference__batch_size=16)
+    two = workdir(tiny_data, tmp_path / "two", dpo__batch_size=9, reference__batch_size=16)
+    for root in (one, two):
+        shutil.copytree(tiny_data / "models/base", root / "models/sft")
+    run_cmd(stage("reference"), one)
+    run_cmd(stage("dpo"), one)
+    env = pipeline_env(two) | {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    n_train, n_eval = (len(torch.load(one / f"artifacts/ref_logps/{s}.pt")["ids"]) for s in ("train", "eval"))
+    assert -(-n_train // 16) % 2 == 1 and -(-n_eval // 9) % 2 == 1  # odd batch counts: one process gets padding
+    run_cmd(torchrun + ["-m", "components.reference", "--params", "params.yaml"], two, env=env)
+    for split in ("train", "eval"):
+        a, b = (torch.load(r / f"artifacts/ref_logps/{split}.pt") for r in (one, two))
+        assert a["ids"] == b["ids"] and a["token_hashes"] == b["token_hashes"]
+        torch.testing.assert_close(b["chosen_logps"], a["chosen_logps"], rtol=1e-5, atol=1e-5)
+    crashed = subprocess.run(torchrun + ["-m", "components.dpo", "--params", "params.yaml"], cwd=two,
+                             env=env | {"ALIGNFLOW_CRASH_AT_STEP": "5"}, capture_output=True, text=True)
+    assert crashed.returncode != 0
+    [ckpt] = (two / "checkpoints/dpo").glob("*/step_0000003")
+    assert (ckpt / "fsdp").is_dir()  # model and optimizer shards, one file per process
+    resumed = run_cmd(torchrun + ["-m", "components.dpo", "--params", "params.yaml"], two,
+                      env=env | {"ALIGNFLOW_LOG_LEVEL": "INFO"})
+    assert "resuming from" in resumed.stderr and "step 3 of 8" in resumed.stderr
+    for name in ("loss", "rewards/margins", "eval/loss", "grad_norm"):
+        a, b = column(one / "plots/dpo.csv", name), column(two / "plots/dpo.csv", name)
+        assert len(a) == len(b) > 0, name
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+    config = yaml.safe_load((two / "models/dpo/config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    wa, wb = weights(one / "models/dpo"), weights(two / "models/dpo")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-3, atol=1e-5)

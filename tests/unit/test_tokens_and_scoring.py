@@ -60,6 +60,22 @@ def test_plan_steps_accumulation_and_epochs():
         training.plan_steps([5], 1, 1, 1, 1, 0, world=2)
 
 
+def test_even_shard_gives_every_process_the_same_number_of_batches():
+    batches = [[0, 1], [2, 3], [4, 5], [6]]
+    assert training.even_shard(batches, 0, 3) == [([0, 1], False), ([6], False)]
+    assert training.even_shard(batches, 1, 3) == [([2, 3], False), ([0, 1], True)]
+    assert training.even_shard(batches, 2, 3) == [([4, 5], False), ([0, 1], True)]
+    assert training.even_shard(batches, 0, 1) == [(b, False) for b in batches]
+    assert training.even_shard([[7]], 1, 2) == [([7], True)]  # fewer batches than processes
+    assert training.even_shard([], 0, 2) == []
+
+
+def test_deepspeed_launch_is_refused_with_the_reason(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="DeepSpeed launch configs are not supported.*accelerate_config: fsdp"):
+        training.make_accelerator("no")
+
+
 def test_sequence_logps_hand_computed():
     logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))  # (1, 3, 2)
     labels = torch.tensor([[IGNORE_INDEX, 1, 0]])
