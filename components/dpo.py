@@ -128,6 +128,7 @@ def run(
     save_every: int = 50,
     keep_checkpoints: int = 2,
     log_every: int = 10,
+    gradient_checkpointing: bool | str = "auto",
     lora: dict | None = None,
     mixed_precision: str = "auto",
     seed: int = 1234,
@@ -159,7 +160,8 @@ def run(
     total_steps = len(plan)
 
     # ---------------------------------------------------------------- model, optimizer, schedule
-    model = training.load_model(model_path, trust_remote_code, lora)
+    model = training.load_model(model_path, trust_remote_code, lora, mixed_precision=mixed_precision,
+                                gradient_checkpointing=gradient_checkpointing)
     model, optimizer = training.prepare_training(accelerator, model, learning_rate, weight_decay)
     lr_schedule = training.make_scheduler(optimizer, scheduler, int(warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(lr_schedule)
@@ -237,7 +239,7 @@ def run(
         bar.close()
 
         # ------------------------------------------------------------ outputs
-        training.save_model_atomic(accelerator, model, tokenizer, out_dir)
+        training.save_model_atomic(accelerator, model, tokenizer, out_dir, training.stored_dtype(model_path))
         last_train = next(r for r in reversed(history) if "loss" in r)
         final = {k: v for k, v in last_train.items() if k not in ("step", "learning_rate", "grad_norm")}
         eval_rows = [r for r in history if "eval/loss" in r]

@@ -214,11 +214,13 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     sampler = PromptSampler(len(prompts), seed)
 
     # ---------------------------------------------------------------- models, optimizer, schedule
-    model = training.load_model(model_path, trust_remote_code, cfg.lora.model_dump())
+    model = training.load_model(model_path, trust_remote_code, cfg.lora.model_dump(), mixed_precision=mixed_precision,
+                                gradient_checkpointing=cfg.gradient_checkpointing)
     lora = cfg.lora.enabled
     ref_model = None
     if cfg.beta > 0 and not lora:  # with LoRA the reference is the base with adapters off: no second copy
-        ref_model = training.load_model(model_path, trust_remote_code).to(accelerator.device).eval()
+        ref_model = training.load_model(model_path, trust_remote_code, frozen=True,
+                                        mixed_precision=mixed_precision).to(accelerator.device)
         ref_model.requires_grad_(False)
     optimizer = training.make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     schedule = training.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
@@ -417,7 +419,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
         bar.close()
 
         # ------------------------------------------------------------ outputs
-        training.save_model_atomic(accelerator, model, tokenizer, out_dir)
+        training.save_model_atomic(accelerator, model, tokenizer, out_dir, training.stored_dtype(model_path))
         final = _final_metrics(history, cfg, generated_tokens, time.perf_counter() - t_start, world, len(prompts))
         if accelerator.is_main_process:
             with atomic_dir(rollouts_dir) as tmp:

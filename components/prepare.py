@@ -29,6 +29,7 @@ One record is bad -> it is dropped and counted under the first reason found (cor
     pretemplated                text holding this tokenizer's chat template that cannot be parsed back
     identical_pair / duplicate  chosen == rejected / same content as a kept record (dedupe, across sources)
     prompt_too_long / too_long  prompt tokens > max_prompt_length / prompt+response tokens > max_length
+    prompt_mismatch             a pair whose prompt tokens differ before chosen and before rejected
 Token counts come from `core/tokens.encode_chat`, i.e. the exact template the trainers use.
 
 Split: a record's side is decided by its conversation opening (system turns + first user turn), hashed
@@ -84,9 +85,14 @@ MAX_EXAMPLES = 5  # dropped-record locations kept per reason and file in report.
 
 
 def _check_lengths(tokenizer, kind: str, content: dict, max_length: int, max_prompt_length: int) -> None:
+    prompts: set[tuple[int, ...]] = set()
     for messages in conversations(kind, content):
         ids, trained = encode_chat(tokenizer, messages, content.get("tools"))
         prompt_tokens = trained.index(True) if True in trained else len(ids)
+        prompts.add(tuple(ids[:prompt_tokens]))
+        if kind == "preference" and len(prompts) > 1:  # scored as one shared prompt for both responses
+            raise Drop("prompt_mismatch", "the chat template renders the prompt into other tokens before the "
+                       "rejected response than before the chosen one")
         if prompt_tokens > max_prompt_length:
             raise Drop(
                 "prompt_too_long",

@@ -73,7 +73,7 @@ def run(
 ) -> dict:
     accelerator = training.make_accelerator(mixed_precision)
     tokenizer = training.load_tokenizer(model_path, trust_remote_code)
-    model = training.load_model(model_path, trust_remote_code)
+    model = training.load_model(model_path, trust_remote_code, frozen=True, mixed_precision=mixed_precision)
     model = training.prepare_frozen(accelerator, model)
 
     results, summary = {}, {}

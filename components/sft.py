@@ -70,6 +70,7 @@ def run(
     save_every: int = 100,
     keep_checkpoints: int = 2,
     log_every: int = 10,
+    gradient_checkpointing: bool | str = "auto",
     lora: dict | None = None,
     mixed_precision: str = "auto",
     seed: int = 1234,
@@ -92,7 +93,8 @@ def run(
     total_steps = len(plan)
 
     # ---------------------------------------------------------------- model, optimizer, schedule
-    model = training.load_model(model_path, trust_remote_code, lora)
+    model = training.load_model(model_path, trust_remote_code, lora, mixed_precision=mixed_precision,
+                                gradient_checkpointing=gradient_checkpointing)
     model, optimizer = training.prepare_training(accelerator, model, learning_rate, weight_decay)
     lr_schedule = training.make_scheduler(optimizer, scheduler, int(warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(lr_schedule)  # not prepared: it would step once per process
@@ -171,7 +173,7 @@ def run(
         bar.close()
 
         # ------------------------------------------------------------ outputs
-        training.save_model_atomic(accelerator, model, tokenizer, out_dir)
+        training.save_model_atomic(accelerator, model, tokenizer, out_dir, training.stored_dtype(model_path))
         final = {
             "train/loss": next(r["train/loss"] for r in reversed(history) if "train/loss" in r),
             "steps": total_steps,

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "alignflow_state.json"
 # Loop settings that do not change the trained weights: editing them must not restart a run from step 0.
 CADENCE_KEYS = ("eval_every", "save_every", "keep_checkpoints", "log_every", "track", "divergence_factor",
-                "zero_std_warning")
+                "zero_std_warning", "gradient_checkpointing")
 
 
 def math_params(hyper: dict) -> dict:
@@ -140,7 +140,7 @@ def resume(accelerator, ckpt_dir: Path, fingerprint_: str, total_steps: int, mod
            optimizer=None) -> tuple[int, list[dict], dict]:
     """(start step, metric history, the rest of the saved state) from the newest checkpoint of this run that
     loads; (0, [], {}) if none. Pass model and optimizer: FSDP-sharded ones are restored from their shards."""
-    from components.core.training import is_sharded
+    from components.core.sharding import is_sharded
 
     sharded = model is not None and is_sharded(model)
     for path, state in find_checkpoints(ckpt_dir, fingerprint_):
@@ -165,7 +165,7 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: i
                     optimizer=None) -> None:
     """save_state (model, optimizer, scheduler, RNG) into a partial dir, the state file last, then rename.
     An FSDP-sharded model and its optimizer are saved as shards by every process (`SHARDS_DIR`)."""
-    from components.core.training import is_sharded
+    from components.core.sharding import is_sharded
     run_dir = Path(ckpt_dir) / state["fingerprint"]
     final = run_dir / f"step_{step:07d}"
     partial = run_dir / f".step_{step:07d}.partial"

@@ -128,6 +128,8 @@ class TrainLoopConfig(Strict):
     save_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
+    # recompute activations in backward (memory for ~30% more compute); auto = on above 100M parameters, like TRL
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
     lora: LoraConfig = LoraConfig()
 
 
@@ -204,6 +206,7 @@ class GRPOConfig(Strict):
     save_every: int = Field(20, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(5, gt=0)
+    gradient_checkpointing: bool | Literal["auto"] = "auto"  # as sft/dpo: auto = on above 100M parameters
     lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")

@@ -33,6 +33,7 @@ REASONS = (
     "duplicate",
     "prompt_too_long",
     "too_long",
+    "prompt_mismatch",
 )
 ROLES = ("system", "user", "assistant", "tool")
 # Other names the public formats use for a role (ShareGPT, LLaMA-Factory, OpenAI legacy, Gemini, HH).

@@ -79,12 +79,15 @@ def generate_responses(
 
 
 def load_causal_lm(model_dir: str, trust_remote_code: bool = False):
-    """(model, tokenizer) for evaluation: fp32 weights on the GPU if there is one, else the CPU."""
+    """(model, tokenizer) for evaluation: on the GPU if there is one (bf16 weights where it has bf16: a frozen
+    model needs no fp32 masters), else fp32 on the CPU."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code, dtype=dtype)
+    model.to("cuda" if on_gpu else "cpu").eval()
     return model, tokenizer
 
 

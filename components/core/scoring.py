@@ -4,6 +4,11 @@ reference and dpo score preference pairs with `pair_logps` (one shared-prompt ro
 model allows it), sft and evaluate take token NLLs with `batch_nll`, evaluate scores its own samples with
 `response_logps`. Every function returns per-sequence sums and token counts, so callers normalise as their
 objective needs. Inputs are the token lists of `core/tokens.py`.
+
+Memory: the model runs with `logits_to_keep=1` and its final hidden states are taken from the decoder;
+log-probs come from `core/logprobs.chunked_token_logps` on the scored positions only, so no fp32 (B, T, V)
+logits exist in forward or backward (at a 150k vocabulary that copy was the largest tensor of a step). Models
+whose decoder cannot be reached take the plain logits path (`sequence_logps`).
 """
 
 from __future__ import annotations
@@ -42,13 +47,91 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
+def _unwrapped(model):
+    """The HF model behind DDP (`.module`) and peft (`get_base_model`) wrappers."""
+    base = getattr(model, "module", model)
+    return base.get_base_model() if hasattr(base, "get_base_model") else base
+
+
+def hidden_path_supported(model) -> bool:
+    """Whether final hidden states can be taken from the decoder (HF causal LMs: `get_decoder`, an output
+    embedding without bias, `logits_to_keep`); else callers use the model's logits."""
+    import inspect
+
+    base = _unwrapped(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return (hasattr(base, "get_decoder") and isinstance(head, torch.nn.Linear) and head.bias is None
+            and "logits_to_keep" in inspect.signature(getattr(model, "module", model).forward).parameters)
+
+
+def final_hidden(model, **inputs) -> torch.Tensor:
+    """(B, T, H) post-final-norm hidden states of a forward through the (possibly wrapped) model.
+
+    The forward goes through the wrapper (DDP / FSDP hooks run as usual) with `logits_to_keep=1`, so the LM
+    head runs on one position only; a forward hook on the decoder captures its `last_hidden_state`.
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _args, output):
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = _unwrapped(model).get_decoder().register_forward_hook(hook)
+    try:
+        model(**inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def slot_logps(model, hidden: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+               temperature: float = 1.0, with_entropy: bool = False):
+    """log p(targets[b, k] | hidden[b, positions[b, k]]) for the real slots (mask) of each row.
+
+    hidden (B, T, H); positions, targets, mask (B, K). Only the N real slots reach the LM head, chunked
+    (`core/logprobs.chunked_token_logps`). Returns (logps (B, K) float32, 0 where masked; entropy (B, K) or None).
+    """
+    from components.core.logprobs import chunked_token_logps
+
+    rows, cols = mask.nonzero(as_tuple=True)
+    h = hidden[rows, positions[rows, cols]]  # (N, H)
+    weight = _unwrapped(model).get_output_embeddings().weight
+    logps, entropy = chunked_token_logps(h, weight, targets[rows, cols].clamp_min(0), temperature=temperature,
+                                         with_entropy=with_entropy)
+    out = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).index_put((rows, cols), logps)
+    if entropy is not None:
+        entropy = torch.zeros(mask.shape, dtype=entropy.dtype, device=entropy.device).index_put((rows, cols), entropy)
+    return out, entropy
+
+
+def model_sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    """`sequence_logps` of a forward on (input_ids, attention_mask): (logps (B,), counts (B,))."""
+    if not hidden_path_supported(model):
+        return sequence_logps(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+    hidden = final_hidden(model, input_ids=input_ids, attention_mask=attention_mask)
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    positions = torch.arange(targets.shape[1], device=targets.device).expand_as(targets)
+    logps, _ = slot_logps(model, hidden, positions, targets, mask)
+    return logps.sum(-1), mask.sum(-1)
+
+
 def shared_prompt_supported(model) -> bool:
     """The shared-prompt layout needs a custom 4D mask (sdpa/eager attention) and `logits_to_keep`."""
     import inspect
 
     base = getattr(model, "module", model)  # DDP: the wrapper has no `config`
-    impl = getattr(getattr(base, "config", None), "_attn_implementation", None)
-    return impl in ("sdpa", "eager") and "logits_to_keep" in inspect.signature(base.forward).parameters
+    config = getattr(base, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    return (impl in ("sdpa", "eager") and "logits_to_keep" in inspect.signature(base.forward).parameters
+            and not uses_sliding_window(config))
+
+
+def uses_sliding_window(config) -> bool:
+    """Sliding-window layers (Mistral, Gemma-2/3, Qwen2 with use_sliding_window) build their own per-layer mask,
+    which one custom 4D mask would override: such models score chosen and rejected as separate rows."""
+    if any("sliding" in str(t) for t in (getattr(config, "layer_types", None) or [])):
+        return True
+    return bool(getattr(config, "sliding_window", None)) and bool(getattr(config, "use_sliding_window", True))
 
 
 def _shared_prompt_logps(model, pairs: list[dict], pad_id: int, device):
@@ -56,14 +139,19 @@ def _shared_prompt_logps(model, pairs: list[dict], pad_id: int, device):
     mask = batch.attention_mask.to(device)
     if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds the mask to the scores
         mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    logits = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                   attention_mask=mask, logits_to_keep=batch.keep).logits  # (B, K + 1, V)
-    logits = logits.float()
-    log_z = torch.logsumexp(logits, dim=-1)  # (B, K + 1)
+    inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
+              "attention_mask": mask}
     targets, source, segment = batch.targets.to(device), batch.source.to(device), batch.segment.to(device)
-    rows = torch.arange(len(pairs), device=device)[:, None]
-    token_logps = logits[rows, source, targets.clamp_min(0)] - log_z[rows, source]  # (B, K)
     chosen, rejected = segment == 1, segment == 2
+    if hidden_path_supported(model):
+        hidden = final_hidden(model, **inputs)  # (B, T, H)
+        # kept logit j of the logits_to_keep layout sits at position T - keep + j
+        token_logps, _ = slot_logps(model, hidden, source + (hidden.shape[1] - batch.keep), targets, chosen | rejected)
+    else:
+        logits = model(**inputs, logits_to_keep=batch.keep).logits.float()  # (B, K + 1, V)
+        log_z = torch.logsumexp(logits, dim=-1)  # (B, K + 1)
+        rows = torch.arange(len(pairs), device=device)[:, None]
+        token_logps = logits[rows, source, targets.clamp_min(0)] - log_z[rows, source]  # (B, K)
     return ((token_logps * chosen).sum(-1), (token_logps * rejected).sum(-1), chosen.sum(-1), rejected.sum(-1))
 
 
@@ -81,16 +169,14 @@ def pair_logps(model, pairs: list[dict], pad_id: int, device, share_prompt: bool
     if share_prompt:
         return _shared_prompt_logps(model, pairs, pad_id, device)
     batch = collate_pairs(pairs, pad_id).to(device)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (2B, T, V)
-    logps, counts = sequence_logps(logits, batch.labels)
+    logps, counts = model_sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels)  # (2B,)
     b = len(pairs)
     return logps[:b], logps[b:], counts[:b], counts[b:]
 
 
 def batch_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL over labelled tokens of the batch, and the number of those tokens."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
-    logps, counts = sequence_logps(logits, batch.labels)
+    logps, counts = model_sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels)
     return -logps.sum(), counts.sum()
 
 
@@ -121,8 +207,7 @@ def response_logps(model, prompt_ids: list[list[int]], response_ids: list[list[i
                 zip(prompt_ids[start : start + batch_size], response_ids[start : start + batch_size], strict=True)]
         batch = collate_sequences(seqs, pad_id).to(device)
         with autocast(device, mixed_precision):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        out.append(sequence_logps(logits, batch.labels)[0].cpu())
+            out.append(model_sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels)[0].cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -135,8 +220,6 @@ def completion_token_logps(model, prompt_ids: list[list[int]], completion_ids: l
     Returns (logps (B, C), mask (B, C) bool, entropy (B, C) or None), C = the longest completion. Entropy
     (of the tempered distribution, in nats) carries no gradient.
     """
-    import inspect
-
     p_width = max(len(p) for p in prompt_ids)
     c_width = max(max(len(c) for c in completion_ids), 1)
     ids = torch.full((len(prompt_ids), p_width + c_width), pad_id, dtype=torch.long)
@@ -149,20 +232,23 @@ def completion_token_logps(model, prompt_ids: list[list[int]], completion_ids: l
             attn[i, p_width : p_width + len(c)] = True
     positions = (attn.long().cumsum(-1) - 1).clamp(min=0)
     ids, attn, positions = ids.to(device), attn.to(device), positions.to(device)
-    base = getattr(model, "module", model)
-    kwargs = {"logits_to_keep": c_width + 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
-    logits = model(input_ids=ids, attention_mask=attn.long(), position_ids=positions, **kwargs).logits
-    logits = logits[:, -(c_width + 1) : -1, :].float()  # (B, C, V): position t predicts completion token t
-    if temperature != 1.0:
-        logits = logits / temperature
     targets = ids[:, p_width:]
     mask = attn[:, p_width:]
+    inputs = {"input_ids": ids, "attention_mask": attn.long(), "position_ids": positions}
+    if hidden_path_supported(model):
+        hidden = final_hidden(model, **inputs)  # (B, T, H); position p_width - 1 + t predicts completion token t
+        slot_positions = torch.arange(p_width - 1, p_width - 1 + c_width, device=device).expand_as(targets)
+        token_logps, entropy = slot_logps(model, hidden, slot_positions, targets, mask, temperature, with_entropy)
+        return token_logps, mask, entropy
+    logits = model(**inputs).logits[:, p_width - 1 : -1, :].float()  # (B, C, V)
+    if temperature != 1.0:
+        logits = logits / temperature
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     entropy = None
     if with_entropy:
         with torch.no_grad():
             logp_all = torch.log_softmax(logits, dim=-1)
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
     return token_logps * mask, mask, entropy
 
 
@@ -179,16 +265,23 @@ def group_token_logps(model, prompt_ids: list[list[int]], completion_ids: list[l
     attn = batch.attention_mask.to(device)
     if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds the mask to the scores
         attn = torch.zeros(attn.shape, device=device).masked_fill(~attn, torch.finfo(torch.float32).min)
-    logits = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                   attention_mask=attn, logits_to_keep=batch.keep).logits.float()  # (B, K + 1, V)
+    inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
+              "attention_mask": attn}
+    source, targets = batch.source.to(device), batch.targets.to(device)
+    index, mask = batch.index.to(device), batch.mask.to(device)
+    if hidden_path_supported(model):
+        hidden = final_hidden(model, **inputs)  # (B, T, H); kept logit j sits at position T - keep + j
+        slots, slot_entropy = slot_logps(model, hidden, source + (hidden.shape[1] - batch.keep), targets,
+                                         targets != IGNORE_INDEX, temperature, with_entropy)  # (B, K)
+        entropy = slot_entropy.reshape(-1)[index] * mask if with_entropy else None
+        return slots.reshape(-1)[index] * mask, mask, entropy
+    logits = model(**inputs, logits_to_keep=batch.keep).logits.float()  # (B, K + 1, V)
     if temperature != 1.0:
         logits = logits / temperature
     rows = torch.arange(len(prompt_ids), device=device)[:, None]
-    source, targets = batch.source.to(device), batch.targets.to(device)
     picked = logits[rows, source]  # (B, K, V): the distribution each slot's token was drawn from
-    slot_logps = picked.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, dim=-1)
-    index, mask = batch.index.to(device), batch.mask.to(device)
-    token_logps = slot_logps.reshape(-1)[index] * mask
+    slot_logps_ = picked.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+    token_logps = slot_logps_.reshape(-1)[index] * mask
     entropy = None
     if with_entropy:
         with torch.no_grad():

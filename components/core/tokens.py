@@ -234,7 +234,10 @@ def tokenize_pair(tokenizer, record: dict, max_length: int, max_prompt_length: i
     """
     tools = record.get("tools")
     prompt_ids, chosen_ids = encode_prompt_response(tokenizer, record["prompt"], record["chosen"], tools)
-    _, rejected_ids = encode_prompt_response(tokenizer, record["prompt"], record["rejected"], tools)
+    rejected_prompt_ids, rejected_ids = encode_prompt_response(tokenizer, record["prompt"], record["rejected"], tools)
+    if rejected_prompt_ids != prompt_ids:  # one prompt is scored for both responses (shared-prompt rows)
+        raise ValueError(f"record {record['id']}: the chat template renders the prompt into other tokens before the "
+                         "rejected response than before the chosen one; chosen and rejected must share the prompt")
     prompt_ids = prompt_ids[-max_prompt_length:]
     room = max(1, max_length - len(prompt_ids))
     return {"id": record["id"], "prompt_ids": prompt_ids, "chosen_ids": chosen_ids[:room], "rejected_ids": rejected_ids[:room]}

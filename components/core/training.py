@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from components.core.io import atomic_dir
+from components.core.sharding import fsdp_requested, is_sharded, shard_model
 from components.core.tokens import bucketed_batches
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,6 @@ def autocast(device: torch.device, mixed_precision: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
 
 
-def fsdp_requested() -> bool:
-    """`accelerate launch` with an FSDP config (configs/accelerate/fsdp.yaml) sets ACCELERATE_USE_FSDP."""
-    import os
-
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
 def make_accelerator(mixed_precision: str):
     """The Accelerator of a stage: process group, device, autocast, RNG/scheduler state in checkpoints.
 
@@ -88,48 +82,7 @@ def make_accelerator(mixed_precision: str):
             os.environ["ACCELERATE_USE_FSDP"] = saved
 
 
-# ----------------------------------------------------------------------------- FSDP2
-
-
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def _layer_classes(model) -> set[str]:
-    """Which modules become FSDP units: the accelerate config's class list, else the model's own
-    `_no_split_modules` (the decoder layer class of every HF architecture)."""
-    import os
-
-    named = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
-    classes = {c.strip() for c in named.split(",") if c.strip()} or set(getattr(model, "_no_split_modules", None) or [])
-    base = getattr(model, "base_model", model)
-    present = {type(m).__name__ for m in base.modules()}
-    if not classes & present:
-        raise ValueError(f"FSDP: none of the layer classes {sorted(classes) or '[]'} is in the model "
-                         f"({type(model).__name__}); set fsdp_transformer_layer_cls_to_wrap in the accelerate config")
-    return classes & present
-
-
-def shard_model(model, device) -> torch.nn.Module:
-    """FSDP2: each decoder layer, then the root (embeddings, final norm, LM head), is one unit whose
-    parameters, gradients and optimizer state are split over the processes and gathered per forward.
-    Compute precision stays with autocast, as on every other backend; fp32 master weights are sharded."""
-    import os
-
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "no_shard")
-    classes = _layer_classes(model)
-    model.to(device)
-    for module in list(model.modules()):
-        if type(module).__name__ in classes:
-            fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
-    return model
+# ----------------------------------------------------------------------------- model placement
 
 
 def prepare_training(accelerator, model, learning_rate: float, weight_decay: float):
@@ -162,21 +115,53 @@ def clip_grad_norm(accelerator, model, max_norm: float) -> float | None:
     return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
 
 
-def load_model(path: str, trust_remote_code: bool = False, lora: dict | None = None):
-    """Causal LM in fp32 master weights (autocast supplies bf16/fp16 compute); optional LoRA via peft."""
+def frozen_dtype(mixed_precision: str) -> torch.dtype:
+    """Weights of a model that is only scored (reference, evaluation, a LoRA base): bf16 on a GPU that trains
+    in bf16 (half the memory, the precision autocast computes in anyway), else fp32."""
+    on_gpu = torch.cuda.is_available()
+    return torch.bfloat16 if on_gpu and resolve_mixed_precision(mixed_precision) == "bf16" else torch.float32
+
+
+def load_model(path: str, trust_remote_code: bool = False, lora: dict | None = None, *, frozen: bool = False,
+               mixed_precision: str = "auto", gradient_checkpointing: bool | str = False):
+    """Causal LM in fp32 master weights (autocast supplies bf16/fp16 compute); `frozen` (scoring only) or the
+    base under LoRA in `frozen_dtype`. Optional LoRA via peft; gradient checkpointing (`auto` = above 100M)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    lora_on = bool(lora and lora.get("enabled"))
+    dtype = frozen_dtype(mixed_precision) if frozen or lora_on else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
     model.config.use_cache = False
-    if lora and lora.get("enabled"):
+    if frozen:
+        return model.requires_grad_(False).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    if gradient_checkpointing is True or (gradient_checkpointing == "auto" and n_params > 100e6):
+        # non-reentrant: works with DDP/FSDP and with inputs that do not require grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        log.info("gradient checkpointing on (%.0fM parameters)", n_params / 1e6)
+    if lora_on:
         from peft import LoraConfig, get_peft_model
 
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.enable_input_require_grads()
         model = get_peft_model(
             model,
             LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM"),
         )
     return model
+
+
+def stored_dtype(path: str) -> torch.dtype | None:
+    """The dtype a model's weights were stored in (config.json `dtype` / `torch_dtype`), if it says."""
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    raw = json.loads(config.read_text())
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -301,8 +286,9 @@ class DivergenceGuard:
 # ----------------------------------------------------------------------------- outputs
 
 
-def save_model_atomic(accelerator, model, tokenizer, out_dir: str) -> None:
-    """Write the final model (LoRA merged) into a temp dir and swap it in only when complete."""
+def save_model_atomic(accelerator, model, tokenizer, out_dir: str, dtype: torch.dtype | None = None) -> None:
+    """Write the final model (LoRA merged) into a temp dir and swap it in only when complete; in `dtype` when
+    given (the dtype the input model was stored in: a bf16 base gives a bf16 model, not fp32 master weights)."""
     import json
 
     accelerator.wait_for_everyone()
@@ -327,15 +313,21 @@ def save_model_atomic(accelerator, model, tokenizer, out_dir: str) -> None:
             unwrapped = unwrapped.merge_and_unload()
             state_dict = None
         unwrapped.config.use_cache = True
+        if dtype is not None and dtype != torch.float32:
+            if state_dict is None:
+                state_dict = unwrapped.state_dict()
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         unwrapped.save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
         tokenizer.save_pretrained(tmp)
+        # save_pretrained names the live model's class and dtype; the weights written may differ in both
+        fixes = {"dtype": str(dtype).removeprefix("torch.")} if dtype is not None and dtype != torch.float32 else {}
         if is_sharded(unwrapped):  # FSDP2 renames the class (FSDPLlamaForCausalLM): keep the model's own name
             from torch.distributed.fsdp import FSDPModule
 
-            arch = next(c.__name__ for c in type(unwrapped).__mro__[1:] if c is not FSDPModule)
+            fixes["architectures"] = [next(c.__name__ for c in type(unwrapped).__mro__[1:] if c is not FSDPModule)]
+        if fixes:
             config = json.loads((tmp / "config.json").read_text())
-            config["architectures"] = [arch]
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            (tmp / "config.json").write_text(json.dumps({**config, **fixes}, indent=2, sort_keys=True) + "\n")
 
 
 def progress(iterable_total: int, initial: int, desc: str, enabled: bool) -> Callable:

@@ -144,3 +144,55 @@ def test_group_rows_equal_separate_completion_rows(tiny):
     torch.testing.assert_close(grp[:, :width], sep, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grp_ent[:, :width], sep_ent * sep_mask, rtol=1e-5, atol=1e-5)
     assert sep_mask.sum(-1).tolist() == [len(c) for c in flat_c]
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_hidden_state_path_equals_the_plain_logits_path(tiny, monkeypatch, share):
+    """The chunked log-probs from final hidden states (no fp32 (B, T, V) logits) give the values and the
+    gradients of the plain path through the model's logits, for pairs (both layouts), SFT NLL and completions."""
+    tok, model = tiny
+    _, prefs = sorting.generate(0, 6, 3, 5, 9, 0.0, seed=4)
+    pairs = [tokens.tokenize_pair(tok, {"id": str(i), **r}, 64, 48) for i, r in enumerate(prefs)]
+    seqs = [tokens.prompt_response_to_sequence(p["prompt_ids"], p["chosen_ids"]) for p in pairs]
+    batch = tokens.collate_sequences(seqs, tok.pad_token_id)
+    prompts, comps = [p["prompt_ids"] for p in pairs], [p["rejected_ids"] for p in pairs]
+
+    def run():
+        model.zero_grad()
+        c, r, nc, nr = scoring.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=share)
+        nll, n = scoring.batch_nll(model, batch)
+        lp, mask, ent = scoring.completion_token_logps(model, prompts, comps, tok.pad_token_id, "cpu", 0.8, True)
+        ((c - 0.5 * r).sum() + 0.1 * nll + (lp * 0.3).sum()).backward()
+        grads = [model.model.embed_tokens.weight.grad.clone(), model.model.layers[1].mlp.up_proj.weight.grad.clone()]
+        return [t.detach() for t in (c, r, nc, nr, nll, n, lp, mask, ent)] + grads
+
+    assert scoring.hidden_path_supported(model)
+    chunked = run()
+    monkeypatch.setattr(scoring, "hidden_path_supported", lambda m: False)
+    plain = run()
+    for a, b in zip(chunked, plain, strict=True):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_models_score_separate_rows():
+    from transformers import MistralConfig, Qwen2Config
+
+    assert scoring.uses_sliding_window(MistralConfig(sliding_window=4096))
+    assert not scoring.uses_sliding_window(MistralConfig(sliding_window=None))
+    assert not scoring.uses_sliding_window(Qwen2Config(use_sliding_window=False))
+    assert scoring.uses_sliding_window(Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=0))
+
+
+def test_a_pair_whose_prompt_tokens_differ_is_refused(tiny, monkeypatch):
+    tok, _ = tiny
+    real = tokens.encode_prompt_response
+
+    def drifting(tokenizer, prompt, response, tools=None):  # a template whose prompt depends on the response
+        p, r = real(tokenizer, prompt, response, tools)
+        return (p + [5] if response[0]["content"] == "b" else p), r
+
+    monkeypatch.setattr(tokens, "encode_prompt_response", drifting)
+    record = {"id": "x", "prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
+              "rejected": [{"role": "assistant", "content": "b"}]}
+    with pytest.raises(ValueError, match="record x: .*must share the prompt"):
+        tokens.tokenize_pair(tok, record, 64, 48)

@@ -1,0 +1,62 @@
+"""FSDP2 sharding of a causal LM: which modules become units, and the launch switch.
+
+alignflow applies torch's `fully_shard` itself instead of accelerate's FSDP plugin: accelerate ignores FSDP on
+CPU, so the sharded path could not otherwise be tested without GPUs. With this, the code that runs on GPUs
+(NCCL) is the code the tests run over gloo. Checkpoint shards are `core/checkpoints.py`, the loop plumbing
+(optimizer over shards, gradient sync, clipping, final save) `core/training.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fsdp_requested() -> bool:
+    """`accelerate launch` with an FSDP config (configs/accelerate/fsdp.yaml) sets ACCELERATE_USE_FSDP."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _layer_classes(model) -> set[str]:
+    """Which modules become FSDP units: the accelerate config's class list, else the model's own
+    `_no_split_modules` (the decoder layer class of every HF architecture)."""
+    import os
+
+    named = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    classes = {c.strip() for c in named.split(",") if c.strip()} or set(getattr(model, "_no_split_modules", None) or [])
+    base = getattr(model, "base_model", model)
+    present = {type(m).__name__ for m in base.modules()}
+    if not classes & present:
+        raise ValueError(f"FSDP: none of the layer classes {sorted(classes) or '[]'} is in the model "
+                         f"({type(model).__name__}); set fsdp_transformer_layer_cls_to_wrap in the accelerate config")
+    return classes & present
+
+
+def shard_model(model, device) -> torch.nn.Module:
+    """FSDP2: each decoder layer, then the root (embeddings, final norm, LM head), is one unit whose
+    parameters, gradients and optimizer state are split over the processes and gathered per forward.
+    Compute precision stays with autocast, as on every other backend; fp32 master weights are sharded."""
+    import os
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "no_shard")
+    classes = _layer_classes(model)
+    model.to(device)
+    for module in list(model.modules()):
+        if type(module).__name__ in classes:
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+    # the root unit (embeddings, final norm, LM head) stays gathered between forward and backward, as FSDP2's
+    # own heuristic does for roots: the scoring path uses the LM-head weight right after the forward
+    # (core/scoring.slot_logps), and backward would gather it again at once anyway
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    return model
