@@ -1,38 +1,65 @@
 """Our `reference` + `dpo` stages against TRL 1.16 `DPOTrainer`: wall time, tokens/s, peak memory.
 
-    .venv/bin/python benchmarks/dpo_vs_trl.py --steps 60 --batch-size 16 --pairs 2000            # CPU
-    python benchmarks/dpo_vs_trl.py --device cuda --model-size 0.5b --steps 100 --batch-size 32  # GPU
+    .venv/bin/python benchmarks/dpo_vs_trl.py --steps 60 --batch-size 16 --pairs 2000            # CPU, tiny model
+    .venv/bin/python benchmarks/dpo_vs_trl.py --jobs epoch,partial --batch-size 8 --pairs 96 --repeats 2
+    .venv/bin/python benchmarks/dpo_vs_trl.py --model-size qwen0.5b --min-items 36 --max-items 44 \
+        --jobs epoch,partial --partial-fraction 0.5 --pairs 4 --batch-size 2 --no-profile   # CPU, ~30 min
+    python benchmarks/dpo_vs_trl.py --device cuda --model-size qwen0.5b --min-items 36 --max-items 44 \
+        --jobs epoch,partial --pairs 1536 --batch-size 32 --ref-batch-size 32 --no-profile  # GPU, one round
 
 Same model, data and training job on both sides: the embedded sorting task's preference pairs
-(`components.core.sorting.generate`), the model in `models/sft` if there is one (else the `model:`
-architecture of params.yaml built offline; `--model-size 0.5b` builds a random ~0.4B Qwen2-0.5B-shaped
-Llama with our tokenizer's vocab), `--steps` optimizer steps of `--batch-size` pairs, sigmoid DPO with
-beta 0.1 and no RPO term, AdamW (torch implementation, betas 0.9/0.95, no weight decay) at one lr,
-cosine schedule with 10% warmup, clipping at 1.0, fp32 on CPU / bf16 autocast on GPU, no eval, no
-checkpoints, one log row, final model saved. TRL runs twice, with `precompute_ref_log_probs` True and
-False, and the faster of the two is the baseline. TRL's own default `gradient_checkpointing=True` is
-turned off (ours does not checkpoint; with it TRL would be slower still).
+(`components.core.sorting.generate`; `--min-items/--max-items/--max-value` override the `synthetic:` params
+to make longer prompts and responses), the model in `models/sft` if there is
+one (else the `model:` architecture of params.yaml built offline), sigmoid DPO with beta 0.1 and no RPO term,
+AdamW (torch implementation, betas 0.9/0.95, no weight decay) at one lr, cosine schedule with 10% warmup,
+clipping at 1.0, fp32 on CPU / bf16 autocast on GPU, no eval, no checkpoints, one log row, final model saved.
+`max_length`/`max_prompt_length` are params.yaml's, raised to the longest pair of the data when needed, so
+neither side truncates or drops a pair.
 
-Each system runs in its own subprocess (`--child`), so peak memory is that system's alone:
+Model sizes (all random weights, seeded, built offline, saved with our tokenizer):
+- `default`: models/sft, else params.yaml's `model:` architecture;
+- `qwen0.5b`: `Qwen2ForCausalLM` with Qwen2.5-0.5B's config: the real 151,936-row (tied) embedding / LM head,
+  hidden 896, 24 layers, 14 heads / 2 kv, MLP 4864, rope theta 1e6, 494,032,768 params. Our tokenizer's ids use
+  only its first rows; the LM head still computes all 151,936 logits, which is what costs time and memory.
+  transformers 5 loads any `qwen2` dir's tokenizer as `Qwen2Tokenizer`: our vocab, merges, specials and chat
+  template under Qwen's pre-tokenizer, which splits numbers into digits (as real Qwen does). Both sides load it
+  so; a list item then adds ~11 tokens to a pair (`--min-items 36 --max-items 44`: ~465 tokens per pair);
+- `0.5b` (older): a Llama with Qwen2-0.5B's body and our tokenizer's vocabulary (358M params; no big vocab).
+
+Jobs (`--jobs`, comma-separated, each a full comparison of its own): `steps` = `--steps` optimizer steps of
+`--batch-size` pairs (the default); `epoch` = `--pairs / --batch-size` steps: every pair trained once;
+`partial` = `--partial-fraction` of the pairs (default 1/3) trained: a run shorter than an epoch (ours still
+scores the whole data set in its reference stage; TRL-no-precompute scores only what it trains on).
+TRL runs with `precompute_ref_log_probs` True and False, and the faster of the two is the baseline.
+`--gradient-checkpointing` (default off) applies to both sides: TRL's `gradient_checkpointing=` (its own
+default True is overridden either way) and ours' `components.dpo.run(gradient_checkpointing=)` where that
+parameter exists (else recorded as "unsupported": ours runs without).
+
+Each system runs in its own subprocess (`--child`), so peak memory is that system's alone; rounds
+(`--repeats`) alternate the order of the systems, and so do consecutive jobs within a round:
 - wall time: from the first line of work (read data, load tokenizer and model) to the final model on
   disk; ours = reference stage + dpo stage, TRL = dataset build + tokenising `map` + (precompute) +
   train + save. Imports are excluded and reported separately (`process_s` is the whole subprocess).
+  `speedup_end_to_end` = fastest TRL variant's wall_s / ours'.
 - tokens: non-padding tokens, per pair `2*len(prompt) + len(chosen) + len(rejected)` (the attention
   mask's sum over the stacked chosen+rejected rows). `train_tokens` = over the pairs of the optimizer
-  steps; `reference_tokens` = over every reference forward that ran (ours: the whole data set once;
+  steps; `reference_tokens` = over every reference forward that ran (ours: the pairs its plan visits,
+  reference.pairs: planned;
   TRL precompute: the whole data set once; TRL no-precompute: every training batch again).
   tokens/s = (train_tokens + reference_tokens) / wall_s; `train_tokens_per_s` = train_tokens / wall_s
   (work-normalised: the same training job on both sides). The formula counts each prompt twice on both
   sides, as the DPO objective sees it; ours computes it once (shared-prompt rows, components/core/scoring.py),
   TRL twice: `computed_*_tokens` are what each model actually ran.
-- peak memory: CPU `ru_maxrss` of the child (imports included; `rss_after_imports` shown too);
-  GPU `torch.cuda.max_memory_allocated`.
+- peak memory: CPU `ru_maxrss` of the child at the end of the timed work (imports included;
+  `rss_after_imports` shown too); GPU `torch.cuda.max_memory_allocated`. `peak_memory_ratio` = ours / the
+  baseline TRL variant's.
 - MFU (when a peak is known): (6 * params * train_tokens + 2 * params * reference_tokens) / wall_s / peak
   (effective: counts the objective's tokens); `mfu_computed` counts the tokens the model ran.
 
-A second pair of subprocesses (`--no-profile` skips it) reruns both with timers around forward, backward,
-optimizer, collation, tokenisation, log-prob/loss code, model I/O (exclusive times: a timed region
-nested in another is subtracted from it). Results go to benchmarks/results/dpo_vs_trl_<device>.json.
+A second pair of subprocesses per job (`--no-profile` skips them) reruns ours and the faster TRL with timers
+around forward, backward, optimizer, collation, tokenisation, log-prob/loss code, model I/O (exclusive times:
+a timed region nested in another is subtracted from it). Results go to
+benchmarks/results/dpo_vs_trl_<device>[_<model-size>].json (one section per job).
 """
 
 from __future__ import annotations
@@ -60,10 +87,17 @@ OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1",
 }
-# Qwen2-0.5B's body (hidden 896, 24 layers, 14 heads / 2 kv, MLP 4864) with our tokenizer's vocabulary.
+# `--model-size 0.5b`: Qwen2-0.5B's body (hidden 896, 24 layers, 14 heads / 2 kv, MLP 4864), Llama class, our vocab.
 ARCH_0_5B = {"hidden_size": 896, "num_layers": 24, "num_heads": 14, "num_kv_heads": 2, "intermediate_size": 4864}
-H100_BF16_DENSE_TFLOPS = 989.0
-TARGETS = {"cpu": {"throughput_ratio_min": 1.5, "peak_memory_ratio_max": 0.7}}
+# `--model-size qwen0.5b`: Qwen2.5-0.5B's config.json (the real vocabulary; tied embeddings), random weights.
+QWEN2_5_0_5B = {"vocab_size": 151936, "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+                "num_key_value_heads": 2, "intermediate_size": 4864, "tie_word_embeddings": True,
+                "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "use_sliding_window": False}
+H100_BF16_DENSE_TFLOPS = 989.0  # H200: the same dense bf16 peak
+# The issue's targets (stated, not asserted), for every job: end-to-end speed and peak memory vs the fastest TRL.
+TARGETS = {"speedup_end_to_end_min": 1.5, "peak_memory_ratio_max": 0.7}
+JOBS = ("steps", "epoch", "partial")
 SYSTEMS = {"ours": "ours (reference + dpo)", "trl_precompute": "TRL precompute_ref_log_probs=True",
            "trl_no_precompute": "TRL precompute_ref_log_probs=False"}
 
@@ -214,6 +248,12 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
     ref_kwargs = {}
     if "metrics_path" in inspect.signature(reference.run).parameters:  # keep the pipeline's metrics/ untouched
         ref_kwargs["metrics_path"] = str(work / "reference_metrics.json")
+    if "plan" in inspect.signature(reference.run).parameters:  # reference.pairs: planned, as the pipeline runs it
+        ref_kwargs["plan"] = {"batch_size": spec["batch_size"], "grad_accum": 1, "max_steps": spec["steps"],
+                              "epochs": 1, "seed": spec["seed"]}
+    dpo_kwargs = {}
+    if "gradient_checkpointing" in inspect.signature(dpo.run).parameters:  # being added: pass it only if there
+        dpo_kwargs["gradient_checkpointing"] = spec["gradient_checkpointing"]
     ref = reference.run(model_path=spec["model"], data_dir=spec["data_dir"], out_dir=str(work / "ref_logps"),
                         max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"],
                         batch_size=spec["ref_batch_size"], mixed_precision=mp, **ref_kwargs)
@@ -226,9 +266,10 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
         max_steps=spec["steps"], batch_size=spec["batch_size"], grad_accum=1, learning_rate=spec["lr"],
         weight_decay=0.0, warmup_ratio=0.1, scheduler="cosine", max_grad_norm=1.0,
         eval_every=10**9, save_every=10**9, log_every=spec["steps"], mixed_precision=mp, seed=spec["seed"],
-        track=False,
+        track=False, **dpo_kwargs,
     )
     t2, c2 = time.perf_counter(), cpu_seconds()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the token replay below
 
     # Token counts, outside the timed region: replay the stage's own tokenisation and step plan.
     tok = training.load_tokenizer(spec["model"])
@@ -241,13 +282,27 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
     # what the model actually ran on: with shared-prompt rows each prompt is computed once per pair
     computed = [c - len(p["prompt_ids"]) if shared else c for c, p in zip(count, pairs, strict=True)]
     trained = [i for step in plan for mb in step for i in mb]
+    # what the reference stage scored: the planned training pairs (or all) and every eval pair
+    import torch
+
+    scored_ids = set(torch.load(work / "ref_logps/train.pt", weights_only=True)["ids"])
+    scored = [i for i, p in enumerate(pairs) if p["id"] in scored_ids]
+    eval_path = Path(spec["data_dir"]) / "pref_eval.jsonl"
+    eval_pairs = [tokens.tokenize_pair(tok, r, spec["max_length"], spec["max_prompt_length"])
+                  for r in (read_jsonl(eval_path) if eval_path.exists() else [])]
+    eval_count = [pair_tokens(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in eval_pairs]
+    eval_computed = [c - len(p["prompt_ids"]) if shared else c for c, p in zip(eval_count, eval_pairs, strict=True)]
     return {
         "wall_s": t2 - t0, "cpu_s": c2 - c0, "stages_s": {"reference": t1 - t0, "dpo": t2 - t1},
-        "train_tokens": sum(count[i] for i in trained), "reference_tokens": sum(count),
-        "computed_train_tokens": sum(computed[i] for i in trained), "computed_reference_tokens": sum(computed),
+        "train_tokens": sum(count[i] for i in trained),
+        "reference_tokens": sum(count[i] for i in scored) + sum(eval_count),
+        "computed_train_tokens": sum(computed[i] for i in trained),
+        "computed_reference_tokens": sum(computed[i] for i in scored) + sum(eval_computed),
+        "reference_pairs_scored": len(scored) + len(eval_pairs),
         "shared_prompt": shared,
-        "pairs_trained": len(trained),
-        "final_loss": final["loss"], "reference_summary": ref,
+        "pairs_trained": len(trained), "distinct_pairs_trained": len(set(trained)), "pairs_in_data": len(pairs),
+        "gradient_checkpointing": dpo_kwargs.get("gradient_checkpointing", "unsupported"),
+        "peak_rss_work_bytes": peak_rss, "final_loss": final["loss"], "reference_summary": ref,
     }
 
 
@@ -301,7 +356,7 @@ def child_trl(spec: dict, precompute: bool, timer: RegionTimer | None) -> dict:
         optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0,
         loss_type=["sigmoid"], beta=spec["beta"], max_length=spec["max_length"],
         precompute_ref_log_probs=precompute, precompute_ref_batch_size=spec["ref_batch_size"],
-        gradient_checkpointing=False, bf16=cuda, fp16=False, use_cpu=not cuda,
+        gradient_checkpointing=spec["gradient_checkpointing"], bf16=cuda, fp16=False, use_cpu=not cuda,
         eval_strategy="no", save_strategy="no", logging_strategy="steps", logging_steps=spec["steps"],
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
     )
@@ -311,6 +366,7 @@ def child_trl(spec: dict, precompute: bool, timer: RegionTimer | None) -> dict:
     result = trainer.train()
     trainer.save_model(str(work / "model"))
     t1, c1 = time.perf_counter(), cpu_seconds()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     train_tokens = int(trainer._total_train_tokens)  # TRL's own count: attention_mask.sum() per training batch
     max_len = spec["max_length"]
@@ -323,7 +379,9 @@ def child_trl(spec: dict, precompute: bool, timer: RegionTimer | None) -> dict:
         "computed_train_tokens": train_tokens,
         "computed_reference_tokens": data_tokens if precompute else train_tokens, "shared_prompt": False,
         "pairs_trained": spec["steps"] * spec["batch_size"], "final_loss": result.training_loss,
-        "trl_pairs_after_filter": len(trainer.train_dataset),
+        "trl_pairs_after_filter": len(trainer.train_dataset), "pairs_in_data": len(records),
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": args.gradient_checkpointing_kwargs, "peak_rss_work_bytes": peak_rss,
     }
 
 
@@ -334,7 +392,11 @@ def child_main(kind: str, spec_path: str, result_path: str, profile: bool) -> No
     # the tokenizer classes): resolve the ones both systems use here, so neither pays for it on the clock.
     import accelerate  # noqa: F401
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: F401
+    import transformers
+
+    for name in ("AutoModelForCausalLM", "AutoTokenizer", "PreTrainedTokenizerFast",
+                 *(spec["model_config"]["architectures"] or [])):  # the model's class, e.g. Qwen2ForCausalLM
+        getattr(transformers, name, None)
 
     if kind == "ours":
         import components.dpo  # noqa: F401
@@ -353,7 +415,8 @@ def child_main(kind: str, spec_path: str, result_path: str, profile: bool) -> No
     else:
         out = child_trl(spec, kind == "trl_precompute", timer)
     out.update({
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+        "peak_rss_bytes": out["peak_rss_work_bytes"],  # ru_maxrss at the end of the timed work (Linux: KiB)
+        "peak_rss_end_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_after_imports_bytes": rss_imports,
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "torch_threads": torch.get_num_threads(),
@@ -366,14 +429,59 @@ def child_main(kind: str, spec_path: str, result_path: str, profile: bool) -> No
 # ============================================================================ parent: set-up, runs, report
 
 
+def token_stats(tokenizer, prefs: list[dict]) -> tuple[dict, int, int]:
+    """Token counts of the data set as ours tokenises it (no truncation); the lengths no pair may exceed."""
+    from components.core import tokens
+
+    pairs = [tokens.tokenize_pair(tokenizer, {"id": str(i), **r}, 10**9, 10**9) for i, r in enumerate(prefs)]
+    p = [len(x["prompt_ids"]) for x in pairs]
+    c = [len(x["chosen_ids"]) for x in pairs]
+    r = [len(x["rejected_ids"]) for x in pairs]
+    seq = [a + max(b, d) for a, b, d in zip(p, c, r, strict=True)]
+
+    def mean(xs):
+        return round(statistics.fmean(xs), 2)
+
+    stats = {"pairs": len(pairs), "mean_prompt_tokens": mean(p), "mean_chosen_tokens": mean(c),
+             "mean_rejected_tokens": mean(r),
+             "mean_pair_tokens": mean([2 * a + b + d for a, b, d in zip(p, c, r, strict=True)]),
+             "mean_pair_computed_tokens_shared_prompt": mean([a + b + d for a, b, d in zip(p, c, r, strict=True)]),
+             "max_prompt_tokens": max(p), "max_sequence_tokens": max(seq), "min_sequence_tokens": min(seq)}
+    return stats, max(seq), max(p)
+
+
+def build_qwen(tokenizer, seed: int, max_length: int):
+    """Qwen2.5-0.5B's architecture and real vocabulary, random (seeded) weights, ids consistent with `tokenizer`."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if len(tokenizer) > QWEN2_5_0_5B["vocab_size"] or max_length > QWEN2_5_0_5B["max_position_embeddings"]:
+        raise SystemExit(f"tokenizer ({len(tokenizer)}) or max_length ({max_length}) too large for the Qwen config")
+    config = Qwen2Config(**QWEN2_5_0_5B, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
 def prepare_inputs(args, work: Path) -> dict:
     """Model dir and data dir (pref_train.jsonl + empty pref_eval.jsonl) shared by every child."""
+    from transformers import AutoConfig, AutoTokenizer
+
     from components.core import sorting as synthetic
     from components.core.config import load_params
 
     p = load_params(ROOT / "params.yaml")
     s = p.synthetic
-    _, prefs = synthetic.generate(0, args.pairs, s.min_items, s.max_items, s.max_value, s.demo_noise, p.seed)
+    lo = args.min_items if args.min_items is not None else s.min_items
+    hi = args.max_items if args.max_items is not None else max(s.max_items, lo)
+    max_value = args.max_value if args.max_value is not None else s.max_value
+    if not 1 <= lo <= hi:
+        raise SystemExit(f"--min-items {lo} / --max-items {hi}: need 1 <= min <= max")
+    _, prefs = synthetic.generate(0, args.pairs, lo, hi, max_value, s.demo_noise, p.seed)
     data_dir = work / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / "pref_train.jsonl", "w") as f:
@@ -382,36 +490,67 @@ def prepare_inputs(args, work: Path) -> dict:
     (data_dir / "pref_eval.jsonl").write_text("")  # no eval during training
 
     sft = ROOT / "models" / "sft"
+    built = None
     if args.model:
-        model, source = args.model, f"--model {args.model}"
+        model_dir, source = args.model, f"--model {args.model}"
     elif args.model_size == "default" and (sft / "config.json").exists():
-        model, source = str(sft), "models/sft (trained SFT model)"
+        model_dir, source = str(sft), "models/sft (trained SFT model)"
     else:
         from components import bootstrap
 
-        m = p.model
+        built = bootstrap
         if (sft / "tokenizer.json").exists():
-            from transformers import AutoTokenizer
-
             tokenizer, tok_source = AutoTokenizer.from_pretrained(str(sft)), "models/sft tokenizer"
         else:
             tokenizer = bootstrap.build_tokenizer(synthetic.corpus(s.min_items, s.max_items, s.max_value, p.seed),
-                                                  m.vocab_size)
+                                                  p.model.vocab_size)
             tok_source = "tokenizer built from synthetic.corpus"
-        arch = {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads,
+
+    if built is not None:
+        m = p.model
+        longest = token_stats(tokenizer, prefs)[1]  # for the built Llama's position table
+        if args.model_size == "qwen0.5b":
+            model_obj = build_qwen(tokenizer, p.seed, longest)
+            arch = dict(QWEN2_5_0_5B)
+            source = f"random init, Qwen2ForCausalLM with Qwen2.5-0.5B's config {arch}, {tok_source}"
+        else:
+            arch = ARCH_0_5B if args.model_size == "0.5b" else {
+                "hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads,
                 "num_kv_heads": m.num_kv_heads, "intermediate_size": m.intermediate_size}
-        if args.model_size == "0.5b":
-            arch = ARCH_0_5B
-        model_obj = bootstrap.build_model(tokenizer, **arch, seed=p.seed,
-                                          max_position_embeddings=max(m.max_position_embeddings, p.data.max_length))
-        model = str(work / "model")
-        model_obj.save_pretrained(model)
-        tokenizer.save_pretrained(model)
+            model_obj = built.build_model(tokenizer, **arch, seed=p.seed, max_position_embeddings=max(
+                m.max_position_embeddings, p.data.max_length, longest))
+            source = f"random init, {args.model_size} architecture {arch} (LlamaForCausalLM), {tok_source}"
+        model_dir = str(work / "model")
+        model_obj.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
         del model_obj
-        source = f"random init, {args.model_size} architecture {arch}, {tok_source}"
-    return {"model": model, "model_source": source, "data_dir": str(data_dir),
-            "max_length": p.data.max_length, "max_prompt_length": p.data.max_prompt_length,
-            "seed": p.seed, "synthetic": s.model_dump()}
+
+    # Token counts with the tokenizer as both sides load it from the model dir (AutoTokenizer): transformers 5
+    # gives every `qwen2` dir a Qwen2Tokenizer, i.e. our vocab and merges under Qwen's pre-tokenizer, which
+    # splits numbers into single digits (~2.7 tokens per list item instead of ~1 with our own pre-tokenizer).
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:  # as training.load_tokenizer does
+        tokenizer.pad_token = tokenizer.eos_token
+    # Lengths from the data: params.yaml's limits, raised so that no pair is truncated or dropped on either side.
+    stats, longest, longest_prompt = token_stats(tokenizer, prefs)
+    stats["tokenizer_class"] = type(tokenizer).__name__
+    max_length = max(p.data.max_length, longest)
+    max_prompt_length = max(p.data.max_prompt_length, longest_prompt)
+    config = AutoConfig.from_pretrained(model_dir)
+    text_config = config.get_text_config()
+    if max_length > getattr(text_config, "max_position_embeddings", max_length):
+        print(f"warning: pairs of up to {max_length} tokens, beyond the model's max_position_embeddings "
+              f"({text_config.max_position_embeddings})", flush=True)
+    return {"model": model_dir, "model_source": source, "data_dir": str(data_dir),
+            "max_length": max_length, "max_prompt_length": max_prompt_length,
+            "seed": p.seed, "synthetic": {**s.model_dump(), "min_items": lo, "max_items": hi, "max_value": max_value},
+            "data_tokens": stats,
+            "model_config": {"model_type": config.model_type, "architectures": config.architectures,
+                             "vocab_size": text_config.vocab_size, "tokenizer_size": len(tokenizer),
+                             "hidden_size": text_config.hidden_size, "num_hidden_layers": text_config.num_hidden_layers,
+                             "tie_word_embeddings": getattr(text_config, "tie_word_embeddings", None),
+                             "pad_token_id": text_config.pad_token_id, "eos_token_id": text_config.eos_token_id,
+                             "bos_token_id": text_config.bos_token_id}}
 
 
 def count_params(model_path: str) -> int:
@@ -421,6 +560,21 @@ def count_params(model_path: str) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
     return sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+
+
+def job_steps(job: str, args) -> int:
+    """Optimizer steps of a job: `steps` as given, `epoch` one pass over the pairs, `partial` a fraction of one."""
+    if job == "steps":
+        return args.steps
+    if job == "epoch":
+        if args.pairs % args.batch_size:
+            raise SystemExit(f"--jobs epoch: --pairs {args.pairs} is not a multiple of --batch-size {args.batch_size}")
+        return args.pairs // args.batch_size
+    steps = round(args.pairs * args.partial_fraction / args.batch_size)
+    if steps < 1 or steps * args.batch_size >= args.pairs:
+        raise SystemExit(f"--jobs partial: {args.partial_fraction} of {args.pairs} pairs at --batch-size "
+                         f"{args.batch_size} is {steps} steps, not between one step and one epoch")
+    return steps
 
 
 def run_child(kind: str, spec_path: Path, work: Path, tag: str, profile: bool, threads: int | None) -> dict:
@@ -458,37 +612,53 @@ def derive(r: dict, params: int, peak_flops: float | None) -> dict:
     return r
 
 
+RATIO_KEYS = ("speedup_end_to_end", "peak_memory_ratio", "peak_memory_ratio_vs_lowest_trl", "throughput_ratio",
+              "train_throughput_ratio", "cpu_time_throughput_ratio", "wall_time_ratio")
+
+
 def compare(ours: dict, trl_runs: dict[str, dict]) -> dict:
     best = min(trl_runs, key=lambda k: trl_runs[k]["wall_s"])
     trl = trl_runs[best]
     return {
         "trl_baseline": best,
+        "speedup_end_to_end": trl["wall_s"] / ours["wall_s"],  # fastest TRL variant's wall / ours
+        "peak_memory_ratio": ours["peak_memory_bytes"] / trl["peak_memory_bytes"],
+        "peak_memory_ratio_vs_lowest_trl": ours["peak_memory_bytes"] / min(
+            r["peak_memory_bytes"] for r in trl_runs.values()),
+        "ours_tokens_per_s": ours["tokens_per_s"], "trl_tokens_per_s": trl["tokens_per_s"],
+        "ours_train_tokens_per_s": ours["train_tokens_per_s"], "trl_train_tokens_per_s": trl["train_tokens_per_s"],
         "throughput_ratio": ours["tokens_per_s"] / trl["tokens_per_s"],
         "train_throughput_ratio": ours["train_tokens_per_s"] / trl["train_tokens_per_s"],
         "cpu_time_throughput_ratio": ours["tokens_per_cpu_s"] / trl["tokens_per_cpu_s"],
-        "peak_memory_ratio": ours["peak_memory_bytes"] / trl["peak_memory_bytes"],
         "wall_time_ratio": ours["wall_s"] / trl["wall_s"],
-        "speedup": trl["wall_s"] / ours["wall_s"],
+        "ours_mfu": ours["mfu"], "trl_mfu": trl["mfu"],
     }
 
 
-def print_table(rounds: list[dict], device: str) -> None:
+def check_targets(ratios: dict) -> dict:
+    return {**TARGETS, "speedup_met": ratios["speedup_end_to_end"] >= TARGETS["speedup_end_to_end_min"],
+            "peak_memory_met": ratios["peak_memory_ratio"] <= TARGETS["peak_memory_ratio_max"]}
+
+
+def print_table(job: str, info: dict, device: str) -> None:
     mem = "peak CUDA MiB" if device == "cuda" else "peak RSS MiB"
+    print(f"job {job}: {info['steps']} steps x {info['batch_size']} pairs = {info['pairs_trained']} of "
+          f"{info['pairs']} pairs ({info['epochs']:.2f} epoch)")
     head = (f"{'round':>5}  {'system':<36} {'wall s':>7} {'cpu s':>7} {'proc s':>7} {'tok/s':>9} {'train tok/s':>11} "
             f"{'tok/cpu-s':>9} {mem:>13}")
     print(head)
     print("-" * len(head))
-    for i, rnd in enumerate(rounds, 1):
-        for key, label in SYSTEMS.items():
+    for i, rnd in enumerate(info["rounds"], 1):
+        for key in rnd["order"]:
             r = rnd[key]
-            print(f"{i:>5}  {label:<36} {r['wall_s']:7.1f} {r['cpu_s']:7.1f} {r['process_s']:7.1f} "
+            print(f"{i:>5}  {SYSTEMS[key]:<36} {r['wall_s']:7.1f} {r['cpu_s']:7.1f} {r['process_s']:7.1f} "
                   f"{r['tokens_per_s']:9.0f} {r['train_tokens_per_s']:11.0f} {r['tokens_per_cpu_s']:9.0f} "
                   f"{r['peak_memory_bytes'] / 2**20:13.0f}"
                   + (f"   MFU {r['mfu']:.1%} (computed tokens {r['mfu_computed']:.1%})" if r["mfu"] is not None else ""))
         c = rnd["ratios"]
-        print(f"{i:>5}  ours / {c['trl_baseline']}: throughput x{c['throughput_ratio']:.2f} "
-              f"(train-only x{c['train_throughput_ratio']:.2f}, per cpu-s x{c['cpu_time_throughput_ratio']:.2f}), peak memory x{c['peak_memory_ratio']:.2f}, "
-              f"wall x{c['wall_time_ratio']:.2f} (speed-up {c['speedup']:.2f})")
+        print(f"{i:>5}  ours vs {c['trl_baseline']}: speed-up end to end x{c['speedup_end_to_end']:.2f}, peak memory "
+              f"x{c['peak_memory_ratio']:.2f}; tokens/s x{c['throughput_ratio']:.2f} (train-only "
+              f"x{c['train_throughput_ratio']:.2f}, per cpu-s x{c['cpu_time_throughput_ratio']:.2f})")
 
 
 def print_profile(profile: dict) -> None:
@@ -500,23 +670,40 @@ def print_profile(profile: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps")
+    parser.add_argument("--jobs", default="steps",
+                        help="comma-separated jobs, each compared on its own: steps (--steps steps), epoch "
+                             "(--pairs / --batch-size steps: one pass), partial (--partial-fraction of one pass)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of the `steps` job (default 60)")
+    parser.add_argument("--partial-fraction", type=float, default=1 / 3,
+                        help="share of the pairs the `partial` job trains on (default 1/3)")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step")
     parser.add_argument("--pairs", type=int, default=2000, help="preference pairs in the data set")
+    parser.add_argument("--min-items", type=int, default=None,
+                        help="sorting task: fewest list items per prompt (default params.yaml synthetic.min_items); "
+                             "an item adds ~4 tokens to a pair (prompt twice, chosen, rejected), ~11 with "
+                             "qwen0.5b (digit-split tokenizer)")
+    parser.add_argument("--max-items", type=int, default=None, help="most list items (default params.yaml's)")
+    parser.add_argument("--max-value", type=int, default=None, help="items in [0, max-value] (default params.yaml's)")
     parser.add_argument("--ref-batch-size", type=int, default=64, help="pairs per reference forward (both)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--gradient-checkpointing", choices=("off", "on"), default="off",
+                        help="both sides: TRL's DPOConfig(gradient_checkpointing=), ours' dpo.run(gradient_"
+                             "checkpointing=) where it exists")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--model-size", choices=("default", "0.5b"), default="default")
+    parser.add_argument("--model-size", choices=("default", "qwen0.5b", "0.5b"), default="default",
+                        help="qwen0.5b: Qwen2.5-0.5B's config and 151,936 vocab, random weights; 0.5b: older, "
+                             "Qwen2-0.5B's body as a Llama with our vocab")
     parser.add_argument("--model", default=None, help="a local HF model dir (overrides --model-size)")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help=f"device peak for MFU (default on cuda: {H100_BF16_DENSE_TFLOPS}, H100 bf16 dense)")
+                        help=f"device peak for MFU (default on cuda: {H100_BF16_DENSE_TFLOPS}, H100/H200 bf16 dense)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch/OpenMP threads in each child (default: torch's, = cores); 1 is steadier on a "
                              "box shared with other jobs")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds of all three runs (order alternates)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all runs (order alternates)")
     parser.add_argument("--no-profile", action="store_true", help="skip the instrumented profile runs")
-    parser.add_argument("--out", default=None, help="default: benchmarks/results/dpo_vs_trl_<device>.json")
+    parser.add_argument("--out", default=None,
+                        help="default: benchmarks/results/dpo_vs_trl_<device>[_<model-size>].json")
     parser.add_argument("--workdir", default=None, help="default: a temporary dir, removed at the end")
     parser.add_argument("--child", choices=tuple(SYSTEMS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -526,89 +713,128 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         return child_main(args.child, args.spec, args.result, args.profile)
 
+    jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
+    bad = [j for j in jobs if j not in JOBS]
+    if bad or not jobs or len(set(jobs)) != len(jobs):
+        parser.error(f"--jobs {args.jobs!r}: a comma-separated list of distinct {', '.join(JOBS)}")
+    if args.steps is not None and "steps" not in jobs:
+        print(f"note: --steps {args.steps} is used by the `steps` job only, not by {', '.join(jobs)}", flush=True)
+    args.steps = 60 if args.steps is None else args.steps
+    steps_of = {job: job_steps(job, args) for job in jobs}
+
     os.environ.update(OFFLINE_ENV)
     import torch
 
+    from components import dpo as ours_dpo
+
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
+    gc_on = args.gradient_checkpointing == "on"
+    ours_gc = gc_on if "gradient_checkpointing" in inspect.signature(ours_dpo.run).parameters else "unsupported"
+    if gc_on and ours_gc == "unsupported":
+        print("warning: components.dpo.run has no gradient_checkpointing parameter: TRL checkpoints, ours does "
+              "not (recorded as unsupported)", flush=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dpo_vs_trl."))
     work.mkdir(parents=True, exist_ok=True)
     try:
         t_setup = time.perf_counter()
         inputs = prepare_inputs(args, work)
-        spec = {**inputs, "work": str(work), "device": args.device, "steps": args.steps,
-                "batch_size": args.batch_size, "pairs": args.pairs, "ref_batch_size": args.ref_batch_size,
-                "lr": args.lr, "beta": args.beta, "threads": args.threads}
-        spec_path = work / "spec.json"
-        spec_path.write_text(json.dumps(spec, indent=2))
+        spec = {**inputs, "work": str(work), "device": args.device, "batch_size": args.batch_size,
+                "pairs": args.pairs, "ref_batch_size": args.ref_batch_size, "lr": args.lr, "beta": args.beta,
+                "threads": args.threads, "gradient_checkpointing": gc_on}
+        spec_paths = {}
+        for job in jobs:
+            spec_paths[job] = work / f"spec_{job}.json"
+            spec_paths[job].write_text(json.dumps({**spec, "job": job, "steps": steps_of[job]}, indent=2))
         params = count_params(inputs["model"])
         peak = args.peak_tflops or (H100_BF16_DENSE_TFLOPS if args.device == "cuda" else None)
         peak_flops = peak * 1e12 if peak else None
-        print(f"set-up {time.perf_counter() - t_setup:.1f} s: model {inputs['model_source']}, {params / 1e6:.2f}M "
-              f"params; {args.pairs} pairs; {args.steps} steps x {args.batch_size} pairs; work dir {work}", flush=True)
+        d, mc = inputs["data_tokens"], inputs["model_config"]
+        print(f"set-up {time.perf_counter() - t_setup:.1f} s: model {inputs['model_source']}; {params / 1e6:.2f}M "
+              f"params, vocab {mc['vocab_size']} (tokenizer {mc['tokenizer_size']}); {args.pairs} pairs, mean "
+              f"prompt/chosen/rejected {d['mean_prompt_tokens']:.1f}/{d['mean_chosen_tokens']:.1f}/"
+              f"{d['mean_rejected_tokens']:.1f} tokens ({d['mean_pair_tokens']:.1f} per pair, 2P+C+R), "
+              f"max_length {inputs['max_length']}; jobs "
+              + ", ".join(f"{j} {steps_of[j]} steps x {args.batch_size}" for j in jobs)
+              + f"; gradient checkpointing {args.gradient_checkpointing} (ours: {ours_gc}); work dir {work}",
+              flush=True)
 
-        rounds = []
+        results = {job: {"steps": steps_of[job], "batch_size": args.batch_size, "pairs": args.pairs,
+                         "pairs_trained": steps_of[job] * args.batch_size,
+                         "epochs": steps_of[job] * args.batch_size / args.pairs, "rounds": []} for job in jobs}
         for i in range(args.repeats):
-            order = list(SYSTEMS) if i % 2 == 0 else list(reversed(SYSTEMS))
-            rnd = {}
-            for kind in order:
-                print(f"round {i + 1}: {SYSTEMS[kind]} ...", flush=True)
-                rnd[kind] = derive(run_child(kind, spec_path, work, f"r{i + 1}", False, args.threads), params, peak_flops)
-                print(f"  wall {rnd[kind]['wall_s']:.1f} s, {rnd[kind]['tokens_per_s']:.0f} tok/s, "
-                      f"peak {rnd[kind]['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
-            rnd["order"] = order
-            rnd["ratios"] = compare(rnd["ours"], {k: rnd[k] for k in ("trl_precompute", "trl_no_precompute")})
-            rounds.append(rnd)
+            for j, job in enumerate(jobs):
+                # each job alternates between rounds, and consecutive jobs of a round alternate (one round of two
+                # jobs: both orders seen)
+                order = list(SYSTEMS) if (i + j) % 2 == 0 else list(reversed(SYSTEMS))
+                rnd = {}
+                for kind in order:
+                    print(f"round {i + 1}, job {job}: {SYSTEMS[kind]} ...", flush=True)
+                    r = run_child(kind, spec_paths[job], work, f"{job}_r{i + 1}", False, args.threads)
+                    rnd[kind] = derive(r, params, peak_flops)
+                    print(f"  wall {r['wall_s']:.1f} s, {r['tokens_per_s']:.0f} tok/s, "
+                          f"peak {r['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
+                rnd["order"] = order
+                rnd["ratios"] = compare(rnd["ours"], {k: rnd[k] for k in ("trl_precompute", "trl_no_precompute")})
+                results[job]["rounds"].append(rnd)
 
-        profile = {}
-        if not args.no_profile:
-            fastest_trl = min(("trl_precompute", "trl_no_precompute"),
-                              key=lambda k: min(r[k]["wall_s"] for r in rounds))
-            for kind in ("ours", fastest_trl):
-                print(f"profile: {SYSTEMS[kind]} ...", flush=True)
-                r = run_child(kind, spec_path, work, "profile", True, args.threads)
-                profile[kind] = {"wall_s": r["wall_s"], "regions": r["profile"]}
+        for job in jobs:
+            info = results[job]
+            rounds = info["rounds"]
+            ours0 = rounds[0]["ours"]
+            info["ours_distinct_pairs_trained"] = ours0["distinct_pairs_trained"]
+            info["trl_pairs_after_filter"] = rounds[0]["trl_precompute"]["trl_pairs_after_filter"]
+            profile = {}
+            if not args.no_profile:
+                fastest_trl = min(("trl_precompute", "trl_no_precompute"),
+                                  key=lambda k: min(r[k]["wall_s"] for r in rounds))
+                for kind in ("ours", fastest_trl):
+                    print(f"profile, job {job}: {SYSTEMS[kind]} ...", flush=True)
+                    r = run_child(kind, spec_paths[job], work, f"{job}_profile", True, args.threads)
+                    profile[kind] = {"wall_s": r["wall_s"], "regions": r["profile"]}
+            # Headline: each system's fastest round (a busy shared box only ever slows a run down), all from this
+            # invocation; the per-round ratios and their median are kept next to it.
+            best = {k: min((r[k] for r in rounds), key=lambda x: x["wall_s"]) for k in SYSTEMS}
+            summary = {"best_of_rounds": {k: {m: best[k][m] for m in (
+                "wall_s", "cpu_s", "tokens_per_s", "train_tokens_per_s", "peak_memory_bytes", "mfu")}
+                for k in SYSTEMS},
+                **compare(best["ours"], {k: best[k] for k in ("trl_precompute", "trl_no_precompute")})}
+            summary["median_of_round_ratios"] = {k: statistics.median(r["ratios"][k] for r in rounds)
+                                                 for k in RATIO_KEYS}
+            summary["targets"] = check_targets(summary)
+            info["summary"], info["profile"] = summary, profile
 
-        # Headline: each system's fastest round (a busy shared box only ever slows a run down), all from this
-        # invocation; the per-round ratios and their median are kept next to it.
-        best = {k: min((r[k] for r in rounds), key=lambda x: x["wall_s"]) for k in SYSTEMS}
-        summary = {"best_of_rounds": {k: {m: best[k][m] for m in ("wall_s", "cpu_s", "tokens_per_s",
-                                                                   "train_tokens_per_s", "peak_memory_bytes")}
-                                      for k in SYSTEMS},
-                   **compare(best["ours"], {k: best[k] for k in ("trl_precompute", "trl_no_precompute")})}
-        summary["median_of_round_ratios"] = {
-            k: statistics.median(r["ratios"][k] for r in rounds)
-            for k in ("throughput_ratio", "train_throughput_ratio", "cpu_time_throughput_ratio", "peak_memory_ratio",
-                      "wall_time_ratio", "speedup")}
-        target = TARGETS.get(args.device)
-        if target:
-            summary["targets"] = {
-                **target,
-                "throughput_met": summary["throughput_ratio"] >= target["throughput_ratio_min"],
-                "peak_memory_met": summary["peak_memory_ratio"] <= target["peak_memory_ratio_max"],
-            }
         import accelerate
         import transformers
         import trl
 
         device_name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or "cpu")
+        suffix = (f"_{Path(args.model).name}" if args.model
+                  else "" if args.model_size == "default" else f"_{args.model_size}")
         report = {
             "benchmark": "dpo_vs_trl",
             "command": " ".join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT))
                                  else sys.executable, os.path.relpath(Path(sys.argv[0]).resolve(), ROOT),
-                                 *sys.argv[1:]]),
+                                 *(sys.argv[1:] if argv is None else argv)]),
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "device": args.device, "device_name": device_name, "cpu_count": os.cpu_count(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "accelerate": accelerate.__version__,
                          "trl": trl.__version__},
             "config": {**{k: v for k, v in spec.items() if k not in ("work", "data_dir")},
-                       "model": inputs["model_source"], "parameters": params,
+                       "model": inputs["model_source"], "model_size": args.model_size, "parameters": params,
+                       "vocab_size": mc["vocab_size"], "jobs": {j: steps_of[j] for j in jobs},
+                       "partial_fraction": args.partial_fraction if "partial" in jobs else None,
+                       "gradient_checkpointing": args.gradient_checkpointing,
+                       "trl_gradient_checkpointing": gc_on, "ours_gradient_checkpointing": ours_gc,
                        "dtype": "bf16 autocast, fp32 master weights" if args.device == "cuda" else "fp32",
                        "loss": "sigmoid DPO, no rpo", "optimizer": "torch AdamW (0.9, 0.95), eps 1e-8, wd 0",
                        "schedule": "cosine, 10% warmup", "max_grad_norm": 1.0, "peak_tflops": peak},
             "definitions": {
+                "jobs": "steps: --steps steps; epoch: pairs / batch_size steps (each pair trained once); partial: "
+                        "--partial-fraction of the pairs trained (shorter than an epoch)",
                 "wall_s": "first line of work to final model saved, imports excluded; ours = reference + dpo stage",
+                "speedup_end_to_end": "fastest TRL variant's wall_s / ours' wall_s (same job)",
                 "tokens": "non-padding tokens per pair = 2*len(prompt) + len(chosen) + len(rejected)",
                 "train_tokens": "over the pairs of the optimizer steps",
                 "reference_tokens": "over every reference forward that ran (ours, TRL precompute: the data set "
@@ -620,32 +846,43 @@ def main(argv: list[str] | None = None) -> None:
                 "tokens_per_cpu_s": "(train_tokens + reference_tokens) / cpu_s, cpu_s = user+sys CPU time of the "
                                     "child over the same span as wall_s (less sensitive to other load on the box "
                                     "with --threads 1; OpenMP spin-waits inflate it with more threads)",
-                "peak_memory": "CUDA max_memory_allocated" if args.device == "cuda" else "ru_maxrss of the child",
+                "peak_memory": "CUDA max_memory_allocated" if args.device == "cuda"
+                               else "ru_maxrss of the child at the end of the timed work",
+                "peak_memory_ratio": "ours / the baseline (fastest) TRL variant; _vs_lowest_trl: ours / the lower "
+                                     "TRL peak",
                 "mfu": "(6*params*train_tokens + 2*params*reference_tokens) / wall_s / peak_flops: the "
                        "objective's tokens (prompt twice), i.e. effective MFU; mfu_computed uses computed_*_tokens",
                 "ratios": "ours / fastest TRL variant (by wall_s); per round (back to back) and, in summary, "
                           "between each system's fastest round of this invocation",
             },
-            "rounds": rounds, "summary": summary, "profile": profile,
+            "data_tokens": inputs["data_tokens"], "model_config": mc,
+            "jobs": results,
+            "summary": {job: {k: results[job]["summary"][k] for k in (
+                "trl_baseline", "speedup_end_to_end", "peak_memory_ratio", "ours_tokens_per_s", "trl_tokens_per_s",
+                "ours_train_tokens_per_s", "trl_train_tokens_per_s", "ours_mfu", "trl_mfu", "targets")}
+                for job in jobs},
         }
-        out = Path(args.out or ROOT / "benchmarks" / "results" / f"dpo_vs_trl_{args.device}.json")
+        out = Path(args.out or ROOT / "benchmarks" / "results" / f"dpo_vs_trl_{args.device}{suffix}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
 
-        print()
-        print_table(rounds, args.device)
-        if profile:
-            print_profile(profile)
-        print(f"\nbest of {len(rounds)} round(s), ours / {summary['trl_baseline']}: throughput "
-              f"x{summary['throughput_ratio']:.2f} (train-only x{summary['train_throughput_ratio']:.2f}), peak memory "
-              f"x{summary['peak_memory_ratio']:.2f}, wall x{summary['wall_time_ratio']:.2f} "
-              f"(speed-up {summary['speedup']:.2f})")
-        if target:
-            t = summary["targets"]
-            print(f"\ntargets (CPU): throughput >= x{t['throughput_ratio_min']}: "
-                  f"{'met' if t['throughput_met'] else 'NOT met'} (x{summary['throughput_ratio']:.2f}); "
-                  f"peak memory <= x{t['peak_memory_ratio_max']}: {'met' if t['peak_memory_met'] else 'NOT met'} "
-                  f"(x{summary['peak_memory_ratio']:.2f})")
+        for job in jobs:
+            info, sm = results[job], results[job]["summary"]
+            print()
+            print_table(job, info, args.device)
+            if info["profile"]:
+                print_profile(info["profile"])
+        print(f"\nsummary (best of {args.repeats} round(s); targets: speed-up >= x{TARGETS['speedup_end_to_end_min']}, "
+              f"peak memory <= x{TARGETS['peak_memory_ratio_max']}):")
+        for job in jobs:
+            sm = results[job]["summary"]
+            t = sm["targets"]
+            mfu = (f", MFU ours {sm['ours_mfu']:.1%} / TRL {sm['trl_mfu']:.1%}" if sm["ours_mfu"] is not None else "")
+            print(f"  {job:<8} vs {sm['trl_baseline']:<17}: speed-up end to end x{sm['speedup_end_to_end']:.2f} "
+                  f"({'met' if t['speedup_met'] else 'NOT met'}), peak memory x{sm['peak_memory_ratio']:.2f} "
+                  f"({'met' if t['peak_memory_met'] else 'NOT met'}); tok/s ours {sm['ours_tokens_per_s']:.0f} / TRL "
+                  f"{sm['trl_tokens_per_s']:.0f}, train tok/s ours {sm['ours_train_tokens_per_s']:.0f} / TRL "
+                  f"{sm['trl_train_tokens_per_s']:.0f}{mfu}")
         print(f"\nwrote {out}")
     finally:
         if not args.workdir:

@@ -37,8 +37,9 @@ def attach_reference(pairs: list[dict], reference: dict, path: str) -> None:
     missing = [p["id"] for p in pairs if p["id"] not in reference]
     if missing:
         raise StaleReferenceError(
-            f"{path}: no reference log-probs for {len(missing)} pairs (e.g. id {missing[0]}); "
-            "the data changed since the reference stage ran: re-run it (dvc repro reference)"
+            f"{path}: no reference log-probs for {len(missing)} pairs this run visits (e.g. id {missing[0]}); "
+            "the data, or the run's plan (dpo.max_steps, batch_size, grad_accum, epochs, seed, number of processes), "
+            "changed since the reference stage ran: re-run it (dvc repro reference)"
         )
     stale = []
     for p in pairs:
@@ -145,19 +146,17 @@ def run(
 
     # ---------------------------------------------------------------- data + cached reference
     tokenizer = training.load_tokenizer(model_path, trust_remote_code)
-    splits = {}
-    for split in ("train", "eval"):
-        records = read_jsonl(Path(data_dir) / f"pref_{split}.jsonl")
-        pairs = [tokenize_pair(tokenizer, r, max_length, max_prompt_length) for r in records]
-        ref_path = Path(reference_dir) / f"{split}.pt"
-        attach_reference(pairs, load_reference_logps(ref_path), str(ref_path))
-        splits[split] = pairs
+    splits = {split: [tokenize_pair(tokenizer, r, max_length, max_prompt_length)
+                      for r in read_jsonl(Path(data_dir) / f"pref_{split}.jsonl")] for split in ("train", "eval")}
     train, evals = splits["train"], splits["eval"]
     if not train:
         raise ValueError(f"{data_dir}/pref_train.jsonl: no preference pairs")
-    plan = training.plan_steps([pair_length(p) for p in train], batch_size * world, grad_accum, max_steps, epochs,
-                               seed, world)
+    plan = training.preference_plan(train, batch_size, grad_accum, max_steps, epochs, seed, world)
     total_steps = len(plan)
+    # reference log-probs for the pairs this run visits (the reference stage may have scored only those)
+    for split, needed in (("train", [train[i] for i in training.planned_indices(plan)]), ("eval", evals)):
+        ref_path = Path(reference_dir) / f"{split}.pt"
+        attach_reference(needed, load_reference_logps(ref_path), str(ref_path))
 
     # ---------------------------------------------------------------- model, optimizer, schedule
     model = training.load_model(model_path, trust_remote_code, lora, mixed_precision=mixed_precision,

@@ -70,7 +70,10 @@ def run(
     mixed_precision: str = "auto",
     trust_remote_code: bool = False,
     metrics_path: str = "metrics/reference.json",
+    plan: dict | None = None,
 ) -> dict:
+    """plan: the dpo run's {batch_size, grad_accum, max_steps, epochs, seed}: only the training pairs it visits
+    are scored (None: all of them)."""
     accelerator = training.make_accelerator(mixed_precision)
     tokenizer = training.load_tokenizer(model_path, trust_remote_code)
     model = training.load_model(model_path, trust_remote_code, frozen=True, mixed_precision=mixed_precision)
@@ -82,6 +85,10 @@ def run(
     for split in SPLITS:
         records = read_jsonl(Path(data_dir) / f"pref_{split}.jsonl")
         pairs = [tokenize_pair(tokenizer, r, max_length, max_prompt_length) for r in records]
+        if split == "train" and plan is not None and pairs:
+            steps = training.preference_plan(pairs, world=accelerator.num_processes, **plan)
+            summary["train/pairs_in_data"] = len(pairs)
+            pairs = [pairs[i] for i in training.planned_indices(steps)]
         results[split] = score_pairs(model, accelerator, pairs, batch_size, tokenizer.pad_token_id, f"reference {split}")
         n = len(pairs)
         tokens += sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
@@ -99,7 +106,8 @@ def run(
             # only deterministic facts in the cached artifact (timings would change its hash every run
             # and make dpo look stale); timings go to metrics_path
             meta = {"model": model_path, "max_length": max_length, "max_prompt_length": max_prompt_length,
-                    "mixed_precision": accelerator.mixed_precision,
+                    "mixed_precision": accelerator.mixed_precision, "scored": "planned" if plan else "all",
+                    "plan": plan, "world_size": accelerator.num_processes,
                     **{k: v for k, v in summary.items() if k not in ("seconds", "tokens_per_second")}}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         write_json(metrics_path, summary)
@@ -118,8 +126,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="artifacts/ref_logps")
     args = parser.parse_args(argv)
     p = load_params(args.params)
+    plan = None
+    if p.reference.pairs == "planned":
+        d = p.dpo
+        plan = {"batch_size": d.batch_size, "grad_accum": d.grad_accum, "max_steps": d.max_steps, "epochs": d.epochs,
+                "seed": p.seed}
     result = run(args.model, args.data_dir, args.out, p.data.max_length, p.data.max_prompt_length,
-                 p.reference.batch_size, p.compute.mixed_precision, p.model.trust_remote_code)
+                 p.reference.batch_size, p.compute.mixed_precision, p.model.trust_remote_code, plan=plan)
     log.info("reference done: %s", json.dumps(result))
 
 

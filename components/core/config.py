@@ -139,6 +139,9 @@ class SFTConfig(TrainLoopConfig):
 
 class ReferenceConfig(Strict):
     batch_size: int = Field(64, gt=0)
+    # planned: score the training pairs the dpo run's plan visits (dpo.max_steps/batch_size/grad_accum/epochs,
+    # seed) and every eval pair; a run shorter than an epoch pays only for what it uses. all: every pair.
+    pairs: Literal["planned", "all"] = "planned"
 
 
 # The preference losses `dpo.loss` accepts; core/losses.py implements each (and imports this list).

@@ -223,6 +223,19 @@ def plan_steps(
             return [micro[s * grad_accum : (s + 1) * grad_accum] for s in range(total)]
 
 
+def preference_plan(pairs: Sequence[dict], batch_size: int, grad_accum: int, max_steps: int, epochs: int, seed: int,
+                    world: int) -> list[list[list[int]]]:
+    """The dpo stage's plan over its tokenised pairs (`batch_size` per device). The reference stage computes the
+    same plan to score only the pairs a run shorter than an epoch will see."""
+    from components.core.tokens import pair_length
+
+    return plan_steps([pair_length(p) for p in pairs], batch_size * world, grad_accum, max_steps, epochs, seed, world)
+
+
+def planned_indices(plan: list[list[list[int]]]) -> list[int]:
+    return sorted({i for step in plan for mb in step for i in mb})
+
+
 def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
     return list(indices[rank::world])
 

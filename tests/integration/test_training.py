@@ -4,6 +4,7 @@ the non-finite-loss guard, LoRA, and a deterministic reference pass."""
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -272,7 +273,7 @@ def test_killing_dvc_does_not_leave_an_orphaned_trainer(tiny_data, tmp_path):
 def test_dpo_refuses_a_reference_computed_on_other_tokens(tiny_data, tmp_path):
     """data.max_length lowered after the reference stage ran: the cached log-probs belong to longer responses
     (or another prompt cut), so dpo stops with a message naming the stage to re-run instead of training on them."""
-    root = workdir(tiny_data, tmp_path / "stale")
+    root = workdir(tiny_data, tmp_path / "stale", reference__pairs="all")  # the plan would change with the lengths
     shutil.copytree(root / "models/base", root / "models/sft")
     run_cmd(stage("reference"), root)
     set_params(root, data__max_length=24, data__max_prompt_length=20)
@@ -280,6 +281,22 @@ def test_dpo_refuses_a_reference_computed_on_other_tokens(tiny_data, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "computed on other tokens" in proc.stderr and "dvc repro reference" in proc.stderr
     assert not (root / "models/dpo").exists()
+
+
+def test_reference_scores_only_the_pairs_the_dpo_plan_visits(tiny_data, tmp_path):
+    """reference.pairs: planned (default): a dpo run shorter than an epoch (8 steps x 8 pairs of 133) pays the
+    reference pass for its own pairs and the eval pairs only; a longer run it was not planned for is refused."""
+    root = workdir(tiny_data, tmp_path / "planned")
+    shutil.copytree(root / "models/base", root / "models/sft")
+    run_cmd(stage("reference"), root)
+    scored = torch.load(root / "artifacts/ref_logps/train.pt")["ids"]
+    meta = json.loads((root / "artifacts/ref_logps/meta.json").read_text())
+    assert meta["scored"] == "planned" and len(scored) == meta["train/pairs"] < meta["train/pairs_in_data"]
+    assert len(scored) <= 8 * 4 * 2
+    run_cmd(stage("dpo"), root)
+    set_params(root, dpo__max_steps=30)
+    proc = subprocess.run(stage("dpo"), cwd=root, env=pipeline_env(root), capture_output=True, text=True)
+    assert proc.returncode == 2 and "pairs this run visits" in proc.stderr and "dvc repro reference" in proc.stderr
 
 
 def test_fsdp_two_processes_follow_one_process_with_uneven_batches(tiny_data, tmp_path):
