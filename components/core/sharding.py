@@ -8,6 +8,8 @@ CPU, so the sharded path could not otherwise be tested without GPUs. With this, 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -60,3 +62,13 @@ def shard_model(model, device) -> torch.nn.Module:
     # (core/scoring.slot_logps), and backward would gather it again at once anyway
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     return model
+
+
+@contextlib.contextmanager
+def gradient_sync(model, sync: bool):
+    """FSDP2's no_sync: gradients of non-final micro-batches stay unsharded and local (no reduce-scatter)."""
+    model.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)

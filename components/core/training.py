@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from components.core.io import atomic_dir
-from components.core.sharding import fsdp_requested, is_sharded, shard_model
+from components.core.sharding import fsdp_requested, gradient_sync, is_sharded, shard_model
 from components.core.tokens import bucketed_batches
 
 log = logging.getLogger(__name__)
@@ -357,20 +357,11 @@ def progress(iterable_total: int, initial: int, desc: str, enabled: bool) -> Cal
 # ----------------------------------------------------------------------------- loop plumbing
 
 
-@contextlib.contextmanager
-def _fsdp_sync(model, sync: bool):
-    model.set_requires_gradient_sync(sync)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
-
-
 def maybe_no_sync(accelerator, model, sync: bool):
     """Skip the gradient all-reduce (FSDP: reduce-scatter) on all but the last micro-batch of a step."""
     if sync or accelerator.num_processes == 1:
         return contextlib.nullcontext()
-    return _fsdp_sync(model, False) if is_sharded(model) else accelerator.no_sync(model)
+    return gradient_sync(model, False) if is_sharded(model) else accelerator.no_sync(model)
 
 
 def maybe_crash(step: int) -> None:
