@@ -28,12 +28,12 @@ Model sizes (all random weights, seeded, built offline, saved with our tokenizer
 
 Jobs (`--jobs`, comma-separated, each a full comparison of its own): `steps` = `--steps` optimizer steps of
 `--batch-size` pairs (the default); `epoch` = `--pairs / --batch-size` steps: every pair trained once;
-`partial` = `--partial-fraction` of the pairs (default 1/3) trained: a run shorter than an epoch (ours still
-scores the whole data set in its reference stage; TRL-no-precompute scores only what it trains on).
+`partial` = `--partial-fraction` of the pairs (default 1/3) trained: a run shorter than an epoch (ours scores
+the pairs of its plan in its reference stage, as `reference.pairs: planned` does in the pipeline; TRL with
+precompute scores the whole data set, TRL without it scores each training batch again).
 TRL runs with `precompute_ref_log_probs` True and False, and the faster of the two is the baseline.
 `--gradient-checkpointing` (default off) applies to both sides: TRL's `gradient_checkpointing=` (its own
-default True is overridden either way) and ours' `components.dpo.run(gradient_checkpointing=)` where that
-parameter exists (else recorded as "unsupported": ours runs without).
+default True is overridden either way) and ours' `dpo.gradient_checkpointing` (DPOConfig).
 
 Each system runs in its own subprocess (`--child`), so peak memory is that system's alone; rounds
 (`--repeats`) alternate the order of the systems, and so do consecutive jobs within a round:
@@ -251,22 +251,22 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
     if "plan" in inspect.signature(reference.run).parameters:  # reference.pairs: planned, as the pipeline runs it
         ref_kwargs["plan"] = {"batch_size": spec["batch_size"], "grad_accum": 1, "max_steps": spec["steps"],
                               "epochs": 1, "seed": spec["seed"]}
-    dpo_kwargs = {}
-    if "gradient_checkpointing" in inspect.signature(dpo.run).parameters:  # being added: pass it only if there
-        dpo_kwargs["gradient_checkpointing"] = spec["gradient_checkpointing"]
+    dpo_kwargs = {"gradient_checkpointing": spec["gradient_checkpointing"]}
     ref = reference.run(model_path=spec["model"], data_dir=spec["data_dir"], out_dir=str(work / "ref_logps"),
                         max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"],
                         batch_size=spec["ref_batch_size"], mixed_precision=mp, **ref_kwargs)
     t1 = time.perf_counter()
+    from components.core.config import DPOConfig
+
+    cfg = DPOConfig(loss="sigmoid", beta=spec["beta"], rpo_alpha=0.0, max_steps=spec["steps"],
+                    batch_size=spec["batch_size"], grad_accum=1, learning_rate=spec["lr"], weight_decay=0.0,
+                    warmup_ratio=0.1, scheduler="cosine", max_grad_norm=1.0, eval_every=10**9, save_every=10**9,
+                    log_every=spec["steps"], **dpo_kwargs)
     final = dpo.run(
-        model_path=spec["model"], data_dir=spec["data_dir"], reference_dir=str(work / "ref_logps"),
+        cfg, model_path=spec["model"], data_dir=spec["data_dir"], reference_dir=str(work / "ref_logps"),
         out_dir=str(work / "model"), metrics_path=str(work / "metrics.json"), plots_path=str(work / "plots.csv"),
         checkpoint_dir=str(work / "checkpoints"), max_length=spec["max_length"],
-        max_prompt_length=spec["max_prompt_length"], loss="sigmoid", beta=spec["beta"], rpo_alpha=0.0,
-        max_steps=spec["steps"], batch_size=spec["batch_size"], grad_accum=1, learning_rate=spec["lr"],
-        weight_decay=0.0, warmup_ratio=0.1, scheduler="cosine", max_grad_norm=1.0,
-        eval_every=10**9, save_every=10**9, log_every=spec["steps"], mixed_precision=mp, seed=spec["seed"],
-        track=False, **dpo_kwargs,
+        max_prompt_length=spec["max_prompt_length"], mixed_precision=mp, seed=spec["seed"], track=False,
     )
     t2, c2 = time.perf_counter(), cpu_seconds()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the token replay below
@@ -725,15 +725,10 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.update(OFFLINE_ENV)
     import torch
 
-    from components import dpo as ours_dpo
-
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
     gc_on = args.gradient_checkpointing == "on"
-    ours_gc = gc_on if "gradient_checkpointing" in inspect.signature(ours_dpo.run).parameters else "unsupported"
-    if gc_on and ours_gc == "unsupported":
-        print("warning: components.dpo.run has no gradient_checkpointing parameter: TRL checkpoints, ours does "
-              "not (recorded as unsupported)", flush=True)
+    ours_gc = gc_on
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dpo_vs_trl."))
     work.mkdir(parents=True, exist_ok=True)
     try:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from components.core import checkpoints, losses, scoring, tokens, training
+from components.core.config import DPOConfig
 from components.core.io import read_jsonl, write_csv, write_json
 from components.core.logs import stage_main
 from components.core.scoring import StaleReferenceError, load_reference_logps, pair_logps
@@ -98,6 +99,8 @@ def evaluate_pairs(model, accelerator, pairs, batch_size, pad_id, loss_kwargs, k
 
 
 def run(
+    cfg: DPOConfig,
+    *,
     model_path: str,
     data_dir: str = "data/prepared",
     reference_dir: str = "artifacts/ref_logps",
@@ -107,39 +110,20 @@ def run(
     checkpoint_dir: str = "checkpoints/dpo",
     max_length: int = 128,
     max_prompt_length: int = 96,
-    loss: str = "sigmoid",
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    simpo_gamma: float = 0.5,
-    orpo_alpha: float = 1.0,
-    kto_desirable_weight: float = 1.0,
-    kto_undesirable_weight: float = 1.0,
-    rpo_alpha: float = 0.0,
-    max_steps: int = 0,
-    epochs: int = 1,
-    batch_size: int = 16,
-    grad_accum: int = 1,
-    learning_rate: float = 5e-4,
-    weight_decay: float = 0.0,
-    warmup_ratio: float = 0.1,
-    scheduler: str = "cosine",
-    max_grad_norm: float = 1.0,
-    divergence_factor: float = 100.0,
-    eval_every: int = 50,
-    save_every: int = 50,
-    keep_checkpoints: int = 2,
-    log_every: int = 10,
-    gradient_checkpointing: bool | str = "auto",
-    lora: dict | None = None,
     mixed_precision: str = "auto",
     seed: int = 1234,
     trust_remote_code: bool = False,
     track: bool = True,
 ) -> dict:
-    hyper = {k: v for k, v in locals().items() if k != "track"}
-    loss_kwargs = {"name": loss, "beta": beta, "label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma,
-                   "orpo_alpha": orpo_alpha, "kto_desirable_weight": kto_desirable_weight,
-                   "kto_undesirable_weight": kto_undesirable_weight, "rpo_alpha": rpo_alpha}
+    """Train `cfg` (the `dpo` params section) from model_path on the pairs of data_dir and their cached reference."""
+    # the run's identity (checkpoint fingerprint, tracked params): its section plus the settings it reads
+    hyper = {**cfg.model_dump(), "max_length": max_length, "max_prompt_length": max_prompt_length,
+             "mixed_precision": mixed_precision, "seed": seed, "trust_remote_code": trust_remote_code}
+    lora = cfg.lora.model_dump()
+    loss_kwargs = {"name": cfg.loss, "beta": cfg.beta, "label_smoothing": cfg.label_smoothing,
+                   "simpo_gamma": cfg.simpo_gamma, "orpo_alpha": cfg.orpo_alpha,
+                   "kto_desirable_weight": cfg.kto_desirable_weight,
+                   "kto_undesirable_weight": cfg.kto_undesirable_weight, "rpo_alpha": cfg.rpo_alpha}
     accelerator = training.make_accelerator(mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(seed)
@@ -151,7 +135,7 @@ def run(
     train, evals = splits["train"], splits["eval"]
     if not train:
         raise ValueError(f"{data_dir}/pref_train.jsonl: no preference pairs")
-    plan = training.preference_plan(train, batch_size, grad_accum, max_steps, epochs, seed, world)
+    plan = training.preference_plan(train, cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.epochs, seed, world)
     total_steps = len(plan)
     # reference log-probs for the pairs this run visits (the reference stage may have scored only those)
     for split, needed in (("train", [train[i] for i in training.planned_indices(plan)]), ("eval", evals)):
@@ -160,9 +144,9 @@ def run(
 
     # ---------------------------------------------------------------- model, optimizer, schedule
     model = training.load_model(model_path, trust_remote_code, lora, mixed_precision=mixed_precision,
-                                gradient_checkpointing=gradient_checkpointing)
-    model, optimizer = training.prepare_training(accelerator, model, learning_rate, weight_decay)
-    lr_schedule = training.make_scheduler(optimizer, scheduler, int(warmup_ratio * total_steps), total_steps)
+                                gradient_checkpointing=cfg.gradient_checkpointing)
+    model, optimizer = training.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
+    lr_schedule = training.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(lr_schedule)
 
     # ---------------------------------------------------------------- resume
@@ -172,7 +156,7 @@ def run(
                                  str(Path(data_dir) / "pref_train.jsonl"), str(Path(reference_dir) / "train.pt"), code,
                                  world)
     start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
-    guard = training.DivergenceGuard(divergence_factor, ckpt_dir, saved.get("guard"))
+    guard = training.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
     # KTO's reference point z0: the previous step's mean log-ratio over all its pairs on all processes
     kto_kl = torch.tensor(float(saved.get("kto_kl", 0.0)), device=accelerator.device)
 
@@ -181,7 +165,7 @@ def run(
     tracking_params = {**{k: v for k, v in hyper.items() if not k.endswith(("_path", "_dir"))}, "world_size": world}
     inputs = [model_path, data_dir, reference_dir]
     with training.stage_tracking(accelerator, "dpo", tracking_params, inputs, track) as mlrun:
-        bar = training.progress(total_steps, start_step, f"dpo ({loss})", accelerator.is_local_main_process)
+        bar = training.progress(total_steps, start_step, f"dpo ({cfg.loss})", accelerator.is_local_main_process)
         model.train()
         window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
         window_pairs, tokens_seen, t0 = 0, 0, time.perf_counter()
@@ -206,7 +190,7 @@ def run(
             loss_value = accelerator.reduce(step_loss, reduction="sum") / step_pairs
             kto_kl = (accelerator.reduce(step_log_ratio, reduction="sum") / (2 * step_pairs)).clamp(min=0)
             training.guard_finite(loss_value, step + 1, ckpt_dir)
-            grad_norm = training.clip_grad_norm(accelerator, model, max_grad_norm)
+            grad_norm = training.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
             guard.check(step + 1, loss_value.item(), grad_norm)
             optimizer.step()
             lr_schedule.step()
@@ -217,7 +201,7 @@ def run(
 
             done = step + 1
             row = None
-            if done % log_every == 0 or done == total_steps:
+            if done % cfg.log_every == 0 or done == total_steps:
                 elapsed = time.perf_counter() - t0
                 row = {"step": done, **reduce_means(accelerator, dict(window), window_pairs),
                        "learning_rate": lr_schedule.get_last_lr()[0],
@@ -225,16 +209,16 @@ def run(
                        "tokens_per_second": tokens_seen * world / max(elapsed, 1e-9)}
                 window.clear()
                 window_pairs = 0
-            if evals and (done % eval_every == 0 or done == total_steps):
+            if evals and (done % cfg.eval_every == 0 or done == total_steps):
                 row = row or {"step": done}
-                row.update(evaluate_pairs(model, accelerator, evals, batch_size, pad_id, loss_kwargs, kto_kl))
+                row.update(evaluate_pairs(model, accelerator, evals, cfg.batch_size, pad_id, loss_kwargs, kto_kl))
             if row:
                 history.append(row)
                 training.log_step_metrics(mlrun, row, done)
-            if done % save_every == 0 and done < total_steps:
+            if done % cfg.save_every == 0 and done < total_steps:
                 checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history,
                                                                                 "guard": guard.state(), "kto_kl": kto_kl.item()},
-                                         keep_checkpoints, model, optimizer)
+                                         cfg.keep_checkpoints, model, optimizer)
         bar.close()
 
         # ------------------------------------------------------------ outputs
@@ -245,7 +229,7 @@ def run(
         if eval_rows:
             final.update({k: v for k, v in eval_rows[-1].items() if k.startswith("eval/")})
             final["eval/rewards/accuracies_first"] = eval_rows[0]["eval/rewards/accuracies"]
-        final.update({"steps": total_steps, "world_size": world, "train/pairs": len(train), "beta": beta})
+        final.update({"steps": total_steps, "world_size": world, "train/pairs": len(train), "beta": cfg.beta})
         if accelerator.is_main_process:
             write_csv(plots_path, history)
             write_json(metrics_path, final)
@@ -268,10 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     p = load_params(args.params)
     d = p.dpo
     result = run(
-        model_path=args.model, data_dir=args.data_dir, reference_dir=args.reference_dir, out_dir=args.out,
+        d, model_path=args.model, data_dir=args.data_dir, reference_dir=args.reference_dir, out_dir=args.out,
         max_length=p.data.max_length, max_prompt_length=p.data.max_prompt_length,
         mixed_precision=p.compute.mixed_precision, seed=p.seed, trust_remote_code=p.model.trust_remote_code,
-        lora=d.lora.model_dump(), **d.model_dump(exclude={"lora"}),
     )
     log.info("dpo done: %s", json.dumps(result))
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from components.core import checkpoints, scoring, tokens, training
-from components.core.config import params_hash
+from components.core.config import SFTConfig, params_hash
 from components.core.io import read_jsonl, write_csv, write_json
 from components.core.logs import stage_main
 from components.core.scoring import batch_nll
@@ -48,6 +48,8 @@ def evaluate_loss(model, accelerator, examples, batch_size: int, pad_id: int) ->
 
 
 def run(
+    cfg: SFTConfig,
+    *,
     model_path: str,
     train_path: str,
     eval_path: str,
@@ -56,28 +58,16 @@ def run(
     plots_path: str = "plots/sft.csv",
     checkpoint_dir: str = "checkpoints/sft",
     max_length: int = 128,
-    max_steps: int = 0,
-    epochs: int = 1,
-    batch_size: int = 32,
-    grad_accum: int = 1,
-    learning_rate: float = 3e-3,
-    weight_decay: float = 0.0,
-    warmup_ratio: float = 0.05,
-    scheduler: str = "cosine",
-    max_grad_norm: float = 1.0,
-    divergence_factor: float = 100.0,
-    eval_every: int = 50,
-    save_every: int = 100,
-    keep_checkpoints: int = 2,
-    log_every: int = 10,
-    gradient_checkpointing: bool | str = "auto",
-    lora: dict | None = None,
     mixed_precision: str = "auto",
     seed: int = 1234,
     trust_remote_code: bool = False,
     track: bool = True,
 ) -> dict:
-    hyper = {k: v for k, v in locals().items() if k not in ("track",)}
+    """Train `cfg` (the `sft` params section) from model_path on the SFT records of train_path."""
+    # the run's identity (checkpoint fingerprint, tracked params): its section plus the settings it reads
+    hyper = {**cfg.model_dump(), "max_length": max_length, "mixed_precision": mixed_precision, "seed": seed,
+             "trust_remote_code": trust_remote_code}
+    lora = cfg.lora.model_dump()
     accelerator = training.make_accelerator(mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(seed)
@@ -88,15 +78,17 @@ def run(
     evals = tokenize_sft(tokenizer, read_jsonl(eval_path), max_length) if Path(eval_path).exists() else []
     if not train:
         raise ValueError(f"{train_path}: no SFT training records")
-    # batch_size is per device: the global micro-batch is split over processes
-    plan = training.plan_steps([len(x[0]) for x in train], batch_size * world, grad_accum, max_steps, epochs, seed, world)
+    # cfg.batch_size is per device: the global micro-batch is split over processes
+    plan = training.plan_steps([len(x[0]) for x in train], cfg.batch_size * world, cfg.grad_accum, cfg.max_steps,
+                               cfg.epochs, seed, world)
     total_steps = len(plan)
+    label_counts = [sum(t != IGNORE_INDEX for t in labels[1:]) for _, labels in train]  # trained tokens, once
 
     # ---------------------------------------------------------------- model, optimizer, schedule
     model = training.load_model(model_path, trust_remote_code, lora, mixed_precision=mixed_precision,
-                                gradient_checkpointing=gradient_checkpointing)
-    model, optimizer = training.prepare_training(accelerator, model, learning_rate, weight_decay)
-    lr_schedule = training.make_scheduler(optimizer, scheduler, int(warmup_ratio * total_steps), total_steps)
+                                gradient_checkpointing=cfg.gradient_checkpointing)
+    model, optimizer = training.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
+    lr_schedule = training.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(lr_schedule)  # not prepared: it would step once per process
 
     # ---------------------------------------------------------------- resume
@@ -105,7 +97,7 @@ def run(
     fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path), train_path,
                                  world, code)
     start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
-    guard = training.DivergenceGuard(divergence_factor, ckpt_dir, saved.get("guard"))
+    guard = training.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
 
     # ---------------------------------------------------------------- train
     pad_id = tokenizer.pad_token_id
@@ -113,7 +105,7 @@ def run(
     inputs = [model_path, str(Path(train_path).parent)]
     with training.stage_tracking(accelerator, "sft", tracking_params, inputs, track) as mlrun:
         if evals and start_step == 0:  # the curve starts from the base model
-            history.append({"step": 0, "eval/loss": evaluate_loss(model, accelerator, evals, batch_size, pad_id)})
+            history.append({"step": 0, "eval/loss": evaluate_loss(model, accelerator, evals, cfg.batch_size, pad_id)})
             training.log_step_metrics(mlrun, history[-1], 0)
         bar = training.progress(total_steps, start_step, "sft", accelerator.is_local_main_process)
         model.train()
@@ -122,7 +114,7 @@ def run(
         for step in range(start_step, total_steps):
             micro_batches = plan[step]
             # every rank knows the whole global step, so the token-mean needs no extra communication
-            step_tokens = sum(sum(t != IGNORE_INDEX for t in train[i][1][1:]) for mb in micro_batches for i in mb)
+            step_tokens = sum(label_counts[i] for mb in micro_batches for i in mb)
             step_loss = torch.zeros(2, device=accelerator.device)
             for k, mb in enumerate(micro_batches):
                 batch = collate_sequences([train[i] for i in training.shard(mb, rank, world)], pad_id)
@@ -138,7 +130,7 @@ def run(
             step_loss = accelerator.reduce(step_loss, reduction="sum")
             loss = step_loss[0] / step_loss[1]
             training.guard_finite(loss, step + 1, ckpt_dir)
-            grad_norm = training.clip_grad_norm(accelerator, model, max_grad_norm)
+            grad_norm = training.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
             guard.check(step + 1, loss.item(), grad_norm)
             optimizer.step()
             lr_schedule.step()
@@ -150,7 +142,7 @@ def run(
 
             done = step + 1
             row = None
-            if done % log_every == 0 or done == total_steps:
+            if done % cfg.log_every == 0 or done == total_steps:
                 elapsed = time.perf_counter() - t0
                 row = {
                     "step": done,
@@ -160,16 +152,16 @@ def run(
                     "tokens_per_second": tokens_seen * world / max(elapsed, 1e-9),
                 }
                 window.zero_()
-            if evals and (done % eval_every == 0 or done == total_steps):
+            if evals and (done % cfg.eval_every == 0 or done == total_steps):
                 row = row or {"step": done}
-                row["eval/loss"] = evaluate_loss(model, accelerator, evals, batch_size, pad_id)
+                row["eval/loss"] = evaluate_loss(model, accelerator, evals, cfg.batch_size, pad_id)
             if row:
                 history.append(row)
                 training.log_step_metrics(mlrun, row, done)
-            if done % save_every == 0 and done < total_steps:
+            if done % cfg.save_every == 0 and done < total_steps:
                 checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history,
                                                                                 "guard": guard.state()},
-                                         keep_checkpoints, model, optimizer)
+                                         cfg.keep_checkpoints, model, optimizer)
         bar.close()
 
         # ------------------------------------------------------------ outputs
@@ -208,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     p = load_params(args.params)
     s = p.sft
     result = run(
+        s,
         model_path=args.model or resolve_model_path("models/base"),
         train_path=f"{args.data_dir}/sft_train.jsonl",
         eval_path=f"{args.data_dir}/sft_eval.jsonl",
@@ -216,8 +209,6 @@ def main(argv: list[str] | None = None) -> None:
         mixed_precision=p.compute.mixed_precision,
         seed=p.seed,
         trust_remote_code=p.model.trust_remote_code,
-        lora=s.lora.model_dump(),
-        **s.model_dump(exclude={"lora"}),
     )
     log.info("sft done: %s (params hash %s)", json.dumps(result), params_hash(s))
 

@@ -16,6 +16,8 @@ import yaml
 from conftest import pipeline_env, run_cmd
 from safetensors.torch import load_file
 
+from components.core.config import SFTConfig
+
 pytestmark = pytest.mark.integration
 
 
@@ -123,8 +125,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_data, tmp_path, mo
 
     monkeypatch.setattr(sft, "batch_nll", poisoned)
     with pytest.raises(training.NonFiniteLossError, match="step 5"):
-        sft.run("models/base", "data/prepared/sft_train.jsonl", "data/prepared/sft_eval.jsonl",
-                max_steps=10, batch_size=8, eval_every=100, save_every=3, track=False)
+        sft.run(SFTConfig(max_steps=10, batch_size=8, eval_every=100, save_every=3, learning_rate=3e-3),
+                model_path="models/base", train_path="data/prepared/sft_train.jsonl", eval_path="data/prepared/sft_eval.jsonl", track=False)
     assert list((root / "checkpoints/sft").glob("*/step_0000003/alignflow_state.json"))
     assert not (root / "models/sft").exists()
 
@@ -137,8 +139,8 @@ def test_sft_with_lora_saves_a_merged_plain_model(tiny_data, tmp_path, monkeypat
     root = workdir(tiny_data, tmp_path / "lora")
     monkeypatch.chdir(root)
     lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-    result = sft.run("models/base", "data/prepared/sft_train.jsonl", "data/prepared/sft_eval.jsonl",
-                     max_steps=4, batch_size=8, learning_rate=1e-2, eval_every=4, lora=lora, track=False)
+    result = sft.run(SFTConfig(max_steps=4, batch_size=8, learning_rate=1e-2, eval_every=4, lora=lora),
+                     model_path="models/base", train_path="data/prepared/sft_train.jsonl", eval_path="data/prepared/sft_eval.jsonl", track=False)
     assert result["steps"] == 4
     merged = AutoModelForCausalLM.from_pretrained("models/sft")
     assert not any("lora" in name for name, _ in merged.named_parameters())
@@ -233,8 +235,8 @@ def test_divergence_without_nan_stops_before_the_update(tiny_data, tmp_path, mon
     root = workdir(tiny_data, tmp_path / "diverge")
     monkeypatch.chdir(root)
     with pytest.raises(training.DivergenceError, match=r"training diverged at step \d+: (loss|gradient norm)"):
-        sft.run("models/base", "data/prepared/sft_train.jsonl", "data/prepared/sft_eval.jsonl", max_steps=10,
-                batch_size=8, eval_every=100, save_every=100, learning_rate=1000.0, track=False)
+        sft.run(SFTConfig(max_steps=10, batch_size=8, eval_every=100, save_every=100, learning_rate=1000.0),
+                model_path="models/base", train_path="data/prepared/sft_train.jsonl", eval_path="data/prepared/sft_eval.jsonl", track=False)
     assert not (root / "models/sft").exists()
 
 
