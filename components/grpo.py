@@ -104,6 +104,22 @@ def chunk_seed(seed: int, round_: int, attempt: int, chunk: int) -> int:
     return (((seed * 1_000_003 + round_) * 101 + attempt) * 4099 + chunk) % (2**63)
 
 
+def _policy_hash(accelerator, model, sharded: bool) -> str:
+    """The policy weights that sampled a round: one process's hash of the whole model, or under FSDP the hash of
+    every process's shard hashes (no gather of the full weights per round; stable for a given world size)."""
+    if not sharded:
+        return weights_hash(model) if accelerator.is_main_process else ""
+    from accelerate.utils import gather_object
+
+    local = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        local.update(name.encode())
+        shard = p.to_local() if hasattr(p, "to_local") else p  # a DTensor's local shard
+        local.update(shard.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    shards = gather_object([local.hexdigest()])
+    return f"fsdp{len(shards)}:" + hashlib.sha256("".join(shards).encode()).hexdigest()[:16]
+
+
 def weights_hash(model) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
@@ -117,7 +133,7 @@ def weights_hash(model) -> str:
 
 @torch.no_grad()
 def sample_chunk(model, tokenizer, prompts: list[Prompt], cfg: GRPOConfig, seed: int, eos: list[int],
-                 pad_id: int) -> list[dict]:
+                 pad_id: int, synced: bool = False) -> list[dict]:
     """G completions for each prompt in one generate() call: ids (up to and including the first end token),
     the sampler's per-token log-probs (after temperature / top-p), and whether the length limit cut it."""
     rows = [p for p in prompts for _ in range(cfg.num_generations)]
@@ -130,7 +146,7 @@ def sample_chunk(model, tokenizer, prompts: list[Prompt], cfg: GRPOConfig, seed:
         input_ids=input_ids, attention_mask=attention, max_new_tokens=cfg.max_completion_length, min_new_tokens=0,
         do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=0.0, num_beams=1,
         repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos, pad_token_id=pad_id, use_cache=True,
-        output_scores=True, return_dict_in_generate=True,
+        output_scores=True, return_dict_in_generate=True, synced_gpus=synced,
     )
     new = out.sequences[:, width:]  # (B, new)
     scores = torch.stack(out.scores, dim=1).float()  # (B, new, V): the processed logits it sampled from
@@ -190,11 +206,6 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
         plots_path: str = "plots/grpo.csv", checkpoint_dir: str = "checkpoints/grpo", max_prompt_length: int = 96,
         mixed_precision: str = "auto", seed: int = 1234, trust_remote_code: bool = False, track: bool = True) -> dict:
     accelerator = training.make_accelerator(mixed_precision)
-    if training.fsdp_requested():
-        from components.core.config import ParamsError
-
-        raise ParamsError("compute.accelerate_config: the grpo stage runs on one device or DDP (cpu, single_gpu, "
-                          "multi_gpu); generating from FSDP-sharded weights is not supported yet")
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(seed)
     G = cfg.num_generations
@@ -219,13 +230,14 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     lora = cfg.lora.enabled
     ref_model = None
     if cfg.beta > 0 and not lora:  # with LoRA the reference is the base with adapters off: no second copy
-        ref_model = training.load_model(model_path, trust_remote_code, frozen=True,
-                                        mixed_precision=mixed_precision).to(accelerator.device)
-        ref_model.requires_grad_(False)
-    optimizer = training.make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+        ref_model = training.load_model(model_path, trust_remote_code, frozen=True, mixed_precision=mixed_precision)
+        # not wrapped in DDP (no gradients); sharded like the policy under FSDP
+        ref_model = (training.prepare_frozen(accelerator, ref_model) if training.fsdp_requested() and world > 1
+                     else ref_model.to(accelerator.device))
+    model, optimizer = training.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
     schedule = training.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(schedule)
+    sharded = training.is_sharded(model)
     eos = eos_ids(accelerator.unwrap_model(model), tokenizer)
     pad_id = tokenizer.pad_token_id
 
@@ -235,7 +247,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     code = checkpoints.code_fingerprint(sys.modules[__name__], training, scoring, tokens, rl, rewards, checkpoints)
     fp = checkpoints.fingerprint(hyper, reward_ids, checkpoints.model_identity(model_path), str(prompt_file),
                                  max_prompt_length, seed, code, world)
-    step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, cfg.max_steps)
+    step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, cfg.max_steps, model, optimizer)
     position = int(saved.get("sampler_position", 0))
     generated_tokens = int(saved.get("generated_tokens", 0))
     guard = training.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
@@ -253,7 +265,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
             timing = defaultdict(float)
             # ------------------------------------------------------------ generate + score (chunks over ranks)
             unwrapped = accelerator.unwrap_model(model)
-            policy_hash = weights_hash(unwrapped) if accelerator.is_main_process else ""
+            policy_hash = _policy_hash(accelerator, unwrapped, sharded)
             unwrapped.eval()
 
             def generate_batch(attempt: int, need: int, round_=round_, unwrapped=unwrapped, timing=timing) -> list[dict]:
@@ -263,11 +275,18 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                 chunks = [chosen[i : i + cfg.generation_batch_size]
                           for i in range(0, len(chosen), cfg.generation_batch_size)]
                 mine = []
-                for c in range(rank, len(chunks), world):
+                # under FSDP every process runs the same generate() calls, each forward a collective: a process
+                # short of chunks samples chunk 0 again and drops it, and synced_gpus keeps the calls in step
+                for (c,), padding in training.even_shard([[c] for c in range(len(chunks))], rank, world):
+                    if padding and not sharded:
+                        continue
                     s = chunk_seed(seed, round_, attempt, c)
                     t0 = time.perf_counter()
-                    completions = sample_chunk(unwrapped, tokenizer, [prompts[i] for i in chunks[c]], cfg, s, eos, pad_id)
+                    completions = sample_chunk(unwrapped, tokenizer, [prompts[i] for i in chunks[c]], cfg, s, eos,
+                                               pad_id, synced=sharded)
                     timing["generate"] += time.perf_counter() - t0
+                    if padding:
+                        continue
                     t0 = time.perf_counter()
                     for j, idx in enumerate(chunks[c]):
                         group = completions[j * G : (j + 1) * G]
@@ -377,9 +396,8 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                                    strict=True))
                 loss_value = torch.tensor(reduced["loss"])
                 training.guard_finite(loss_value, step + 1, ckpt_dir)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) \
-                    if cfg.max_grad_norm > 0 else None
-                guard.check(step + 1, abs(reduced["loss"]), float(grad_norm) if grad_norm is not None else None)
+                grad_norm = training.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
+                guard.check(step + 1, abs(reduced["loss"]), grad_norm)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -415,7 +433,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                 checkpoints.save_checkpoint(accelerator, ckpt_dir, step,
                                             {"fingerprint": fp, "history": history, "guard": guard.state(),
                                              "sampler_position": position, "generated_tokens": generated_tokens},
-                                            cfg.keep_checkpoints)
+                                            cfg.keep_checkpoints, model, optimizer)
         bar.close()
 
         # ------------------------------------------------------------ outputs

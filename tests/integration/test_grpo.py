@@ -106,3 +106,31 @@ def test_grpo_disabled_writes_placeholders_that_evaluate_skips(tiny_data, tmp_pa
     assert (root / "artifacts/rollouts/disabled.json").exists()
     assert json.loads((root / "metrics/grpo.json").read_text())["enabled"] is False
     assert not (root / "models/grpo/config.json").exists()  # what evaluate checks before loading a policy
+
+
+def test_grpo_under_fsdp_follows_one_process(tiny_data, tmp_path):
+    """FSDP2 (torchrun x2, gloo), beta > 0 (a sharded reference) and 3 generation chunks a round: the process
+    short of a chunk samples a padding chunk in step (synced_gpus), the round is the 1-process round, the losses
+    follow it, and a crash + resume goes through the sharded checkpoint."""
+    overrides = {"grpo__prompts_per_step": 6, "grpo__generation_batch_size": 2}
+    one = grpo_workdir(tiny_data, tmp_path / "one", **overrides)
+    two = grpo_workdir(tiny_data, tmp_path / "two", **overrides)
+    run_cmd(stage("grpo"), one)
+    env = pipeline_env(two) | {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
+                "-m", "components.grpo", "--params", "params.yaml"]
+    crashed = subprocess.run(torchrun, cwd=two, env=env | {"ALIGNFLOW_CRASH_AT_STEP": "3"}, capture_output=True,
+                             text=True)
+    assert crashed.returncode != 0
+    assert list((two / "checkpoints/grpo").glob("*/step_0000002/fsdp"))
+    run_cmd(torchrun, two, env=env)
+    first_one, first_two = rollouts(one)["round_000000.parquet"], rollouts(two)["round_000000.parquet"]
+    assert first_two[0]["policy_hash"].startswith("fsdp2:")
+    skip = ("old_logps", "ref_logps", "sampler_logps", "policy_hash")
+    assert [{k: v for k, v in r.items() if k not in skip} for r in first_one] == \
+        [{k: v for k, v in r.items() if k not in skip} for r in first_two]
+    assert len(first_one) == 6 * 4
+    for name in ("loss", "reward", "entropy", "kl"):
+        a, b = column(one / "plots/grpo.csv", name), column(two / "plots/grpo.csv", name)
+        assert len(a) == len(b) == 4, name
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
