@@ -1,11 +1,14 @@
-"""Reference log-prob stage: score every preference pair once under the reference model.
+"""Reference log-prob stage: score the preference pairs once under the reference model.
 
     accelerate launch --config_file configs/accelerate/cpu.yaml -m components.reference --params params.yaml
 
 Writes `artifacts/ref_logps/{train,eval}.pt` (per example id: summed log-probs of chosen and rejected,
-token counts, and a hash of the exact tokens scored; per-token means are sum / count) and `meta.json`. DVC caches the artifact and the stage
-reads no `dpo.*` param, so a sweep over N betas (or losses) pays for one reference pass, not N. TRL
-keeps precomputed reference log-probs in memory for one run only.
+token counts, and a hash of the exact tokens scored; per-token means are sum / count) and `meta.json`.
+With `reference.pairs: planned` (default) it scores the training pairs of the dpo run's step plan (the same
+`training.preference_plan` dpo follows) and every eval pair, so a run shorter than an epoch pays only for
+what it uses; `all` scores every pair. DVC caches the artifact and the stage reads only dpo's plan params
+(max_steps, batch_size, grad_accum, epochs, seed), never beta or the loss, so a sweep over N betas (or
+losses) pays for one reference pass, not N. TRL keeps precomputed reference log-probs in memory for one run.
 """
 
 from __future__ import annotations
