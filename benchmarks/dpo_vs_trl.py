@@ -275,8 +275,7 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
     tok = training.load_tokenizer(spec["model"])
     pairs = [tokens.tokenize_pair(tok, r, spec["max_length"], spec["max_prompt_length"])
              for r in read_jsonl(Path(spec["data_dir"]) / "pref_train.jsonl")]
-    plan = training.plan_steps([tokens.pair_length(p) for p in pairs], spec["batch_size"], 1, spec["steps"], 1,
-                               spec["seed"], 1)
+    plan = training.preference_plan(pairs, spec["batch_size"], 1, spec["steps"], 1, spec["seed"], 1)  # dpo's own
     count = [pair_tokens(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in pairs]
     shared = scoring.shared_prompt_supported(training.load_model(spec["model"]))
     # what the model actually ran on: with shared-prompt rows each prompt is computed once per pair

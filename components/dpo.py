@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from components.core import checkpoints, losses, scoring, tokens, training
+from components.core import checkpoints, logprobs, losses, scoring, sharding, tokens, training
 from components.core.config import DPOConfig
 from components.core.io import read_jsonl, write_csv, write_json
 from components.core.logs import stage_main
@@ -84,8 +84,7 @@ def reduce_means(accelerator, sums: dict[str, torch.Tensor], count: int) -> dict
 @torch.no_grad()
 def evaluate_pairs(model, accelerator, pairs, batch_size, pad_id, loss_kwargs, kto_kl=None) -> dict[str, float]:
     model.eval()
-    order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))
-    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    batches = training.sorted_batches([pair_length(p) for p in pairs], batch_size)
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
     count = 0
     # the same number of forwards on every process (FSDP gathers weights in each one); padding counts 0
@@ -151,7 +150,8 @@ def run(
 
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
-    code = checkpoints.code_fingerprint(sys.modules[__name__], training, scoring, tokens, losses, checkpoints)
+    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scoring, logprobs, tokens, losses,
+                                        checkpoints)
     fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path),
                                  str(Path(data_dir) / "pref_train.jsonl"), str(Path(reference_dir) / "train.pt"), code,
                                  world)
@@ -190,7 +190,7 @@ def run(
             loss_value = accelerator.reduce(step_loss, reduction="sum") / step_pairs
             kto_kl = (accelerator.reduce(step_log_ratio, reduction="sum") / (2 * step_pairs)).clamp(min=0)
             training.guard_finite(loss_value, step + 1, ckpt_dir)
-            grad_norm = training.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
+            grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
             guard.check(step + 1, loss_value.item(), grad_norm)
             optimizer.step()
             lr_schedule.step()

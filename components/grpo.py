@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from components.core import checkpoints, rewards, rl, scoring, tokens, training
+from components.core import checkpoints, logprobs, rewards, rl, scoring, sharding, tokens, training
 from components.core.config import GRPOConfig
 from components.core.generation import eos_ids
 from components.core.io import atomic_dir, read_jsonl, write_csv, write_json
@@ -111,20 +111,17 @@ def _policy_hash(accelerator, model, sharded: bool) -> str:
         return weights_hash(model) if accelerator.is_main_process else ""
     from accelerate.utils import gather_object
 
-    local = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        local.update(name.encode())
-        shard = p.to_local() if hasattr(p, "to_local") else p  # a DTensor's local shard
-        local.update(shard.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    shards = gather_object([local.hexdigest()])
+    shards = gather_object([weights_hash(model)])
     return f"fsdp{len(shards)}:" + hashlib.sha256("".join(shards).encode()).hexdigest()[:16]
 
 
 def weights_hash(model) -> str:
+    """Hash of the model's weights as this process holds them (an FSDP DTensor: its local shard)."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        local = p.to_local() if hasattr(p, "to_local") else p
+        h.update(local.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -231,20 +228,19 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     ref_model = None
     if cfg.beta > 0 and not lora:  # with LoRA the reference is the base with adapters off: no second copy
         ref_model = training.load_model(model_path, trust_remote_code, frozen=True, mixed_precision=mixed_precision)
-        # not wrapped in DDP (no gradients); sharded like the policy under FSDP
-        ref_model = (training.prepare_frozen(accelerator, ref_model) if training.fsdp_requested() and world > 1
-                     else ref_model.to(accelerator.device))
+        ref_model = sharding.prepare_frozen(accelerator, ref_model)
     model, optimizer = training.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
     schedule = training.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
     accelerator.register_for_checkpointing(schedule)
-    sharded = training.is_sharded(model)
+    sharded = sharding.is_sharded(model)
     eos = eos_ids(accelerator.unwrap_model(model), tokenizer)
     pad_id = tokenizer.pad_token_id
 
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
     hyper = checkpoints.math_params(cfg.model_dump())
-    code = checkpoints.code_fingerprint(sys.modules[__name__], training, scoring, tokens, rl, rewards, checkpoints)
+    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scoring, logprobs, tokens, rl, rewards,
+                                        checkpoints)
     fp = checkpoints.fingerprint(hyper, reward_ids, checkpoints.model_identity(model_path), str(prompt_file),
                                  max_prompt_length, seed, code, world)
     step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, cfg.max_steps, model, optimizer)
@@ -396,7 +392,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                                    strict=True))
                 loss_value = torch.tensor(reduced["loss"])
                 training.guard_finite(loss_value, step + 1, ckpt_dir)
-                grad_norm = training.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
+                grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
                 guard.check(step + 1, abs(reduced["loss"]), grad_norm)
                 optimizer.step()
                 schedule.step()

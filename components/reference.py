@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from components.core import training
+from components.core import sharding, training
 from components.core.io import atomic_dir, read_jsonl, write_json
 from components.core.logs import stage_main
 from components.core.scoring import pair_logps
@@ -36,8 +36,7 @@ def score_pairs(model, accelerator, pairs: list[dict], batch_size: int, pad_id: 
     """Reference log-probs of all pairs, sharded over processes and gathered, in input order."""
     from accelerate.utils import gather_object
 
-    order = sorted(range(len(pairs)), key=lambda i: pair_length(pairs[i]))  # length-sorted: little padding
-    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    batches = training.sorted_batches([pair_length(p) for p in pairs], batch_size)
     # the same number of forwards on every process (FSDP gathers weights in each one)
     mine = training.even_shard(batches, accelerator.process_index, accelerator.num_processes)
     results: list[tuple[int, float, float, int, int]] = []
@@ -80,7 +79,7 @@ def run(
     accelerator = training.make_accelerator(mixed_precision)
     tokenizer = training.load_tokenizer(model_path, trust_remote_code)
     model = training.load_model(model_path, trust_remote_code, frozen=True, mixed_precision=mixed_precision)
-    model = training.prepare_frozen(accelerator, model)
+    model = sharding.prepare_frozen(accelerator, model)
 
     results, summary = {}, {}
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from components.core import checkpoints, scoring, tokens, training
+from components.core import checkpoints, logprobs, scoring, sharding, tokens, training
 from components.core.config import SFTConfig, params_hash
 from components.core.io import read_jsonl, write_csv, write_json
 from components.core.logs import stage_main
@@ -34,8 +34,7 @@ log = logging.getLogger("alignflow.sft")
 def evaluate_loss(model, accelerator, examples, batch_size: int, pad_id: int) -> float:
     """Token-mean NLL over the eval set, sharded over processes."""
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # length-sorted: little padding
-    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    batches = training.sorted_batches([len(x[0]) for x in examples], batch_size)
     total = torch.zeros(2, device=accelerator.device)
     # the same number of forwards on every process (FSDP gathers weights in each one); padding counts 0
     for idx, padding in training.even_shard(batches, accelerator.process_index, accelerator.num_processes):
@@ -93,7 +92,7 @@ def run(
 
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
-    code = checkpoints.code_fingerprint(sys.modules[__name__], training, scoring, tokens, checkpoints)
+    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scoring, logprobs, tokens, checkpoints)
     fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path), train_path,
                                  world, code)
     start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
@@ -130,7 +129,7 @@ def run(
             step_loss = accelerator.reduce(step_loss, reduction="sum")
             loss = step_loss[0] / step_loss[1]
             training.guard_finite(loss, step + 1, ckpt_dir)
-            grad_norm = training.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
+            grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
             guard.check(step + 1, loss.item(), grad_norm)
             optimizer.step()
             lr_schedule.step()

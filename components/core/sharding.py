@@ -1,9 +1,10 @@
-"""FSDP2 sharding of a causal LM: which modules become units, and the launch switch.
+"""FSDP2 sharding of a causal LM: the launch switch, which modules become units, frozen-model placement,
+gradient sync and clipping over shards.
 
 alignflow applies torch's `fully_shard` itself instead of accelerate's FSDP plugin: accelerate ignores FSDP on
 CPU, so the sharded path could not otherwise be tested without GPUs. With this, the code that runs on GPUs
-(NCCL) is the code the tests run over gloo. Checkpoint shards are `core/checkpoints.py`, the loop plumbing
-(optimizer over shards, gradient sync, clipping, final save) `core/training.py`.
+(NCCL) is the code the tests run over gloo. Checkpoint shards are `core/checkpoints.py`; the optimizer over
+shards and the final save are `core/training.py`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ def fsdp_requested() -> bool:
     import os
 
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def active(accelerator) -> bool:
+    """FSDP2 for this run: an FSDP launch config with more than one process."""
+    return fsdp_requested() and accelerator.num_processes > 1
 
 
 def is_sharded(model) -> bool:
@@ -72,3 +78,21 @@ def gradient_sync(model, sync: bool):
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def prepare_frozen(accelerator, model):
+    """A model that is only scored (reference pass, GRPO's reference): sharded like the trained ones under FSDP,
+    else just on the device (no gradients, so no DDP wrapper)."""
+    if active(accelerator):
+        return shard_model(model, accelerator.device).eval()
+    return model.to(accelerator.device).eval()
+
+
+def clip_grad_norm(accelerator, model, max_norm: float) -> float | None:
+    """Clip the global gradient norm (over all shards / processes); returns it as a float, None if off."""
+    if max_norm <= 0:
+        return None
+    if is_sharded(model):
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from components.core.io import atomic_dir
-from components.core.sharding import fsdp_requested, gradient_sync, is_sharded, shard_model
+from components.core.sharding import active, gradient_sync, is_sharded, shard_model
 from components.core.tokens import bucketed_batches
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def make_accelerator(mixed_precision: str):
 def prepare_training(accelerator, model, learning_rate: float, weight_decay: float):
     """(model, optimizer) ready for the loop: DDP / single device through accelerate, or FSDP2 shards
     (the optimizer is built over the sharded parameters, as FSDP2 requires)."""
-    if fsdp_requested() and accelerator.num_processes > 1:
+    if active(accelerator):
         if hasattr(model, "peft_config"):
             raise ValueError("LoRA under FSDP is not supported: a LoRA run keeps the frozen base whole on each "
                              "device anyway; use compute.accelerate_config: multi_gpu (DDP)")
@@ -96,23 +96,6 @@ def prepare_training(accelerator, model, learning_rate: float, weight_decay: flo
         return model, make_optimizer(model, learning_rate, weight_decay)
     optimizer = make_optimizer(model, learning_rate, weight_decay)
     return accelerator.prepare(model, optimizer)
-
-
-def prepare_frozen(accelerator, model):
-    """A model that is only scored (reference pass): sharded like the trained ones under FSDP."""
-    if fsdp_requested() and accelerator.num_processes > 1:
-        return shard_model(model, accelerator.device).eval()
-    return accelerator.prepare(model).eval()
-
-
-def clip_grad_norm(accelerator, model, max_norm: float) -> float | None:
-    """Clip the global gradient norm (over all shards / processes); returns it as a float, None if off."""
-    if max_norm <= 0:
-        return None
-    if is_sharded(model):
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
 
 
 def frozen_dtype(mixed_precision: str) -> torch.dtype:
@@ -240,6 +223,12 @@ def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
     return list(indices[rank::world])
 
 
+def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Index batches in length order (little padding) for passes without gradients (evaluation, reference)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def even_shard(batches: Sequence[list[int]], rank: int, world: int) -> list[tuple[list[int], bool]]:
     """This rank's batches, round-robin, as (indices, is_padding): every rank gets the same number of
     batches, short ranks repeat a real batch flagged as padding (run, then left out of every result).
@@ -322,7 +311,7 @@ def save_model_atomic(accelerator, model, tokenizer, out_dir: str, dtype: torch.
     if not accelerator.is_main_process:
         return
     with atomic_dir(out_dir) as tmp:
-        if hasattr(unwrapped, "merge_and_unload") and not is_sharded(unwrapped):  # peft: a plain model downstream
+        if hasattr(unwrapped, "merge_and_unload"):  # peft (never sharded: refused under FSDP): a plain model
             unwrapped = unwrapped.merge_and_unload()
             state_dict = None
         unwrapped.config.use_cache = True
