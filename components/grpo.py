@@ -24,179 +24,28 @@ metrics/grpo.json (TRL's metric names), plots/grpo.csv and one MLflow run with a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import random
 import shutil
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from components.core import checkpoints, logprobs, rewards, rl, scoring, sharding, tokens, training
+from components.core import checkpoints, logprobs, online, rewards, rl, scoring, sharding, tokens, training
 from components.core.config import GRPOConfig
 from components.core.generation import eos_ids
-from components.core.io import atomic_dir, read_jsonl, write_csv, write_json
+from components.core.io import atomic_dir, write_csv, write_json
 from components.core.logs import stage_main
-from components.core.tokens import prompt_ids_for_generation
+from components.core.online import collect_round, load_prompts
 
 log = logging.getLogger("alignflow.grpo")
 
 
 
-# ----------------------------------------------------------------------------- prompts
-
-
-@dataclass(frozen=True)
-class Prompt:
-    id: str
-    messages: list[dict]
-    answer: str  # the record's reference answer (chosen / assistant text), for answer-checking rewards
-    ids: list[int]
-
-
-def load_prompts(path: Path, kind: str, tokenizer, max_prompt_length: int) -> tuple[list[Prompt], int]:
-    """One Prompt per distinct prompt of the prepared file, in file order; (prompts, dropped as too long)."""
-    seen, out, too_long = set(), [], 0
-    for r in read_jsonl(path):
-        if kind == "pref":
-            messages, answer = r["prompt"], r["chosen"][-1]["content"]
-        else:
-            turns = r["messages"]
-            last = max(i for i, m in enumerate(turns) if m["role"] == "assistant")
-            messages, answer = turns[:last], turns[last]["content"]
-        key = json.dumps(messages, sort_keys=True)
-        if key in seen:
-            continue
-        seen.add(key)
-        ids = prompt_ids_for_generation(tokenizer, messages)
-        if len(ids) > max_prompt_length:
-            too_long += 1
-            continue
-        out.append(Prompt(str(r["id"]), messages, answer, ids))
-    return out, too_long
-
-
-class PromptSampler:
-    """Prompt i of the run = a seeded permutation of the prompts for epoch i // n, at i % n. The position
-    (prompts taken so far) is all the state there is: it goes into every checkpoint."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self._perms = n, seed, {}
-
-    def take(self, position: int, k: int) -> list[int]:
-        out = []
-        for i in range(position, position + k):
-            epoch = i // self.n
-            if epoch not in self._perms:
-                perm = list(range(self.n))
-                random.Random(self.seed * 1_000_003 + epoch).shuffle(perm)
-                self._perms[epoch] = perm
-            out.append(self._perms[epoch][i % self.n])
-        return out
-
-
-def chunk_seed(seed: int, round_: int, attempt: int, chunk: int) -> int:
-    return (((seed * 1_000_003 + round_) * 101 + attempt) * 4099 + chunk) % (2**63)
-
-
-def _policy_hash(accelerator, model, sharded: bool) -> str:
-    """The policy weights that sampled a round: one process's hash of the whole model, or under FSDP the hash of
-    every process's shard hashes (no gather of the full weights per round; stable for a given world size)."""
-    if not sharded:
-        return weights_hash(model) if accelerator.is_main_process else ""
-    from accelerate.utils import gather_object
-
-    shards = gather_object([weights_hash(model)])
-    return f"fsdp{len(shards)}:" + hashlib.sha256("".join(shards).encode()).hexdigest()[:16]
-
-
-def weights_hash(model) -> str:
-    """Hash of the model's weights as this process holds them (an FSDP DTensor: its local shard)."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        local = p.to_local() if hasattr(p, "to_local") else p
-        h.update(local.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- generation and scoring
-
-
-@torch.no_grad()
-def sample_chunk(model, tokenizer, prompts: list[Prompt], cfg: GRPOConfig, seed: int, eos: list[int],
-                 pad_id: int, synced: bool = False) -> list[dict]:
-    """G completions for each prompt in one generate() call: ids (up to and including the first end token),
-    the sampler's per-token log-probs (after temperature / top-p), and whether the length limit cut it."""
-    rows = [p for p in prompts for _ in range(cfg.num_generations)]
-    width = max(len(p.ids) for p in rows)
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([[pad_id] * (width - len(p.ids)) + p.ids for p in rows], device=device)
-    attention = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in rows], device=device)
-    torch.manual_seed(seed)
-    out = model.generate(
-        input_ids=input_ids, attention_mask=attention, max_new_tokens=cfg.max_completion_length, min_new_tokens=0,
-        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=0.0, num_beams=1,
-        repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos, pad_token_id=pad_id, use_cache=True,
-        output_scores=True, return_dict_in_generate=True, synced_gpus=synced,
-    )
-    new = out.sequences[:, width:]  # (B, new)
-    scores = torch.stack(out.scores, dim=1).float()  # (B, new, V): the processed logits it sampled from
-    sampler_logps = (scores.gather(-1, new.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scores, dim=-1))
-    completions = []
-    for i, row in enumerate(new.tolist()):
-        cut = next((j + 1 for j, t in enumerate(row) if t in eos), None)
-        ids = row[:cut] if cut else row
-        completions.append({"ids": ids, "sampler_logps": sampler_logps[i, : len(ids)].tolist(),
-                            "truncated": cut is None})
-    return completions
-
-
-def score(prompt: Prompt, completions: list[dict], tokenizer, reward_fns: dict, weights: dict[str, float]) -> None:
-    for c in completions:
-        c["text"] = tokenizer.decode(c["ids"], skip_special_tokens=True).strip()
-        c["rewards"] = {name: float(fn(prompt.messages, c["text"], prompt.answer)) for name, fn in reward_fns.items()}
-        c["reward"] = sum(weights[name] * v for name, v in c["rewards"].items())
-
-
-def collect_round(generate_batch, prompts_per_step: int, dynamic: bool, max_resample_rounds: int,
-                  round_: int = 0) -> tuple[list[dict], list[dict], float]:
-    """The groups a round trains on: (every group generated, the kept ones, frac_reward_zero_std of the first
-    batch). generate_batch(attempt, n) samples n more prompts' groups, each with a `zero_std` flag.
-
-    Without dynamic sampling every group is kept. With it (DAPO), zero-std groups are dropped and more
-    prompts are sampled until `prompts_per_step` groups have reward variance, at most max_resample_rounds
-    extra times; then it trains on the first prompts_per_step kept (fewer, with a warning, if it ran out;
-    the last batch, with a warning, if none had any variance).
-    """
-    batch = generate_batch(0, prompts_per_step)
-    groups, first_zero_frac = list(batch), sum(g["zero_std"] for g in batch) / len(batch)
-    if not dynamic:
-        return groups, batch, first_zero_frac
-    kept = [g for g in batch if not g["zero_std"]]
-    attempt = 0
-    while len(kept) < prompts_per_step and attempt < max_resample_rounds:
-        attempt += 1
-        batch = generate_batch(attempt, prompts_per_step - len(kept))
-        groups += batch
-        kept += [g for g in batch if not g["zero_std"]]
-    if not kept:
-        log.warning("round %d: every group has equal rewards after %d resampling rounds; training on the last "
-                    "batch (zero advantages)", round_, attempt)
-        return groups, batch, first_zero_frac
-    if len(kept) < prompts_per_step:
-        log.warning("round %d: only %d of %d groups with reward variance after %d resampling rounds", round_,
-                    len(kept), prompts_per_step, attempt)
-    return groups, kept[:prompts_per_step], first_zero_frac
-
-
 # ----------------------------------------------------------------------------- the stage
-
 
 def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "data/prepared",
         out_dir: str = "models/grpo", rollouts_dir: str = "artifacts/rollouts", metrics_path: str = "metrics/grpo.json",
@@ -219,7 +68,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     reward_fns = {r.name: rewards.load_reward_function(r.name) for r in cfg.rewards}
     reward_weights = {r.name: r.weight for r in cfg.rewards}
     reward_ids = {name: rewards.reward_identity(name) for name in reward_fns}
-    sampler = PromptSampler(len(prompts), seed)
+    sampler = online.PromptSampler(len(prompts), seed)
 
     # ---------------------------------------------------------------- models, optimizer, schedule
     model = training.load_model(model_path, trust_remote_code, cfg.lora.model_dump(), mixed_precision=mixed_precision,
@@ -240,7 +89,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     ckpt_dir = Path(checkpoint_dir)
     hyper = checkpoints.math_params(cfg.model_dump())
     code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scoring, logprobs, tokens, rl, rewards,
-                                        checkpoints)
+                                        online, checkpoints)
     fp = checkpoints.fingerprint(hyper, reward_ids, checkpoints.model_identity(model_path), str(prompt_file),
                                  max_prompt_length, seed, code, world)
     step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, cfg.max_steps, model, optimizer)
@@ -261,37 +110,17 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
             timing = defaultdict(float)
             # ------------------------------------------------------------ generate + score (chunks over ranks)
             unwrapped = accelerator.unwrap_model(model)
-            policy_hash = _policy_hash(accelerator, unwrapped, sharded)
+            policy_hash = online.policy_hash(accelerator, unwrapped, sharded)
             unwrapped.eval()
 
             def generate_batch(attempt: int, need: int, round_=round_, unwrapped=unwrapped, timing=timing) -> list[dict]:
                 nonlocal position
                 chosen = sampler.take(position, need)
                 position += need
-                chunks = [chosen[i : i + cfg.generation_batch_size]
-                          for i in range(0, len(chosen), cfg.generation_batch_size)]
-                mine = []
-                # under FSDP every process runs the same generate() calls, each forward a collective: a process
-                # short of chunks samples chunk 0 again and drops it, and synced_gpus keeps the calls in step
-                for (c,), padding in training.even_shard([[c] for c in range(len(chunks))], rank, world):
-                    if padding and not sharded:
-                        continue
-                    s = chunk_seed(seed, round_, attempt, c)
-                    t0 = time.perf_counter()
-                    completions = sample_chunk(unwrapped, tokenizer, [prompts[i] for i in chunks[c]], cfg, s, eos,
-                                               pad_id, synced=sharded)
-                    timing["generate"] += time.perf_counter() - t0
-                    if padding:
-                        continue
-                    t0 = time.perf_counter()
-                    for j, idx in enumerate(chunks[c]):
-                        group = completions[j * G : (j + 1) * G]
-                        score(prompts[idx], group, tokenizer, reward_fns, reward_weights)
-                        mine.append({"order": (attempt, c, j), "prompt": idx, "seed": s, "completions": group})
-                    timing["score"] += time.perf_counter() - t0
-                from accelerate.utils import gather_object
-
-                batch = sorted(gather_object(mine) if world > 1 else mine, key=lambda g: g["order"])
+                batch = online.generate_groups(
+                    accelerator, unwrapped, tokenizer, prompts, chosen, cfg, seed=seed, round_=round_, attempt=attempt,
+                    eos=eos, pad_id=pad_id, sharded=sharded, timing=timing,
+                    scorer=lambda p, group: online.score(p, group, tokenizer, reward_fns, reward_weights))
                 _, batch_std = rl.group_advantages(
                     torch.tensor([c["reward"] for g in batch for c in g["completions"]]), G, "none")
                 for g, zero in zip(batch, rl.zero_std_groups(batch_std, G).tolist(), strict=True):
@@ -457,21 +286,11 @@ def _write_round(accelerator, work: Path, round_: int, step: int, rows, prompts,
     """The round's rollout table (rank 0 writes it; old / reference log-probs are gathered from their ranks)."""
     def per_row(computed: dict) -> dict[int, list[float]]:
         local = {i: computed[k][j][: len(rows[i][1]["ids"])].tolist() for k in computed for j, i in enumerate(mbs[k])}
-        if world > 1:
-            from accelerate.utils import gather_object
-
-            merged = {}
-            for part in gather_object([local]):
-                merged.update(part)
-            return merged
-        return local
+        return online.gather_rows(accelerator, local)
 
     old_rows, ref_rows = per_row(old), per_row(ref)
     if not accelerator.is_main_process:
         return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     records = []
     for i, (g, c) in enumerate(rows):
         p = prompts[g["prompt"]]
@@ -483,21 +302,13 @@ def _write_round(accelerator, work: Path, round_: int, step: int, rows, prompts,
             "advantage": c["advantage"], "seed": g["seed"], "policy_hash": policy_hash,
             "reward_hashes": json.dumps(reward_ids, sort_keys=True),
         })
-    tmp = work / f".round_{round_:06d}.parquet.tmp"
-    pq.write_table(pa.Table.from_pylist(records), tmp)
-    tmp.replace(work / f"round_{round_:06d}.parquet")
+    online.write_rollouts(work, round_, records)
 
 
 def _log_samples(mlrun, kept, prompts, step: int, n_groups: int = 4) -> None:
-    if mlrun is None:
-        return
-    import mlflow
-
-    sel = [(g, c) for g in kept[:n_groups] for c in g["completions"]]
-    mlflow.log_table({"prompt": [prompts[g["prompt"]].messages[-1]["content"] for g, _ in sel],
-                      "completion": [c["text"] for _, c in sel], "reward": [c["reward"] for _, c in sel],
-                      "advantage": [c["advantage"] for _, c in sel]},
-                     artifact_file=f"samples/step_{step:06d}.json")
+    online.log_samples(mlrun, [{"prompt": prompts[g["prompt"]].messages[-1]["content"], "completion": c["text"],
+                                "reward": c["reward"], "advantage": c["advantage"]}
+                               for g in kept[:n_groups] for c in g["completions"]], step)
 
 
 def _final_metrics(history: list[dict], cfg: GRPOConfig, generated_tokens: int, seconds: float, world: int,

@@ -222,6 +222,80 @@ class GRPOConfig(Strict):
         return self
 
 
+class RewardModelConfig(TrainLoopConfig):
+    """Bradley-Terry reward model on the preference pairs (TRL RewardTrainer's loss; loop settings as sft/dpo)."""
+
+    enabled: bool = True  # false: placeholders only (ppo then needs reward: functions)
+    center_rewards_coefficient: float | None = Field(None, ge=0.0)  # TRL's default None; 0.01 in its docs' example
+    use_margin: bool = True  # use a pair's `margin` field when the data has one: -log σ(r_c - r_r - margin)
+    calibration_bins: int = Field(10, ge=2)
+    init_seed: int | None = None  # seed of the new score head (None: the global seed)
+
+
+class PPOConfig(Strict):
+    """The classic-RLHF online stage, modes ppo and rloo (DVC stages ppo@ppo, ppo@rloo): defaults as TRL's
+    PPOConfig (ppo) and RLOOConfig (rloo), every one written into the run's metrics and MLflow params."""
+
+    enabled: bool = True  # false: placeholders only
+    reward: Literal["reward_model", "functions"] = "reward_model"  # the trained RM, or the reward functions below
+    rewards: list[RewardSpec] = [RewardSpec(name="sorting")]  # reward: functions (as grpo.rewards)
+    max_steps: int = Field(40, gt=0)  # generation rounds (each: num_ppo_epochs x num_mini_batches updates)
+    prompts_per_step: int = Field(16, gt=0)  # prompts per round (global)
+    num_generations: int = Field(4, ge=2)  # rloo: G samples per prompt for the leave-one-out baseline (ppo: 1)
+    generation_batch_size: int = Field(16, gt=0)  # prompts per generate() call
+    micro_batch_size: int = Field(16, gt=0)  # completions per forward/backward
+    max_completion_length: int = Field(53, gt=0)  # TRL PPOConfig response_length
+    temperature: float = Field(0.7, gt=0.0)  # TRL PPOConfig 0.7 (RLOOConfig 1.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    learning_rate: float = Field(3e-6, gt=0.0)  # TRL PPOConfig
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    scheduler: Literal["cosine", "linear", "constant"] = "linear"
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    kl_coef: float = Field(0.05, ge=0.0)  # per-token KL penalty in the reward (ppo); RLOO's beta (sequence KL)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    adaptive_kl: bool = False  # Ziegler et al. 2019 controller: kl_coef follows target_kl
+    target_kl: float = Field(6.0, gt=0.0)
+    kl_horizon: int = Field(10000, gt=0)
+    num_ppo_epochs: int = Field(4, gt=0)  # passes over each round's rollouts
+    num_mini_batches: int = Field(1, gt=0)  # optimizer steps per pass
+    cliprange: float = Field(0.2, gt=0.0)  # policy ratio clip (both modes)
+    cliprange_value: float = Field(0.2, gt=0.0)
+    vf_coef: float = Field(0.1, ge=0.0)
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    whiten_rewards: bool = False
+    normalize_advantages: bool = False  # rloo (TRL RLOOConfig default); ppo always whitens advantages
+    missing_eos_penalty: float | None = None  # subtracted from the score of a completion with no end token
+    value_init: Literal["reward_model", "sft"] = "reward_model"  # where the value model starts (TRL: the RM)
+    divergence_factor: float = Field(100.0, gt=1.0)
+    save_every: int = Field(10, gt=0)  # rounds between checkpoints
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(5, gt=0)
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    rloo: dict = {}  # keys of this section that differ in the rloo mode (e.g. num_ppo_epochs: 1 as TRL's RLOO)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PPOConfig:
+        if self.reward == "functions" and not self.rewards:
+            raise ValueError("reward: functions needs at least one entry in rewards")
+        if "rloo" in self.rloo or "enabled" in self.rloo:
+            raise ValueError("rloo: overrides the mode's training keys only (not rloo or enabled)")
+        if self.rloo:
+            self.for_mode("rloo")  # unknown keys and bad values fail at load time, named
+        return self
+
+    def for_mode(self, mode: str) -> PPOConfig:
+        """The settings of one mode: this section, with `rloo` applied in the rloo mode."""
+        if mode != "rloo" or not self.rloo:
+            return self
+        try:
+            return PPOConfig.model_validate({**self.model_dump(exclude={"rloo"}), **self.rloo})
+        except ValidationError as e:
+            raise ValueError("rloo: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                                  for err in e.errors())) from None
+
+
 class EvaluateConfig(Strict):
     num_prompts: int = Field(200, ge=0)
     max_new_tokens: int = Field(32, gt=0)
@@ -255,7 +329,7 @@ class GateConfig(Strict):
 
 class RegisterConfig(Strict):
     model_name: str = Field("alignflow-default", min_length=1)
-    candidate: Literal["dpo", "grpo"] = "dpo"  # which trained policy register proposes (models/<candidate>)
+    candidate: Literal["dpo", "grpo", "ppo", "rloo"] = "dpo"  # which trained policy register proposes (models/<candidate>)
     gate: GateConfig = GateConfig()
 
 
@@ -271,6 +345,8 @@ class Params(Strict):
     reference: ReferenceConfig = ReferenceConfig()
     dpo: DPOConfig = DPOConfig()
     grpo: GRPOConfig = GRPOConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
+    ppo: PPOConfig = PPOConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     # "register" would shadow a pydantic attribute; the params file still says `register:`.
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")

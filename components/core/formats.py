@@ -423,6 +423,9 @@ def normalise(name: str, record: dict) -> tuple[str, dict]:
     tools = _tools(record["input"]) if name == "openai_preference" and isinstance(record["input"], dict) else _tools(record)
     if tools:
         content["tools"] = tools
+    margin = record.get("margin")  # TRL's reward-data column: how much better chosen is (reward_model reads it)
+    if kind == "preference" and isinstance(margin, int | float) and not isinstance(margin, bool):
+        content["margin"] = float(margin)
     return kind, content
 
 

@@ -137,3 +137,99 @@ def clip_fractions(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Te
     m = mask.bool()
     return {"clip_ratio/low": (low & m).sum().float(), "clip_ratio/high": (high & m).sum().float(),
             "clip_ratio/region": ((low | high) & m).sum().float()}
+
+
+# ----------------------------------------------------------------------------- classic RLHF: PPO and RLOO
+# As TRL's PPOTrainer (experimental since 0.20) and RLOOTrainer define them; hand-computed tests in test_rl.py.
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over the masked entries, variance with Bessel's correction (TRL's
+    masked_whiten); shift_mean=False adds the mean back (whitening the scale only, as for rewards)."""
+    mask = mask.to(x.dtype)
+    n = mask.sum()
+    mean = (x * mask).sum() / n.clamp(min=1.0)
+    var = (((x - mean) ** 2) * mask).sum() / n.clamp(min=1.0)
+    if n > 1:
+        var = var * n / (n - 1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return out + mean if not shift_mean else out
+
+
+def token_kl(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate on the sampled tokens: k1 = logp - ref (unbiased, can be negative),
+    k3 = exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
+    if estimator == "k1":
+        return logps - ref_logps
+    if estimator == "k3":
+        return k3_kl(logps, ref_logps)
+    raise ValueError(f"kl_estimator={estimator!r}: expected k1 or k3")
+
+
+def ppo_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """(B, T) PPO rewards: -kl_coef * KL_t at every response token, plus the sequence score at its last token."""
+    rewards = -kl_coef * kl * mask
+    last = (mask.long().sum(-1) - 1).clamp(min=0)
+    return rewards.scatter_add(1, last.unsqueeze(1), scores.to(rewards.dtype).unsqueeze(1))
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over (B, T) response tokens (Schulman et al. 2016):
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, with V = 0 and A = 0 past the end.
+    Returns (advantages, returns = advantages + values), both 0 past each sequence's end."""
+    mask = mask.to(values.dtype)
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_losses(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                      cliprange: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped policy loss max(-A r, -A clip(r, 1 ± eps)) and whether the clip was active."""
+    ratio = torch.exp(logps - old_logps)
+    loss1 = -advantages * ratio
+    loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    return torch.max(loss1, loss2), (loss2 > loss1)
+
+
+def ppo_value_losses(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                     cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped value loss 0.5 * max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, ± eps_v),
+    and whether the clipped term was the larger."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss1 = (values - returns) ** 2
+    loss2 = (clipped - returns) ** 2
+    return 0.5 * torch.max(loss1, loss2), (loss2 > loss1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): each sample's reward minus the mean of the other G - 1 in its group."""
+    if group_size < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt")
+    grouped = rewards.view(-1, group_size)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).view(-1)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: kl_coef *= 1 + clip(KL / target - 1, ±0.2) * n_steps / horizon after each batch."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon

@@ -166,7 +166,7 @@ def _batches(*flags_per_call):
 
 
 def test_dynamic_sampling_drops_zero_std_groups_and_refills():
-    from components.grpo import collect_round
+    from components.core.online import collect_round
 
     generate, calls = _batches([True, False, True, False], [False, True], [False])
     groups, kept, frac = collect_round(generate, 4, dynamic=True, max_resample_rounds=3)
@@ -177,7 +177,7 @@ def test_dynamic_sampling_drops_zero_std_groups_and_refills():
 
 
 def test_dynamic_sampling_gives_up_after_max_rounds_and_without_it_keeps_all():
-    from components.grpo import collect_round
+    from components.core.online import collect_round
 
     generate, calls = _batches([True, True], [True, True], [True, True])
     groups, kept, frac = collect_round(generate, 2, dynamic=True, max_resample_rounds=2)

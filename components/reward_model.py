@@ -1,0 +1,238 @@
+"""Reward-model stage: a Bradley-Terry reward model on the preference pairs, from the SFT model.
+
+    accelerate launch --config_file configs/accelerate/cpu.yaml -m components.reward_model --params params.yaml
+
+The SFT model gets a one-label sequence-classification head (`AutoModelForSequenceClassification`, the layout
+TRL's RewardTrainer writes) and learns r(x, y) with TRL's loss: -log σ(r_c - r_r - margin), plus
+`center_rewards_coefficient` · (r_c + r_r)² when set (the margin is a pair's `margin` field when the data has
+one). Chosen and rejected go through one forward pass; the plan of micro-batches, accumulation, clipping,
+checkpoints with exact resume and the divergence guard are the same as dpo's.
+
+Writes models/reward_model/ (loads in TRL, OpenRLHF, `evaluate.judge: reward_model`), metrics/reward_model.json
+(held-out accuracy, mean margin, expected calibration error), reports/reward_model.json (the reliability bins:
+σ(r_c - r_r) against the observed order, each pair counted both ways), plots/reward_model.csv and an MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from components.core import checkpoints, scorers, sharding, tokens, training
+from components.core.config import RewardModelConfig
+from components.core.io import atomic_dir, read_jsonl, write_csv, write_json
+from components.core.logs import stage_main
+from components.core.tokens import pair_length, tokenize_pair
+
+log = logging.getLogger("alignflow.reward_model")
+
+
+def pair_rewards(model, pairs: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen (B,), r_rejected (B,)): one forward over the 2B rows, each read at its last token."""
+    prompts = [p["prompt_ids"] for p in pairs] * 2
+    responses = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+    scores = scorers.end_scores(model, prompts, responses, pad_id, device)
+    return scores[: len(pairs)], scores[len(pairs):]
+
+
+def margins_of(pairs: list[dict], device) -> torch.Tensor | None:
+    if not any("margin" in p for p in pairs):
+        return None
+    return torch.tensor([float(p.get("margin", 0.0)) for p in pairs], device=device)
+
+
+@torch.no_grad()
+def score_pairs(model, accelerator, pairs: list[dict], batch_size: int, pad_id: int) -> tuple[list[float], list[float]]:
+    """Rewards of every pair (all processes, every process gets all; padding batches dropped), in pair order."""
+    model.eval()
+    batches = training.sorted_batches([pair_length(p) for p in pairs], batch_size)
+    local: dict[int, list[float]] = {}
+    for idx, padding in training.even_shard(batches, accelerator.process_index, accelerator.num_processes):
+        rc, rr = pair_rewards(model, [pairs[i] for i in idx], pad_id, accelerator.device)
+        if not padding:
+            local.update({i: [c, r] for i, c, r in zip(idx, rc.tolist(), rr.tolist(), strict=True)})
+    model.train()
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        merged = {}
+        for part in gather_object([local]):
+            merged.update(part)
+        local = merged
+    return [local[i][0] for i in range(len(pairs))], [local[i][1] for i in range(len(pairs))]
+
+
+def heldout_metrics(chosen: list[float], rejected: list[float], bins: int) -> tuple[dict, dict]:
+    diff = torch.tensor(chosen) - torch.tensor(rejected)
+    calib = scorers.reliability(chosen, rejected, bins)
+    metrics = {"eval/accuracy": (diff > 0).float().mean().item(), "eval/margin": diff.mean().item(),
+               "eval/reward_chosen": float(torch.tensor(chosen).mean()),
+               "eval/reward_rejected": float(torch.tensor(rejected).mean()), "eval/ece": calib["ece"]}
+    return metrics, calib
+
+
+def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str = "data/prepared",
+        out_dir: str = "models/reward_model", metrics_path: str = "metrics/reward_model.json",
+        calibration_path: str = "reports/reward_model.json", plots_path: str = "plots/reward_model.csv",
+        checkpoint_dir: str = "checkpoints/reward_model", max_length: int = 128, max_prompt_length: int = 96,
+        mixed_precision: str = "auto", seed: int = 1234, trust_remote_code: bool = False, track: bool = True) -> dict:
+    hyper = {**cfg.model_dump(), "max_length": max_length, "max_prompt_length": max_prompt_length,
+             "mixed_precision": mixed_precision, "seed": seed, "trust_remote_code": trust_remote_code}
+    if cfg.lora.enabled:
+        raise ValueError("reward_model.lora: not supported (the score head is trained whole); set enabled: false")
+    accelerator = training.make_accelerator(mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    # ---------------------------------------------------------------- data
+    tokenizer = training.load_tokenizer(model_path, trust_remote_code)
+    splits = {}
+    for split in ("train", "eval"):
+        records = read_jsonl(Path(data_dir) / f"pref_{split}.jsonl")
+        splits[split] = [tokenize_pair(tokenizer, r, max_length, max_prompt_length) for r in records]
+        if cfg.use_margin:
+            for pair, r in zip(splits[split], records, strict=True):
+                if "margin" in r:
+                    pair["margin"] = float(r["margin"])
+    train, evals = splits["train"], splits["eval"]
+    if not train:
+        raise ValueError(f"{data_dir}/pref_train.jsonl: no preference pairs")
+    plan = training.preference_plan(train, cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.epochs, seed, world)
+    total_steps = len(plan)
+
+    # ---------------------------------------------------------------- model (SFT + a new head), optimizer
+    torch.manual_seed(seed if cfg.init_seed is None else cfg.init_seed)  # the head's init
+    pad_id = tokenizer.pad_token_id
+    model = scorers.load_scorer(model_path, trust_remote_code, pad_token_id=pad_id,
+                                gradient_checkpointing=cfg.gradient_checkpointing)
+    torch.manual_seed(seed)
+    model, optimizer = training.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
+    schedule = training.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
+    accelerator.register_for_checkpointing(schedule)
+
+    ckpt_dir = Path(checkpoint_dir)
+    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scorers, tokens, checkpoints)
+    fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path),
+                                 str(Path(data_dir) / "pref_train.jsonl"), code, world)
+    start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
+    guard = training.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
+
+    tracking_params = {**hyper, "world_size": world, "model": model_path}
+    with training.stage_tracking(accelerator, "reward_model", tracking_params, [model_path, data_dir], track) as mlrun:
+        bar = training.progress(total_steps, start_step, "reward_model", accelerator.is_local_main_process)
+        model.train()
+        window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
+        window_pairs, t0 = 0, time.perf_counter()
+        for step in range(start_step, total_steps):
+            micro_batches = plan[step]
+            step_pairs = sum(len(mb) for mb in micro_batches)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for k, mb in enumerate(micro_batches):
+                mine = [train[i] for i in training.shard(mb, rank, world)]
+                with training.maybe_no_sync(accelerator, model, k == len(micro_batches) - 1):
+                    with accelerator.autocast():
+                        rc, rr = pair_rewards(model, mine, pad_id, accelerator.device)
+                    per_pair = scorers.bradley_terry_losses(rc, rr, margins_of(mine, rc.device),
+                                                            cfg.center_rewards_coefficient)
+                    accelerator.backward(per_pair.sum() * world / step_pairs)  # global mean; * world undoes DDP
+                step_loss += per_pair.detach().sum()
+                window["loss"] += per_pair.detach().sum()
+                window["accuracy"] += (rc > rr).float().sum().detach()
+                window["margin"] += (rc - rr).sum().detach()
+                window["mean_reward"] += ((rc + rr) / 2).sum().detach()
+                window_pairs += len(mine)
+            loss_value = accelerator.reduce(step_loss, reduction="sum") / step_pairs
+            training.guard_finite(loss_value, step + 1, ckpt_dir)
+            grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
+            guard.check(step + 1, loss_value.item(), grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            training.maybe_crash(step + 1)
+            bar.update(1)
+
+            done, row = step + 1, None
+            if done % cfg.log_every == 0 or done == total_steps:
+                keys = sorted(window)
+                sums = accelerator.reduce(torch.stack([window[k] for k in keys]), "sum")
+                count = accelerator.reduce(torch.tensor(float(window_pairs), device=accelerator.device), "sum")
+                row = {"step": done, **{k: (v / count.clamp_min(1)).item() for k, v in zip(keys, sums, strict=True)},
+                       "learning_rate": schedule.get_last_lr()[0],
+                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                       "pairs_per_second": float(count) / max(time.perf_counter() - t0, 1e-9)}
+                window.clear()
+                window_pairs, t0 = 0, time.perf_counter()
+            if evals and (done % cfg.eval_every == 0 or done == total_steps):
+                row = row or {"step": done}
+                row.update(heldout_metrics(*score_pairs(model, accelerator, evals, cfg.batch_size, pad_id),
+                                           cfg.calibration_bins)[0])
+            if row:
+                history.append(row)
+                training.log_step_metrics(mlrun, row, done)
+            if done % cfg.save_every == 0 and done < total_steps:
+                checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history,
+                                                                           "guard": guard.state()},
+                                            cfg.keep_checkpoints, model, optimizer)
+        bar.close()
+
+        # ------------------------------------------------------------ outputs
+        chosen, rejected = score_pairs(model, accelerator, evals, cfg.batch_size, pad_id) if evals else ([], [])
+        training.save_model_atomic(accelerator, model, tokenizer, out_dir, training.stored_dtype(model_path))
+        last_train = next(r for r in reversed(history) if "loss" in r)
+        final = {k: v for k, v in last_train.items() if k not in ("step", "learning_rate", "grad_norm")}
+        calibration = {"bins": [], "ece": float("nan")}
+        if evals:
+            heldout, calibration = heldout_metrics(chosen, rejected, cfg.calibration_bins)
+            final.update(heldout)
+        final.update({"steps": total_steps, "world_size": world, "train/pairs": len(train), "eval/pairs": len(evals)})
+        if accelerator.is_main_process:
+            write_csv(plots_path, history)
+            write_json(metrics_path, final)
+            Path(calibration_path).parent.mkdir(parents=True, exist_ok=True)
+            write_json(calibration_path, {**calibration, "eval_chosen": chosen, "eval_rejected": rejected})
+            training.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, total_steps)
+    checkpoints.clear_checkpoints(accelerator, ckpt_dir)
+    return final
+
+
+def skip(out_dir: str, metrics_path: str = "metrics/reward_model.json",
+         calibration_path: str = "reports/reward_model.json", plots_path: str = "plots/reward_model.csv") -> None:
+    """reward_model.enabled = false: placeholders for the DVC outs (ppo then needs `reward: functions`)."""
+    note = {"enabled": False, "reason": "reward_model.enabled is false in params"}
+    with atomic_dir(out_dir) as tmp:
+        write_json(Path(tmp) / "disabled.json", note)
+    write_json(metrics_path, note)
+    Path(calibration_path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(calibration_path, {"bins": [], **note})
+    write_csv(plots_path, [])
+    log.info("reward_model: disabled; wrote placeholders")
+
+
+@stage_main("reward_model")
+def main(argv: list[str] | None = None) -> None:
+    from components.core.config import load_params
+
+    parser = argparse.ArgumentParser(description="Bradley-Terry reward model on the preference pairs")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", default="models/sft", help="initialisation (default: the SFT model)")
+    parser.add_argument("--data-dir", default="data/prepared")
+    parser.add_argument("--out", default="models/reward_model")
+    args = parser.parse_args(argv)
+    p = load_params(args.params)
+    if not p.reward_model.enabled:
+        skip(args.out)
+        return
+    result = run(p.reward_model, model_path=args.model, data_dir=args.data_dir, out_dir=args.out,
+                 max_length=p.data.max_length, max_prompt_length=p.data.max_prompt_length,
+                 mixed_precision=p.compute.mixed_precision, seed=p.seed, trust_remote_code=p.model.trust_remote_code)
+    log.info("reward_model done: %s", json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
