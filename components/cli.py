@@ -142,13 +142,16 @@ def format_summary(s: dict, tracking_uri: str) -> str:
                      f"({int(e['eval/num_prompts'])} held-out prompts)")
     else:
         lines.append(f"  {'DPO':<9} not evaluated yet (dvc repro evaluate)")
-    if "eval/grpo/reward_mean" in e:
-        g = "eval/grpo/"
+    for name in ("grpo", "ppo", "rloo"):
+        g = f"eval/{name}/"
+        if g + "reward_mean" not in e:
+            continue
+        rm = f"   reward-model score {e[g + 'rm_score_mean']:+.2f}" if g + "rm_score_mean" in e else ""
         lines.append(
-            f"  {'GRPO':<9} judge reward {e[g + 'reward_mean']:.3f} (Δ {e[g + 'reward_delta']:+.3f} "
+            f"  {name.upper():<9} judge reward {e[g + 'reward_mean']:.3f} (Δ {e[g + 'reward_delta']:+.3f} "
             f"{ci(e, g + 'reward_delta', lambda v: f'{v:+.3f}')})   win rate vs SFT {pct(e[g + 'win_rate_vs_sft'])}, "
             f"vs DPO {pct(e[g + 'win_rate_vs_dpo'])}" + (f"   exact {pct(e[g + 'reward_eq_1'])}" if g + "reward_eq_1" in e else "")
-            + f"   KL to SFT {e[g + 'kl_to_reference']:.2f}   length x{e[g + 'length_ratio']:.2f}")
+            + f"   KL to SFT {e[g + 'kl_to_reference']:.2f}   length x{e[g + 'length_ratio']:.2f}{rm}")
     lines.append(f"  {'report':<9} {s['report'] or 'not written yet'}")
     r = s["registration"]
     if r:

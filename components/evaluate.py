@@ -1,4 +1,4 @@
-"""Evaluation stage: SFT vs DPO (and GRPO) on held-out data, and an HTML report a person can read in a minute.
+"""Evaluation stage: SFT vs DPO (and GRPO, PPO, RLOO) on held-out data, and an HTML report read in a minute.
 
     python -m components.evaluate --params params.yaml
 
@@ -10,8 +10,10 @@ For both models it measures
   mean reward, exact-solve rate, per-prompt win rate DPO vs SFT with a bootstrap interval;
 - a Monte-Carlo estimate of KL(pi_dpo || pi_sft) on the DPO samples, response lengths, and held-out
   SFT perplexity.
-The GRPO policy (models/grpo, when there is one) is measured the same way on the same prompts and seeds:
-`eval/grpo/...` (reward with CI, exact solves, win rate vs SFT and vs DPO, KL to SFT, length ratio).
+The online policies (models/grpo, models/ppo, models/rloo, those that were trained) are measured the same way
+on the same prompts and seeds: `eval/<name>/...` (reward with CI, exact solves, win rate vs SFT and vs DPO, KL
+to SFT, length ratio). With a reward model (models/reward_model), every policy's samples also get its score,
+`.../rm_score_mean` beside the judge's reward: a policy that raises the first and not the second is hacking it.
 Writes metrics/eval.json, plots/eval.csv (one row per prompt, for `dvc plots`), reports/eval/
 (index.html with embedded PNGs, the PNGs, samples.jsonl) and one MLflow run.
 
@@ -19,6 +21,10 @@ The file reads top to bottom as the stage runs: `score_models` (everything that 
 `summarise` (pure: per-item numbers in, metrics out), then `run` writes metrics, report and the MLflow
 run. Judges, sampling, statistics and the report's rendering are in core/ (rewards, generation, stats,
 report), shared with `alignflow promote`.
+
+Why this file is long: it is the one stage that measures every trained policy on the same prompts and seeds
+(SFT, DPO and the online GRPO / PPO / RLOO, with the reward model's view beside the judge's); splitting the
+scoring from the metrics it feeds would scatter that one contract over files.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from components.core.tokens import collate_sequences, tokenize_pair, tokenize_sf
 from components.core.training import autocast
 
 log = logging.getLogger("alignflow.evaluate")
+ONLINE = ("grpo", "ppo", "rloo")  # the online policies evaluated beside DPO, when trained (models/<name>)
 
 
 # ----------------------------------------------------------------------------- scoring with a model
@@ -68,8 +75,8 @@ def heldout_perplexity(model, tokenizer, records: list[dict], max_length: int, b
 def score_models(sft_dir: str, dpo_dir: str, pref_records: list[dict], prompt_messages: list[list[dict]],
                  sft_records: list[dict], *, max_new_tokens: int, temperature: float, top_p: float,
                  batch_size: int, max_length: int, max_prompt_length: int, mixed_precision: str, seed: int,
-                 trust_remote_code: bool, grpo_dir: str | None = None) -> dict:
-    """Everything evaluate needs a model for, per held-out item, for SFT, DPO and (with grpo_dir) GRPO.
+                 trust_remote_code: bool, online_dirs: dict[str, str] | None = None) -> dict:
+    """Everything evaluate needs a model for, per held-out item, for SFT, DPO and the online policies.
 
     Returns logps[name] = (chosen (N,), rejected (N,), chosen_tokens (N,), rejected_tokens (N,)) on the
     pairs, generated[name] = (prompt_ids, response_ids) per prompt, perplexity[name] (when there are SFT
@@ -78,8 +85,8 @@ def score_models(sft_dir: str, dpo_dir: str, pref_records: list[dict], prompt_me
     """
     sft_model, tokenizer = load_causal_lm(sft_dir, trust_remote_code)
     policies = {"dpo": load_causal_lm(dpo_dir, trust_remote_code)[0]}
-    if grpo_dir:
-        policies["grpo"] = load_causal_lm(grpo_dir, trust_remote_code)[0]
+    for name, path in (online_dirs or {}).items():
+        policies[name] = load_causal_lm(path, trust_remote_code)[0]
     pad_id = tokenizer.pad_token_id
     pairs = [tokenize_pair(tokenizer, r, max_length, max_prompt_length) for r in pref_records]
 
@@ -114,7 +121,7 @@ def score_models(sft_dir: str, dpo_dir: str, pref_records: list[dict], prompt_me
 
 def policy_vs_sft(name: str, scores: dict[str, Sequence[float]], lengths: dict[str, Sequence[int]],
                   kl_terms: torch.Tensor, bootstrap_samples: int, confidence: float, seed: int,
-                  exact_reward: bool) -> dict[str, float]:
+                  exact_reward: bool, rm_scores: dict[str, Sequence[float]] | None = None) -> dict[str, float]:
     """One policy against SFT on the same prompts: judge reward, paired delta and win rate, KL to SFT, length
     ratio, each with its bootstrap CI. Keys without prefix (the caller adds `eval/` or `eval/grpo/`)."""
     wins = win_values(scores[name], scores["sft"])
@@ -126,13 +133,14 @@ def policy_vs_sft(name: str, scores: dict[str, Sequence[float]], lengths: dict[s
     # floor of one token: an SFT model that always stops at once must not make the ratio infinite
     ratio, ratio_low, ratio_high = bootstrap_ratio_ci(lengths[name], lengths["sft"], bootstrap_samples, confidence,
                                                       seed)
+    rm = {"rm_score_mean": float(np.mean(rm_scores[name]))} if rm_scores else {}
     out = {
         "reward_mean": reward_mean, "reward_mean_ci_low": reward_low, "reward_mean_ci_high": reward_high,
         "reward_delta": delta, "reward_delta_ci_low": delta_low, "reward_delta_ci_high": delta_high,
         "win_rate_vs_sft": win_rate, "win_rate_ci_low": win_low, "win_rate_ci_high": win_high,
         "kl_to_reference": kl, "kl_to_reference_ci_low": kl_low, "kl_to_reference_ci_high": kl_high,
         "length_mean": float(np.mean(lengths[name])),
-        "length_ratio": ratio, "length_ratio_ci_low": ratio_low, "length_ratio_ci_high": ratio_high,
+        "length_ratio": ratio, "length_ratio_ci_low": ratio_low, "length_ratio_ci_high": ratio_high, **rm,
     }
     if exact_reward:  # share of exact solves, and its paired difference to SFT with a bootstrap CI
         solved = [float(s == 1.0) for s in scores[name]]
@@ -158,15 +166,17 @@ def summarise(
     num_pairs: int,
     perplexity: dict[str, float] | None = None,
     exact_reward: bool = False,
+    rm_scores: dict[str, Sequence[float]] | None = None,
 ) -> dict[str, float]:
     """The stage's metrics from per-item numbers; no model involved.
 
     scores[name], lengths[name]: judge score and generated length per held-out prompt (P,), for
-    name in sft, dpo and optionally grpo (same prompts, same order). logps[name] = (chosen (N,),
+    name in sft, dpo and optionally the ONLINE policies (same prompts, same order). logps[name] = (chosen (N,),
     rejected (N,)): summed response log-probs on the held-out pairs; ref_chosen, ref_rejected (N,): the
     reference's. kl_terms[name] (P,): log pi_name - log pi_sft on name's untempered samples (a tensor
-    means DPO's). DPO's metrics keep their plain `eval/` names (the gate's); GRPO's are `eval/grpo/...`,
-    plus its win rate against DPO on the same prompts. exact_reward: the judge gives 1.0 exactly for a
+    means DPO's). DPO's metrics keep their plain `eval/` names (the gate's); an online policy's are
+    `eval/<name>/...`, plus its win rate against DPO on the same prompts. rm_scores[name] (P,): the reward
+    model's score of each sample, when there is a reward model. exact_reward: the judge gives 1.0 exactly for a
     correct answer (the synthetic task), so the share of 1.0 scores is reported too.
     """
     kl_terms = kl_terms if isinstance(kl_terms, dict) else {"dpo": kl_terms}
@@ -191,23 +201,26 @@ def summarise(
         "eval/num_prompts": len(scores["dpo"]),
         "eval/num_pairs": num_pairs,
     }
-    for name, prefix in (("dpo", "eval/"), ("grpo", "eval/grpo/")):
-        if name in scores:
-            metrics.update({prefix + k: v for k, v in policy_vs_sft(
-                name, scores, lengths, kl_terms[name], bootstrap_samples, confidence, seed, exact_reward).items()})
-    if "grpo" in scores:
-        metrics["eval/grpo/logp_accuracy"] = (logp_margin["grpo"] > 0).float().mean().item()
-        wins = win_values(scores["grpo"], scores["dpo"])
-        rate, low, high = bootstrap_ci(wins, bootstrap_samples, confidence, seed)
-        metrics.update({"eval/grpo/win_rate_vs_dpo": rate, "eval/grpo/win_rate_vs_dpo_ci_low": low,
-                        "eval/grpo/win_rate_vs_dpo_ci_high": high})
+    for name in ("dpo", *ONLINE):
+        if name not in scores:
+            continue
+        prefix = "eval/" if name == "dpo" else f"eval/{name}/"
+        metrics.update({prefix + k: v for k, v in policy_vs_sft(
+            name, scores, lengths, kl_terms[name], bootstrap_samples, confidence, seed, exact_reward,
+            rm_scores).items()})
+        if name != "dpo":
+            metrics[prefix + "logp_accuracy"] = (logp_margin[name] > 0).float().mean().item()
+            rate, low, high = bootstrap_ci(win_values(scores[name], scores["dpo"]), bootstrap_samples, confidence, seed)
+            metrics.update({prefix + "win_rate_vs_dpo": rate, prefix + "win_rate_vs_dpo_ci_low": low,
+                            prefix + "win_rate_vs_dpo_ci_high": high})
+        if perplexity and name in perplexity:
+            metrics[prefix + "perplexity"] = perplexity[name]
+    if rm_scores:
+        metrics["eval/sft/rm_score_mean"] = float(np.mean(rm_scores["sft"]))
     if exact_reward:
         metrics["eval/sft/reward_eq_1"] = float(np.mean([s == 1.0 for s in scores["sft"]]))
     if perplexity:
         metrics["eval/sft/perplexity"] = perplexity["sft"]
-        metrics["eval/perplexity"] = perplexity["dpo"]
-        if "grpo" in perplexity:
-            metrics["eval/grpo/perplexity"] = perplexity["grpo"]
     return dict(sorted(metrics.items()))
 
 
@@ -229,12 +242,16 @@ def run(
     sft_dir: str = "models/sft",
     dpo_dir: str = "models/dpo",
     grpo_dir: str | None = None,
+    online_dirs: dict[str, str] | None = None,
+    reward_model_dir: str | None = None,
+    reward_model_report: str = "reports/reward_model.json",
     pref_eval_path: str = "data/prepared/pref_eval.jsonl",
     sft_eval_path: str = "data/prepared/sft_eval.jsonl",
     reference_path: str = "artifacts/ref_logps/eval.pt",
     sft_curves_path: str = "plots/sft.csv",
     dpo_curves_path: str = "plots/dpo.csv",
     grpo_curves_path: str = "plots/grpo.csv",
+    curves_dir: str = "plots",
     metrics_path: str = "metrics/eval.json",
     plots_path: str = "plots/eval.csv",
     report_dir: str = "reports/eval",
@@ -258,6 +275,7 @@ def run(
 ) -> dict:
     hyper = {k: v for k, v in locals().items() if k != "track"}
     torch.manual_seed(seed)
+    online_dirs = {**({"grpo": grpo_dir} if grpo_dir else {}), **(online_dirs or {})}
     judge_fn = load_judge(judge, judge_path)  # fail before any model work when the judge is broken
 
     # ---------------------------------------------------------------- data
@@ -276,7 +294,7 @@ def run(
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           batch_size=batch_size, max_length=max_length, max_prompt_length=max_prompt_length,
                           mixed_precision=mixed_precision, seed=seed, trust_remote_code=trust_remote_code,
-                          grpo_dir=grpo_dir)
+                          online_dirs=online_dirs)
     logps, generated, tokenizer, eos = scored["logps"], scored["generated"], scored["tokenizer"], scored["eos"]
     # Cheap guard against silently comparing different token sequences with the cached reference.
     if "chosen_tokens" in reference and "rejected_tokens" in reference:
@@ -287,19 +305,27 @@ def run(
                              "the reference log-probs were computed with another tokenizer or max_length")
 
     # ---------------------------------------------------------------- judge the generations
-    names = list(generated)  # sft, dpo (, grpo)
+    names = list(generated)  # sft, dpo, then the online policies
     texts = {name: [tokenizer.decode(r, skip_special_tokens=True).strip() for r in generated[name][1]]
              for name in names}
     scores = {name: [float(judge_fn(p, t)) for p, t in zip(prompt_messages, texts[name], strict=True)]
               for name in names}
     lengths = {name: [response_length(r, eos) for r in generated[name][1]] for name in names}
+    rm_scores = None
+    if reward_model_dir:  # the proxy the RLHF policies were trained on, beside the judge's true reward
+        from components.core.scorers import batched_end_scores, load_scorer
+
+        rm = load_scorer(reward_model_dir, trust_remote_code, pad_token_id=tokenizer.pad_token_id, frozen=True)
+        rm_scores = {name: batched_end_scores(rm, *generated[name], tokenizer.pad_token_id, batch_size)
+                     for name in names}
+        del rm
 
     # ---------------------------------------------------------------- metrics
     metrics = summarise(scores=scores, lengths=lengths, logps={n: logps[n][:2] for n in names},
                         ref_chosen=ref_chosen, ref_rejected=ref_rejected, kl_terms=scored["kl_terms"], beta=beta,
                         bootstrap_samples=bootstrap_samples, confidence=confidence, seed=seed,
                         num_pairs=len(pref_records), perplexity=scored["perplexity"],
-                        exact_reward=judge == "synthetic")
+                        exact_reward=judge == "synthetic", rm_scores=rm_scores)
 
     # ---------------------------------------------------------------- report (built aside, then swapped in)
     wins = win_values(scores["dpo"], scores["sft"])
@@ -309,7 +335,8 @@ def run(
          **{f"{n}_response": texts[n][i] for n in names}, **{f"{n}_score": scores[n][i] for n in names},
          **{f"{n}_length": lengths[n][i] for n in names},
          "win": wins[i], "kl_term": float(kl_terms["dpo"][i]),
-         **({"grpo_kl_term": float(kl_terms["grpo"][i])} if "grpo" in kl_terms else {})}
+         **{f"{n}_kl_term": float(kl_terms[n][i]) for n in online_dirs},
+         **({f"{n}_rm_score": rm_scores[n][i] for n in names} if rm_scores else {})}
         for i, (pid, prompt) in enumerate(prompts)
     ]
     margins = implicit_rewards(logps["dpo"][0], ref_chosen, beta) - implicit_rewards(logps["dpo"][1], ref_rejected, beta)
@@ -319,13 +346,15 @@ def run(
         metrics, samples, wins=wins, sft_logp_margin=(logps["sft"][0] - logps["sft"][1]).tolist(),
         dpo_logp_margin=(logps["dpo"][0] - logps["dpo"][1]).tolist(), reward_margins=margins.tolist(),
         lengths=lengths, scores=scores, sft_curves_path=sft_curves_path, dpo_curves_path=dpo_curves_path,
-        grpo_curves_path=grpo_curves_path if grpo_dir else "",
+        online_curves={n: (grpo_curves_path if n == "grpo" else f"{curves_dir}/{n}.csv") for n in online_dirs},
+        reward_model_report=reward_model_report if reward_model_dir else "",
         setup=setup, confidence=confidence, num_samples=num_samples_in_report)
     from components.core.checkpoints import model_identity
 
     # which models these metrics are about: register refuses to tag another model with them
     evaluated = {"sft": model_identity(sft_dir), "dpo": model_identity(dpo_dir),
-                 **({"grpo": model_identity(grpo_dir)} if grpo_dir else {})}
+                 **{n: model_identity(d) for n, d in online_dirs.items()},
+                 **({"reward_model": model_identity(reward_model_dir)} if reward_model_dir else {})}
     report_html.write_report(report_dir, images, page, samples, metrics, {"evaluated_models.json": evaluated})
     write_csv(plots_path, [
         {"prompt": i, **{f"{n}/reward": s[f"{n}_score"] for n in names}, **{f"{n}/length": s[f"{n}_length"] for n in names},
@@ -339,7 +368,8 @@ def run(
     from components.core.config import params_hash
 
     tracking_params = {k: v for k, v in hyper.items() if not k.endswith(("_path", "_dir"))}
-    inputs = [sft_dir, dpo_dir, *([grpo_dir] if grpo_dir else []), pref_eval_path, sft_eval_path, reference_path]
+    inputs = [sft_dir, dpo_dir, *online_dirs.values(), *([reward_model_dir] if reward_model_dir else []),
+              pref_eval_path, sft_eval_path, reference_path]
     with tracking.stage_run("evaluate", tracking_params, inputs, params_hash(tracking_params), enabled=track) as mlrun:
         tracking.log_metrics(mlrun, metrics)
         if mlrun is not None:
@@ -357,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--sft", default="models/sft")
     parser.add_argument("--dpo", default="models/dpo")
-    parser.add_argument("--grpo", default="models/grpo", help="also evaluate this GRPO policy ('' = none)")
+    parser.add_argument("--models-dir", default="models", help="the online policies: <dir>/grpo, ppo, rloo when trained")
+    parser.add_argument("--reward-model", default="models/reward_model", help="also score samples with it ('' = none)")
     parser.add_argument("--data-dir", default="data/prepared")
     parser.add_argument("--reference", default="artifacts/ref_logps/eval.pt")
     parser.add_argument("--metrics", default="metrics/eval.json")
@@ -369,7 +400,10 @@ def main(argv: list[str] | None = None) -> None:
     result = run(
         sft_dir=args.sft,
         dpo_dir=args.dpo,
-        grpo_dir=args.grpo if args.grpo and (Path(args.grpo) / "config.json").exists() else None,  # not disabled
+        online_dirs={n: f"{args.models_dir}/{n}" for n in ONLINE
+                     if (Path(args.models_dir) / n / "config.json").exists()},  # trained, not disabled placeholders
+        reward_model_dir=args.reward_model if args.reward_model and (Path(args.reward_model) / "config.json").exists()
+        else None,
         pref_eval_path=f"{args.data_dir}/pref_eval.jsonl",
         sft_eval_path=f"{args.data_dir}/sft_eval.jsonl",
         reference_path=args.reference,

@@ -2,10 +2,6 @@
 
     accelerate launch --config_file configs/accelerate/cpu.yaml -m components.grpo --params params.yaml
 
-Why this file is long: it is the whole online loop of one pipeline step (prompt sampler, generation,
-scoring, advantages, μ updates, rollout artifacts, resume), kept readable top to bottom in one place like
-sft.py and dpo.py; the math is in core/rl.py, the reward functions in core/rewards.py.
-
 Per generation round: the sampler takes `prompts_per_step` prompts (a seeded permutation per epoch; its
 position is checkpointed), HF `generate` (KV cache, batched, seeded per chunk of prompts) samples G
 completions each, the reward functions score them, core/rl.py turns rewards into group-relative
@@ -26,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -37,7 +32,7 @@ import torch
 from components.core import checkpoints, logprobs, online, rewards, rl, scoring, sharding, tokens, training
 from components.core.config import GRPOConfig
 from components.core.generation import eos_ids
-from components.core.io import atomic_dir, write_csv, write_json
+from components.core.io import write_csv, write_json
 from components.core.logs import stage_main
 from components.core.online import collect_round, load_prompts
 
@@ -263,20 +258,14 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
 
         # ------------------------------------------------------------ outputs
         training.save_model_atomic(accelerator, model, tokenizer, out_dir, training.stored_dtype(model_path))
-        final = _final_metrics(history, cfg, generated_tokens, time.perf_counter() - t_start, world, len(prompts))
+        final = online.final_metrics(history, cfg, generated_tokens, time.perf_counter() - t_start, world,
+                                     len(prompts))
+        online.publish_rollouts(accelerator, work, rollouts_dir, {"grpo": cfg.model_dump(), "reward_hashes": reward_ids,
+                                                                  "prompts": str(prompt_file), "seed": seed}, mlrun)
         if accelerator.is_main_process:
-            with atomic_dir(rollouts_dir) as tmp:
-                for f in sorted(work.glob("round_*.parquet")):
-                    shutil.copy2(f, Path(tmp) / f.name)
-                write_json(Path(tmp) / "config.json", {"grpo": cfg.model_dump(), "reward_hashes": reward_ids,
-                                                         "prompts": str(prompt_file), "seed": seed})
             write_csv(plots_path, history)
             write_json(metrics_path, final)
             training.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, cfg.max_steps)
-            if mlrun is not None:
-                import mlflow
-
-                mlflow.log_artifacts(rollouts_dir, artifact_path="rollouts")
     checkpoints.clear_checkpoints(accelerator, ckpt_dir)
     return final
 
@@ -311,32 +300,10 @@ def _log_samples(mlrun, kept, prompts, step: int, n_groups: int = 4) -> None:
                                for g in kept[:n_groups] for c in g["completions"]], step)
 
 
-def _final_metrics(history: list[dict], cfg: GRPOConfig, generated_tokens: int, seconds: float, world: int,
-                   num_prompts: int) -> dict:
-    last = history[-1]
-    tail = history[-min(len(history), cfg.log_every):]
-    final = {k: v for k, v in last.items() if not k.startswith("time/") and k != "step"}
-    final["reward_last_window"] = sum(r["reward"] for r in tail) / len(tail)
-    final["reward_first"] = history[0]["reward"]
-    final.update({"steps": cfg.max_steps, "world_size": world, "train/prompts": num_prompts,
-                  "generated_tokens": generated_tokens, "seconds": round(seconds, 2)})
-    for phase in ("generate", "score", "reference", "update", "write"):
-        final[f"time/{phase}_total"] = sum(r.get(f"time/{phase}", 0.0) for r in history)
-    for key, value in cfg.model_dump().items():  # the resolved config, every default spelled out
-        final[f"config/{key}"] = value if isinstance(value, int | float | str | bool) else json.dumps(value)
-    return final
-
-
 def skip(out_dir: str, rollouts_dir: str = "artifacts/rollouts", metrics_path: str = "metrics/grpo.json",
          plots_path: str = "plots/grpo.csv") -> None:
     """grpo.enabled = false: placeholders for the DVC outs (evaluate skips a policy without a config.json)."""
-    note = {"enabled": False, "reason": "grpo.enabled is false in params"}
-    for d in (out_dir, rollouts_dir):
-        with atomic_dir(d) as tmp:
-            write_json(Path(tmp) / "disabled.json", note)
-    write_json(metrics_path, note)
-    write_csv(plots_path, [])
-    log.info("grpo: disabled (grpo.enabled: false); wrote placeholders")
+    online.skip("grpo", "grpo.enabled is false in params", [out_dir, rollouts_dir], metrics_path, plots_path)
 
 
 @stage_main("grpo")

@@ -17,6 +17,9 @@ chunks, rollout tables with the policy hash, checkpoints between rounds. Per rou
 Losses are token means (sequence means in rloo) over each whole minibatch, on all processes together, so N
 processes follow one process. The adaptive KL controller (optional) updates kl_coef after each round.
 Writes models/<mode>/, artifacts/rollouts_<mode>/, metrics/<mode>.json (TRL's PPO metric names), plots/<mode>.csv.
+
+Why this file is long: it is one online loop for both modes, top to bottom (generation, scoring, advantages,
+minibatch epochs, rollouts, resume); the math is in core/rl.py and the shared machinery in core/online.py.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import argparse
 import json
 import logging
 import random
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -47,7 +49,7 @@ from components.core import (
 )
 from components.core.config import PPOConfig
 from components.core.generation import eos_ids
-from components.core.io import atomic_dir, write_csv, write_json
+from components.core.io import write_csv, write_json
 from components.core.logs import stage_main
 
 log = logging.getLogger("alignflow.ppo")
@@ -386,51 +388,24 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
         # ------------------------------------------------------------ outputs
         final_policy = model if not isinstance(accelerator.unwrap_model(model), PolicyAndValue) else policy_of(model)
         training.save_model_atomic(accelerator, final_policy, tokenizer, out_dir, training.stored_dtype(model_path))
-        final = _final_metrics(history, cfg, mode, generated_tokens, time.perf_counter() - t_start, world, len(prompts))
+        final = {"mode": mode, **online.final_metrics(history, cfg, generated_tokens, time.perf_counter() - t_start,
+                                                      world, len(prompts), ("reward", "true_reward", "objective/scores"))}
+        online.publish_rollouts(accelerator, work, rollouts_dir, {"ppo": cfg.model_dump(), "mode": mode,
+                                                                  "reward_hashes": reward_ids,
+                                                                  "prompts": str(prompt_file), "seed": seed}, mlrun)
         if accelerator.is_main_process:
-            with atomic_dir(rollouts_dir) as tmp:
-                for f in sorted(work.glob("round_*.parquet")):
-                    shutil.copy2(f, Path(tmp) / f.name)
-                write_json(Path(tmp) / "config.json", {"ppo": cfg.model_dump(), "mode": mode,
-                                                         "reward_hashes": reward_ids, "prompts": str(prompt_file),
-                                                         "seed": seed})
             write_csv(plots_path, history)
             write_json(metrics_path, final)
-            training.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, cfg.max_steps)
-            if mlrun is not None:
-                import mlflow
-
-                mlflow.log_artifacts(rollouts_dir, artifact_path="rollouts")
+            training.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()
+                                              if not isinstance(v, str)}, cfg.max_steps)
     checkpoints.clear_checkpoints(accelerator, ckpt_dir)
-    return final
-
-
-def _final_metrics(history: list[dict], cfg: PPOConfig, mode: str, generated_tokens: int, seconds: float, world: int,
-                   num_prompts: int) -> dict:
-    last = history[-1]
-    tail = history[-min(len(history), cfg.log_every):]
-    final = {k: v for k, v in last.items() if not k.startswith("time/") and k != "step"}
-    for key in ("reward", "true_reward", "objective/scores"):
-        final[f"{key}_last_window"] = sum(r[key] for r in tail) / len(tail)
-        final[f"{key}_first"] = history[0][key]
-    final.update({"mode": mode, "steps": cfg.max_steps, "world_size": world, "train/prompts": num_prompts,
-                  "generated_tokens": generated_tokens, "seconds": round(seconds, 2)})
-    for phase in ("generate", "score", "reference", "update", "write"):
-        final[f"time/{phase}_total"] = sum(r.get(f"time/{phase}", 0.0) for r in history)
-    for key, value in cfg.model_dump().items():  # the resolved config, every default spelled out
-        final[f"config/{key}"] = value if isinstance(value, int | float | str | bool) or value is None else json.dumps(value)
     return final
 
 
 def skip(mode: str) -> None:
     """ppo.enabled = false: placeholders for the DVC outs (evaluate skips a policy without a config.json)."""
-    note = {"enabled": False, "reason": "ppo.enabled is false in params"}
-    for d in (f"models/{mode}", f"artifacts/rollouts_{mode}"):
-        with atomic_dir(d) as tmp:
-            write_json(Path(tmp) / "disabled.json", note)
-    write_json(f"metrics/{mode}.json", note)
-    write_csv(f"plots/{mode}.csv", [])
-    log.info("%s: disabled (ppo.enabled: false); wrote placeholders", mode)
+    online.skip(mode, "ppo.enabled is false in params", [f"models/{mode}", f"artifacts/rollouts_{mode}"],
+                f"metrics/{mode}.json", f"plots/{mode}.csv")
 
 
 @stage_main("ppo")
@@ -443,12 +418,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="models/sft", help="policy init and reference (default: the SFT model)")
     parser.add_argument("--reward-model", default="models/reward_model")
     parser.add_argument("--data-dir", default="data/prepared")
+    parser.add_argument("--max-steps", type=int, default=None, help="override ppo.max_steps (rounds)")
     args = parser.parse_args(argv)
     p = load_params(args.params)
     if not p.ppo.enabled:
         skip(args.mode)
         return
-    result = run(p.ppo.for_mode(args.mode), args.mode, model_path=args.model, reward_model_path=args.reward_model, data_dir=args.data_dir,
+    cfg = p.ppo.for_mode(args.mode)
+    if args.max_steps:
+        cfg = cfg.model_copy(update={"max_steps": args.max_steps})
+    result = run(cfg, args.mode, model_path=args.model, reward_model_path=args.reward_model, data_dir=args.data_dir,
                  max_prompt_length=p.data.max_prompt_length, mixed_precision=p.compute.mixed_precision, seed=p.seed,
                  trust_remote_code=p.model.trust_remote_code)
     log.info("%s done: %s", args.mode, json.dumps({k: v for k, v in result.items() if not k.startswith("config/")}))

@@ -1,10 +1,10 @@
-"""register stage: log the candidate model (DPO or GRPO) to MLflow, register a new version, point `challenger` at it.
+"""register stage: log the candidate model (DPO, GRPO, PPO or RLOO) to MLflow, register a new version, point `challenger` at it.
 
     python -m components.register --params params.yaml   # the DVC `register` stage (= alignflow register)
 
-`register.candidate` picks the policy: `dpo` (models/dpo) or `grpo` (models/grpo). The version carries
+`register.candidate` picks the policy: `dpo` (models/dpo), `grpo`, `ppo` or `rloo` (models/<candidate>). The version carries
 that policy's held-out metrics under the gate's names (`eval/reward_mean`, `eval/kl_to_reference`, ...:
-GRPO's `eval/grpo/*` are mapped onto them), so `alignflow promote` gates either the same way.
+an online policy's `eval/<candidate>/*` are mapped onto them), so `alignflow promote` gates any of them the same way.
 Logs the candidate's directory as an MLflow transformers model (weights + tokenizer + chat template) in a run tagged
 with its lineage (git commit and dirty flag, DVC hashes of the prepared data, SFT model, reference
 log-probs and DPO model, params hash, Prefect flow run, eval metrics), registers a new version of
@@ -37,7 +37,13 @@ log = logging.getLogger("alignflow.registry")
 
 # What a registered model is made of; their DVC hashes (from dvc.lock) become lineage tags.
 LINEAGE_INPUTS = ["data/prepared", "models/sft", "artifacts/ref_logps", "models/dpo"]
-CANDIDATE_INPUTS = {"dpo": LINEAGE_INPUTS, "grpo": ["data/prepared", "models/sft", "models/grpo"]}
+CANDIDATE_INPUTS = {"dpo": LINEAGE_INPUTS, "grpo": ["data/prepared", "models/sft", "models/grpo"],
+                    "ppo": ["data/prepared", "models/sft", "models/reward_model", "models/ppo"],
+                    "rloo": ["data/prepared", "models/sft", "models/reward_model", "models/rloo"]}
+STAGE = {"ppo": "ppo@ppo", "rloo": "ppo@rloo"}  # the DVC stage that trains each candidate
+METHOD = {"dpo": "preference optimisation (DPO family)", "grpo": "online RL with verifiable rewards (GRPO)",
+          "ppo": "a Bradley-Terry reward model, then PPO against it (classic RLHF)",
+          "rloo": "a Bradley-Terry reward model, then RLOO against it"}
 PIPELINE_PACKAGES = ("torch", "transformers", "accelerate")
 KEY_TAG = "alignflow/registration_key"
 EVALUATED_FILE = "evaluated_models.json"  # written by evaluate into its report: which models it scored
@@ -67,7 +73,7 @@ def _model_card(model_name: str, tags: dict[str, str], metrics: dict[str, float]
         f"tags: [alignflow, {candidate}]\n---\n"
         f"# {model_name}\n\n"
         "Causal LM trained by the alignflow pipeline: SFT, then "
-        + ("preference optimisation (DPO family)" if candidate == "dpo" else "online RL with verifiable rewards (GRPO)")
+        + METHOD[candidate]
         + ".\n\n"
         f"- git commit: `{tags.get('git/commit', 'unknown')}` (dirty: {tags.get('git/dirty', 'unknown')})\n"
         f"- params hash: `{tags.get('params/hash', '')}`\n"
@@ -153,7 +159,7 @@ def register(
     metrics = read_eval_metrics(metrics_path, candidate)
     inputs = CANDIDATE_INPUTS[candidate]
     if not (Path(model_dir) / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: no model here; run the {candidate} stage first (dvc repro {candidate})")
+        raise FileNotFoundError(f"{model_dir}: no model here; run the {candidate} stage first (dvc repro {STAGE.get(candidate, candidate)})")
     identity = model_identity(model_dir)
     evaluated_file = Path(eval_report_dir) / EVALUATED_FILE
     if evaluated_file.exists():  # the metrics must be this model's, not another's

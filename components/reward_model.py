@@ -5,7 +5,7 @@
 The SFT model gets a one-label sequence-classification head (`AutoModelForSequenceClassification`, the layout
 TRL's RewardTrainer writes) and learns r(x, y) with TRL's loss: -log σ(r_c - r_r - margin), plus
 `center_rewards_coefficient` · (r_c + r_r)² when set (the margin is a pair's `margin` field when the data has
-one). Chosen and rejected go through one forward pass; the plan of micro-batches, accumulation, clipping,
+one). Chosen and rejected go through one forward pass, behind one copy of their prompt (a 4D mask); the plan of micro-batches, accumulation, clipping,
 checkpoints with exact resume and the divergence guard are the same as dpo's.
 
 Writes models/reward_model/ (loads in TRL, OpenRLHF, `evaluate.judge: reward_model`), metrics/reward_model.json
@@ -27,6 +27,7 @@ import torch
 
 from components.core import checkpoints, scorers, sharding, tokens, training
 from components.core.config import RewardModelConfig
+from components.core.generation import generation_eos
 from components.core.io import atomic_dir, read_jsonl, write_csv, write_json
 from components.core.logs import stage_main
 from components.core.tokens import pair_length, tokenize_pair
@@ -34,12 +35,15 @@ from components.core.tokens import pair_length, tokenize_pair
 log = logging.getLogger("alignflow.reward_model")
 
 
-def pair_rewards(model, pairs: list[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen (B,), r_rejected (B,)): one forward over the 2B rows, each read at its last token."""
-    prompts = [p["prompt_ids"] for p in pairs] * 2
-    responses = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
-    scores = scorers.end_scores(model, prompts, responses, pad_id, device)
-    return scores[: len(pairs)], scores[len(pairs):]
+def end_at_turn(pair: dict, eos: set[int]) -> dict:
+    """Each response cut after its first end-of-turn token: the chat template puts text after it (ChatML's "\n"),
+    but a sampled completion stops at it, and the reward model must be read at the same token in training and in
+    use (ppo, evaluate)."""
+    for key in ("chosen_ids", "rejected_ids"):
+        ids = pair[key]
+        cut = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
+        pair[key] = ids[:cut]
+    return pair
 
 
 def margins_of(pairs: list[dict], device) -> torch.Tensor | None:
@@ -55,7 +59,7 @@ def score_pairs(model, accelerator, pairs: list[dict], batch_size: int, pad_id: 
     batches = training.sorted_batches([pair_length(p) for p in pairs], batch_size)
     local: dict[int, list[float]] = {}
     for idx, padding in training.even_shard(batches, accelerator.process_index, accelerator.num_processes):
-        rc, rr = pair_rewards(model, [pairs[i] for i in idx], pad_id, accelerator.device)
+        rc, rr = scorers.pair_end_scores(model, [pairs[i] for i in idx], pad_id, accelerator.device)
         if not padding:
             local.update({i: [c, r] for i, c, r in zip(idx, rc.tolist(), rr.tolist(), strict=True)})
     model.train()
@@ -92,10 +96,11 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
 
     # ---------------------------------------------------------------- data
     tokenizer = training.load_tokenizer(model_path, trust_remote_code)
+    eos = set(generation_eos(model_path, tokenizer))
     splits = {}
     for split in ("train", "eval"):
         records = read_jsonl(Path(data_dir) / f"pref_{split}.jsonl")
-        splits[split] = [tokenize_pair(tokenizer, r, max_length, max_prompt_length) for r in records]
+        splits[split] = [end_at_turn(tokenize_pair(tokenizer, r, max_length, max_prompt_length), eos) for r in records]
         if cfg.use_margin:
             for pair, r in zip(splits[split], records, strict=True):
                 if "margin" in r:
@@ -137,7 +142,7 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
                 mine = [train[i] for i in training.shard(mb, rank, world)]
                 with training.maybe_no_sync(accelerator, model, k == len(micro_batches) - 1):
                     with accelerator.autocast():
-                        rc, rr = pair_rewards(model, mine, pad_id, accelerator.device)
+                        rc, rr = scorers.pair_end_scores(model, mine, pad_id, accelerator.device)
                     per_pair = scorers.bradley_terry_losses(rc, rr, margins_of(mine, rc.device),
                                                             cfg.center_rewards_coefficient)
                     accelerator.backward(per_pair.sum() * world / step_pairs)  # global mean; * world undoes DDP

@@ -50,6 +50,8 @@ DEFAULT_TIMEOUTS_S: dict[str, float] = {
     "reference": 2 * 3600,
     "dpo": 8 * 3600,
     "grpo": 8 * 3600,
+    "reward_model": 8 * 3600,
+    "ppo": 8 * 3600,  # a matrix group's limit covers each of its stages (ppo@ppo, ppo@rloo)
     "evaluate": 2 * 3600,
     "register": 30 * 60,
 }
@@ -297,7 +299,8 @@ def alignflow_pipeline(
                 retry_delay_seconds=retry_delay_s,
                 tags=[t for t in ([DVC_TAG, GPU_TAG] if stage.training else [DVC_TAG]) if t in limited],
             )
-            timeout = timeouts.get(stage.name, timeouts.get(stage.short_name, FALLBACK_TIMEOUT_S))
+            timeout = timeouts.get(stage.name, timeouts.get(stage.short_name, timeouts.get(
+                stage.short_name.split("@", 1)[0], FALLBACK_TIMEOUT_S)))
             summary[stage.short_name] = stage_task(stage.name, str(repo), force, float(timeout), extra_env, remote)
         if parent_run_id:
             try:

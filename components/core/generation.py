@@ -19,11 +19,27 @@ from components.core.training import load_tokenizer, progress
 
 log = logging.getLogger(__name__)
 
-def eos_ids(model, tokenizer) -> list[int]:
+def _eos(tokenizer, generation_config) -> list[int]:
     ids = {tokenizer.eos_token_id}
-    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = getattr(generation_config, "eos_token_id", None)
     ids |= set(configured) if isinstance(configured, list) else {configured}
     return sorted(i for i in ids if i is not None)
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a turn: the tokenizer's eos and the model's generation config's."""
+    return _eos(tokenizer, model.generation_config)
+
+
+def generation_eos(model_dir: str, tokenizer) -> list[int]:
+    """eos_ids of a saved model without loading its weights (its generation_config.json, else the tokenizer's)."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        config = None
+    return _eos(tokenizer, config)
 
 
 @torch.no_grad()

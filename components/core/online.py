@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from components.core import training
-from components.core.io import read_jsonl
+from components.core.io import atomic_dir, read_jsonl, write_csv, write_json
 from components.core.tokens import prompt_ids_for_generation
 
 log = logging.getLogger("alignflow.online")
@@ -240,3 +241,48 @@ def log_samples(mlrun, rows: list[dict], step: int) -> None:
     import mlflow
 
     mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, artifact_file=f"samples/step_{step:06d}.json")
+
+
+def publish_rollouts(accelerator, work: Path, rollouts_dir: str, config: dict, mlrun) -> None:
+    """The run's rollout tables (kept beside its checkpoints while it trained) into the DVC out, with the
+    config that made them, swapped in complete; logged to MLflow."""
+    if not accelerator.is_main_process:
+        return
+    with atomic_dir(rollouts_dir) as tmp:
+        for f in sorted(work.glob("round_*.parquet")):
+            shutil.copy2(f, Path(tmp) / f.name)
+        write_json(Path(tmp) / "config.json", config)
+    if mlrun is not None:
+        import mlflow
+
+        mlflow.log_artifacts(rollouts_dir, artifact_path="rollouts")
+
+
+def final_metrics(history: list[dict], cfg, generated_tokens: int, seconds: float, world: int, num_prompts: int,
+                  windowed: tuple[str, ...] = ("reward",)) -> dict:
+    """A run's metrics file: the last row, each `windowed` key's first value and mean over the last log window,
+    totals per phase, and the resolved config with every default spelled out (`config/<key>`)."""
+    last = history[-1]
+    tail = history[-min(len(history), cfg.log_every):]
+    final = {k: v for k, v in last.items() if not k.startswith("time/") and k != "step"}
+    for key in windowed:
+        final[f"{key}_last_window"] = sum(r[key] for r in tail) / len(tail)
+        final[f"{key}_first"] = history[0][key]
+    final.update({"steps": cfg.max_steps, "world_size": world, "train/prompts": num_prompts,
+                  "generated_tokens": generated_tokens, "seconds": round(seconds, 2)})
+    for phase in ("generate", "score", "reference", "update", "write"):
+        final[f"time/{phase}_total"] = sum(r.get(f"time/{phase}", 0.0) for r in history)
+    for key, value in cfg.model_dump().items():
+        final[f"config/{key}"] = value if isinstance(value, int | float | str | bool) or value is None else json.dumps(value)
+    return final
+
+
+def skip(stage: str, reason: str, dirs: list[str], metrics_path: str, plots_path: str) -> None:
+    """A disabled online stage: placeholders for its DVC outs (evaluate skips a policy without a config.json)."""
+    note = {"enabled": False, "reason": reason}
+    for d in dirs:
+        with atomic_dir(d) as tmp:
+            write_json(Path(tmp) / "disabled.json", note)
+    write_json(metrics_path, note)
+    write_csv(plots_path, [])
+    log.info("%s: disabled (%s); wrote placeholders", stage, reason)

@@ -1,6 +1,6 @@
 """The evaluation report: matplotlib figures and one self-contained HTML page (figures inlined as PNG).
 
-Pure rendering: `build_report(...)` turns the numbers evaluate computed into PNG bytes and HTML text;
+Pure rendering: `build_report(...)` turns the numbers evaluate computed into PNG bytes (core/figures.py) and HTML;
 `write_report(...)` puts them on disk as one atomic directory. No model or metric is computed here.
 """
 
@@ -8,176 +8,48 @@ from __future__ import annotations
 
 import base64
 import html
-import io
-import math
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
+from components.core.figures import (
+    ONLINE,
+    plot_distributions,
+    plot_margins,
+    plot_reliability,
+    plot_training_curves,
+    plot_win_rate,
+    read_curves,
+)
 from components.core.io import atomic_dir, write_json, write_jsonl
 
-PALETTE = {"sft": "#8c96a8", "dpo": "#3b6fd9", "grpo": "#e08a2c", "win": "#2e9e6b", "tie": "#c9cdd6",
-           "loss": "#d9534f"}
 
+def methods_table(m: dict) -> str:
+    """SFT, DPO and every online policy side by side: judge reward (Δ and CI), exact solves, win rate, KL,
+    length and the reward model's score (the proxy next to the true reward)."""
+    esc = html.escape
+    rm = "eval/sft/rm_score_mean" in m
+    head = ("<tr><th>policy</th><th>judge reward</th><th>Δ vs SFT [CI]</th><th>exact solves</th>"
+            "<th>win vs SFT</th><th>win vs DPO</th><th>KL to SFT</th><th>length</th>"
+            + ("<th>reward-model score</th>" if rm else "") + "</tr>")
 
-def _figure_png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
+    def cell(key: str, fmt: str = "{:.3f}") -> str:
+        return f'<td class="num">{fmt.format(m[key])}</td>' if key in m else '<td class="num">–</td>'
 
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def read_curves(path: str) -> list[dict]:
-    import csv
-
-    if not path or not Path(path).exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _series(rows: list[dict], column: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
-    for r in rows:
-        try:
-            x, y = float(r["step"]), float(r.get(column) or "nan")
-        except (KeyError, ValueError):
+    rows = [f'<tr><td>SFT</td>{cell("eval/sft/reward_mean")}<td class="num">–</td>'
+            f'{cell("eval/sft/reward_eq_1", "{:.1%}")}<td class="num">–</td><td class="num">–</td>'
+            f'<td class="num">0</td>{cell("eval/sft/length_mean", "{:.1f}")}'
+            + (cell("eval/sft/rm_score_mean") if rm else "") + "</tr>"]
+    for name in ("dpo", *ONLINE):
+        p = "eval/" if name == "dpo" else f"eval/{name}/"
+        if p + "reward_mean" not in m:
             continue
-        if math.isfinite(y):
-            xs.append(x)
-            ys.append(y)
-    return xs, ys
-
-
-def plot_training_curves(sft_rows: list[dict], dpo_rows: list[dict], grpo_rows: list[dict] | None = None) -> bytes | None:
-    """One panel per quantity that exists: SFT loss, DPO loss, DPO reward margins, DPO accuracies, GRPO reward
-    and its zero-std share."""
-    import matplotlib.pyplot as plt
-
-    grpo_rows = grpo_rows or []
-
-    panels = [
-        ("SFT loss", sft_rows, [("train/loss", "train"), ("eval/loss", "held-out")]),
-        ("DPO loss", dpo_rows, [("train/loss", "train"), ("loss", "train"), ("eval/loss", "held-out")]),
-        ("DPO reward margin", dpo_rows, [("rewards/margins", "train"), ("eval/rewards/margins", "held-out")]),
-        ("DPO preference accuracy", dpo_rows,
-         [("rewards/accuracies", "train"), ("eval/rewards/accuracies", "held-out")]),
-        ("GRPO reward (rollouts)", grpo_rows, [("reward", "mean"), ("frac_reward_zero_std", "zero-std groups")]),
-    ]
-    panels = [(t, rows, [(c, lab, _series(rows, c)) for c, lab in cols]) for t, rows, cols in panels]
-    # keep the first non-empty column per label (dpo.csv calls its train loss "loss")
-    panels = [(t, rows, [s for s in cols if s[2][0]]) for t, rows, cols in panels]
-    panels = [(t, rows, [s for i, s in enumerate(cols) if s[1] not in {c[1] for c in cols[:i]}])
-              for t, rows, cols in panels]
-    panels = [p for p in panels if p[2]]
-    if not panels:
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
-    for ax, (title, _, cols) in zip(axes[0], panels, strict=True):
-        for i, (_, label, (xs, ys)) in enumerate(cols):
-            style = {"color": "#3b6fd9", "lw": 1.4} if i == 0 else {"color": "#e08a2c", "lw": 2, "marker": "o", "ms": 3}
-            ax.plot(xs, ys, label=label, **style)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, frameon=False)
-        ax.tick_params(labelsize=8)
-        for side in ("top", "right"):
-            ax.spines[side].set_visible(False)
-    fig.tight_layout()
-    return _figure_png(fig)
-
-
-def _hist(ax, data: dict[str, Sequence[float]], bins: int = 30, integer: bool = False) -> None:
-    """Histograms on shared bins, bars side by side (an overlay hides one model when they agree)."""
-    values = [v for vs in data.values() for v in vs]
-    if not values:
-        return
-    lo, hi = min(values), max(values)
-    if integer:
-        edges = np.arange(math.floor(lo) - 0.5, math.ceil(hi) + 1.5, max(1, math.ceil((hi - lo + 1) / bins)))
-    else:
-        edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
-    width = (edges[1] - edges[0]) / len(data)
-    for k, (name, vs) in enumerate(data.items()):
-        counts, _ = np.histogram(vs, bins=edges)
-        ax.bar(edges[:-1] + k * width, counts, width=width, align="edge", color=PALETTE[name], alpha=0.85,
-               label=f"{name.upper()} (mean {np.mean(vs):.2f})", edgecolor="white", linewidth=0.4)
-        ax.axvline(float(np.mean(vs)), color=PALETTE[name], lw=1.5, ls="--")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
-    if integer:  # a few empty units either side, so a one-value distribution still reads as a bar at n
-        ax.set_xlim(min(edges[0], lo - 3), max(edges[-1], hi + 3))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=8, frameon=False)
-    ax.grid(alpha=0.3, axis="y")
-    ax.tick_params(labelsize=8)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-
-
-def plot_margins(sft_margin: list[float], dpo_margin: list[float], dpo_reward_margin: list[float], beta: float) -> bytes:
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
-    _hist(a, {"sft": sft_margin, "dpo": dpo_margin})
-    a.axvline(0, color="black", lw=0.8)
-    a.set_title("log π(chosen) − log π(rejected), held-out pairs", fontsize=10)
-    a.set_xlabel("nats (right of 0 = prefers the chosen answer)", fontsize=9)
-    _hist(b, {"dpo": dpo_reward_margin})
-    b.axvline(0, color="black", lw=0.8)
-    b.set_title(f"DPO implicit reward margin (β = {beta:g})", fontsize=10)
-    b.set_xlabel("β·[(log π − log π_ref)(chosen) − (…)(rejected)]", fontsize=9)
-    fig.tight_layout()
-    return _figure_png(fig)
-
-
-def plot_win_rate(wins: list[float], rate: float, low: float, high: float, confidence: float) -> bytes:
-    import matplotlib.pyplot as plt
-
-    n = len(wins)
-    shares = {"win": wins.count(1.0) / n, "tie": wins.count(0.5) / n, "loss": wins.count(0.0) / n}
-    fig, (a, b) = plt.subplots(2, 1, figsize=(10, 2.6), gridspec_kw={"height_ratios": [1, 1]})
-    left = 0.0
-    for name, label in (("win", "DPO better"), ("tie", "tie"), ("loss", "SFT better")):
-        share = shares[name]
-        a.barh(0, share, left=left, color=PALETTE[name], height=0.6)
-        if share >= 0.06:
-            a.text(left + share / 2, 0, f"{label}\n{share:.0%}", ha="center", va="center", fontsize=8,
-                   color="white" if name != "tie" else "#333")
-        left += share
-    a.set_xlim(0, 1)
-    a.axis("off")
-    a.set_title(f"Per-prompt outcome, DPO vs SFT ({n} prompts)", fontsize=10)
-    b.errorbar([rate], [0], xerr=[[rate - low], [high - rate]], fmt="o", color=PALETTE["dpo"], capsize=6,
-               ms=8, lw=2)
-    b.axvline(0.5, color="#555", ls="--", lw=1)
-    b.text(0.505, -0.5, "no difference", ha="left", fontsize=7, color="#555")
-    b.set_xlim(0, 1)
-    b.set_ylim(-0.6, 0.6)
-    b.set_yticks([])
-    b.set_title(f"Win rate {rate:.1%}, {confidence:.0%} bootstrap interval [{low:.1%}, {high:.1%}]", fontsize=10)
-    b.tick_params(labelsize=8)
-    for side in ("top", "right", "left"):
-        b.spines[side].set_visible(False)
-    fig.tight_layout()
-    return _figure_png(fig)
-
-
-def plot_distributions(lengths: dict[str, list[int]], scores: dict[str, list[float]]) -> bytes:
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.2))
-    _hist(a, dict(lengths), bins=25, integer=True)
-    a.set_title("Response length (tokens)", fontsize=10)
-    _hist(b, dict(scores), bins=20)
-    b.set_title("Judge score per response", fontsize=10)
-    fig.tight_layout()
-    return _figure_png(fig)
+        delta = (f'<td class="num">{m[p + "reward_delta"]:+.3f} [{m[p + "reward_delta_ci_low"]:+.3f}, '
+                 f'{m[p + "reward_delta_ci_high"]:+.3f}]</td>')
+        rows.append(f"<tr><td>{esc(name.upper())}</td>{cell(p + 'reward_mean')}{delta}"
+                    f"{cell(p + 'reward_eq_1', '{:.1%}')}{cell(p + 'win_rate_vs_sft', '{:.1%}')}"
+                    + (cell(p + "win_rate_vs_dpo", "{:.1%}") if name != "dpo" else '<td class="num">–</td>')
+                    + f"{cell(p + 'kl_to_reference', '{:.2f}')}{cell(p + 'length_mean', '{:.1f}')}"
+                    + (cell(p + "rm_score_mean") if rm else "") + "</tr>")
+    return f'<table class="methods"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 CSS = """
@@ -262,7 +134,9 @@ def render_html(metrics: dict, samples: list[dict], images: dict[str, bytes], se
                        "reward margin against the cached reference log-probs; accuracy = share right of 0.",
         "distributions.png": "Dashed lines are means. A DPO length distribution far right of SFT's hints at length "
                              "exploitation.",
-        "training_curves.png": "From plots/sft.csv and plots/dpo.csv.",
+        "training_curves.png": "From plots/<stage>.csv of each training stage.",
+        "reward_model_calibration.png": "Held-out pairs, each counted in both orders; on the diagonal, a predicted "
+                                        "70% means the labelled order holds 70% of the time.",
     }
     figures = "".join(
         f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
@@ -271,18 +145,18 @@ def render_html(metrics: dict, samples: list[dict], images: dict[str, bytes], se
     )
 
     rows = []
-    with_grpo = bool(samples) and "grpo_response" in samples[0]
+    online = [n for n in ONLINE if samples and f"{n}_response" in samples[0]]
     for s in samples:
         outcome = {1.0: ("win", "DPO"), 0.5: ("tie", "tie"), 0.0: ("loss", "SFT")}[s["win"]]
-        grpo_cells = (f'<td class="text">{esc(s["grpo_response"])}</td><td class="num">{s["grpo_score"]:.3f}</td>'
-                      if with_grpo else "")
+        grpo_cells = "".join(f'<td class="text">{esc(s[n + "_response"])}</td><td class="num">{s[n + "_score"]:.3f}</td>'
+                             for n in online)
         rows.append(
             f'<tr><td class="text">{esc(s["prompt_text"])}</td>'
             f'<td class="text">{esc(s["sft_response"])}</td><td class="num">{s["sft_score"]:.3f}</td>'
             f'<td class="text">{esc(s["dpo_response"])}</td><td class="num">{s["dpo_score"]:.3f}</td>'
             f'<td><span class="badge {outcome[0]}">{outcome[1]}</span></td>{grpo_cells}</tr>'
         )
-    grpo_head = "<th>GRPO response</th><th>score</th>" if with_grpo else ""
+    grpo_head = "".join(f"<th>{n.upper()} response</th><th>score</th>" for n in online)
     sample_table = (
         '<table class="samples"><thead><tr><th style="width:24%">Prompt</th><th>SFT response</th><th>score</th>'
         f"<th>DPO response</th><th>score</th><th>DPO vs SFT</th>{grpo_head}</tr></thead><tbody>" + "".join(rows)
@@ -305,6 +179,11 @@ def render_html(metrics: dict, samples: list[dict], images: dict[str, bytes], se
 <h1>DPO vs SFT on held-out data</h1>
 <div class="sub">{setup_text}</div>
 <div class="cards">{"".join(cards)}</div>
+<h2>Methods side by side</h2>
+{methods_table(m)}
+<p class="sub">Same held-out prompts and random numbers for every policy. The judge is the true reward; the
+reward-model score is the proxy PPO and RLOO were trained on: a policy whose reward-model score rises while its
+judge reward does not is exploiting the reward model.</p>
 <h2>Results</h2>
 {figures}
 <h2>Sample generations</h2>
@@ -319,7 +198,8 @@ def render_html(metrics: dict, samples: list[dict], images: dict[str, bytes], se
 def build_report(metrics: dict, samples: list[dict], *, wins: list[float], sft_logp_margin: list[float],
                  dpo_logp_margin: list[float], reward_margins: list[float], lengths: dict[str, list[int]],
                  scores: dict[str, list[float]], sft_curves_path: str, dpo_curves_path: str, setup: dict,
-                 confidence: float, num_samples: int, grpo_curves_path: str = "") -> tuple[dict[str, bytes], str]:
+                 confidence: float, num_samples: int, online_curves: dict[str, str] | None = None,
+                 reward_model_report: str = "") -> tuple[dict[str, bytes], str]:
     """(PNG bytes by file name, HTML page) of the evaluation report."""
     images: dict[str, bytes] = {
         "win_rate.png": plot_win_rate(wins, metrics["eval/win_rate_vs_sft"], metrics["eval/win_rate_ci_low"],
@@ -327,10 +207,17 @@ def build_report(metrics: dict, samples: list[dict], *, wins: list[float], sft_l
         "margins.png": plot_margins(sft_logp_margin, dpo_logp_margin, reward_margins, setup["β"]),
         "distributions.png": plot_distributions(lengths, scores),
     }
+    online_curves = online_curves or {}
     curves = plot_training_curves(read_curves(sft_curves_path), read_curves(dpo_curves_path),
-                                  read_curves(grpo_curves_path))
+                                  *(read_curves(online_curves.get(n, "")) for n in ONLINE))
     if curves:
         images["training_curves.png"] = curves
+    if reward_model_report and Path(reward_model_report).exists():
+        import json
+
+        reliability = plot_reliability(json.loads(Path(reward_model_report).read_text()))
+        if reliability:
+            images["reward_model_calibration.png"] = reliability
     return images, render_html(metrics, samples[:num_samples], images, setup, confidence)
 
 

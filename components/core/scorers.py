@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from components.core.tokens import pad_right
+from components.core.tokens import collate_shared_prompt, pad_right
 
 log = logging.getLogger("alignflow.scorers")
 
@@ -64,8 +64,9 @@ def load_scorer(path: str, trust_remote_code: bool = False, *, pad_token_id: int
     return model
 
 
-def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) head output at every position of a right-padded batch."""
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) head output at every position (a right-padded batch, or any layout with its mask and positions)."""
     captured = {}
 
     def keep(_module, _inputs, output):
@@ -73,7 +74,8 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
 
     handle = score_head(model).register_forward_hook(keep)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     finally:
         handle.remove()
     return captured["scores"].squeeze(-1).float()
@@ -94,6 +96,52 @@ def end_scores(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequ
     scores = token_scores(model, ids, mask)
     last = torch.tensor([p + r - 1 for p, r in zip(p_len, r_len, strict=True)], device=scores.device)
     return scores.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+def shared_rows_supported(model) -> bool:
+    """Chosen and rejected behind one prompt need a custom 4D mask (sdpa / eager attention, no sliding windows)."""
+    from components.core.scoring import uses_sliding_window
+
+    config = getattr(_base(model), "config", None)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and not uses_sliding_window(config)
+
+
+def pair_end_scores(model, pairs: Sequence[dict], pad_id: int, device,
+                    share_prompt: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen (B,), r_rejected (B,)) of tokenised pairs in one forward.
+
+    With the shared-prompt layout (tokens.collate_shared_prompt: one row [prompt | chosen | rejected], the
+    rejected tokens masked from the chosen ones and positioned right after the prompt) the prompt is computed
+    once per pair; otherwise 2B right-padded rows. Both read each response at its last token.
+    """
+    share = shared_rows_supported(model) if share_prompt is None else share_prompt
+    if not share:
+        prompts = [p["prompt_ids"] for p in pairs] * 2
+        scores = end_scores(model, prompts, [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs],
+                            pad_id, device)
+        return scores[: len(pairs)], scores[len(pairs):]
+    batch = collate_shared_prompt(pairs, pad_id)
+    mask = batch.attention_mask.to(device)
+    if _base(model).config._attn_implementation == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    scores = token_scores(model, batch.input_ids.to(device), mask, batch.position_ids.to(device))
+    start = max(len(p["prompt_ids"]) for p in pairs)
+    chosen_end = torch.tensor([start + len(p["chosen_ids"]) - 1 for p in pairs], device=scores.device)
+    rejected_end = torch.tensor([start + len(p["chosen_ids"]) + len(p["rejected_ids"]) - 1 for p in pairs],
+                                device=scores.device)
+    return (scores.gather(1, chosen_end.unsqueeze(1)).squeeze(1), scores.gather(1, rejected_end.unsqueeze(1)).squeeze(1))
+
+
+@torch.no_grad()
+def batched_end_scores(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                       batch_size: int) -> list[float]:
+    """end_scores over a whole list, batch by batch, on the model's device."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        out += end_scores(model, prompts[start : start + batch_size], responses[start : start + batch_size], pad_id,
+                          device).tolist()
+    return out
 
 
 def response_values(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,

@@ -224,6 +224,26 @@ def test_summarise_reports_grpo_beside_dpo_by_hand():
     assert m["eval/grpo/win_rate_vs_dpo_ci_low"] <= 0.5 <= m["eval/grpo/win_rate_vs_dpo_ci_high"]
 
 
+def test_summarise_reports_ppo_with_the_reward_models_score_beside_the_judges():
+    """The reward-hacking view: every policy's mean reward-model score next to its judge reward."""
+    m = summarise_example(
+        scores={"sft": [0.5, 1.0, 0.0], "dpo": [1.0, 1.0, 0.5], "ppo": [0.0, 0.5, 0.0]},
+        lengths={"sft": [2, 4, 6], "dpo": [3, 3, 6], "ppo": [8, 8, 8]},
+        logps={"sft": (torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])),
+               "dpo": (torch.tensor([-0.5, -1.0]), torch.tensor([-4.0, -3.0])),
+               "ppo": (torch.tensor([-1.0, -1.0]), torch.tensor([-2.0, -0.5]))},
+        kl_terms={"dpo": torch.tensor([0.2, 0.4, 0.0]), "ppo": torch.tensor([3.0, 3.0, 3.0])},
+        rm_scores={"sft": [0.0, 1.0, 2.0], "dpo": [1.0, 1.0, 1.0], "ppo": [5.0, 6.0, 7.0]},
+    )
+    expected = {
+        "eval/ppo/reward_mean": 0.5 / 3, "eval/ppo/reward_delta": -1 / 3, "eval/ppo/win_rate_vs_sft": 0.5 / 3,
+        "eval/ppo/rm_score_mean": 6.0, "eval/sft/rm_score_mean": 1.0, "eval/rm_score_mean": 1.0,
+        "eval/ppo/kl_to_reference": 3.0, "eval/ppo/length_ratio": 2.0, "eval/ppo/win_rate_vs_dpo": 0.0,
+    }
+    assert {k: m[k] for k in expected} == pytest.approx(expected)
+    assert not any(k.startswith("eval/grpo/") for k in m)  # a policy not evaluated has no keys
+
+
 def test_register_maps_the_grpo_candidates_metrics_onto_the_gates_names(tmp_path):
     import json
 
