@@ -15,11 +15,14 @@ final model saved. TRL's defaults that would make the comparison unequal are set
 `adam_beta2=0.95`, `lr_scheduler_type="constant"` (its default is linear decay), `save_strategy="no"`.
 Differences that stay: TRL's `max_length` *drops* a pair whose chosen or rejected sequence is longer (ours truncates
 the response); the JSON records how many pairs TRL kept (`trl_pairs_kept`): with these short sorting pairs, all of
-them. TRL samples its batches at random and pads each to its longest sequence; ours plans length-bucketed batches
-(`training.preference_plan`) and computes the prompt once per pair (shared-prompt rows): that is part of what is
-measured. Our stage reads a `pref_eval.jsonl`: it gets an empty one (it then skips the held-out scoring and the
-calibration report, as TRL with no eval set does). TRL logs once (`logging_steps=steps`), ours once
-(`log_every` past the end: its final row); TRL still computes its per-step metrics (`.item()` gathers), as it always does.
+them. TRL reads each sequence at its last token, the chat template's "\\n" after `<|im_end|>`; ours cuts each
+response after its end-of-turn token and reads it there (where a sampled completion ends): one token fewer per
+response (`train_tokens` of each side shows it). TRL samples its batches at random and pads each to its
+longest sequence; ours plans length-bucketed batches (`training.preference_plan`) and computes the prompt once
+per pair (shared-prompt rows): that is part of what is measured. Our stage reads a `pref_eval.jsonl`: it gets
+an empty one (it then skips the held-out scoring and the calibration report, as TRL with no eval set does). TRL
+logs once (`logging_steps=steps`), ours once (`log_every` past the end: its final row); TRL still computes its
+per-step metrics (`.item()` gathers), as it always does.
 
 Each run is its own subprocess (`--child`), rounds alternate the order (ours, TRL / TRL, ours):
 - wall_s: from the child's first line, before it imports torch, to the final model on disk: each side pays for its
@@ -28,7 +31,8 @@ Each run is its own subprocess (`--child`), rounds alternate the order (ours, TR
   plan); `process_s` is the whole subprocess incl. interpreter start;
 - pairs/s: steps x batch size / wall_s (the same pairs on both sides);
 - tokens: non-padding tokens of the chosen and rejected sequences, prompt counted in each (TRL's own
-  `_total_train_tokens`; ours: the same count over its tokenised pairs, computed by the parent, untimed);
+  `_total_train_tokens`; ours: the same count over its tokenised pairs, computed by the parent, untimed; ours
+  computes each prompt once per pair, so what it runs is less);
 - peak memory: `ru_maxrss` of the child (imports included);
 - loop_s (diagnostic): the training loop alone (TRL: its `train_runtime`; ours: from its first step to its last).
 Both sides load the initial model from one snapshot copied per invocation (a pipeline run may rewrite models/).
@@ -131,12 +135,17 @@ def run_child(kind: str, spec_path: Path, work: Path, tag: str) -> dict:
 
 
 def our_train_tokens(spec: dict) -> int:
-    """Non-padding tokens of ours' chosen and rejected sequences (prompt counted in each, as TRL counts)."""
+    """Non-padding tokens of ours' chosen and rejected sequences as its stage tokenises them (each response cut
+    after its end-of-turn token), prompt counted in each, as TRL counts."""
     from components.core import training
+    from components.core.generation import generation_eos
     from components.core.tokens import tokenize_pair
+    from components.reward_model import end_at_turn
 
     tokenizer = training.load_tokenizer(spec["model"], False)
-    pairs = [tokenize_pair(tokenizer, r, spec["max_length"], spec["max_prompt_length"]) for r in spec["records"]]
+    eos = set(generation_eos(spec["model"], tokenizer))
+    pairs = [end_at_turn(tokenize_pair(tokenizer, r, spec["max_length"], spec["max_prompt_length"]), eos)
+             for r in spec["records"]]
     return sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
 
 

@@ -63,12 +63,14 @@ class PolicyAndValue(torch.nn.Module):
         super().__init__()
         self.policy, self.value = policy, value
 
-    def forward(self, prompts, completions, pad_id, temperature, with_entropy=False):
+    def forward(self, prompts, grouped, pad_id, temperature, with_entropy=False):
+        """prompts (B,) and their completions grouped per prompt; rows group-major (as group_token_logps)."""
         device = next(self.policy.parameters()).device
-        logps, mask, entropy = scoring.completion_token_logps(self.policy, prompts, completions, pad_id, device,
-                                                              temperature, with_entropy)
-        values = None if self.value is None else scorers.response_values(self.value, prompts, completions, pad_id,
-                                                                         device)
+        logps, mask, entropy = scoring.group_token_logps(self.policy, prompts, grouped, pad_id, device, temperature,
+                                                         with_entropy)
+        flat_prompts = [p for p, cs in zip(prompts, grouped, strict=True) for _ in cs]
+        values = None if self.value is None else scorers.response_values(
+            self.value, flat_prompts, [c for cs in grouped for c in cs], pad_id, device)
         return logps, mask, entropy, values
 
 
@@ -186,8 +188,18 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
             n = len(rows)
             row_prompts = [prompts[g["prompt"]].ids for g, _ in rows]
             row_completions = [c["ids"] for _, c in rows]
-            # micro-batches of rows, spread over processes (equal counts: padding weighs 0)
-            mbs = [list(range(i, min(i + cfg.micro_batch_size, n))) for i in range(0, n, cfg.micro_batch_size)]
+            # micro-batches of whole groups (a group's G completions share one row behind their prompt), spread
+            # over processes (equal counts: padding weighs 0)
+            per_mb = max(1, cfg.micro_batch_size // G)
+            mbs = [list(range(i, min(i + per_mb, len(groups)))) for i in range(0, len(groups), per_mb)]
+
+            def rows_of(group_sel):
+                return [k * G + j for k in group_sel for j in range(G)]
+
+            def policy_logps(net, group_sel, with_entropy=False, groups=groups):
+                return scoring.group_token_logps(net, [prompts[groups[k]["prompt"]].ids for k in group_sel],
+                                                 [[c["ids"] for c in groups[k]["completions"]] for k in group_sel],
+                                                 pad_id, accelerator.device, cfg.temperature, with_entropy)
 
             # ------------------------------------------------------------ score, old / ref log-probs, values
             t0 = time.perf_counter()
@@ -196,17 +208,18 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
                 for (k,), padding in training.even_shard([[k] for k in range(len(mbs))], rank, world):
                     if padding and not sharded:
                         continue
-                    sel = mbs[k]
+                    sel = rows_of(mbs[k])
                     P, C = [row_prompts[i] for i in sel], [row_completions[i] for i in sel]
                     with accelerator.autocast():
-                        if isinstance(accelerator.unwrap_model(model), PolicyAndValue):
-                            old, mask, _, values = accelerator.unwrap_model(model)(P, C, pad_id, cfg.temperature)
+                        inner = accelerator.unwrap_model(model)
+                        if isinstance(inner, PolicyAndValue):
+                            old, mask, _, values = inner([prompts[groups[g]["prompt"]].ids for g in mbs[k]],
+                                                         [[c["ids"] for c in groups[g]["completions"]] for g in mbs[k]],
+                                                         pad_id, cfg.temperature)
                         else:
-                            old, mask, _ = scoring.completion_token_logps(model, P, C, pad_id, accelerator.device,
-                                                                          cfg.temperature)
+                            old, mask, _ = policy_logps(model, mbs[k])
                             values = None
-                        ref = (scoring.completion_token_logps(ref_model, P, C, pad_id, accelerator.device,
-                                                              cfg.temperature)[0] if ref_model is not None else None)
+                        ref = policy_logps(ref_model, mbs[k])[0] if ref_model is not None else None
                         rm = (scorers.end_scores(reward_model, P, C, pad_id, accelerator.device)
                               if reward_model is not None else None)
                     if padding:
@@ -278,29 +291,33 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
             t0 = time.perf_counter()
             sums = defaultdict(float)
             rng = random.Random((seed * 1_000_003 + step) * 7 + 1)
-            per_minibatch = -(-n // cfg.num_mini_batches)
+            n_groups = len(groups)
+            per_minibatch = -(-n_groups // cfg.num_mini_batches)
             grad_norm = None
             for _epoch in range(cfg.num_ppo_epochs):
-                order = list(range(n))
+                order = list(range(n_groups))  # shuffled by group: a group keeps its one row behind the prompt
                 rng.shuffle(order)
-                for start in range(0, n, per_minibatch):
-                    mb_rows = order[start : start + per_minibatch]
+                for start in range(0, n_groups, per_minibatch):
+                    mb_groups = order[start : start + per_minibatch]
+                    mb_rows = rows_of(mb_groups)
                     mb_tokens = int(resp_mask[mb_rows].sum())
-                    micro = [mb_rows[i : i + cfg.micro_batch_size] for i in range(0, len(mb_rows), cfg.micro_batch_size)]
+                    micro = [mb_groups[i : i + per_mb] for i in range(0, len(mb_groups), per_mb)]
                     per_rank = -(-len(micro) // world)
                     mine = [(micro[k], 1.0) if k < len(micro) else (micro[k % len(micro)], 0.0)
                             for k in range(rank, per_rank * world, world)]
                     acc = defaultdict(lambda: torch.zeros((), device=accelerator.device))
-                    for m, (sel, weight) in enumerate(mine):
-                        P, C = [row_prompts[i] for i in sel], [row_completions[i] for i in sel]
-                        L = max(max(len(c) for c in C), 1)
+                    for m, (group_sel, weight) in enumerate(mine):
+                        sel = rows_of(group_sel)
+                        L = max(max(len(row_completions[i]) for i in sel), 1)
                         with training.maybe_no_sync(accelerator, model, m == len(mine) - 1):
                             with accelerator.autocast():
                                 if mode == "ppo":
-                                    logps, mask, entropy, vpred = model(P, C, pad_id, cfg.temperature, True)
+                                    logps, mask, entropy, vpred = model(
+                                        [prompts[groups[g]["prompt"]].ids for g in group_sel],
+                                        [[c["ids"] for c in groups[g]["completions"]] for g in group_sel],
+                                        pad_id, cfg.temperature, True)
                                 else:
-                                    logps, mask, entropy = scoring.completion_token_logps(
-                                        model, P, C, pad_id, accelerator.device, cfg.temperature, True)
+                                    logps, mask, entropy = policy_logps(model, group_sel, with_entropy=True)
                             dev = logps.device
                             mask_f = mask.float()
                             old_mb = old_t[sel, :L].to(dev)

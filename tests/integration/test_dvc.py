@@ -15,7 +15,7 @@ from conftest import run_cmd
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ALL_STAGES = ["bootstrap", "synthesize", "sources@src0", "sources@src1", "prepare", "sft", "reference", "dpo",
-              "grpo", "evaluate", "register"]
+              "grpo", "reward_model", "ppo@ppo", "ppo@rloo", "evaluate", "register"]
 
 
 def stages_run(output: str) -> list[str]:
@@ -32,7 +32,9 @@ def test_full_repro_writes_every_artifact(tiny_repo):
     for rel in ("models/base/config.json", "models/base/tokenizer.json", "data/raw/sft.jsonl",
                 "data/prepared/pref_train.jsonl", "models/sft/model.safetensors", "artifacts/ref_logps/train.pt",
                 "models/dpo/model.safetensors", "models/grpo/model.safetensors", "artifacts/rollouts/config.json",
-                "reports/eval/index.html", "reports/registration.json"):
+                "models/reward_model/model.safetensors", "models/ppo/model.safetensors", "models/rloo/model.safetensors",
+                "artifacts/rollouts_ppo/config.json", "artifacts/rollouts_rloo/config.json",
+                "reports/eval/index.html", "reports/eval/reward_model_calibration.png", "reports/registration.json"):
         assert (tiny_repo / rel).exists(), rel
     prepare = json.loads((tiny_repo / "metrics/prepare.json").read_text())
     assert prepare["read/total"] == prepare["kept/total"] + prepare["dropped/total"]
@@ -41,9 +43,13 @@ def test_full_repro_writes_every_artifact(tiny_repo):
     lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())
     assert sorted(lock["stages"]) == sorted(ALL_STAGES)
     evaluated = json.loads((tiny_repo / "metrics/eval.json").read_text())
-    for key in ("eval/grpo/reward_mean", "eval/grpo/win_rate_vs_dpo", "eval/grpo/kl_to_reference"):
-        assert key in evaluated, key
-    assert "GRPO response" in (tiny_repo / "reports/eval/index.html").read_text()
+    for name in ("grpo", "ppo", "rloo"):
+        for key in ("reward_mean", "win_rate_vs_dpo", "kl_to_reference", "rm_score_mean"):
+            assert f"eval/{name}/{key}" in evaluated, (name, key)
+    assert "eval/sft/rm_score_mean" in evaluated and "eval/rm_score_mean" in evaluated
+    page = (tiny_repo / "reports/eval/index.html").read_text()
+    assert "GRPO response" in page and "PPO response" in page and "RLOO response" in page
+    assert "Methods side by side" in page and "reward-model score" in page
 
 
 def test_register_candidate_grpo_registers_the_grpo_model_under_the_gates_names(tiny_repo, tmp_path):
@@ -75,6 +81,8 @@ def test_second_repro_does_nothing(tiny_repo):
         ("reference", "batch_size", 3, ["reference", "register"]),
         ("evaluate", "temperature", 0.7, ["evaluate", "register"]),
         ("grpo", "beta", 0.1, ["grpo", "register"]),  # a GRPO change never touches SFT, reference or DPO
+        ("reward_model", "learning_rate", 5.0e-4, ["reward_model", "register"]),  # nor does the reward model
+        ("ppo", "kl_coef", 0.1, ["ppo@ppo", "ppo@rloo", "register"]),
         ("register", "candidate", "grpo", ["register"]),
         ("register", "gate", {"min_prompts": 10}, []),  # the gate is applied by promote, not by register
     ],
@@ -93,7 +101,22 @@ def test_sft_change_reruns_sft_and_everything_after(tiny_repo, tmp_path):
     shutil.copytree(tiny_repo, root, symlinks=True)
     set_param(root, "sft", "learning_rate", 1.0e-3)
     out = run_cmd(["dvc", "repro"], root).stdout
-    assert stages_run(out) == ["sft", "reference", "dpo", "grpo", "evaluate", "register"]
+    assert sorted(stages_run(out)) == sorted(["sft", "reference", "dpo", "grpo", "reward_model", "ppo@ppo", "ppo@rloo",
+                                              "evaluate", "register"])
+
+
+def test_a_new_reward_model_reruns_only_what_depends_on_it(tiny_repo, tmp_path):
+    """Issue 14 item 4: ppo, rloo, evaluate and register re-run; sft, reference, dpo and grpo never do."""
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_repo, root, symlinks=True)
+    before = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    set_param(root, "reward_model", "center_rewards_coefficient", 0.1)
+    out = run_cmd(["dvc", "repro"], root).stdout
+    assert sorted(stages_run(out)) == ["evaluate", "ppo@ppo", "ppo@rloo", "register", "reward_model"]
+    after = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    for name in ("sft", "reference", "dpo", "grpo"):
+        assert after[name]["outs"] == before[name]["outs"]
+    assert after["ppo@ppo"]["outs"] != before["ppo@ppo"]["outs"]
 
 
 def test_beta_sweep_reuses_sft_and_reference(tiny_repo, tmp_path):
