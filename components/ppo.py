@@ -186,7 +186,6 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
                                             scorer=scorer, timing=timing)
             rows = [(g, c) for g in groups for c in g["completions"]]
             n = len(rows)
-            row_prompts = [prompts[g["prompt"]].ids for g, _ in rows]
             row_completions = [c["ids"] for _, c in rows]
             # micro-batches of whole groups (a group's G completions share one row behind their prompt), spread
             # over processes (equal counts: padding weighs 0)
@@ -209,18 +208,17 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
                     if padding and not sharded:
                         continue
                     sel = rows_of(mbs[k])
-                    P, C = [row_prompts[i] for i in sel], [row_completions[i] for i in sel]
+                    group_prompts = [prompts[groups[g]["prompt"]].ids for g in mbs[k]]
+                    grouped = [[c["ids"] for c in groups[g]["completions"]] for g in mbs[k]]
                     with accelerator.autocast():
                         inner = accelerator.unwrap_model(model)
                         if isinstance(inner, PolicyAndValue):
-                            old, mask, _, values = inner([prompts[groups[g]["prompt"]].ids for g in mbs[k]],
-                                                         [[c["ids"] for c in groups[g]["completions"]] for g in mbs[k]],
-                                                         pad_id, cfg.temperature)
+                            old, mask, _, values = inner(group_prompts, grouped, pad_id, cfg.temperature)
                         else:
                             old, mask, _ = policy_logps(model, mbs[k])
                             values = None
                         ref = policy_logps(ref_model, mbs[k])[0] if ref_model is not None else None
-                        rm = (scorers.end_scores(reward_model, P, C, pad_id, accelerator.device)
+                        rm = (scorers.group_end_scores(reward_model, group_prompts, grouped, pad_id, accelerator.device)
                               if reward_model is not None else None)
                     if padding:
                         continue

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from components.core.tokens import collate_shared_prompt, pad_right
+from components.core.tokens import collate_groups, collate_shared_prompt, pad_right
 
 log = logging.getLogger("alignflow.scorers")
 
@@ -121,15 +121,41 @@ def pair_end_scores(model, pairs: Sequence[dict], pad_id: int, device,
                             pad_id, device)
         return scores[: len(pairs)], scores[len(pairs):]
     batch = collate_shared_prompt(pairs, pad_id)
-    mask = batch.attention_mask.to(device)
-    if _base(model).config._attn_implementation == "eager":  # eager adds the mask to the scores
-        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    scores = token_scores(model, batch.input_ids.to(device), mask, batch.position_ids.to(device))
+    scores = token_scores(model, batch.input_ids.to(device), _attention(model, batch.attention_mask, device),
+                          batch.position_ids.to(device))
     start = max(len(p["prompt_ids"]) for p in pairs)
     chosen_end = torch.tensor([start + len(p["chosen_ids"]) - 1 for p in pairs], device=scores.device)
     rejected_end = torch.tensor([start + len(p["chosen_ids"]) + len(p["rejected_ids"]) - 1 for p in pairs],
                                 device=scores.device)
     return (scores.gather(1, chosen_end.unsqueeze(1)).squeeze(1), scores.gather(1, rejected_end.unsqueeze(1)).squeeze(1))
+
+
+def _attention(model, mask: torch.Tensor, device) -> torch.Tensor:
+    mask = mask.to(device)
+    if _base(model).config._attn_implementation == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask
+
+
+def group_end_scores(model, prompts: Sequence[Sequence[int]], grouped: Sequence[Sequence[Sequence[int]]], pad_id: int,
+                     device) -> torch.Tensor:
+    """(B * G,) end scores of G completions per prompt, group-major; with one row per group behind one copy of
+    the prompt (tokens.collate_groups) when the model takes a 4D mask, else separate rows."""
+    if not shared_rows_supported(model):
+        return end_scores(model, [p for p, cs in zip(prompts, grouped, strict=True) for _ in cs],
+                          [c for cs in grouped for c in cs], pad_id, device)
+    batch = collate_groups(prompts, grouped, pad_id)
+    scores = token_scores(model, batch.input_ids.to(device), _attention(model, batch.attention_mask, device),
+                          batch.position_ids.to(device))
+    start = max(len(p) for p in prompts)
+    ends = []
+    for cs in grouped:
+        off = 0
+        for c in cs:
+            ends.append(start + off + len(c) - 1 if c else start - 1)
+            off += len(c)
+    rows = torch.arange(len(prompts), device=scores.device).repeat_interleave(len(grouped[0]))
+    return scores[rows, torch.tensor(ends, device=scores.device)]
 
 
 @torch.no_grad()

@@ -49,6 +49,16 @@ def test_shared_prompt_pairs_equal_separate_rows(model):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_groups_behind_one_prompt_equal_separate_rows(model):
+    prompts = [p["prompt_ids"] for p in PAIRS]
+    grouped = [[p["chosen_ids"], p["rejected_ids"], []] for p in PAIRS]  # an empty completion is read at the prompt
+    with torch.no_grad():
+        grouped_scores = scorers.group_end_scores(model, prompts, grouped, PAD, "cpu")
+        rows = scorers.end_scores(model, [p for p in prompts for _ in range(3)], [c for cs in grouped for c in cs],
+                                  PAD, "cpu")
+    torch.testing.assert_close(grouped_scores, rows, rtol=1e-5, atol=1e-5)
+
+
 def test_response_values_sit_before_each_response_token(model):
     prompts = [p["prompt_ids"] for p in PAIRS]
     responses = [p["rejected_ids"] for p in PAIRS]
