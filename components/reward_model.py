@@ -200,7 +200,8 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
             write_csv(plots_path, history)
             write_json(metrics_path, final)
             Path(calibration_path).parent.mkdir(parents=True, exist_ok=True)
-            write_json(calibration_path, {**calibration, "eval_chosen": chosen, "eval_rejected": rejected})
+            write_json(calibration_path, {**calibration, "accuracy": final.get("eval/accuracy"),
+                                          "pairs": len(evals), "eval_chosen": chosen, "eval_rejected": rejected})
             training.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, total_steps)
     checkpoints.clear_checkpoints(accelerator, ckpt_dir)
     return final

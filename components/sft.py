@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from components.core import checkpoints, logprobs, scoring, sharding, tokens, training
+from components.core import checkpoints, logprobs, packing, scoring, sharding, tokens, training
 from components.core.config import SFTConfig, params_hash
 from components.core.io import read_jsonl, write_csv, write_json
 from components.core.logs import stage_main
@@ -86,13 +86,19 @@ def run(
     # ---------------------------------------------------------------- model, optimizer, schedule
     model = training.load_model(model_path, trust_remote_code, lora, mixed_precision=mixed_precision,
                                 gradient_checkpointing=cfg.gradient_checkpointing)
+    pack = cfg.packing
+    if pack and not scoring.shared_prompt_supported(model):  # packing needs a custom 4D mask, as shared prompts
+        log.warning("sft.packing: this model's attention cannot take a custom 4D mask (sliding windows, or not "
+                    "sdpa/eager); training one row per example")
+        pack = False
     model, optimizer = training.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
     lr_schedule = training.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(lr_schedule)  # not prepared: it would step once per process
 
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
-    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scoring, logprobs, tokens, checkpoints)
+    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scoring, logprobs, tokens, packing,
+                                        checkpoints)
     fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path), train_path,
                                  world, code)
     start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
@@ -116,7 +122,8 @@ def run(
             step_tokens = sum(label_counts[i] for mb in micro_batches for i in mb)
             step_loss = torch.zeros(2, device=accelerator.device)
             for k, mb in enumerate(micro_batches):
-                batch = collate_sequences([train[i] for i in training.shard(mb, rank, world)], pad_id)
+                mine = [train[i] for i in training.shard(mb, rank, world)]
+                batch = packing.collate_packed(mine, pad_id, max_length) if pack else collate_sequences(mine, pad_id)
                 batch = batch.to(accelerator.device)
                 sync = k == len(micro_batches) - 1
                 with training.maybe_no_sync(accelerator, model, sync):
@@ -125,7 +132,7 @@ def run(
                     # that of (sum of all token NLLs in the global step) / step_tokens.
                     accelerator.backward(nll * world / step_tokens)
                 step_loss += torch.stack([nll.detach().float(), n.float()])
-                tokens_seen += int(batch.attention_mask.sum())
+                tokens_seen += batch.num_tokens
             step_loss = accelerator.reduce(step_loss, reduction="sum")
             loss = step_loss[0] / step_loss[1]
             training.guard_finite(loss, step + 1, ckpt_dir)

@@ -134,7 +134,9 @@ class TrainLoopConfig(Strict):
 
 
 class SFTConfig(TrainLoopConfig):
-    pass
+    # several examples per row up to data.max_length, each with its own positions and a block-diagonal mask
+    # (padding-free, core/packing.py); the loss is the same token mean as without it
+    packing: bool = False
 
 
 class ReferenceConfig(Strict):

@@ -131,10 +131,9 @@ def pair_end_scores(model, pairs: Sequence[dict], pad_id: int, device,
 
 
 def _attention(model, mask: torch.Tensor, device) -> torch.Tensor:
-    mask = mask.to(device)
-    if _base(model).config._attn_implementation == "eager":  # eager adds the mask to the scores
-        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    return mask
+    from components.core.scoring import attention_mask_for
+
+    return attention_mask_for(_base(model), mask.to(device))
 
 
 def group_end_scores(model, prompts: Sequence[Sequence[int]], grouped: Sequence[Sequence[Sequence[int]]], pad_id: int,

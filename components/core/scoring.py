@@ -103,16 +103,30 @@ def slot_logps(model, hidden: torch.Tensor, positions: torch.Tensor, targets: to
     return out, entropy
 
 
-def model_sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-    """`sequence_logps` of a forward on (input_ids, attention_mask): (logps (B,), counts (B,))."""
+def model_sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                         position_ids: torch.Tensor | None = None):
+    """`sequence_logps` of a forward on (input_ids, attention_mask[, position_ids]): (logps (B,), counts (B,)).
+    A 4D bool mask (packed rows) is passed as the model's attention takes it."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if attention_mask.dim() == 4:
+        inputs["attention_mask"] = attention_mask_for(model, attention_mask)
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
     if not hidden_path_supported(model):
-        return sequence_logps(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
-    hidden = final_hidden(model, input_ids=input_ids, attention_mask=attention_mask)
+        return sequence_logps(model(**inputs).logits, labels)
+    hidden = final_hidden(model, **inputs)
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     positions = torch.arange(targets.shape[1], device=targets.device).expand_as(targets)
     logps, _ = slot_logps(model, hidden, positions, targets, mask)
     return logps.sum(-1), mask.sum(-1)
+
+
+def attention_mask_for(model, mask: torch.Tensor) -> torch.Tensor:
+    """A bool 4D mask as the model's attention takes it: eager adds the mask to the scores (0 / -inf)."""
+    if getattr(model, "module", model).config._attn_implementation == "eager":
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask
 
 
 def shared_prompt_supported(model) -> bool:
@@ -136,11 +150,8 @@ def uses_sliding_window(config) -> bool:
 
 def _shared_prompt_logps(model, pairs: list[dict], pad_id: int, device):
     batch = collate_shared_prompt(pairs, pad_id)
-    mask = batch.attention_mask.to(device)
-    if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds the mask to the scores
-        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
     inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
-              "attention_mask": mask}
+              "attention_mask": attention_mask_for(model, batch.attention_mask.to(device))}
     targets, source, segment = batch.targets.to(device), batch.source.to(device), batch.segment.to(device)
     chosen, rejected = segment == 1, segment == 2
     if hidden_path_supported(model):
@@ -169,14 +180,16 @@ def pair_logps(model, pairs: list[dict], pad_id: int, device, share_prompt: bool
     if share_prompt:
         return _shared_prompt_logps(model, pairs, pad_id, device)
     batch = collate_pairs(pairs, pad_id).to(device)
-    logps, counts = model_sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels)  # (2B,)
+    logps, counts = model_sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels,
+                                         batch.position_ids)  # (2B,)
     b = len(pairs)
     return logps[:b], logps[b:], counts[:b], counts[b:]
 
 
 def batch_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL over labelled tokens of the batch, and the number of those tokens."""
-    logps, counts = model_sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels)
+    logps, counts = model_sequence_logps(model, batch.input_ids, batch.attention_mask, batch.labels,
+                                         batch.position_ids)
     return -logps.sum(), counts.sum()
 
 
@@ -262,11 +275,8 @@ def group_token_logps(model, prompt_ids: list[list[int]], completion_ids: list[l
         return completion_token_logps(model, flat_prompts, [c for cs in completion_ids for c in cs], pad_id, device,
                                       temperature, with_entropy)
     batch = collate_groups(prompt_ids, completion_ids, pad_id)
-    attn = batch.attention_mask.to(device)
-    if getattr(model, "module", model).config._attn_implementation == "eager":  # eager adds the mask to the scores
-        attn = torch.zeros(attn.shape, device=device).masked_fill(~attn, torch.finfo(torch.float32).min)
     inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
-              "attention_mask": attn}
+              "attention_mask": attention_mask_for(model, batch.attention_mask.to(device))}
     source, targets = batch.source.to(device), batch.targets.to(device)
     index, mask = batch.index.to(device), batch.mask.to(device)
     if hidden_path_supported(model):

@@ -195,11 +195,19 @@ class TokenBatch:
     """Right-padded causal-LM batch. labels hold IGNORE_INDEX where no loss is taken."""
 
     input_ids: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T), or (B, 1, T, T) bool for packed rows (core/packing.py)
     labels: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor | None = None  # packed rows: restarting at each example
+    packed_tokens: int | None = None  # packed rows: their real tokens (the 4D mask does not count them)
 
     def to(self, device) -> TokenBatch:
-        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                          None if self.position_ids is None else self.position_ids.to(device), self.packed_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens."""
+        return self.packed_tokens if self.packed_tokens is not None else int(self.attention_mask.sum())
 
 
 def collate_sequences(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> TokenBatch:

@@ -91,6 +91,21 @@ def test_sft_resumes_after_crash_with_identical_weights(tiny_data, tmp_path):
     assert not (crashed / "checkpoints/sft").exists()  # cleaned after success
 
 
+def test_sft_packing_follows_one_row_per_example(tiny_data, tmp_path):
+    """sft.packing: the same token-mean loss and updates with examples packed into rows of data.max_length."""
+    rows = workdir(tiny_data, tmp_path / "rows", sft__max_steps=4, sft__eval_every=2)
+    packed = workdir(tiny_data, tmp_path / "packed", sft__max_steps=4, sft__eval_every=2, sft__packing=True)
+    run_cmd(stage("sft"), rows)
+    run_cmd(stage("sft"), packed)
+    for name in ("train/loss", "eval/loss"):
+        a, b = column(rows / "plots/sft.csv", name), column(packed / "plots/sft.csv", name)
+        assert len(a) == len(b) > 0, name
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+    a, b = weights(rows / "models/sft"), weights(packed / "models/sft")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
+
+
 def test_sft_two_processes_follow_one_process_loss(tiny_data, tmp_path):
     """torchrun x2 (gloo) at per-device batch 4 == one process at batch 8: same global batches."""
     one = workdir(tiny_data, tmp_path / "one", sft__batch_size=8)
