@@ -11,12 +11,12 @@ from components.core import packing
 from components.core.scoring import batch_nll
 from components.core.tokens import IGNORE_INDEX, collate_sequences
 
-I = IGNORE_INDEX
+X = IGNORE_INDEX  # no label
 EXAMPLES = [  # (input_ids, labels): prompt tokens unlabelled, response tokens labelled
-    ([5, 6, 7, 8], [I, I, 7, 8]),
-    ([9, 10, 11], [I, 10, 11]),
-    ([12, 13, 14, 15, 16, 17], [I, I, I, 15, 16, 17]),
-    ([18, 19], [I, 19]),
+    ([5, 6, 7, 8], [X, X, 7, 8]),
+    ([9, 10, 11], [X, 10, 11]),
+    ([12, 13, 14, 15, 16, 17], [X, X, X, 15, 16, 17]),
+    ([18, 19], [X, 19]),
 ]
 
 
@@ -31,7 +31,7 @@ def test_collate_packed_positions_labels_and_mask():
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 0], [12, 13, 14, 15, 16, 17, 18, 19]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5, 0, 1]]
     # each example's first token is never a target (it would be predicted from the previous example)
-    assert batch.labels.tolist() == [[I, I, 7, 8, I, 10, 11, I], [I, I, I, 15, 16, 17, I, 19]]
+    assert batch.labels.tolist() == [[X, X, 7, 8, X, 10, 11, X], [X, X, X, 15, 16, 17, X, 19]]
     mask = batch.attention_mask[0, 0]
     assert mask[5].tolist() == [False, False, False, False, True, True, False, False]  # token 10 sees 9, 10
     assert mask[7].tolist() == [False] * 7 + [True]  # padding attends only to itself
