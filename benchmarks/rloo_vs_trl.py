@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/rloo_vs_trl.py --reward functions       # the sorting reward function instead
     .venv/bin/python benchmarks/rloo_vs_trl.py --steps 3 --rounds 1 --out /tmp/rloo_smoke.json   # smoke
 
-Only RLOO has a peer: TRL 1.16 has no PPO trainer (`trl.PPOTrainer` and `trl.experimental.ppo` are gone), so
-our `ppo` mode is not benchmarked here.
+TRL 1.16 has no PPO trainer; our `ppo` mode is benchmarked against TRL 0.26's `trl.experimental.ppo` by
+benchmarks/ppo_vs_trl.py.
 
 Same on both sides: the policy (models/sft; its copy is the reference), the reward (`--reward reward_model`: the
 one-label `AutoModelForSequenceClassification` in models/reward_model, scored at the last token of prompt +

@@ -244,7 +244,7 @@ def run(
     grpo_dir: str | None = None,
     online_dirs: dict[str, str] | None = None,
     reward_model_dir: str | None = None,
-    reward_model_report: str = "reports/reward_model.json",
+    reward_model_report: str = "plots/reward_model_calibration.json",
     pref_eval_path: str = "data/prepared/pref_eval.jsonl",
     sft_eval_path: str = "data/prepared/sft_eval.jsonl",
     reference_path: str = "artifacts/ref_logps/eval.pt",
@@ -316,6 +316,7 @@ def run(
         from components.core.scorers import batched_end_scores, load_scorer
 
         rm = load_scorer(reward_model_dir, trust_remote_code, pad_token_id=tokenizer.pad_token_id, frozen=True)
+        rm.to("cuda" if torch.cuda.is_available() else "cpu")
         rm_scores = {name: batched_end_scores(rm, *generated[name], tokenizer.pad_token_id, batch_size)
                      for name in names}
         del rm

@@ -112,8 +112,9 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
     if needs_rm and not (Path(reward_model_path) / "config.json").exists():
         raise ValueError(f"{reward_model_path}: no reward model (is reward_model.enabled false?); set "
                          "ppo.reward: functions and ppo.value_init: sft, or enable the reward_model stage")
+    rm_identity = checkpoints.model_identity(reward_model_path) if needs_rm else None  # reward, or the value init
     if use_rm:
-        reward_ids["reward_model"] = checkpoints.model_identity(reward_model_path)
+        reward_ids["reward_model"] = rm_identity
     sampler = online.PromptSampler(len(prompts), seed)
 
     # ---------------------------------------------------------------- models, optimizer, schedule
@@ -136,6 +137,9 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
                                     trust_remote_code, pad_token_id=pad_id,
                                     gradient_checkpointing=cfg.gradient_checkpointing)
     model = PolicyAndValue(policy, value) if value is not None else policy
+    for module in model.modules():  # as TRL's PPO: no dropout, so old and new log-probs are the same function
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     model, optimizer = training.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
     updates = cfg.max_steps * cfg.num_ppo_epochs * cfg.num_mini_batches
     schedule = training.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * updates), updates)
@@ -153,8 +157,8 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
     hyper = {**checkpoints.math_params(cfg.model_dump()), "mode": mode}
     code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scoring, logprobs, tokens, rl,
                                         rewards, online, scorers, checkpoints)
-    fp = checkpoints.fingerprint(hyper, reward_ids, checkpoints.model_identity(model_path), str(prompt_file),
-                                 max_prompt_length, seed, code, world)
+    fp = checkpoints.fingerprint(hyper, reward_ids, rm_identity, checkpoints.model_identity(model_path),
+                                 str(prompt_file), max_prompt_length, seed, code, world)
     step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, cfg.max_steps, model, optimizer)
     position = int(saved.get("sampler_position", 0))
     generated_tokens = int(saved.get("generated_tokens", 0))
@@ -215,7 +219,9 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
                         if isinstance(inner, PolicyAndValue):
                             old, mask, _, values = inner(group_prompts, grouped, pad_id, cfg.temperature)
                         else:
-                            old, mask, _ = policy_logps(model, mbs[k])
+                            # without FSDP not through DDP: a process whose micro-batch is padding skips it,
+                            # and DDP's buffer broadcast in a forward is a collective
+                            old, mask, _ = policy_logps(model if sharded else inner, mbs[k])
                             values = None
                         ref = policy_logps(ref_model, mbs[k])[0] if ref_model is not None else None
                         rm = (scorers.group_end_scores(reward_model, group_prompts, grouped, pad_id, accelerator.device)
@@ -229,7 +235,7 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
                                     "rm": float(rm[j]) if rm is not None else None}
             per_row = online.gather_rows(accelerator, local)
             timing["reference"] += time.perf_counter() - t0
-            unwrapped.train()
+            accelerator.unwrap_model(model).train()  # policy and value model (checkpointing acts in train mode)
 
             # ------------------------------------------------------------ rewards and advantages (every process)
             width = max(max(len(c) for c in row_completions), 1)

@@ -121,8 +121,9 @@ def read_eval_metrics(path: str, candidate: str = "dpo") -> dict[str, float]:
         raise FileNotFoundError(f"{path}: no eval metrics; run the evaluate stage first (dvc repro evaluate)")
     raw = json.loads(Path(path).read_text())
     metrics = {k: float(v) for k, v in raw.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    if candidate == "dpo":
-        return metrics
+    if candidate == "dpo":  # DPO's own (and the shared) keys: another policy's metrics are not this version's
+        others = tuple(f"eval/{c}/" for c in CANDIDATE_INPUTS if c != "dpo")
+        return {k: v for k, v in metrics.items() if not k.startswith(others)}
     own = {k.replace(f"eval/{candidate}/", "eval/", 1): v for k, v in metrics.items() if k.startswith(f"eval/{candidate}/")}
     if not own:
         raise FileNotFoundError(f"{path}: no eval/{candidate}/* metrics; evaluate the {candidate} model first "

@@ -9,7 +9,7 @@ one). Chosen and rejected go through one forward pass, behind one copy of their 
 checkpoints with exact resume and the divergence guard are the same as dpo's.
 
 Writes models/reward_model/ (loads in TRL, OpenRLHF, `evaluate.judge: reward_model`), metrics/reward_model.json
-(held-out accuracy, mean margin, expected calibration error), reports/reward_model.json (the reliability bins:
+(held-out accuracy, mean margin, expected calibration error), plots/reward_model_calibration.json (the reliability bins:
 σ(r_c - r_r) against the observed order, each pair counted both ways), plots/reward_model.csv and an MLflow run.
 """
 
@@ -84,7 +84,7 @@ def heldout_metrics(chosen: list[float], rejected: list[float], bins: int) -> tu
 
 def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str = "data/prepared",
         out_dir: str = "models/reward_model", metrics_path: str = "metrics/reward_model.json",
-        calibration_path: str = "reports/reward_model.json", plots_path: str = "plots/reward_model.csv",
+        calibration_path: str = "plots/reward_model_calibration.json", plots_path: str = "plots/reward_model.csv",
         checkpoint_dir: str = "checkpoints/reward_model", max_length: int = 128, max_prompt_length: int = 96,
         mixed_precision: str = "auto", seed: int = 1234, trust_remote_code: bool = False, track: bool = True) -> dict:
     hyper = {**cfg.model_dump(), "max_length": max_length, "max_prompt_length": max_prompt_length,
@@ -208,7 +208,7 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
 
 
 def skip(out_dir: str, metrics_path: str = "metrics/reward_model.json",
-         calibration_path: str = "reports/reward_model.json", plots_path: str = "plots/reward_model.csv") -> None:
+         calibration_path: str = "plots/reward_model_calibration.json", plots_path: str = "plots/reward_model.csv") -> None:
     """reward_model.enabled = false: placeholders for the DVC outs (ppo then needs `reward: functions`)."""
     note = {"enabled": False, "reason": "reward_model.enabled is false in params"}
     with atomic_dir(out_dir) as tmp:

@@ -87,7 +87,8 @@ def run(
     model = training.load_model(model_path, trust_remote_code, lora, mixed_precision=mixed_precision,
                                 gradient_checkpointing=cfg.gradient_checkpointing)
     pack = cfg.packing
-    if pack and not scoring.shared_prompt_supported(model):  # packing needs a custom 4D mask, as shared prompts
+    probe = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft (LoRA) passes masks on
+    if pack and not scoring.shared_prompt_supported(probe):  # packing needs a custom 4D mask, as shared prompts
         log.warning("sft.packing: this model's attention cannot take a custom 4D mask (sliding windows, or not "
                     "sdpa/eager); training one row per example")
         pack = False

@@ -281,6 +281,11 @@ class PPOConfig(Strict):
     def _consistent(self) -> PPOConfig:
         if self.reward == "functions" and not self.rewards:
             raise ValueError("reward: functions needs at least one entry in rewards")
+        if self.prompts_per_step % self.num_mini_batches:
+            raise ValueError(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of num_mini_batches "
+                             f"({self.num_mini_batches}): every minibatch is one optimizer step of the schedule")
+        if self.adaptive_kl and self.kl_coef == 0:
+            raise ValueError("adaptive_kl multiplies kl_coef: start it above 0")
         if "rloo" in self.rloo or "enabled" in self.rloo:
             raise ValueError("rloo: overrides the mode's training keys only (not rloo or enabled)")
         if self.rloo:

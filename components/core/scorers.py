@@ -125,8 +125,8 @@ def pair_end_scores(model, pairs: Sequence[dict], pad_id: int, device,
                           batch.position_ids.to(device))
     start = max(len(p["prompt_ids"]) for p in pairs)
     chosen_end = torch.tensor([start + len(p["chosen_ids"]) - 1 for p in pairs], device=scores.device)
-    rejected_end = torch.tensor([start + len(p["chosen_ids"]) + len(p["rejected_ids"]) - 1 for p in pairs],
-                                device=scores.device)
+    rejected_end = torch.tensor([start + len(p["chosen_ids"]) + len(p["rejected_ids"]) - 1 if p["rejected_ids"]
+                                 else start - 1 for p in pairs], device=scores.device)  # empty: the prompt's end
     return (scores.gather(1, chosen_end.unsqueeze(1)).squeeze(1), scores.gather(1, rejected_end.unsqueeze(1)).squeeze(1))
 
 

@@ -70,7 +70,7 @@ def test_reward_model_is_a_hub_reward_model_and_resumes_bit_for_bit(with_reward_
     metrics = json.loads((whole / "metrics/reward_model.json").read_text())
     for key in ("eval/accuracy", "eval/margin", "eval/ece", "loss", "accuracy"):
         assert key in metrics, key
-    calib = json.loads((whole / "reports/reward_model.json").read_text())
+    calib = json.loads((whole / "plots/reward_model_calibration.json").read_text())
     assert sum(b["count"] for b in calib["bins"]) == 2 * metrics["eval/pairs"]  # each pair both ways
     # the stored held-out scores are the model's own: the judge path reproduces one
     from components.core.rewards import load_judge
@@ -89,8 +89,8 @@ def test_reward_model_two_processes_follow_one_process(with_reward_model, tiny_d
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
 
 
-def _with_rm(with_reward_model: Path, tiny_data: Path, dst: Path) -> Path:
-    root = rlhf_workdir(tiny_data, dst)
+def _with_rm(with_reward_model: Path, tiny_data: Path, dst: Path, **overrides) -> Path:
+    root = rlhf_workdir(tiny_data, dst, **overrides)
     shutil.copytree(with_reward_model / "models/reward_model", root / "models/reward_model")
     return root
 
@@ -127,8 +127,11 @@ def test_ppo_resumes_bit_for_bit_and_writes_rollouts(with_reward_model, tiny_dat
 
 
 def test_rloo_two_processes_follow_one_process(with_reward_model, tiny_data, tmp_path):
-    one = _with_rm(with_reward_model, tiny_data, tmp_path / "one")
-    two = _with_rm(with_reward_model, tiny_data, tmp_path / "two")
+    """One micro-batch per round: the second process only runs padding (its no-grad pass skips it, so that pass
+    must not go through DDP, whose forward broadcasts buffers: a collective)."""
+    rloo = {"num_ppo_epochs": 1, "num_mini_batches": 1, "micro_batch_size": 8}
+    one = _with_rm(with_reward_model, tiny_data, tmp_path / "one", ppo__rloo=rloo)
+    two = _with_rm(with_reward_model, tiny_data, tmp_path / "two", ppo__rloo=rloo)
     run_cmd(ppo_cmd("rloo"), one)
     run_cmd(torchrun(29543, "components.ppo", "--mode", "rloo"), two)
     first_one, first_two = rollouts(one, "rloo")["round_000000.parquet"], rollouts(two, "rloo")["round_000000.parquet"]

@@ -40,6 +40,10 @@ def _write(tmp_path, mutate) -> Path:
         (lambda r: r["evaluate"].update(judge="function", judge_path="nocolon"), r"package\.module:function"),
         (lambda r: r.update(extra_section={}), r"extra_section: unknown key"),
         (lambda r: r["register"]["gate"].update(max_kl="lots"), r"register\.gate\.max_kl"),
+        (lambda r: r["ppo"].update(prompts_per_step=9, num_mini_batches=2), r"multiple of num_mini_batches"),
+        (lambda r: r["ppo"].update(adaptive_kl=True, kl_coef=0.0), r"start it above 0"),
+        (lambda r: r["ppo"]["rloo"].update(num_ppo_epochz=1), r"rloo: .*num_ppo_epochz"),
+        (lambda r: r["ppo"].update(reward="functions", rewards=[]), r"at least one entry in rewards"),
     ],
 )
 def test_bad_params_fail_naming_the_key(tmp_path, mutate, expected):
