@@ -25,20 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
-import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+import harness  # benchmarks/harness.py: this script's directory is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": ""}
 
 
 def child_ours(spec: dict, work: Path) -> dict:
@@ -97,35 +91,9 @@ def child_trl(spec: dict, work: Path) -> dict:
             "reward_last": logs[-1]["reward"]}
 
 
-def child_main(kind: str, spec_path: str, out_path: str) -> None:
-    started = time.perf_counter()  # before any heavy import: each side pays for its own stack, as a user does
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", str(os.cpu_count()))))
-    spec = json.loads(Path(spec_path).read_text())
-    work = Path(tempfile.mkdtemp(prefix=f"grpo-bench-{kind}-"))
-    result = child_ours(spec, work) if kind == "ours" else child_trl(spec, work)
-    result["wall_s"] = time.perf_counter() - started
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    Path(out_path).write_text(json.dumps(result))
-
-
-def run_child(kind: str, spec_path: Path, work: Path, tag: str) -> dict:
-    out = work / f"{tag}.json"
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--child", kind, str(spec_path), str(out)], cwd=work,
-                          env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{kind} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    result = json.loads(out.read_text())
-    result["process_s"] = time.perf_counter() - started
-    result["tokens_per_s"] = result["generated_tokens"] / result["wall_s"]
-    return result
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child_main(*sys.argv[2:5])
+        harness.child_main(*sys.argv[2:5], ours=child_ours, trl=child_trl, prefix="grpo-bench", cleanup=False)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -150,29 +118,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="grpo-bench-"))
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    rounds = []
-    for r in range(args.rounds):
-        order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")
-        results = {kind: run_child(kind, spec_path, work, f"{kind}_{r}") for kind in order}
-        rounds.append(results)
-        o, t = results["ours"], results["trl"]
-        print(f"round {r + 1}: ours {o['wall_s']:.1f}s {o['tokens_per_s']:.0f} tok/s {o['peak_rss_bytes'] / 2**20:.0f} MiB"
-              f" | TRL {t['wall_s']:.1f}s {t['tokens_per_s']:.0f} tok/s {t['peak_rss_bytes'] / 2**20:.0f} MiB")
-    best = {k: min((x[k] for x in rounds), key=lambda x: x["wall_s"]) for k in ("ours", "trl")}
-    summary = {
-        "speedup_wall": best["trl"]["wall_s"] / best["ours"]["wall_s"],
-        "tokens_per_s_ratio": best["ours"]["tokens_per_s"] / best["trl"]["tokens_per_s"],
-        "peak_memory_ratio": min(x["ours"]["peak_rss_bytes"] for x in rounds)
-        / min(x["trl"]["peak_rss_bytes"] for x in rounds),
-        "targets": {"speedup_wall": ">= 1.5", "peak_memory_ratio": "<= 0.8"},
-    }
-    result = {"benchmark": "grpo_vs_trl", "device": "cpu", "job": {k: v for k, v in spec.items() if k != "records"},
-              "rounds": rounds, "summary": summary,
-              "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
-              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    rounds = harness.run_rounds(
+        args.rounds, lambda kind, tag: harness.run_child(__file__, kind, spec_path, work, tag,
+                                                         ("tokens_per_s", "generated_tokens")),
+        "tokens_per_s", "tok/s")
+    summary = harness.summarize(rounds, "tokens_per_s", absolute=False)
+    summary["targets"] = {"speedup_wall": ">= 1.5", "peak_memory_ratio": "<= 0.8"}
+    harness.write_results(args.out, "grpo_vs_trl", spec, rounds, summary)
 
 
 if __name__ == "__main__":

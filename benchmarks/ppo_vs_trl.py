@@ -76,20 +76,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+import harness  # benchmarks/harness.py: this script's directory is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": "", "TRL_EXPERIMENTAL_SILENCE": "1"}
+OFFLINE_ENV = harness.OFFLINE_ENV | {"TRL_EXPERIMENTAL_SILENCE": "1"}
 TRL_VERSION = "0.26.0"
 DEFAULT_WHEEL = Path(tempfile.gettempdir()) / "trlold" / f"trl-{TRL_VERSION}-py3-none-any.whl"
 DEFAULT_TRL_DIR = Path(tempfile.gettempdir()) / f"alignflow-bench-trl-{TRL_VERSION}"
@@ -195,35 +193,12 @@ def child_trl(spec: dict, work: Path) -> dict:
                          "datasets": datasets.__version__, "torch": torch.__version__}}
 
 
-def child_main(kind: str, spec_path: str, out_path: str) -> None:
-    started = time.perf_counter()  # before any heavy import: each side pays for its own stack, as a user does
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", str(os.cpu_count()))))
-    spec = json.loads(Path(spec_path).read_text())
-    work = Path(tempfile.mkdtemp(prefix=f"ppo-bench-{kind}-"))
-    result = child_ours(spec, work) if kind == "ours" else child_trl(spec, work)
-    result["wall_s"] = time.perf_counter() - started
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    Path(out_path).write_text(json.dumps(result))
-    shutil.rmtree(work, ignore_errors=True)
-
-
 def run_child(kind: str, spec_path: Path, work: Path, tag: str, trl_dir: Path) -> dict:
-    out = work / f"{tag}.json"
     env = {**os.environ, **OFFLINE_ENV}
     env.pop("PYTHONPATH", None)
     if kind == "trl":
         env["PYTHONPATH"] = str(trl_dir)  # trl 0.26 ahead of the venv's 1.16; the rest from the venv
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--child", kind, str(spec_path), str(out)], cwd=work,
-                          env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{kind} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    result = json.loads(out.read_text())
-    result["process_s"] = time.perf_counter() - started
-    result["tokens_per_s"] = result["generated_tokens"] / result["wall_s"]
-    return result
+    return harness.run_child(__file__, kind, spec_path, work, tag, ("tokens_per_s", "generated_tokens"), env)
 
 
 def ensure_trl(trl_dir: Path, wheel: Path) -> Path:
@@ -250,7 +225,7 @@ def ensure_trl(trl_dir: Path, wheel: Path) -> Path:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child_main(*sys.argv[2:5])
+        harness.child_main(*sys.argv[2:5], ours=child_ours, trl=child_trl, prefix="ppo-bench")
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="rounds (ours max_steps; TRL total_episodes / batch)")
@@ -271,8 +246,7 @@ def main() -> None:
     parser.add_argument("--trl-dir", default=str(DEFAULT_TRL_DIR), help="where TRL 0.26.0 is (or gets) installed")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/ppo_vs_trl_cpu.json"))
     args = parser.parse_args()
-    if args.threads:
-        os.environ["BENCH_THREADS"] = str(args.threads)
+    harness.set_threads(args.threads)
     if args.prompts % args.mini_batches:
         raise SystemExit("--prompts must be a multiple of --mini-batches (TRL requires it)")
     reward_model = args.reward_model
@@ -311,46 +285,21 @@ def main() -> None:
             "max_completion_length": args.max_completion_length, "num_ppo_epochs": args.ppo_epochs,
             "num_mini_batches": args.mini_batches, "kl_coef": args.kl_coef, "lr": args.lr, "seed": 1234,
             "max_prompt_length": max_prompt_length,
-            "threads": int(os.environ.get("BENCH_THREADS", str(os.cpu_count()))), "records": records}
+            "threads": harness.bench_threads(), "records": records}
     work = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
     # both sides read one snapshot of the models: a pipeline run on the box may rewrite models/ meanwhile
     spec["model"] = str(shutil.copytree(args.model, work / "sft"))
     spec["reward_model"] = str(shutil.copytree(reward_model, work / "reward_model"))
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    rounds = []
-    for r in range(args.rounds):
-        order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")
-        results = {kind: run_child(kind, spec_path, work, f"{kind}_{r}", trl_dir) for kind in order}
-        rounds.append(results)
-        o, t = results["ours"], results["trl"]
-        print(f"round {r + 1}: ours {o['wall_s']:.1f}s {o['tokens_per_s']:.0f} tok/s {o['peak_rss_bytes'] / 2**20:.0f} MiB"
-              f" | TRL {t['wall_s']:.1f}s {t['tokens_per_s']:.0f} tok/s {t['peak_rss_bytes'] / 2**20:.0f} MiB",
-              flush=True)
+    rounds = harness.run_rounds(
+        args.rounds, lambda kind, tag: run_child(kind, spec_path, work, tag, trl_dir), "tokens_per_s", "tok/s")
     shutil.rmtree(work, ignore_errors=True)
-    best = {k: min((x[k] for x in rounds), key=lambda x: x["wall_s"]) for k in ("ours", "trl")}
-    summary = {
-        "ours_wall_s": best["ours"]["wall_s"], "trl_wall_s": best["trl"]["wall_s"],
-        "ours_tokens_per_s": best["ours"]["tokens_per_s"], "trl_tokens_per_s": best["trl"]["tokens_per_s"],
-        "ours_peak_rss_mib": min(x["ours"]["peak_rss_bytes"] for x in rounds) / 2**20,
-        "trl_peak_rss_mib": min(x["trl"]["peak_rss_bytes"] for x in rounds) / 2**20,
-        "speedup_wall": best["trl"]["wall_s"] / best["ours"]["wall_s"],
-        "tokens_per_s_ratio": best["ours"]["tokens_per_s"] / best["trl"]["tokens_per_s"],
-        "peak_memory_ratio": min(x["ours"]["peak_rss_bytes"] for x in rounds)
-        / min(x["trl"]["peak_rss_bytes"] for x in rounds),
-        "targets": {"speedup_wall": ">= 1.5"},
-    }
-    result = {"benchmark": "ppo_vs_trl", "device": "cpu", "trl": rounds[0]["trl"].get("versions"),
-              "job": {k: v for k, v in spec.items() if k != "records"}
-              | {"model": args.model, "reward_model": reward_model, "prompts_total": len(records),
-                 "prompts_skipped_too_long": too_long},
-              "rounds": rounds, "summary": summary,
-              "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
-              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    summary = harness.summarize(rounds, "tokens_per_s")
+    summary["targets"] = {"speedup_wall": ">= 1.5"}
+    harness.write_results(args.out, "ppo_vs_trl", spec, rounds, summary, head={"trl": rounds[0]["trl"].get("versions")},
+                          job={"model": args.model, "reward_model": reward_model, "prompts_total": len(records),
+                               "prompts_skipped_too_long": too_long})
 
 
 if __name__ == "__main__":

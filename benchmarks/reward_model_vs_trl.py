@@ -44,21 +44,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+import harness  # benchmarks/harness.py: this script's directory is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": ""}
 
 
 def child_ours(spec: dict, work: Path) -> dict:
@@ -107,33 +101,6 @@ def child_trl(spec: dict, work: Path) -> dict:
             "loop_s": next(r["train_runtime"] for r in trainer.state.log_history if "train_runtime" in r)}
 
 
-def child_main(kind: str, spec_path: str, out_path: str) -> None:
-    started = time.perf_counter()  # before any heavy import: each side pays for its own stack, as a user does
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", str(os.cpu_count()))))
-    spec = json.loads(Path(spec_path).read_text())
-    work = Path(tempfile.mkdtemp(prefix=f"rm-bench-{kind}-"))
-    result = child_ours(spec, work) if kind == "ours" else child_trl(spec, work)
-    result["wall_s"] = time.perf_counter() - started
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    Path(out_path).write_text(json.dumps(result))
-    shutil.rmtree(work, ignore_errors=True)
-
-
-def run_child(kind: str, spec_path: Path, work: Path, tag: str) -> dict:
-    out = work / f"{tag}.json"
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--child", kind, str(spec_path), str(out)], cwd=work,
-                          env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{kind} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    result = json.loads(out.read_text())
-    result["process_s"] = time.perf_counter() - started
-    result["pairs_per_s"] = result["pairs"] / result["wall_s"]
-    return result
-
-
 def our_train_tokens(spec: dict) -> int:
     """Non-padding tokens of ours' chosen and rejected sequences as its stage tokenises them (each response cut
     after its end-of-turn token), prompt counted in each, as TRL counts."""
@@ -151,7 +118,7 @@ def our_train_tokens(spec: dict) -> int:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child_main(*sys.argv[2:5])
+        harness.child_main(*sys.argv[2:5], ours=child_ours, trl=child_trl, prefix="rm-bench")
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100)
@@ -165,8 +132,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT / "data/prepared/pref_train.jsonl"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/reward_model_vs_trl_cpu.json"))
     args = parser.parse_args()
-    if args.threads:
-        os.environ["BENCH_THREADS"] = str(args.threads)
+    harness.set_threads(args.threads)
 
     from components.core.io import read_jsonl
 
@@ -176,45 +142,24 @@ def main() -> None:
         raise SystemExit(f"{args.data}: {len(records)} pairs, {n} needed for {args.steps} x {args.batch_size}")
     spec = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
             "center": args.center_rewards_coefficient, "max_length": args.max_length, "max_prompt_length": 96,
-            "seed": 1234, "threads": int(os.environ.get("BENCH_THREADS", str(os.cpu_count()))),
+            "seed": 1234, "threads": harness.bench_threads(),
             "records": [{k: r[k] for k in ("id", "prompt", "chosen", "rejected")} for r in records[:n]]}
     work = Path(tempfile.mkdtemp(prefix="rm-bench-"))
     spec["model"] = str(shutil.copytree(args.model, work / "sft"))  # one snapshot: a pipeline run may rewrite models/
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    rounds = []
-    for r in range(args.rounds):
-        order = ("ours", "trl") if r % 2 == 0 else ("trl", "ours")
-        results = {kind: run_child(kind, spec_path, work, f"{kind}_{r}") for kind in order}
-        rounds.append(results)
-        o, t = results["ours"], results["trl"]
-        print(f"round {r + 1}: ours {o['wall_s']:.1f}s {o['pairs_per_s']:.0f} pairs/s {o['peak_rss_bytes'] / 2**20:.0f} MiB"
-              f" | TRL {t['wall_s']:.1f}s {t['pairs_per_s']:.0f} pairs/s {t['peak_rss_bytes'] / 2**20:.0f} MiB",
-              flush=True)
+    rounds = harness.run_rounds(
+        args.rounds, lambda kind, tag: harness.run_child(__file__, kind, spec_path, work, tag, ("pairs_per_s", "pairs")),
+        "pairs_per_s", "pairs/s")
     ours_tokens = our_train_tokens(spec)
     shutil.rmtree(work, ignore_errors=True)
     for x in rounds:
         x["ours"]["train_tokens"] = ours_tokens
-    best = {k: min((x[k] for x in rounds), key=lambda x: x["wall_s"]) for k in ("ours", "trl")}
-    summary = {
-        "ours_wall_s": best["ours"]["wall_s"], "trl_wall_s": best["trl"]["wall_s"],
-        "ours_pairs_per_s": best["ours"]["pairs_per_s"], "trl_pairs_per_s": best["trl"]["pairs_per_s"],
-        "ours_peak_rss_mib": min(x["ours"]["peak_rss_bytes"] for x in rounds) / 2**20,
-        "trl_peak_rss_mib": min(x["trl"]["peak_rss_bytes"] for x in rounds) / 2**20,
-        "speedup_wall": best["trl"]["wall_s"] / best["ours"]["wall_s"],
-        "peak_memory_ratio": min(x["ours"]["peak_rss_bytes"] for x in rounds)
-        / min(x["trl"]["peak_rss_bytes"] for x in rounds),
-        "trl_pairs_kept": best["trl"]["trl_pairs_kept"],
-        "targets": {"speedup_wall": ">= 1.5"},
-    }
-    result = {"benchmark": "reward_model_vs_trl", "device": "cpu",
-              "job": {k: v for k, v in spec.items() if k != "records"} | {"model": args.model, "pairs": len(spec["records"])},
-              "rounds": rounds, "summary": summary,
-              "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
-              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    summary = harness.summarize(rounds, "pairs_per_s", rate_ratio=False)
+    summary["trl_pairs_kept"] = harness.best_rounds(rounds)["trl"]["trl_pairs_kept"]
+    summary["targets"] = {"speedup_wall": ">= 1.5"}
+    harness.write_results(args.out, "reward_model_vs_trl", spec, rounds, summary,
+                          job={"model": args.model, "pairs": len(spec["records"])})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""The harness shared by the peer benchmarks (grpo_vs_trl, reward_model_vs_trl, rloo_vs_trl, ppo_vs_trl).
+
+Each benchmark script runs every measured side (`ours`, `trl`) in its own subprocess: the script itself with
+`--child <kind> <spec.json> <out.json>`. The parent writes the job's spec once, alternates the order of the two
+sides per round (ours, TRL / TRL, ours), keeps each round's results, compares the best rounds and writes one
+results JSON. Only the job-specific parts (the spec, `child_ours`, `child_trl`, the summary's extra keys) stay in
+the scripts; this module holds what they share.
+
+Stdlib only, and nothing heavy at import: a child's timer starts in `child_main`, before it imports torch, so each
+side pays for its own stack, as a user does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+# the environment of every child: no network, no analytics, no tracking server
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": ""}
+KINDS = ("ours", "trl")
+
+
+def bench_threads() -> int:
+    """Torch threads per child: BENCH_THREADS, else every core."""
+    return int(os.environ.get("BENCH_THREADS", str(os.cpu_count())))
+
+
+def set_threads(threads: int | None) -> None:
+    """`--threads N`: export BENCH_THREADS=N for the children (None or 0: leave it as it is)."""
+    if threads:
+        os.environ["BENCH_THREADS"] = str(threads)
+
+
+def child_main(kind: str, spec_path: str, out_path: str, *, ours: Callable[[dict, Path], dict],
+               trl: Callable[[dict, Path], dict], prefix: str, cleanup: bool = True) -> None:
+    """The `--child` entry: run one side (`ours(spec, work)` or `trl(spec, work)`) in a fresh temp work dir and
+    write its result dict to out_path, with `wall_s` (from this call's first line, before torch is imported, to
+    the side's return: its final model on disk) and `peak_rss_bytes` (the process's `ru_maxrss`, imports
+    included). `prefix` names the work dir (`<prefix>-<kind>-...`); `cleanup` removes it afterwards."""
+    started = time.perf_counter()  # before any heavy import: each side pays for its own stack, as a user does
+    import torch
+
+    torch.set_num_threads(bench_threads())
+    spec = json.loads(Path(spec_path).read_text())
+    work = Path(tempfile.mkdtemp(prefix=f"{prefix}-{kind}-"))
+    result = ours(spec, work) if kind == "ours" else trl(spec, work)
+    result["wall_s"] = time.perf_counter() - started
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path(out_path).write_text(json.dumps(result))
+    if cleanup:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_child(script: str, kind: str, spec_path: Path, work: Path, tag: str, rate: tuple[str, str],
+              env: dict | None = None) -> dict:
+    """Run `script --child kind spec_path <work/tag.json>` (cwd work) and return the child's result, plus
+    `process_s` (the whole subprocess, interpreter start included) and the rate `rate[0] = result[rate[1]] /
+    wall_s` (e.g. ("tokens_per_s", "generated_tokens")). `env` defaults to this process's environment with
+    OFFLINE_ENV over it. A failed child stops the benchmark with the tails of its stdout and stderr."""
+    out = work / f"{tag}.json"
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, script, "--child", kind, str(spec_path), str(out)], cwd=work,
+                          env={**os.environ, **OFFLINE_ENV} if env is None else env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    result = json.loads(out.read_text())
+    result["process_s"] = time.perf_counter() - started
+    name, count = rate
+    result[name] = result[count] / result["wall_s"]
+    return result
+
+
+def run_rounds(rounds: int, run: Callable[[str, str], dict], rate: str, unit: str) -> list[dict]:
+    """`rounds` rounds of both sides, alternating the order (even rounds ours then TRL, odd rounds TRL then ours);
+    `run(kind, tag)` runs one side (tag `<kind>_<round>`). Prints a line per round (wall, `rate` in `unit`, peak
+    RSS) and returns the rounds, each `{"ours": result, "trl": result}` in the order run."""
+    done = []
+    for r in range(rounds):
+        order = KINDS if r % 2 == 0 else KINDS[::-1]
+        results = {kind: run(kind, f"{kind}_{r}") for kind in order}
+        done.append(results)
+        o, t = results["ours"], results["trl"]
+        print(f"round {r + 1}: ours {o['wall_s']:.1f}s {o[rate]:.0f} {unit} {o['peak_rss_bytes'] / 2**20:.0f} MiB"
+              f" | TRL {t['wall_s']:.1f}s {t[rate]:.0f} {unit} {t['peak_rss_bytes'] / 2**20:.0f} MiB",
+              flush=True)
+    return done
+
+
+def best_rounds(rounds: list[dict]) -> dict:
+    """Each side's fastest round (least `wall_s`): `{"ours": result, "trl": result}`."""
+    return {k: min((x[k] for x in rounds), key=lambda x: x["wall_s"]) for k in KINDS}
+
+
+def summarize(rounds: list[dict], rate: str, *, absolute: bool = True, rate_ratio: bool = True) -> dict:
+    """The comparison between the best rounds: with `absolute`, each side's best wall_s, `rate` and least peak
+    RSS (MiB) first; then `speedup_wall` (TRL wall / ours wall), with `rate_ratio` `<rate>_ratio` (ours / TRL),
+    and `peak_memory_ratio` (ours' least peak RSS / TRL's). The scripts add their own keys (targets, ...)."""
+    best = best_rounds(rounds)
+    peak = {k: min(x[k]["peak_rss_bytes"] for x in rounds) for k in KINDS}
+    summary = {}
+    if absolute:
+        summary |= {"ours_wall_s": best["ours"]["wall_s"], "trl_wall_s": best["trl"]["wall_s"],
+                    f"ours_{rate}": best["ours"][rate], f"trl_{rate}": best["trl"][rate],
+                    "ours_peak_rss_mib": peak["ours"] / 2**20, "trl_peak_rss_mib": peak["trl"] / 2**20}
+    summary["speedup_wall"] = best["trl"]["wall_s"] / best["ours"]["wall_s"]
+    if rate_ratio:
+        summary[f"{rate}_ratio"] = best["ours"][rate] / best["trl"][rate]
+    summary["peak_memory_ratio"] = peak["ours"] / peak["trl"]
+    return summary
+
+
+def write_results(out: str | Path, benchmark: str, spec: dict, rounds: list[dict], summary: dict, *,
+                  job: dict | None = None, head: dict | None = None) -> None:
+    """Write the results JSON: benchmark, device "cpu", `head`'s keys (if any), job (the spec without its records,
+    `job` over it), rounds, summary, host (cpus, python) and measured_at (UTC); then print the summary."""
+    result = {"benchmark": benchmark, "device": "cpu", **(head or {}),
+              "job": {k: v for k, v in spec.items() if k != "records"} | (job or {}),
+              "rounds": rounds, "summary": summary,
+              "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
+              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
