@@ -1,6 +1,6 @@
 """Our `ppo` stage in `ppo` mode against TRL 0.26's experimental `PPOTrainer` on the same job: wall time, tokens/s, memory.
 
-    .venv/bin/python benchmarks/ppo_vs_trl.py                                     # CPU, 10 steps x 16 prompts, 2 rounds
+    .venv/bin/python benchmarks/ppo_vs_trl.py                                     # CPU, 20 steps x 16 prompts, 2 rounds
     .venv/bin/python benchmarks/ppo_vs_trl.py --steps 2 --rounds 1 --out /tmp/ppo_smoke.json   # smoke
 
 TRL 1.16 (the venv's) has no PPO trainer; TRL 0.26.0 still ships one, `trl.experimental.ppo.PPOTrainer`. The script
@@ -228,7 +228,7 @@ def main() -> None:
         harness.child_main(*sys.argv[2:5], ours=child_ours, trl=child_trl, prefix="ppo-bench")
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="rounds (ours max_steps; TRL total_episodes / batch)")
+    parser.add_argument("--steps", type=int, default=20, help="rounds (ours max_steps; TRL total_episodes / batch)")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per round")
     parser.add_argument("--max-completion-length", type=int, default=24, help="TRL response_length")
     parser.add_argument("--ppo-epochs", type=int, default=4, help="num_ppo_epochs, both sides")
