@@ -54,12 +54,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     # ---------------------------------------------------------------- prompts, rewards
     tokenizer = training.load_tokenizer(model_path, trust_remote_code)
     prompt_file = Path(data_dir) / f"{cfg.prompts}_train.jsonl"
-    prompts, too_long = load_prompts(prompt_file, cfg.prompts, tokenizer, max_prompt_length)
-    if too_long:
-        log.warning("%s: %d prompts longer than data.max_prompt_length=%d tokens skipped", prompt_file, too_long,
-                    max_prompt_length)
-    if not prompts:
-        raise ValueError(f"{prompt_file}: no prompts to train on")
+    prompts = load_prompts(prompt_file, cfg.prompts, tokenizer, max_prompt_length)
     reward_fns = {r.name: rewards.load_reward_function(r.name) for r in cfg.rewards}
     reward_weights = {r.name: r.weight for r in cfg.rewards}
     reward_ids = {name: rewards.reward_identity(name) for name in reward_fns}

@@ -129,6 +129,7 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
     guard = training.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
 
     tracking_params = {**hyper, "world_size": world, "model": model_path}
+    scored: tuple[list[float], list[float]] = ([], [])
     with training.stage_tracking(accelerator, "reward_model", tracking_params, [model_path, data_dir], track) as mlrun:
         bar = training.progress(total_steps, start_step, "reward_model", accelerator.is_local_main_process)
         model.train()
@@ -175,8 +176,8 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
                 window_pairs, t0 = 0, time.perf_counter()
             if evals and (done % cfg.eval_every == 0 or done == total_steps):
                 row = row or {"step": done}
-                row.update(heldout_metrics(*score_pairs(model, accelerator, evals, cfg.batch_size, pad_id),
-                                           cfg.calibration_bins)[0])
+                scored = score_pairs(model, accelerator, evals, cfg.batch_size, pad_id)
+                row.update(heldout_metrics(*scored, cfg.calibration_bins)[0])
             if row:
                 history.append(row)
                 training.log_step_metrics(mlrun, row, done)
@@ -187,7 +188,11 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
         bar.close()
 
         # ------------------------------------------------------------ outputs
-        chosen, rejected = score_pairs(model, accelerator, evals, cfg.batch_size, pad_id) if evals else ([], [])
+        # the final step was evaluated in the loop; score again only when the loop had nothing left to run (resumed
+        # from the last step)
+        if evals and start_step == total_steps:
+            scored = score_pairs(model, accelerator, evals, cfg.batch_size, pad_id)
+        chosen, rejected = scored if evals else ([], [])
         training.save_model_atomic(accelerator, model, tokenizer, out_dir, training.stored_dtype(model_path))
         last_train = next(r for r in reversed(history) if "loss" in r)
         final = {k: v for k, v in last_train.items() if k not in ("step", "learning_rate", "grad_norm")}

@@ -41,8 +41,9 @@ class Prompt:
     ids: list[int]
 
 
-def load_prompts(path: Path, kind: str, tokenizer, max_prompt_length: int) -> tuple[list[Prompt], int]:
-    """One Prompt per distinct prompt of the prepared file, in file order; (prompts, dropped as too long)."""
+def load_prompts(path: Path, kind: str, tokenizer, max_prompt_length: int) -> list[Prompt]:
+    """One Prompt per distinct prompt of the prepared file, in file order. Prompts longer than max_prompt_length
+    are skipped with a warning that counts them; a file left with none is refused."""
     seen, out, too_long = set(), [], 0
     for r in read_jsonl(path):
         if kind == "pref":
@@ -60,7 +61,12 @@ def load_prompts(path: Path, kind: str, tokenizer, max_prompt_length: int) -> tu
             too_long += 1
             continue
         out.append(Prompt(str(r["id"]), messages, answer, ids))
-    return out, too_long
+    if too_long:
+        log.warning("%s: %d prompts longer than data.max_prompt_length=%d tokens skipped", path, too_long,
+                    max_prompt_length)
+    if not out:
+        raise ValueError(f"{path}: no prompts to train on")
+    return out
 
 
 class PromptSampler:

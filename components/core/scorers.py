@@ -18,20 +18,17 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from components.core.scoring import attention_mask_for, unwrapped, uses_sliding_window
 from components.core.tokens import collate_groups, collate_shared_prompt, pad_right
+from components.core.training import enable_gradient_checkpointing
 
 log = logging.getLogger("alignflow.scorers")
-
-
-def _base(model):
-    base = getattr(model, "module", model)  # DDP
-    return base.get_base_model() if hasattr(base, "get_base_model") else base
 
 
 def score_head(model) -> torch.nn.Module:
     """The head of a sequence-classification model (`score` in Llama, Qwen2, Mistral, Gemma, GPT-2; `classifier` in
     some encoders)."""
-    base = _base(model)
+    base = unwrapped(model)
     for name in ("score", "classifier", "v_head"):
         head = getattr(base, name, None)
         if isinstance(head, torch.nn.Module):
@@ -58,9 +55,7 @@ def load_scorer(path: str, trust_remote_code: bool = False, *, pad_token_id: int
     model.config.use_cache = False
     if frozen:
         return model.requires_grad_(False).eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    if gradient_checkpointing is True or (gradient_checkpointing == "auto" and n_params > 100e6):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model, gradient_checkpointing)
     return model
 
 
@@ -100,9 +95,7 @@ def end_scores(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequ
 
 def shared_rows_supported(model) -> bool:
     """Chosen and rejected behind one prompt need a custom 4D mask (sdpa / eager attention, no sliding windows)."""
-    from components.core.scoring import uses_sliding_window
-
-    config = getattr(_base(model), "config", None)
+    config = getattr(unwrapped(model), "config", None)
     return getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and not uses_sliding_window(config)
 
 
@@ -131,9 +124,7 @@ def pair_end_scores(model, pairs: Sequence[dict], pad_id: int, device,
 
 
 def _attention(model, mask: torch.Tensor, device) -> torch.Tensor:
-    from components.core.scoring import attention_mask_for
-
-    return attention_mask_for(_base(model), mask.to(device))
+    return attention_mask_for(unwrapped(model), mask.to(device))
 
 
 def group_end_scores(model, prompts: Sequence[Sequence[int]], grouped: Sequence[Sequence[Sequence[int]]], pad_id: int,

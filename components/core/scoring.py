@@ -47,7 +47,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
-def _unwrapped(model):
+def unwrapped(model):
     """The HF model behind DDP (`.module`) and peft (`get_base_model`) wrappers."""
     base = getattr(model, "module", model)
     return base.get_base_model() if hasattr(base, "get_base_model") else base
@@ -58,7 +58,7 @@ def hidden_path_supported(model) -> bool:
     embedding without bias, `logits_to_keep`); else callers use the model's logits."""
     import inspect
 
-    base = _unwrapped(model)
+    base = unwrapped(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     return (hasattr(base, "get_decoder") and isinstance(head, torch.nn.Linear) and head.bias is None
             and "logits_to_keep" in inspect.signature(getattr(model, "module", model).forward).parameters)
@@ -75,7 +75,7 @@ def final_hidden(model, **inputs) -> torch.Tensor:
     def hook(_module, _args, output):
         captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
-    handle = _unwrapped(model).get_decoder().register_forward_hook(hook)
+    handle = unwrapped(model).get_decoder().register_forward_hook(hook)
     try:
         model(**inputs, logits_to_keep=1)
     finally:
@@ -94,7 +94,7 @@ def slot_logps(model, hidden: torch.Tensor, positions: torch.Tensor, targets: to
 
     rows, cols = mask.nonzero(as_tuple=True)
     h = hidden[rows, positions[rows, cols]]  # (N, H)
-    weight = _unwrapped(model).get_output_embeddings().weight
+    weight = unwrapped(model).get_output_embeddings().weight
     logps, entropy = chunked_token_logps(h, weight, targets[rows, cols].clamp_min(0), temperature=temperature,
                                          with_entropy=with_entropy)
     out = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).index_put((rows, cols), logps)

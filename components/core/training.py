@@ -117,11 +117,7 @@ def load_model(path: str, trust_remote_code: bool = False, lora: dict | None = N
     model.config.use_cache = False
     if frozen:
         return model.requires_grad_(False).eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    if gradient_checkpointing is True or (gradient_checkpointing == "auto" and n_params > 100e6):
-        # non-reentrant: works with DDP/FSDP and with inputs that do not require grad
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        log.info("gradient checkpointing on (%.0fM parameters)", n_params / 1e6)
+    enable_gradient_checkpointing(model, gradient_checkpointing)
     if lora_on:
         from peft import LoraConfig, get_peft_model
 
@@ -133,6 +129,15 @@ def load_model(path: str, trust_remote_code: bool = False, lora: dict | None = N
                        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM"),
         )
     return model
+
+
+def enable_gradient_checkpointing(model, setting: bool | str) -> None:
+    """Recompute activations in backward when `setting` is true, or "auto" and the model is above 100M parameters."""
+    n_params = sum(p.numel() for p in model.parameters())
+    if setting is True or (setting == "auto" and n_params > 100e6):
+        # non-reentrant: works with DDP/FSDP and with inputs that do not require grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        log.info("gradient checkpointing on (%.0fM parameters)", n_params / 1e6)
 
 
 def stored_dtype(path: str) -> torch.dtype | None:
