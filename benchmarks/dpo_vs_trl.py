@@ -197,15 +197,14 @@ class RegionTimer:
 
 def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
     from components import dpo, reference
-    from components.core import checkpoints, losses, scoring, tokens, training
+    from components.core import checkpoints, losses, scoring, tokenized, tokens, training
     from components.core.io import read_jsonl
 
     if timer:
         timer.instrument_common()
         # stages bind these names at import (`from components.core.x import f`): wrap them where they are called
-        for mod in (reference, dpo):
-            timer.wrap(mod, "tokenize_pair", "tokenisation (chat template + tokenizer)")
-            timer.wrap(mod, "read_jsonl", "read data")
+        timer.wrap(tokenized, "write_for", "tokenisation (chat template + tokenizer)")
+        timer.wrap(tokenized, "load_pairs", "read data")
         timer.wrap(dpo, "load_reference_logps", "reference cache read")
         for attr, label in (("collate_pairs", "collation (pad + stack)"),
                             ("collate_shared_prompt", "collation (pad + stack)"),
@@ -245,6 +244,13 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     mp = "bf16" if spec["device"] == "cuda" else "no"
     t0, c0 = time.perf_counter(), cpu_seconds()
+    # prepare's share of the pipeline, timed: the records' token ids, which the stages read (TRL tokenises
+    # inside its trainer)
+    data_dir = work / "data"
+    data_dir.mkdir(parents=True)
+    for name in ("pref_train.jsonl", "pref_eval.jsonl"):
+        shutil.copy(Path(spec["data_dir"]) / name, data_dir / name)
+    tokenized.write_for(data_dir, training.load_tokenizer(spec["model"]))
     ref_kwargs = {}
     if "metrics_path" in inspect.signature(reference.run).parameters:  # keep the pipeline's metrics/ untouched
         ref_kwargs["metrics_path"] = str(work / "reference_metrics.json")
@@ -252,7 +258,7 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
         ref_kwargs["plan"] = {"batch_size": spec["batch_size"], "grad_accum": 1, "max_steps": spec["steps"],
                               "epochs": 1, "seed": spec["seed"]}
     dpo_kwargs = {"gradient_checkpointing": spec["gradient_checkpointing"]}
-    ref = reference.run(model_path=spec["model"], data_dir=spec["data_dir"], out_dir=str(work / "ref_logps"),
+    ref = reference.run(model_path=spec["model"], data_dir=str(data_dir), out_dir=str(work / "ref_logps"),
                         max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"],
                         batch_size=spec["ref_batch_size"], mixed_precision=mp, **ref_kwargs)
     t1 = time.perf_counter()
@@ -263,7 +269,7 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
                     warmup_ratio=0.1, scheduler="cosine", max_grad_norm=1.0, eval_every=10**9, save_every=10**9,
                     log_every=spec["steps"], **dpo_kwargs)
     final = dpo.run(
-        cfg, model_path=spec["model"], data_dir=spec["data_dir"], reference_dir=str(work / "ref_logps"),
+        cfg, model_path=spec["model"], data_dir=str(data_dir), reference_dir=str(work / "ref_logps"),
         out_dir=str(work / "model"), metrics_path=str(work / "metrics.json"), plots_path=str(work / "plots.csv"),
         checkpoint_dir=str(work / "checkpoints"), max_length=spec["max_length"],
         max_prompt_length=spec["max_prompt_length"], mixed_precision=mp, seed=spec["seed"], track=False,

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from components.core import checkpoints, logprobs, losses, scoring, sharding, tokens, training
+from components.core import checkpoints, logprobs, losses, scoring, sharding, tokenized, tokens, training
 from components.core.config import DPOConfig
-from components.core.io import read_jsonl, write_csv, write_json
+from components.core.io import write_csv, write_json
 from components.core.logs import stage_main
 from components.core.scoring import StaleReferenceError, load_reference_logps, pair_logps
-from components.core.tokens import pair_length, pair_token_hash, tokenize_pair
+from components.core.tokens import pair_length, pair_token_hash
 
 log = logging.getLogger("alignflow.dpo")
 
@@ -129,8 +129,8 @@ def run(
 
     # ---------------------------------------------------------------- data + cached reference
     tokenizer = training.load_tokenizer(model_path, trust_remote_code)
-    splits = {split: [tokenize_pair(tokenizer, r, max_length, max_prompt_length)
-                      for r in read_jsonl(Path(data_dir) / f"pref_{split}.jsonl")] for split in ("train", "eval")}
+    splits = {split: tokenized.load_pairs(Path(data_dir) / f"pref_{split}.jsonl", tokenizer, max_length,
+                                          max_prompt_length) for split in ("train", "eval")}
     train, evals = splits["train"], splits["eval"]
     if not train:
         raise ValueError(f"{data_dir}/pref_train.jsonl: no preference pairs")
@@ -150,11 +150,11 @@ def run(
 
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
-    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scoring, logprobs, tokens, losses,
-                                        checkpoints)
+    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scoring, logprobs, tokens, tokenized,
+                                        losses, checkpoints)
     fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path),
-                                 str(Path(data_dir) / "pref_train.jsonl"), str(Path(reference_dir) / "train.pt"), code,
-                                 world)
+                                 str(tokenized.tokens_path(Path(data_dir) / "pref_train.jsonl")),
+                                 str(Path(reference_dir) / "train.pt"), code, world)
     start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
     guard = training.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
     # KTO's reference point z0: the previous step's mean log-ratio over all its pairs on all processes

@@ -10,6 +10,8 @@ For both models it measures
   mean reward, exact-solve rate, per-prompt win rate DPO vs SFT with a bootstrap interval;
 - a Monte-Carlo estimate of KL(pi_dpo || pi_sft) on the DPO samples, response lengths, and held-out
   SFT perplexity.
+Pairs and SFT conversations are the token ids prepare wrote (data/prepared/tokens, core/tokenized.py); the
+held-out prompts are rendered for generation, and the judge reads their text.
 The online policies (models/grpo, models/ppo, models/rloo, those that were trained) are measured the same way
 on the same prompts and seeds: `eval/<name>/...` (reward with CI, exact solves, win rate vs SFT and vs DPO, KL
 to SFT, length ratio). With a reward model (models/reward_model), every policy's samples also get its score,
@@ -40,13 +42,14 @@ import numpy as np
 import torch
 
 from components.core import report as report_html
+from components.core import tokenized
 from components.core.generation import eos_ids, eval_prompts, generate_tokens, load_causal_lm, response_length
 from components.core.io import read_jsonl, write_csv, write_json
 from components.core.logs import stage_main
 from components.core.rewards import last_user_text, load_judge
 from components.core.scoring import batch_nll, preference_logps, response_logps
 from components.core.stats import bootstrap_ci, bootstrap_ratio_ci, implicit_rewards, win_values
-from components.core.tokens import collate_sequences, tokenize_pair, tokenize_sft
+from components.core.tokens import collate_sequences, pair_token_hash
 from components.core.training import autocast
 
 log = logging.getLogger("alignflow.evaluate")
@@ -57,14 +60,15 @@ ONLINE = ("grpo", "ppo", "rloo")  # the online policies evaluated beside DPO, wh
 
 
 @torch.no_grad()
-def heldout_perplexity(model, tokenizer, records: list[dict], max_length: int, batch_size: int,
+def heldout_perplexity(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
                        mixed_precision: str = "auto") -> float:
-    """exp(token-mean NLL) over assistant tokens of held-out SFT conversations (as sft.evaluate_loss)."""
-    examples = sorted(tokenize_sft(tokenizer, records, max_length), key=lambda e: len(e[0]))
+    """exp(token-mean NLL) over assistant tokens of held-out SFT conversations (as sft.evaluate_loss);
+    examples: (input_ids, labels) as `tokenized.load_sft` gives them."""
+    examples = sorted(examples, key=lambda e: len(e[0]))
     device = next(model.parameters()).device
     nll, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate_sequences(examples[start : start + batch_size], tokenizer.pad_token_id).to(device)
+        batch = collate_sequences(examples[start : start + batch_size], pad_id).to(device)
         with autocast(device, mixed_precision):
             batch_sum, batch_tokens = batch_nll(model, batch)
         nll += float(batch_sum)
@@ -72,8 +76,8 @@ def heldout_perplexity(model, tokenizer, records: list[dict], max_length: int, b
     return math.exp(nll / tokens) if tokens else float("nan")
 
 
-def score_models(sft_dir: str, dpo_dir: str, pref_records: list[dict], prompt_messages: list[list[dict]],
-                 sft_records: list[dict], *, max_new_tokens: int, temperature: float, top_p: float,
+def score_models(sft_dir: str, dpo_dir: str, pref_eval_path: str, prompt_messages: list[list[dict]],
+                 sft_eval_path: str | None, *, max_new_tokens: int, temperature: float, top_p: float,
                  batch_size: int, max_length: int, max_prompt_length: int, mixed_precision: str, seed: int,
                  trust_remote_code: bool, online_dirs: dict[str, str] | None = None) -> dict:
     """Everything evaluate needs a model for, per held-out item, for SFT, DPO and the online policies.
@@ -88,7 +92,9 @@ def score_models(sft_dir: str, dpo_dir: str, pref_records: list[dict], prompt_me
     for name, path in (online_dirs or {}).items():
         policies[name] = load_causal_lm(path, trust_remote_code)[0]
     pad_id = tokenizer.pad_token_id
-    pairs = [tokenize_pair(tokenizer, r, max_length, max_prompt_length) for r in pref_records]
+    # the token ids prepare wrote (refused when they belong to another tokenizer than the SFT model's)
+    pairs = tokenized.load_pairs(pref_eval_path, tokenizer, max_length, max_prompt_length)
+    sft_examples = tokenized.load_sft(sft_eval_path, tokenizer, max_length) if sft_eval_path else []
 
     logps: dict[str, tuple[torch.Tensor, ...]] = {}
     generated: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
@@ -97,8 +103,8 @@ def score_models(sft_dir: str, dpo_dir: str, pref_records: list[dict], prompt_me
         logps[name] = preference_logps(model, pairs, batch_size, pad_id, mixed_precision)
         generated[name] = generate_tokens(model, tokenizer, prompt_messages, max_new_tokens, temperature, top_p,
                                           batch_size, seed, desc=f"generate {name}")
-        if sft_records:
-            perplexity[name] = heldout_perplexity(model, tokenizer, sft_records, max_length, batch_size, mixed_precision)
+        if sft_examples:
+            perplexity[name] = heldout_perplexity(model, sft_examples, pad_id, batch_size, mixed_precision)
 
     # KL(pi || pi_sft) ~ E_{y ~ pi}[log pi(y|x) - log pi_sft(y|x)], summed over the response.
     # The estimator needs samples of the policy itself: at another temperature / top-p they come from a
@@ -113,7 +119,7 @@ def score_models(sft_dir: str, dpo_dir: str, pref_records: list[dict], prompt_me
         kl_terms[name] = (response_logps(model, prompt_ids, response_ids, batch_size, pad_id, mixed_precision)
                           - response_logps(sft_model, prompt_ids, response_ids, batch_size, pad_id, mixed_precision))
     return {"logps": logps, "generated": generated, "perplexity": perplexity, "kl_terms": kl_terms,
-            "eos": eos_ids(policies["dpo"], tokenizer), "tokenizer": tokenizer}
+            "eos": eos_ids(policies["dpo"], tokenizer), "tokenizer": tokenizer, "pairs": pairs}
 
 
 # ----------------------------------------------------------------------------- metrics (pure)
@@ -284,25 +290,32 @@ def run(
         raise ValueError(f"{pref_eval_path}: no held-out preference pairs")
     prompts = eval_prompts(pref_eval_path, num_prompts)
     prompt_messages = [p for _, p in prompts]
-    sft_records = read_jsonl(sft_eval_path) if Path(sft_eval_path).exists() else []
     reference, rows = _reference_for(reference_path, pref_eval_path, pref_records)
     ref_chosen = reference["chosen_logps"].float()[rows]  # (N,)
     ref_rejected = reference["rejected_logps"].float()[rows]
 
     # ---------------------------------------------------------------- both models
-    scored = score_models(sft_dir, dpo_dir, pref_records, prompt_messages, sft_records,
+    scored = score_models(sft_dir, dpo_dir, pref_eval_path, prompt_messages,
+                          sft_eval_path if Path(sft_eval_path).exists() else None,
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           batch_size=batch_size, max_length=max_length, max_prompt_length=max_prompt_length,
                           mixed_precision=mixed_precision, seed=seed, trust_remote_code=trust_remote_code,
                           online_dirs=online_dirs)
     logps, generated, tokenizer, eos = scored["logps"], scored["generated"], scored["tokenizer"], scored["eos"]
-    # Cheap guard against silently comparing different token sequences with the cached reference.
-    if "chosen_tokens" in reference and "rejected_tokens" in reference:
-        same = (torch.equal(logps["sft"][2], reference["chosen_tokens"].long()[rows])
-                and torch.equal(logps["sft"][3], reference["rejected_tokens"].long()[rows]))
-        if not same:
-            raise ValueError(f"{reference_path}: token counts differ from this tokenisation of {pref_eval_path}; "
-                             "the reference log-probs were computed with another tokenizer or max_length")
+    if [p["id"] for p in scored["pairs"]] != [r["id"] for r in pref_records]:
+        raise ValueError(f"{tokenized.tokens_path(pref_eval_path)} does not hold the records of {pref_eval_path} "
+                         "in its order: the two were written by different prepare runs (dvc repro prepare)")
+    # Guard against silently comparing different token sequences with the cached reference.
+    if "token_hashes" in reference:
+        same = [pair_token_hash(p) for p in scored["pairs"]] == [reference["token_hashes"][i] for i in rows.tolist()]
+    else:  # an artifact written before token hashes were recorded: the counts at least, when it has them
+        same = "chosen_tokens" not in reference or (
+            torch.equal(logps["sft"][2], reference["chosen_tokens"].long()[rows])
+            and torch.equal(logps["sft"][3], reference["rejected_tokens"].long()[rows]))
+    if not same:
+        raise ValueError(f"{reference_path}: computed on other tokens than the held-out pairs of {pref_eval_path} "
+                         "(another tokenizer, chat template, data.max_length or max_prompt_length): re-run the "
+                         "reference stage (dvc repro reference)")
 
     # ---------------------------------------------------------------- judge the generations
     names = list(generated)  # sft, dpo, then the online policies

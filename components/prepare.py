@@ -7,7 +7,7 @@ the rest is one linear run() plus the report. Reading and format parsing live in
 
 Reads `data.sources` (local .jsonl/.json/.parquet/.csv files or directories of them; each is a DVC dep
 through the `sources` stage) and `data.hub_sources` (hub datasets, pinned by revision), and writes
-`data/prepared/{sft,pref,unpaired}_{train,eval}.jsonl` plus `report.json` (per file: format, read, kept,
+`data/prepared/{sft,pref,unpaired}_{train,eval}.jsonl`, their token ids in `tokens/`, `report.json` (per file: format, read, kept,
 dropped per reason with the first locations), `metrics/prepare.json` (totals and per file), and the same
 report to `reports/prepare.json` also when the stage fails.
 
@@ -30,7 +30,9 @@ One record is bad -> it is dropped and counted under the first reason found (cor
     identical_pair / duplicate  chosen == rejected / same content as a kept record (dedupe, across sources)
     prompt_too_long / too_long  prompt tokens > max_prompt_length / prompt+response tokens > max_length
     prompt_mismatch             a pair whose prompt tokens differ before chosen and before rejected
-Token counts come from `core/tokens.encode_chat`, i.e. the exact template the trainers use.
+Token counts come from `core/tokens.encode_chat`, i.e. the exact template the trainers use, and the ids
+counted are the ones written: `data/prepared/tokens/` (core/tokenized.py) holds every kept SFT and preference
+record's token ids and the tokenizer's fingerprint, and the training stages read those, never the text.
 
 Split: a record's side is decided by its conversation opening (system turns + first user turn), hashed
 with the seed: eval when hash/2^64 < eval_fraction. So a prompt's SFT, preference and unpaired records
@@ -50,6 +52,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.core import tokenized
 from components.core.formats import (
     FORMATS,
     KINDS,
@@ -68,7 +71,6 @@ from components.core.logs import stage_main
 from components.core.readers import UNDECODABLE, DataError, InvalidJSON, open_hub, open_source
 from components.core.tokens import (
     chat_markers,
-    encode_chat,
     holds_template,
     parse_rendered,
     template_supports_tools,
@@ -84,10 +86,10 @@ MAX_EXAMPLES = 5  # dropped-record locations kept per reason and file in report.
 # ----------------------------------------------------------------------------- lengths and identity
 
 
-def _check_lengths(tokenizer, kind: str, content: dict, max_length: int, max_prompt_length: int) -> None:
+def _check_lengths(encoded: list[tuple[list[int], list[bool]]], kind: str, max_length: int,
+                   max_prompt_length: int) -> None:
     prompts: set[tuple[int, ...]] = set()
-    for messages in conversations(kind, content):
-        ids, trained = encode_chat(tokenizer, messages, content.get("tools"))
+    for ids, trained in encoded:
         prompt_tokens = trained.index(True) if True in trained else len(ids)
         prompts.add(tuple(ids[:prompt_tokens]))
         if kind == "preference" and len(prompts) > 1:  # scored as one shared prompt for both responses
@@ -195,13 +197,14 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     write_jsonl(path, records, ensure_ascii=False)
 
 
-def _write_outputs(
-    out_dir: Path, files: dict[str, list[dict]], report: dict, metrics_path: Path, metrics: dict
-) -> None:
-    """data/prepared as one atomic directory, then the metrics file: a failure leaves the previous outputs."""
+def _write_outputs(out_dir: Path, files: dict[str, list[dict]], token_rows: dict[str, list[dict]], tokens: dict,
+                   report: dict, metrics_path: Path, metrics: dict) -> None:
+    """data/prepared (records, their tokens, the report) as one atomic directory, then the metrics file: a
+    failure leaves the previous outputs."""
     with atomic_dir(out_dir) as tmp:
         for name, records in files.items():
             _write_jsonl(tmp / name, records)
+        tokenized.write(tmp, token_rows, **tokens)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
 
@@ -288,7 +291,7 @@ def run(
                 "skip_invalid_json": skip_invalid_json}
 
     # ------------------------------------------------------------------ read and validate
-    kept: list[tuple[str, dict, str]] = []  # (kind, record, prompt key)
+    kept: list[tuple[str, dict, str, dict | None]] = []  # (kind, record, prompt key, tokens row)
     seen: set[str] = set()
     reports: list[_FileReport] = []
     for source, kind, columns, label, records, provenance in _inputs(sources, hub_sources or [], skip_invalid_json):
@@ -324,14 +327,16 @@ def run(
                 rid = record_id(content)
                 if dedupe and rid in seen:
                     raise Drop("duplicate", f"same content as an earlier record (id {rid})")
-                _check_lengths(tokenizer, record_kind, content, max_length, max_prompt_length)
+                encoded = tokenized.encode(tokenizer, conversations(record_kind, content), content.get("tools"))
+                _check_lengths(encoded, record_kind, max_length, max_prompt_length)
             except Drop as d:
                 report.drop(d.reason, loc, d.detail)
                 continue
             seen.add(rid)
             report.kept += 1
             out = {"id": rid, **content, "source": loc}
-            kept.append((record_kind, out, _canonical(opening(record_kind, content))))
+            kept.append((record_kind, out, _canonical(opening(record_kind, content)),
+                         tokenized.row(record_kind, rid, encoded, content)))
         if report.read == 0:
             log.warning("%s: no records", label)
         if report.untemplated:
@@ -358,14 +363,18 @@ def run(
 
     # ------------------------------------------------------------------ split by prompt
     kinds_by_key: dict[str, set[str]] = {}
-    for record_kind, _, key in kept:
+    for record_kind, _, key, _ in kept:
         kinds_by_key.setdefault(key, set()).add(record_kind)
     held_out = eval_keys(kinds_by_key, eval_fraction, seed)
     files: dict[str, list[dict]] = {
         f"{OUTPUT_PREFIX[k]}_{s}.jsonl": [] for k in KINDS for s in ("train", "eval")
     }
-    for record_kind, out, key in kept:
-        files[f"{OUTPUT_PREFIX[record_kind]}_{'eval' if key in held_out else 'train'}.jsonl"].append(out)
+    token_rows: dict[str, list[dict]] = {name: [] for name in tokenized.SPLITS}
+    for record_kind, out, key, token_row in kept:
+        name = f"{OUTPUT_PREFIX[record_kind]}_{'eval' if key in held_out else 'train'}"
+        files[f"{name}.jsonl"].append(out)
+        if token_row is not None:
+            token_rows[name].append(token_row)
 
     # ------------------------------------------------------------------ metrics, report, write
     metrics: dict = {}
@@ -386,7 +395,9 @@ def run(
         metrics[f"file/{r.file}/kept"] = r.kept
         metrics[f"file/{r.file}/dropped"] = sum(r.dropped.values())
     report = {**files_report, "totals": metrics}
-    _write_outputs(Path(out_dir), files, report, Path(metrics_path), metrics)
+    tokens = {"tokenizer": tokenizer, "tokenizer_path": tokenizer_path, "max_length": max_length,
+              "max_prompt_length": max_prompt_length}
+    _write_outputs(Path(out_dir), files, token_rows, tokens, report, Path(metrics_path), metrics)
 
     for r in reports:
         drops = ", ".join(f"{k}={v}" for k, v in sorted(r.dropped.items()))

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from components.core import sharding, training
-from components.core.io import atomic_dir, read_jsonl, write_json
+from components.core import sharding, tokenized, training
+from components.core.io import atomic_dir, write_json
 from components.core.logs import stage_main
 from components.core.scoring import pair_logps
-from components.core.tokens import pair_length, pair_token_hash, tokenize_pair
+from components.core.tokens import pair_length, pair_token_hash
 
 log = logging.getLogger("alignflow.reference")
 SPLITS = ("train", "eval")
@@ -85,8 +85,7 @@ def run(
     t0 = time.perf_counter()
     tokens = 0
     for split in SPLITS:
-        records = read_jsonl(Path(data_dir) / f"pref_{split}.jsonl")
-        pairs = [tokenize_pair(tokenizer, r, max_length, max_prompt_length) for r in records]
+        pairs = tokenized.load_pairs(Path(data_dir) / f"pref_{split}.jsonl", tokenizer, max_length, max_prompt_length)
         if split == "train" and plan is not None and pairs:
             steps = training.preference_plan(pairs, world=accelerator.num_processes, **plan)
             summary["train/pairs_in_data"] = len(pairs)

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from components.core import checkpoints, scorers, sharding, tokens, training
+from components.core import checkpoints, scorers, sharding, tokenized, tokens, training
 from components.core.config import RewardModelConfig
 from components.core.generation import generation_eos
-from components.core.io import atomic_dir, read_jsonl, write_csv, write_json
+from components.core.io import atomic_dir, write_csv, write_json
 from components.core.logs import stage_main
-from components.core.tokens import pair_length, tokenize_pair
+from components.core.tokens import pair_length
 
 log = logging.getLogger("alignflow.reward_model")
 
@@ -99,12 +99,11 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
     eos = set(generation_eos(model_path, tokenizer))
     splits = {}
     for split in ("train", "eval"):
-        records = read_jsonl(Path(data_dir) / f"pref_{split}.jsonl")
-        splits[split] = [end_at_turn(tokenize_pair(tokenizer, r, max_length, max_prompt_length), eos) for r in records]
-        if cfg.use_margin:
-            for pair, r in zip(splits[split], records, strict=True):
-                if "margin" in r:
-                    pair["margin"] = float(r["margin"])
+        pairs = tokenized.load_pairs(Path(data_dir) / f"pref_{split}.jsonl", tokenizer, max_length, max_prompt_length)
+        splits[split] = [end_at_turn(p, eos) for p in pairs]
+        if not cfg.use_margin:
+            for pair in splits[split]:
+                pair.pop("margin", None)
     train, evals = splits["train"], splits["eval"]
     if not train:
         raise ValueError(f"{data_dir}/pref_train.jsonl: no preference pairs")
@@ -122,9 +121,9 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
     accelerator.register_for_checkpointing(schedule)
 
     ckpt_dir = Path(checkpoint_dir)
-    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scorers, tokens, checkpoints)
+    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scorers, tokens, tokenized, checkpoints)
     fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path),
-                                 str(Path(data_dir) / "pref_train.jsonl"), code, world)
+                                 str(tokenized.tokens_path(Path(data_dir) / "pref_train.jsonl")), code, world)
     start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
     guard = training.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
 

@@ -2,7 +2,7 @@
 
     accelerate launch --config_file configs/accelerate/cpu.yaml -m components.sft --params params.yaml
 
-Loss on assistant tokens only (chat template from the tokenizer), token-mean over the whole optimizer
+Loss on assistant tokens only (the ids and assistant masks prepare wrote, core/tokenized.py), token-mean over the whole optimizer
 step, so 1 process x 32 and 2 processes x 16 follow the same loss trajectory. The run is a fixed plan
 of steps (core/training.plan_steps): a re-run after a crash loads the newest checkpoint with the same
 fingerprint and replays exactly the remaining steps, ending with the same weights as an uninterrupted
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from components.core import checkpoints, logprobs, packing, scoring, sharding, tokens, training
+from components.core import checkpoints, logprobs, packing, scoring, sharding, tokenized, tokens, training
 from components.core.config import SFTConfig, params_hash
-from components.core.io import read_jsonl, write_csv, write_json
+from components.core.io import write_csv, write_json
 from components.core.logs import stage_main
 from components.core.scoring import batch_nll
-from components.core.tokens import IGNORE_INDEX, collate_sequences, tokenize_sft
+from components.core.tokens import IGNORE_INDEX, collate_sequences
 
 log = logging.getLogger("alignflow.sft")
 
@@ -73,8 +73,8 @@ def run(
 
     # ---------------------------------------------------------------- data
     tokenizer = training.load_tokenizer(model_path, trust_remote_code)
-    train = tokenize_sft(tokenizer, read_jsonl(train_path), max_length)
-    evals = tokenize_sft(tokenizer, read_jsonl(eval_path), max_length) if Path(eval_path).exists() else []
+    train = tokenized.load_sft(train_path, tokenizer, max_length)
+    evals = tokenized.load_sft(eval_path, tokenizer, max_length) if Path(eval_path).exists() else []
     if not train:
         raise ValueError(f"{train_path}: no SFT training records")
     # cfg.batch_size is per device: the global micro-batch is split over processes
@@ -98,10 +98,10 @@ def run(
 
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
-    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scoring, logprobs, tokens, packing,
-                                        checkpoints)
-    fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path), train_path,
-                                 world, code)
+    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scoring, logprobs, tokens, tokenized,
+                                        packing, checkpoints)
+    fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path),
+                                 str(tokenized.tokens_path(train_path)), world, code)
     start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
     guard = training.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
 

@@ -1,7 +1,8 @@
 """Token ids from canonical records: chat templating, label masks, truncation, batches and padding.
 
-Shared by prepare (token counts), sft, reference, dpo and evaluate, so every stage sees the same tokens
-for the same record. Log-probs of those tokens are `core/scoring.py`.
+prepare encodes each record once with these (`encode_chat`) and stores the ids (`core/tokenized.py`); the
+training and scoring stages read those ids, so every stage sees the same tokens for the same record.
+Log-probs of those tokens are `core/scoring.py`.
 """
 
 from __future__ import annotations
@@ -246,9 +247,16 @@ def tokenize_pair(tokenizer, record: dict, max_length: int, max_prompt_length: i
     if rejected_prompt_ids != prompt_ids:  # one prompt is scored for both responses (shared-prompt rows)
         raise ValueError(f"record {record['id']}: the chat template renders the prompt into other tokens before the "
                          "rejected response than before the chosen one; chosen and rejected must share the prompt")
-    prompt_ids = prompt_ids[-max_prompt_length:]
+    return truncate_pair({"id": record["id"], "prompt_ids": prompt_ids, "chosen_ids": chosen_ids,
+                          "rejected_ids": rejected_ids}, max_length, max_prompt_length)
+
+
+def truncate_pair(pair: dict, max_length: int, max_prompt_length: int) -> dict:
+    """The prompt's last `max_prompt_length` tokens, each response cut so prompt + response <= max_length."""
+    prompt_ids = list(pair["prompt_ids"])[-max_prompt_length:]
     room = max(1, max_length - len(prompt_ids))
-    return {"id": record["id"], "prompt_ids": prompt_ids, "chosen_ids": chosen_ids[:room], "rejected_ids": rejected_ids[:room]}
+    return {"id": pair["id"], "prompt_ids": prompt_ids, "chosen_ids": list(pair["chosen_ids"])[:room],
+            "rejected_ids": list(pair["rejected_ids"])[:room]}
 
 
 def pair_token_hash(pair: dict) -> str:
@@ -383,12 +391,3 @@ def collate_groups(prompts: Sequence[Sequence[int]], completions: Sequence[Seque
     attend |= torch.eye(t, dtype=torch.bool)  # padding rows attend to themselves: no all-masked row (NaN in sdpa)
     return GroupBatch(input_ids, position_ids, attend[:, None], targets, source, index, mask, k + 1)
 
-
-def tokenize_sft(tokenizer, records: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per record; labels are IGNORE_INDEX outside assistant turns."""
-    out = []
-    for r in records:
-        ids, mask = encode_chat(tokenizer, r["messages"], r.get("tools"))
-        ids, mask = ids[:max_length], mask[:max_length]
-        out.append((ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]))
-    return out

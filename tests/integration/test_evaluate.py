@@ -14,9 +14,10 @@ import torch
 from components import evaluate
 from components.bootstrap import build_model, build_tokenizer
 from components.core import sorting as synthetic
+from components.core import tokenized
 from components.core.generation import load_causal_lm
 from components.core.scoring import pair_logps
-from components.core.tokens import tokenize_pair
+from components.core.tokens import pair_token_hash, tokenize_pair
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +33,8 @@ def _reference_logps(model, tokenizer, records: list[dict]) -> dict:
     with torch.no_grad():
         chosen, rejected, n_chosen, n_rejected = pair_logps(model, pairs, tokenizer.pad_token_id, "cpu")
     return {"ids": [r["id"] for r in records], "chosen_logps": chosen, "rejected_logps": rejected,
-            "chosen_tokens": n_chosen, "rejected_tokens": n_rejected}
+            "chosen_tokens": n_chosen, "rejected_tokens": n_rejected,
+            "token_hashes": [pair_token_hash(p) for p in pairs]}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,7 @@ def workspace(tmp_path_factory) -> dict:
     (data / "pref_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pref_records))
     (data / "sft_eval.jsonl").write_text("".join(json.dumps({"id": f"s{i}", **r}) + "\n"
                                                   for i, r in enumerate(sft_records)))
+    tokenized.write_for(data, tokenizer)  # the token ids prepare writes beside the records
 
     reference = load_causal_lm(str(root / "sft"))[0]  # the SFT model is the reference
     (root / "ref").mkdir()

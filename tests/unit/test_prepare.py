@@ -471,14 +471,17 @@ def test_two_prompts_always_give_one_train_and_one_eval_prompt(tmp_path, tiny_to
 
 
 def snapshot(tmp_path) -> dict[str, bytes]:
-    files = sorted((tmp_path / "prepared").iterdir()) + [tmp_path / "metrics" / "prepare.json"]
-    return {f.name: f.read_bytes() for f in files}
+    root = tmp_path / "prepared"
+    files = sorted(f for f in root.rglob("*") if f.is_file())
+    return {**{str(f.relative_to(root)): f.read_bytes() for f in files},
+            "prepare.json": (tmp_path / "metrics" / "prepare.json").read_bytes()}
 
 
 def test_failed_run_leaves_previous_outputs_intact(tmp_path, tiny_tokenizer_dir, monkeypatch):
     prepare(tmp_path, tiny_tokenizer_dir, fixture("hh_rlhf.jsonl"))
     before = snapshot(tmp_path)
-    assert set(before) == {*OUTPUTS, "report.json", "prepare.json"}
+    assert set(before) == {*OUTPUTS, "report.json", "prepare.json", "tokens/meta.json",
+                           *(f"tokens/{name}.parquet" for name in ("sft_train", "sft_eval", "pref_train", "pref_eval"))}
     with pytest.raises(DataError):
         prepare(tmp_path, tiny_tokenizer_dir, fixture("sft_messages.jsonl"), fixture("broken_json.jsonl"))
     assert snapshot(tmp_path) == before
@@ -540,7 +543,7 @@ def cli(tmp_path, tiny_tokenizer_dir, monkeypatch):
 def test_cli_writes_outputs(cli, tmp_path):
     assert cli(fixture("hh_rlhf.jsonl")) == 0
     assert json.loads((tmp_path / "metrics" / "prepare.json").read_text())["kept/total"] == 5
-    assert {p.name for p in (tmp_path / "data" / "prepared").iterdir()} == {*OUTPUTS, "report.json"}
+    assert {p.name for p in (tmp_path / "data" / "prepared").iterdir()} == {*OUTPUTS, "report.json", "tokens"}
 
 
 def test_cli_data_error_is_one_line_and_marked_not_worth_retrying(cli, capsys):

@@ -1,0 +1,202 @@
+"""Tokenised records: the artifact every training and scoring stage reads, written once by prepare.
+
+    data/prepared/tokens/{sft,pref}_{train,eval}.parquet   one row per record of the .jsonl beside it
+    data/prepared/tokens/meta.json                          the tokenizer fingerprint, lengths, row counts
+
+prepare tokenises each record once, when it checks its lengths (`encode`), and writes the ids it checked.
+sft, reference, dpo, reward_model and evaluate load these ids (`load_pairs`, `load_sft`) and never render a
+chat template again: on a real data set that was minutes of templating per stage and per process.
+
+Rows: sft `input_ids` + `assistant_mask` (the tokens trained on); preference `prompt_ids`, `chosen_ids`,
+`rejected_ids` (the prompt shared by both responses, each response its assistant turn(s) as the template
+renders them, as `tokens.encode_prompt_response`) and `margin` when the record has one. Each row carries `token_hash`, the
+identity of its exact tokens, which the cached reference log-probs are keyed by (with the record id).
+
+`fingerprint(tokenizer)` hashes what decides the ids: the tokenizer's vocabulary, merges, normalisation and
+added tokens, the chat template and the special tokens it may name. A stage whose model carries another
+tokenizer or template than the one the records were tokenised with stops and says to re-run prepare.
+Stages cut the stored ids to their own data.max_length / max_prompt_length as TRL does (`tokens.truncate_pair`),
+so a lowered limit takes effect (and is caught by the reference's token hashes) before prepare runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from components.core.tokens import (
+    CHATML_TEMPLATE,
+    IGNORE_INDEX,
+    encode_chat,
+    pair_token_hash,
+    truncate_pair,
+)
+
+FORMAT = 1
+DIRNAME = "tokens"
+META = "meta.json"
+SPLITS = ("sft_train", "sft_eval", "pref_train", "pref_eval")
+
+
+class TokenizedError(ValueError):
+    """The tokenised records are missing or belong to another tokenizer: re-run prepare."""
+
+
+def fingerprint(tokenizer) -> str:
+    """sha256 (16 hex digits) of everything that decides a record's token ids: the tokenizer itself (its
+    tokenizer.json without padding/truncation settings, or its vocabulary for a slow tokenizer), the chat
+    template and the special tokens a template may name. Stable across save_pretrained / from_pretrained."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("padding", None)
+        spec.pop("truncation", None)
+    else:
+        spec = {"vocab": sorted(tokenizer.get_vocab().items()), "class": type(tokenizer).__name__}
+    template = tokenizer.chat_template or CHATML_TEMPLATE
+    special = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "unk_token")}
+    blob = json.dumps({"tokenizer": spec, "chat_template": template, "special": special}, sort_keys=True,
+                      ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def sft_token_hash(input_ids: Sequence[int], assistant_mask: Sequence[bool]) -> str:
+    blob = ",".join(map(str, input_ids)) + "|" + "".join("1" if m else "0" for m in assistant_mask)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- writing (prepare)
+
+
+def encode(tokenizer, conversations: Sequence[Sequence[dict]], tools: list[dict] | None = None
+           ) -> list[tuple[list[int], list[bool]]]:
+    """(ids, assistant mask) of each conversation of a record (`formats.conversations`): what prepare checks
+    the lengths of and what `row` stores."""
+    return [encode_chat(tokenizer, list(m), tools) for m in conversations]
+
+
+def _split_response(ids: list[int], mask: list[bool]) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids): the response runs from the first to the last assistant-turn token, as
+    `tokens.encode_prompt_response`."""
+    if True not in mask:
+        return ids, []
+    first, last = mask.index(True), len(mask) - mask[::-1].index(True)
+    return ids[:first], ids[first:last]
+
+
+def row(kind: str, record_id: str, encoded: list[tuple[list[int], list[bool]]], content: dict) -> dict | None:
+    """The tokens row of one kept record (None for kinds no stage reads as tokens)."""
+    if kind == "sft":
+        [(ids, mask)] = encoded
+        return {"id": record_id, "input_ids": ids, "assistant_mask": mask, "token_hash": sft_token_hash(ids, mask)}
+    if kind == "preference":
+        (prompt, chosen), (_, rejected) = (_split_response(*e) for e in encoded)
+        out = {"id": record_id, "prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+        out["token_hash"] = pair_token_hash(out)
+        out["margin"] = float(content["margin"]) if content.get("margin") is not None else None
+        return out
+    return None
+
+
+def _schema(kind: str):
+    import pyarrow as pa
+
+    ids = pa.list_(pa.int32())
+    if kind == "sft":
+        return pa.schema([("id", pa.string()), ("input_ids", ids), ("assistant_mask", pa.list_(pa.bool_())),
+                          ("token_hash", pa.string())])
+    return pa.schema([("id", pa.string()), ("prompt_ids", ids), ("chosen_ids", ids), ("rejected_ids", ids),
+                      ("token_hash", pa.string()), ("margin", pa.float64())])
+
+
+def write(out_dir: Path, rows: dict[str, list[dict]], tokenizer, tokenizer_path: str, max_length: int,
+          max_prompt_length: int) -> dict:
+    """Write `<out_dir>/tokens/` (inside a directory being written atomically, e.g. prepare's). rows: split name
+    (SPLITS) -> rows in the order of that split's .jsonl. Returns the meta written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target = Path(out_dir) / DIRNAME
+    target.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        schema = _schema(name.split("_")[0])
+        table = pa.Table.from_pylist(rows.get(name, []), schema=schema)
+        pq.write_table(table, target / f"{name}.parquet", compression="zstd")
+    meta = {"format": FORMAT, "tokenizer": fingerprint(tokenizer), "tokenizer_path": str(tokenizer_path),
+            "max_length": max_length, "max_prompt_length": max_prompt_length,
+            "rows": {name: len(rows.get(name, [])) for name in SPLITS},
+            "tokens": {name: sum(sum(len(v) for k, v in r.items() if k.endswith("_ids")) for r in rows.get(name, []))
+                       for name in SPLITS}}
+    (target / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def write_for(data_dir: str | Path, tokenizer, max_length: int = 10**9, max_prompt_length: int = 10**9) -> dict:
+    """Tokenise prepared-format .jsonl files already in data_dir (canonical records, e.g. written by hand for a
+    test or a benchmark) into data_dir/tokens, as prepare would have. Missing splits are written empty."""
+    from components.core.formats import conversations
+    from components.core.io import read_jsonl
+
+    data_dir = Path(data_dir)
+    rows: dict[str, list[dict]] = {}
+    for name in SPLITS:
+        path = data_dir / f"{name}.jsonl"
+        kind = "sft" if name.startswith("sft") else "preference"
+        rows[name] = [row(kind, str(r["id"]), encode(tokenizer, conversations(kind, r), r.get("tools")), r)
+                      for r in (read_jsonl(path) if path.exists() else [])]
+    return write(data_dir, rows, tokenizer, getattr(tokenizer, "name_or_path", ""), max_length, max_prompt_length)
+
+
+# ----------------------------------------------------------------------------- reading (the stages)
+
+
+def tokens_path(jsonl_path: str | Path) -> Path:
+    """data/prepared/pref_train.jsonl -> data/prepared/tokens/pref_train.parquet"""
+    p = Path(jsonl_path)
+    return p.parent / DIRNAME / f"{p.stem}.parquet"
+
+
+def _read(jsonl_path: str | Path, tokenizer) -> list[dict]:
+    path = tokens_path(jsonl_path)
+    meta_path = path.parent / META
+    if not path.exists() or not meta_path.exists():
+        raise TokenizedError(f"{path}: no tokenised records for {jsonl_path}; prepare writes them "
+                             "(dvc repro prepare)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise TokenizedError(f"{meta_path}: tokenised records of format {meta.get('format')}, this code reads "
+                             f"format {FORMAT}: re-run prepare (dvc repro prepare)")
+    mine = fingerprint(tokenizer)
+    if meta.get("tokenizer") != mine:
+        raise TokenizedError(
+            f"{meta_path}: the records were tokenised with another tokenizer or chat template (fingerprint "
+            f"{meta.get('tokenizer')}, from {meta.get('tokenizer_path')}) than this model's "
+            f"({mine}, {getattr(tokenizer, 'name_or_path', '?')}): re-run prepare with this model's tokenizer "
+            "(dvc repro prepare)")
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def load_pairs(jsonl_path: str | Path, tokenizer, max_length: int, max_prompt_length: int) -> list[dict]:
+    """The preference pairs of a prepared split as the stages score them: {id, prompt_ids, chosen_ids,
+    rejected_ids[, margin]}, cut to max_length / max_prompt_length (`tokens.truncate_pair`)."""
+    out = []
+    for r in _read(jsonl_path, tokenizer):
+        pair = truncate_pair({k: r[k] for k in ("id", "prompt_ids", "chosen_ids", "rejected_ids")}, max_length,
+                             max_prompt_length)
+        if r.get("margin") is not None:
+            pair["margin"] = r["margin"]
+        out.append(pair)
+    return out
+
+
+def load_sft(jsonl_path: str | Path, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per SFT record, cut to max_length; labels are IGNORE_INDEX outside assistant turns."""
+    out = []
+    for r in _read(jsonl_path, tokenizer):
+        ids, mask = r["input_ids"][:max_length], r["assistant_mask"][:max_length]
+        out.append((ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]))
+    return out
