@@ -28,7 +28,7 @@ def setup_logging(level: str | None = None) -> None:
 # Printed by a stage that fails on its inputs (params, data, a diverging run): the flow does not retry it.
 INPUT_ERROR_MARK = "[alignflow] input error"
 _INPUT_ERRORS = {"ParamsError", "DataError", "NonFiniteLossError", "DivergenceError", "JudgeError",
-                 "StaleReferenceError"}
+                 "StaleReferenceError", "TokenizedError"}
 
 
 def is_input_error(e: BaseException) -> bool:

@@ -353,3 +353,22 @@ def test_fsdp_two_processes_follow_one_process_with_uneven_batches(tiny_data, tm
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-3, atol=1e-5)
+
+
+def test_a_model_with_another_chat_template_is_refused_naming_prepare(tiny_data, tmp_path):
+    """The token ids prepare wrote belong to the base tokenizer and template: an SFT model whose template
+    differs (edited by hand, or another model dropped in) stops the reference stage before any forward."""
+    root = workdir(tiny_data, tmp_path / "template")
+    shutil.copytree(root / "models/base", root / "models/sft")
+    config = root / "models/sft/tokenizer_config.json"
+    template_file = root / "models/sft/chat_template.jinja"
+    if template_file.exists():
+        template_file.write_text(template_file.read_text().replace("<|im_end|>", "<|im_end|> "))
+    else:
+        cfg = json.loads(config.read_text())
+        cfg["chat_template"] = cfg["chat_template"].replace("<|im_end|>", "<|im_end|> ")
+        config.write_text(json.dumps(cfg))
+    proc = subprocess.run(stage("reference"), cwd=root, env=pipeline_env(root), capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "another tokenizer or chat template" in proc.stderr and "dvc repro prepare" in proc.stderr
+    assert not (root / "artifacts/ref_logps").exists()
