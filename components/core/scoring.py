@@ -196,7 +196,7 @@ def batch_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def preference_logps(model, pairs: list[dict], batch_size: int, pad_id: int, mixed_precision: str = "auto"):
     """Summed response log-probs of every pair, in input order, scored exactly as the reference stage does
-    (tokens.tokenize_pair + pair_logps). Returns (chosen (N,), rejected (N,), chosen_tokens (N,),
+    (the ids of tokenized.load_pairs + pair_logps). Returns (chosen (N,), rejected (N,), chosen_tokens (N,),
     rejected_tokens (N,))."""
     device = next(model.parameters()).device
     columns: list[list[torch.Tensor]] = [[], [], [], []]

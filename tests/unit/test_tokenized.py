@@ -121,7 +121,7 @@ def test_rows_follow_the_record_conversations(tiny_tokenizer_dir):
               "chosen": [{"role": "assistant", "content": "1 2 3"}],
               "rejected": [{"role": "assistant", "content": "2 1 3"}]}
     row = tokenized.row("preference", "r1", tokenized.encode(tok, conversations("preference", record)), record)
-    assert {k: row[k] for k in ("id", "prompt_ids", "chosen_ids", "rejected_ids")} == \
+    assert {"id": row["id"], **{k: row[k].tolist() for k in ("prompt_ids", "chosen_ids", "rejected_ids")}} == \
         tokenize_pair(tok, {"id": "r1", **record}, 10**6, 10**6)
-    assert tok.decode(row["chosen_ids"]) == "1 2 3<|im_end|>\n" and row["margin"] is None
+    assert tok.decode(row["chosen_ids"].tolist()) == "1 2 3<|im_end|>\n" and row["margin"] is None
     assert tokenized.row("unpaired", "u", [], {}) is None
