@@ -82,6 +82,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import harness  # noqa: E402  benchmarks/harness.py: this script's directory is on sys.path
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -203,7 +204,7 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
     if timer:
         timer.instrument_common()
         # stages bind these names at import (`from components.core.x import f`): wrap them where they are called
-        timer.wrap(tokenized, "write_for", "tokenisation (chat template + tokenizer)")
+        timer.wrap(harness, "prepare_aside", "tokenisation (chat template + tokenizer), prepare's process")
         timer.wrap(tokenized, "load_pairs", "read data")
         timer.wrap(dpo, "load_reference_logps", "reference cache read")
         for attr, label in (("collate_pairs", "collation (pad + stack)"),
@@ -245,12 +246,12 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
     mp = "bf16" if spec["device"] == "cuda" else "no"
     t0, c0 = time.perf_counter(), cpu_seconds()
     # prepare's share of the pipeline, timed: the records' token ids, which the stages read (TRL tokenises
-    # inside its trainer)
+    # inside its trainer), written by a process of its own as the prepare stage is
     data_dir = work / "data"
     data_dir.mkdir(parents=True)
     for name in ("pref_train.jsonl", "pref_eval.jsonl"):
         shutil.copy(Path(spec["data_dir"]) / name, data_dir / name)
-    tokenized.write_for(data_dir, training.load_tokenizer(spec["model"]))
+    harness.prepare_aside(data_dir, spec["model"])
     ref_kwargs = {}
     if "metrics_path" in inspect.signature(reference.run).parameters:  # keep the pipeline's metrics/ untouched
         ref_kwargs["metrics_path"] = str(work / "reference_metrics.json")
@@ -275,7 +276,7 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
         max_prompt_length=spec["max_prompt_length"], mixed_precision=mp, seed=spec["seed"], track=False,
     )
     t2, c2 = time.perf_counter(), cpu_seconds()
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the token replay below
+    peak_rss = harness.peak_rss_bytes()  # before the token replay below; the tokenising process's peak if larger
 
     # Token counts, outside the timed region: replay the stage's own tokenisation and step plan.
     tok = training.load_tokenizer(spec["model"])

@@ -67,10 +67,8 @@ def child_ours(spec: dict, work: Path) -> dict:
     data.mkdir(exist_ok=True)
     (data / "pref_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spec["records"]))
     (data / "pref_eval.jsonl").write_text("")  # no eval, as on TRL's side
-    from components.core import tokenized, training
-
     # prepare's share of the pipeline: the token ids the stage reads (TRL tokenises inside its trainer)
-    tokenized.write_for(data, training.load_tokenizer(spec["model"]))
+    harness.prepare_aside(data, spec["model"])
     final = reward_model.run(cfg, model_path=spec["model"], data_dir=str(data), out_dir=str(work / "model"),
                              metrics_path=str(work / "metrics.json"), calibration_path=str(work / "calibration.json"),
                              plots_path=str(work / "plots.csv"), checkpoint_dir=str(work / "ckpt"),

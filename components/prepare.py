@@ -7,9 +7,9 @@ the rest is one linear run() plus the report. Reading and format parsing live in
 
 Reads `data.sources` (local .jsonl/.json/.parquet/.csv files or directories of them; each is a DVC dep
 through the `sources` stage) and `data.hub_sources` (hub datasets, pinned by revision), and writes
-`data/prepared/{sft,pref,unpaired}_{train,eval}.jsonl`, their token ids in `tokens/`, `report.json` (per file: format, read, kept,
-dropped per reason with the first locations), `metrics/prepare.json` (totals and per file), and the same
-report to `reports/prepare.json` also when the stage fails.
+`data/prepared/{sft,pref,unpaired}_{train,eval}.jsonl`, their token ids in `tokens/`, `report.json` (per
+file: format, read, kept, dropped per reason with the first locations), `metrics/prepare.json` (totals and
+per file), and the same report to `reports/prepare.json` also when the stage fails.
 
 Formats: core/formats.FORMATS (TRL, HH-RLHF, UltraFeedback, OpenAI chat and preference fine-tuning,
 ShareGPT, LLaMA-Factory, Alpaca, xtuner), detected per file from its first record or narrowed with `kind`;

@@ -73,8 +73,9 @@ def sft_token_hash(input_ids: Sequence[int], assistant_mask: Sequence[bool]) -> 
 def encode(tokenizer, conversations: Sequence[Sequence[dict]], tools: list[dict] | None = None
            ) -> list[tuple[list[int], list[bool]]]:
     """(ids, assistant mask) of each conversation of a record (`formats.conversations`): what prepare checks
-    the lengths of and what `row` stores."""
-    return [encode_chat(tokenizer, list(m), tools) for m in conversations]
+    the lengths of and what `row` stores. The conversations share their prompt's render and ids."""
+    cache: dict = {}
+    return [encode_chat(tokenizer, list(m), tools, cache) for m in conversations]
 
 
 def _split_response(ids: list[int], mask: list[bool]) -> tuple[list[int], list[int]]:
@@ -186,7 +187,9 @@ def _read(jsonl_path: str | Path, tokenizer) -> list[dict]:
             "(dvc repro prepare)")
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).to_pylist()
+    # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose libraries cost ~45 MB of
+    # resident memory in every stage process for nothing here
+    return pq.ParquetFile(path).read().to_pylist()
 
 
 def load_pairs(jsonl_path: str | Path, tokenizer, max_length: int, max_prompt_length: int) -> list[dict]:

@@ -113,20 +113,25 @@ def parse_rendered(text: str, markers: dict, default_role: str) -> list[dict]:
     return turns
 
 
-def encode_chat(tokenizer, messages: Sequence[dict], tools: list[dict] | None = None) -> tuple[list[int], list[bool]]:
+def encode_chat(tokenizer, messages: Sequence[dict], tools: list[dict] | None = None,
+                cache: dict | None = None) -> tuple[list[int], list[bool]]:
     """Token ids of a conversation and, per token, whether it is an assistant token (trained on).
 
     Each assistant turn's text is the difference between the template rendered up to and including
     that turn and the template rendered up to it with a generation prompt. Segments are tokenised
-    separately so the prompt/response boundary is always a token boundary.
-    """
+    separately so the prompt/response boundary is always a token boundary. `cache`: a dict the caller keeps
+    across the conversations of one record (prompt + chosen, prompt + rejected): their prompt is encoded once."""
+    cache = {} if cache is None else cache
     full = render(tokenizer, messages, tools=tools)
     segments: list[tuple[str, bool]] = []
     cursor = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools))
+        key = ("prefix", repr(messages[:i]))
+        if key not in cache:
+            cache[key] = len(render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools))
+        start = cache[key]
         # the last turn rendered is `full` itself: don't render it twice more
         upto = full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1], tools=tools)
         end = len(upto)
@@ -140,8 +145,9 @@ def encode_chat(tokenizer, messages: Sequence[dict], tools: list[dict] | None = 
     for text, trained in segments:
         if not text:
             continue
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += piece
+        if ("text", text) not in cache:
+            cache[("text", text)] = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += (piece := cache[("text", text)])
         mask += [trained] * len(piece)
     return ids, mask
 
