@@ -109,9 +109,10 @@ def pair_tokens(prompt_ids, chosen_ids, rejected_ids) -> int:
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads: less sensitive than wall time to a busy box."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    """User + system CPU time of this process (all threads) and of the processes it waited for (ours' forked
+    tokeniser): less sensitive than wall time to a busy box."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def rss_bytes() -> int:
@@ -198,8 +199,7 @@ class RegionTimer:
 
 def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
     from components import dpo, reference
-    from components.core import checkpoints, losses, scoring, tokenized, tokens, training
-    from components.core.io import read_jsonl
+    from components.core import checkpoints, losses, scoring, tokenized, training
 
     if timer:
         timer.instrument_common()
@@ -278,10 +278,9 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
     t2, c2 = time.perf_counter(), cpu_seconds()
     peak_rss = harness.peak_rss_bytes()  # before the token replay below; the tokenising process's peak if larger
 
-    # Token counts, outside the timed region: replay the stage's own tokenisation and step plan.
+    # Token counts, outside the timed region: the stages' own token ids and step plan.
     tok = training.load_tokenizer(spec["model"])
-    pairs = [tokens.tokenize_pair(tok, r, spec["max_length"], spec["max_prompt_length"])
-             for r in read_jsonl(Path(spec["data_dir"]) / "pref_train.jsonl")]
+    pairs = tokenized.load_pairs(data_dir / "pref_train.jsonl", tok, spec["max_length"], spec["max_prompt_length"])
     plan = training.preference_plan(pairs, spec["batch_size"], 1, spec["steps"], 1, spec["seed"], 1)  # dpo's own
     count = [pair_tokens(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in pairs]
     shared = scoring.shared_prompt_supported(training.load_model(spec["model"]))
@@ -293,9 +292,7 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
 
     scored_ids = set(torch.load(work / "ref_logps/train.pt", weights_only=True)["ids"])
     scored = [i for i, p in enumerate(pairs) if p["id"] in scored_ids]
-    eval_path = Path(spec["data_dir"]) / "pref_eval.jsonl"
-    eval_pairs = [tokens.tokenize_pair(tok, r, spec["max_length"], spec["max_prompt_length"])
-                  for r in (read_jsonl(eval_path) if eval_path.exists() else [])]
+    eval_pairs = tokenized.load_pairs(data_dir / "pref_eval.jsonl", tok, spec["max_length"], spec["max_prompt_length"])
     eval_count = [pair_tokens(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in eval_pairs]
     eval_computed = [c - len(p["prompt_ids"]) if shared else c for c, p in zip(eval_count, eval_pairs, strict=True)]
     return {

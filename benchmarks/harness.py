@@ -79,6 +79,8 @@ def prepare_aside(data_dir: str | Path, model: str) -> None:
     from components.core import tokenized, training
 
     tokenizer = training.load_tokenizer(model)
+    sys.stdout.flush()
+    sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the child: tokenise, write, leave without running the parent's exit handlers
         code = 0
@@ -87,10 +89,12 @@ def prepare_aside(data_dir: str | Path, model: str) -> None:
         except BaseException:
             traceback.print_exc()
             code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(code)
     _, status = os.waitpid(pid, 0)
-    if status != 0:
-        raise SystemExit(f"tokenising {data_dir} failed (status {status})")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"tokenising {data_dir} failed (exit {os.waitstatus_to_exitcode(status)})")
 
 
 def run_child(script: str, kind: str, spec_path: Path, work: Path, tag: str, rate: tuple[str, str],

@@ -47,10 +47,10 @@ from components.core.generation import eos_ids, eval_prompts, generate_tokens, l
 from components.core.io import read_jsonl, write_csv, write_json
 from components.core.logs import stage_main
 from components.core.rewards import last_user_text, load_judge
-from components.core.scoring import batch_nll, preference_logps, response_logps
+from components.core.scoring import StaleReferenceError, batch_nll, preference_logps, response_logps
 from components.core.stats import bootstrap_ci, bootstrap_ratio_ci, implicit_rewards, win_values
 from components.core.tokens import collate_sequences, pair_token_hash
-from components.core.training import autocast
+from components.core.training import autocast, load_tokenizer
 
 log = logging.getLogger("alignflow.evaluate")
 ONLINE = ("grpo", "ppo", "rloo")  # the online policies evaluated beside DPO, when trained (models/<name>)
@@ -76,10 +76,10 @@ def heldout_perplexity(model, examples: list[tuple[list[int], list[int]]], pad_i
     return math.exp(nll / tokens) if tokens else float("nan")
 
 
-def score_models(sft_dir: str, dpo_dir: str, pref_eval_path: str, prompt_messages: list[list[dict]],
-                 sft_eval_path: str | None, *, max_new_tokens: int, temperature: float, top_p: float,
-                 batch_size: int, max_length: int, max_prompt_length: int, mixed_precision: str, seed: int,
-                 trust_remote_code: bool, online_dirs: dict[str, str] | None = None) -> dict:
+def score_models(sft_dir: str, dpo_dir: str, pairs: list[dict], prompt_messages: list[list[dict]],
+                 sft_examples: list[tuple[list[int], list[int]]], *, max_new_tokens: int, temperature: float,
+                 top_p: float, batch_size: int, mixed_precision: str, seed: int, trust_remote_code: bool,
+                 online_dirs: dict[str, str] | None = None) -> dict:
     """Everything evaluate needs a model for, per held-out item, for SFT, DPO and the online policies.
 
     Returns logps[name] = (chosen (N,), rejected (N,), chosen_tokens (N,), rejected_tokens (N,)) on the
@@ -92,9 +92,6 @@ def score_models(sft_dir: str, dpo_dir: str, pref_eval_path: str, prompt_message
     for name, path in (online_dirs or {}).items():
         policies[name] = load_causal_lm(path, trust_remote_code)[0]
     pad_id = tokenizer.pad_token_id
-    # the token ids prepare wrote (refused when they belong to another tokenizer than the SFT model's)
-    pairs = tokenized.load_pairs(pref_eval_path, tokenizer, max_length, max_prompt_length)
-    sft_examples = tokenized.load_sft(sft_eval_path, tokenizer, max_length) if sft_eval_path else []
 
     logps: dict[str, tuple[torch.Tensor, ...]] = {}
     generated: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
@@ -119,7 +116,7 @@ def score_models(sft_dir: str, dpo_dir: str, pref_eval_path: str, prompt_message
         kl_terms[name] = (response_logps(model, prompt_ids, response_ids, batch_size, pad_id, mixed_precision)
                           - response_logps(sft_model, prompt_ids, response_ids, batch_size, pad_id, mixed_precision))
     return {"logps": logps, "generated": generated, "perplexity": perplexity, "kl_terms": kl_terms,
-            "eos": eos_ids(policies["dpo"], tokenizer), "tokenizer": tokenizer, "pairs": pairs}
+            "eos": eos_ids(policies["dpo"], tokenizer), "tokenizer": tokenizer}
 
 
 # ----------------------------------------------------------------------------- metrics (pure)
@@ -230,6 +227,24 @@ def summarise(
     return dict(sorted(metrics.items()))
 
 
+def _check_reference_tokens(reference: dict, rows: torch.Tensor, pairs: list[dict], reference_path: str,
+                            pref_eval_path: str) -> None:
+    """Refuse a cached reference computed on other tokens than these held-out pairs (by token hash; by token
+    counts for an artifact written before hashes were recorded)."""
+    if "token_hashes" in reference:
+        same = [pair_token_hash(p) for p in pairs] == [reference["token_hashes"][i] for i in rows.tolist()]
+    elif "chosen_tokens" in reference:
+        counts = torch.tensor([[len(p["chosen_ids"]), len(p["rejected_ids"])] for p in pairs], dtype=torch.long)
+        same = torch.equal(counts, torch.stack([reference["chosen_tokens"].long()[rows],
+                                                reference["rejected_tokens"].long()[rows]], 1))
+    else:
+        same = True
+    if not same:
+        raise StaleReferenceError(f"{reference_path}: computed on other tokens than the held-out pairs of "
+                                  f"{pref_eval_path} (another tokenizer, chat template, data.max_length or "
+                                  "max_prompt_length): re-run the reference stage (dvc repro reference)")
+
+
 def _reference_for(reference_path: str, pref_eval_path: str, pref_records: list[dict]) -> tuple[dict, torch.Tensor]:
     """The cached reference artifact and the row of each held-out pair in it (refusing missing ids)."""
     reference = torch.load(reference_path, weights_only=True)
@@ -293,29 +308,24 @@ def run(
     reference, rows = _reference_for(reference_path, pref_eval_path, pref_records)
     ref_chosen = reference["chosen_logps"].float()[rows]  # (N,)
     ref_rejected = reference["rejected_logps"].float()[rows]
+    # the token ids prepare wrote (refused when they belong to another tokenizer than the SFT model's), checked
+    # against the records and the cached reference before any model work
+    tokenizer = load_tokenizer(sft_dir, trust_remote_code)
+    pairs = tokenized.load_pairs(pref_eval_path, tokenizer, max_length, max_prompt_length)
+    sft_examples = tokenized.load_sft(sft_eval_path, tokenizer, max_length) if Path(sft_eval_path).exists() else []
+    if [p["id"] for p in pairs] != [r["id"] for r in pref_records]:
+        raise tokenized.TokenizedError(f"{tokenized.tokens_path(pref_eval_path)} does not hold the records of "
+                                       f"{pref_eval_path} in its order: the two were written by different prepare "
+                                       "runs (dvc repro prepare)")
+    _check_reference_tokens(reference, rows, pairs, reference_path, pref_eval_path)
 
     # ---------------------------------------------------------------- both models
-    scored = score_models(sft_dir, dpo_dir, pref_eval_path, prompt_messages,
-                          sft_eval_path if Path(sft_eval_path).exists() else None,
+    scored = score_models(sft_dir, dpo_dir, pairs, prompt_messages, sft_examples,
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          batch_size=batch_size, max_length=max_length, max_prompt_length=max_prompt_length,
-                          mixed_precision=mixed_precision, seed=seed, trust_remote_code=trust_remote_code,
+                          batch_size=batch_size, mixed_precision=mixed_precision, seed=seed,
+                          trust_remote_code=trust_remote_code,
                           online_dirs=online_dirs)
     logps, generated, tokenizer, eos = scored["logps"], scored["generated"], scored["tokenizer"], scored["eos"]
-    if [p["id"] for p in scored["pairs"]] != [r["id"] for r in pref_records]:
-        raise ValueError(f"{tokenized.tokens_path(pref_eval_path)} does not hold the records of {pref_eval_path} "
-                         "in its order: the two were written by different prepare runs (dvc repro prepare)")
-    # Guard against silently comparing different token sequences with the cached reference.
-    if "token_hashes" in reference:
-        same = [pair_token_hash(p) for p in scored["pairs"]] == [reference["token_hashes"][i] for i in rows.tolist()]
-    else:  # an artifact written before token hashes were recorded: the counts at least, when it has them
-        same = "chosen_tokens" not in reference or (
-            torch.equal(logps["sft"][2], reference["chosen_tokens"].long()[rows])
-            and torch.equal(logps["sft"][3], reference["rejected_tokens"].long()[rows]))
-    if not same:
-        raise ValueError(f"{reference_path}: computed on other tokens than the held-out pairs of {pref_eval_path} "
-                         "(another tokenizer, chat template, data.max_length or max_prompt_length): re-run the "
-                         "reference stage (dvc repro reference)")
 
     # ---------------------------------------------------------------- judge the generations
     names = list(generated)  # sft, dpo, then the online policies

@@ -274,6 +274,7 @@ def run(
     min_kept_fraction: float = 0.5,
     skip_invalid_json: bool = False,
     report_path: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Read, validate, normalise, dedupe and split the sources; write out_dir and metrics_path. Returns metrics.
 
@@ -283,7 +284,7 @@ def run(
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
     markers = chat_markers(tokenizer)
     tools_ok = template_supports_tools(tokenizer)
     settings = {"eval_fraction": eval_fraction, "max_length": max_length, "max_prompt_length": max_prompt_length,
@@ -327,7 +328,8 @@ def run(
                 rid = record_id(content)
                 if dedupe and rid in seen:
                     raise Drop("duplicate", f"same content as an earlier record (id {rid})")
-                encoded = tokenized.encode(tokenizer, conversations(record_kind, content), content.get("tools"))
+                encoded = tokenized.encode(tokenizer, conversations(record_kind, content), content.get("tools"),
+                                           prompt_turns=len(content.get("prompt", [])))
                 _check_lengths(encoded, record_kind, max_length, max_prompt_length)
             except Drop as d:
                 report.drop(d.reason, loc, d.detail)
@@ -436,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         min_kept_fraction=d.min_kept_fraction,
         skip_invalid_json=d.skip_invalid_json,
         seed=params.seed,
+        trust_remote_code=params.model.trust_remote_code,
     )
     return 0
 

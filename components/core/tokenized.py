@@ -3,9 +3,13 @@
     data/prepared/tokens/{sft,pref}_{train,eval}.parquet   one row per record of the .jsonl beside it
     data/prepared/tokens/meta.json                          the tokenizer fingerprint, lengths, row counts
 
+Each parquet file also carries the format and the tokenizer fingerprint in its schema metadata: that is what a
+stage checks, so it depends on its own files only (meta.json is for people).
+
 prepare tokenises each record once, when it checks its lengths (`encode`), and writes the ids it checked.
-sft, reference, dpo, reward_model and evaluate load these ids (`load_pairs`, `load_sft`) and never render a
-chat template again: on a real data set that was minutes of templating per stage and per process.
+sft, reference, dpo, reward_model and evaluate load these ids (`load_pairs`, `load_sft`) instead of templating
+and tokenising the records again, on every process (evaluate still renders its held-out prompts to sample
+from them; the online stages render theirs).
 
 Rows: sft `input_ids` + `assistant_mask` (the tokens trained on); preference `prompt_ids`, `chosen_ids`,
 `rejected_ids` (the prompt shared by both responses, each response its assistant turn(s) as the template
@@ -34,7 +38,7 @@ from components.core.tokens import (
     truncate_pair,
 )
 
-FORMAT = 1
+FORMAT = 2  # 2: a pair's response starts after its prompt's own assistant turns (multi-turn prompts)
 DIRNAME = "tokens"
 META = "meta.json"
 SPLITS = ("sft_train", "sft_eval", "pref_train", "pref_eval")
@@ -44,10 +48,19 @@ class TokenizedError(ValueError):
     """The tokenised records are missing or belong to another tokenizer: re-run prepare."""
 
 
+# Encoded by `fingerprint`: a conversation that exercises what Python-side tokenizer settings change (case,
+# unicode normalisation, special-token text inside content, spaces, digits), so settings the serialised
+# tokenizer does not hold (slow tokenizers, split_special_tokens, ...) still change the fingerprint.
+_PROBE = [{"role": "system", "content": "You are Ünïcödé-safe. <|im_end|> </s> <s> [INST]"},
+          {"role": "user", "content": "Sort  3 1 2\tand SAY ÇA: café, naïve, 日本語, 12345."},
+          {"role": "assistant", "content": " 1 2 3\n\nDone!"}]
+
+
 def fingerprint(tokenizer) -> str:
-    """sha256 (16 hex digits) of everything that decides a record's token ids: the tokenizer itself (its
-    tokenizer.json without padding/truncation settings, or its vocabulary for a slow tokenizer), the chat
-    template and the special tokens a template may name. Stable across save_pretrained / from_pretrained."""
+    """sha256 (16 hex digits) of everything that decides a record's token ids: the tokenizer (its tokenizer.json
+    without padding/truncation settings, or its class and vocabulary for a slow tokenizer), the chat template,
+    the special tokens a template may name, and the ids of a probe conversation. Unchanged by save_pretrained /
+    from_pretrained and by setting a pad token (tested on the embedded tokenizer)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
@@ -56,9 +69,10 @@ def fingerprint(tokenizer) -> str:
     else:
         spec = {"vocab": sorted(tokenizer.get_vocab().items()), "class": type(tokenizer).__name__}
     template = tokenizer.chat_template or CHATML_TEMPLATE
-    special = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "unk_token")}
-    blob = json.dumps({"tokenizer": spec, "chat_template": template, "special": special}, sort_keys=True,
-                      ensure_ascii=False, default=str)
+    special = {k: v for k, v in getattr(tokenizer, "special_tokens_map", {}).items() if k != "pad_token"}
+    probe = encode_chat(tokenizer, _PROBE)
+    blob = json.dumps({"tokenizer": spec, "chat_template": template, "special": special, "probe": probe},
+                      sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -70,12 +84,14 @@ def sft_token_hash(input_ids: Sequence[int], assistant_mask: Sequence[bool]) -> 
 # ----------------------------------------------------------------------------- writing (prepare)
 
 
-def encode(tokenizer, conversations: Sequence[Sequence[dict]], tools: list[dict] | None = None
-           ) -> list[tuple[list[int], list[bool]]]:
-    """(ids, assistant mask) of each conversation of a record (`formats.conversations`): what prepare checks
-    the lengths of and what `row` stores. The conversations share their prompt's render and ids."""
+def encode(tokenizer, conversations: Sequence[Sequence[dict]], tools: list[dict] | None = None,
+           prompt_turns: int = 0) -> list[tuple[list[int], list[bool]]]:
+    """(ids, trained mask) of each conversation of a record (`formats.conversations`): what prepare checks the
+    lengths of and what `row` stores. `prompt_turns`: the turns of a pair's prompt (its assistant turns are
+    prompt, not response; 0 for SFT, where every assistant turn is trained). The conversations share their
+    prompt's render and ids."""
     cache: dict = {}
-    return [encode_chat(tokenizer, list(m), tools, cache) for m in conversations]
+    return [encode_chat(tokenizer, list(m), tools, cache, train_from=prompt_turns) for m in conversations]
 
 
 def _split_response(ids: list[int], mask: list[bool]) -> tuple[list[int], list[int]]:
@@ -131,11 +147,15 @@ def write(out_dir: Path, rows: dict[str, list[dict]], tokenizer, tokenizer_path:
     target.mkdir(parents=True, exist_ok=True)
     table_tokens = {name: sum(len(r[k]) for r in rows.get(name, []) for k in r if k.endswith("_ids"))
                     for name in SPLITS}
+    fp = fingerprint(tokenizer)
+    # each file carries what its reader checks (format, tokenizer), so a stage depends on its own files only
+    identity = {"alignflow.format": str(FORMAT), "alignflow.tokenizer": fp,
+                "alignflow.tokenizer_path": str(tokenizer_path)}
     for name in SPLITS:
-        schema = _schema(name.split("_")[0])
+        schema = _schema(name.split("_")[0]).with_metadata(identity)
         table = pa.Table.from_pylist(rows.get(name, []), schema=schema)
         pq.write_table(table, target / f"{name}.parquet", compression="zstd")
-    meta = {"format": FORMAT, "tokenizer": fingerprint(tokenizer), "tokenizer_path": str(tokenizer_path),
+    meta = {"format": FORMAT, "tokenizer": fp, "tokenizer_path": str(tokenizer_path),
             "max_length": max_length, "max_prompt_length": max_prompt_length,
             "rows": {name: len(rows.get(name, [])) for name in SPLITS},
             "tokens": {name: int(table_tokens[name]) for name in SPLITS}}
@@ -145,17 +165,25 @@ def write(out_dir: Path, rows: dict[str, list[dict]], tokenizer, tokenizer_path:
 
 def write_for(data_dir: str | Path, tokenizer, max_length: int = 10**9, max_prompt_length: int = 10**9) -> dict:
     """Tokenise prepared-format .jsonl files already in data_dir (canonical records, e.g. written by hand for a
-    test or a benchmark) into data_dir/tokens, as prepare would have. Missing splits are written empty."""
-    from components.core.formats import conversations
+    test or a benchmark) into data_dir/tokens, as prepare would have (without its checks and drops, but a pair
+    whose prompt tokenises differently before its two responses is refused). Missing splits are written empty."""
     from components.core.io import read_jsonl
 
     data_dir = Path(data_dir)
     rows: dict[str, list[dict]] = {}
     for name in SPLITS:
         path = data_dir / f"{name}.jsonl"
-        kind = "sft" if name.startswith("sft") else "preference"
-        rows[name] = [row(kind, str(r["id"]), encode(tokenizer, conversations(kind, r), r.get("tools")), r)
-                      for r in (read_jsonl(path) if path.exists() else [])]
+        rows[name] = []
+        for r in read_jsonl(path) if path.exists() else []:
+            if name.startswith("sft"):
+                rows[name].append(row("sft", str(r["id"]), encode(tokenizer, [r["messages"]], r.get("tools")), r))
+                continue
+            convs = [r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]]
+            encoded = encode(tokenizer, convs, r.get("tools"), prompt_turns=len(r["prompt"]))
+            if len({tuple(_split_response(*e)[0]) for e in encoded}) > 1:
+                raise ValueError(f"{path}: record {r['id']}: the chat template renders the prompt into other "
+                                 "tokens before the rejected response than before the chosen one")
+            rows[name].append(row("preference", str(r["id"]), encoded, r))
     return write(data_dir, rows, tokenizer, getattr(tokenizer, "name_or_path", ""), max_length, max_prompt_length)
 
 
@@ -169,27 +197,27 @@ def tokens_path(jsonl_path: str | Path) -> Path:
 
 
 def _read(jsonl_path: str | Path, tokenizer) -> list[dict]:
-    path = tokens_path(jsonl_path)
-    meta_path = path.parent / META
-    if not path.exists() or not meta_path.exists():
-        raise TokenizedError(f"{path}: no tokenised records for {jsonl_path}; prepare writes them "
-                             "(dvc repro prepare)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise TokenizedError(f"{meta_path}: tokenised records of format {meta.get('format')}, this code reads "
-                             f"format {FORMAT}: re-run prepare (dvc repro prepare)")
-    mine = fingerprint(tokenizer)
-    if meta.get("tokenizer") != mine:
-        raise TokenizedError(
-            f"{meta_path}: the records were tokenised with another tokenizer or chat template (fingerprint "
-            f"{meta.get('tokenizer')}, from {meta.get('tokenizer_path')}) than this model's "
-            f"({mine}, {getattr(tokenizer, 'name_or_path', '?')}): re-run prepare with this model's tokenizer "
-            "(dvc repro prepare)")
     import pyarrow.parquet as pq
 
+    path = tokens_path(jsonl_path)
+    if not path.exists():
+        raise TokenizedError(f"{path}: no tokenised records for {jsonl_path}; prepare writes them "
+                             "(dvc repro prepare)")
     # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose libraries cost ~45 MB of
     # resident memory in every stage process for nothing here
-    return pq.ParquetFile(path).read().to_pylist()
+    parquet = pq.ParquetFile(path)
+    meta = {k.decode(): v.decode() for k, v in (parquet.schema_arrow.metadata or {}).items()}
+    if meta.get("alignflow.format") != str(FORMAT):
+        raise TokenizedError(f"{path}: tokenised records of format {meta.get('alignflow.format')}, this code reads "
+                             f"format {FORMAT}: re-run prepare (dvc repro prepare)")
+    mine = fingerprint(tokenizer)
+    if meta.get("alignflow.tokenizer") != mine:
+        raise TokenizedError(
+            f"{path}: the records were tokenised with another tokenizer or chat template (fingerprint "
+            f"{meta.get('alignflow.tokenizer')}, from {meta.get('alignflow.tokenizer_path')}) than this model's "
+            f"({mine}, {getattr(tokenizer, 'name_or_path', '?')}): re-run prepare with this model's tokenizer "
+            "(dvc repro prepare; `dvc repro -f prepare` if DVC finds it up to date)")
+    return parquet.read().to_pylist()
 
 
 def load_pairs(jsonl_path: str | Path, tokenizer, max_length: int, max_prompt_length: int) -> list[dict]:

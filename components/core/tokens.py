@@ -114,8 +114,9 @@ def parse_rendered(text: str, markers: dict, default_role: str) -> list[dict]:
 
 
 def encode_chat(tokenizer, messages: Sequence[dict], tools: list[dict] | None = None,
-                cache: dict | None = None) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation and, per token, whether it is an assistant token (trained on).
+                cache: dict | None = None, train_from: int = 0) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation and, per token, whether it is a trained assistant token: the assistant turns
+    from message `train_from` on (a pair's prompt may hold assistant turns, e.g. HH-RLHF's: those are prompt).
 
     Each assistant turn's text is the difference between the template rendered up to and including
     that turn and the template rendered up to it with a generation prompt. Segments are tokenised
@@ -126,7 +127,7 @@ def encode_chat(tokenizer, messages: Sequence[dict], tools: list[dict] | None = 
     segments: list[tuple[str, bool]] = []
     cursor = 0
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < train_from:
             continue
         key = ("prefix", repr(messages[:i]))
         if key not in cache:
@@ -154,8 +155,8 @@ def encode_chat(tokenizer, messages: Sequence[dict], tools: list[dict] | None = 
 
 def encode_prompt_response(tokenizer, prompt: Sequence[dict], response: Sequence[dict],
                            tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
-    """(prompt_ids, response_ids) for a prompt and its assistant response turn(s)."""
-    ids, mask = encode_chat(tokenizer, list(prompt) + list(response), tools)
+    """(prompt_ids, response_ids) for a prompt (which may hold assistant turns) and its response turn(s)."""
+    ids, mask = encode_chat(tokenizer, list(prompt) + list(response), tools, train_from=len(prompt))
     first = mask.index(True) if True in mask else len(ids)
     # trailing template tokens after the last assistant turn (e.g. "\n") are not part of the response
     last = len(mask) - mask[::-1].index(True) if True in mask else len(ids)

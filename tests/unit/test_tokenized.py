@@ -95,7 +95,7 @@ def test_a_model_with_another_template_is_refused_naming_prepare(prepared, tiny_
     tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
     with pytest.raises(tokenized.TokenizedError, match=r"another tokenizer or chat template.*dvc repro prepare"):
         tokenized.load_pairs(prepared / "pref_train.jsonl", tok, 256, 128)
-    with pytest.raises(tokenized.TokenizedError, match="meta.json"):
+    with pytest.raises(tokenized.TokenizedError, match=r"tokens/sft_train.parquet: .*dvc repro -f prepare"):
         tokenized.load_sft(prepared / "sft_train.jsonl", tok, 256)
 
 
@@ -125,3 +125,25 @@ def test_rows_follow_the_record_conversations(tiny_tokenizer_dir):
         tokenize_pair(tok, {"id": "r1", **record}, 10**6, 10**6)
     assert tok.decode(row["chosen_ids"].tolist()) == "1 2 3<|im_end|>\n" and row["margin"] is None
     assert tokenized.row("unpaired", "u", [], {}) is None
+
+
+def test_a_multi_turn_prompt_keeps_its_assistant_turns(tiny_tokenizer_dir, tmp_path):
+    """HH-RLHF-style pairs: the prompt holds earlier assistant turns. They are prompt (shared, never scored);
+    the response is only the final assistant turn, in prepare's artifact and in the text path alike."""
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    prompt = [{"role": "user", "content": "Bake bread?"}, {"role": "assistant", "content": "Sure, what kind?"},
+              {"role": "user", "content": "Rye."}]
+    record = {"id": "hh1", "prompt": prompt, "chosen": [{"role": "assistant", "content": "Mix rye flour."}],
+              "rejected": [{"role": "assistant", "content": "No."}]}
+    (tmp_path / "pref_train.jsonl").write_text(json.dumps(record) + "\n")
+    tokenized.write_for(tmp_path, tok)
+    [pair] = tokenized.load_pairs(tmp_path / "pref_train.jsonl", tok, 10**6, 10**6)
+    assert "Sure, what kind?" in tok.decode(pair["prompt_ids"]) and "Rye." in tok.decode(pair["prompt_ids"])
+    assert tok.decode(pair["chosen_ids"]) == "Mix rye flour.<|im_end|>\n"
+    assert tok.decode(pair["rejected_ids"]) == "No.<|im_end|>\n"
+    assert {k: pair[k] for k in ("id", "prompt_ids", "chosen_ids", "rejected_ids")} == \
+        tokenize_pair(tok, record, 10**6, 10**6)
+    # in SFT every assistant turn is trained
+    ids, mask = encode_chat(tok, prompt + record["chosen"])
+    trained = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert "Sure, what kind?" in trained and "Mix rye flour." in trained
