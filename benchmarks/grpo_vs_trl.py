@@ -44,9 +44,7 @@ def child_ours(spec: dict, work: Path) -> dict:
                      max_completion_length=spec["max_completion_length"], learning_rate=spec["lr"],
                      beta=spec["beta"], loss_type="dapo", scale_rewards="group", save_every=10**6,
                      log_every=10**6)
-    data = work / "data"
-    data.mkdir(exist_ok=True)
-    (data / "pref_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spec["records"]))
+    data = harness.records_dir(work, spec["records"])
     final = grpo.run(cfg, model_path=spec["model"], data_dir=str(data), out_dir=str(work / "model"),
                      rollouts_dir=str(work / "rollouts"), metrics_path=str(work / "metrics.json"),
                      plots_path=str(work / "plots.csv"), checkpoint_dir=str(work / "ckpt"),

@@ -62,6 +62,32 @@ def child_main(kind: str, spec_path: str, out_path: str, *, ours: Callable[[dict
         shutil.rmtree(work, ignore_errors=True)
 
 
+def records_dir(work: Path, records: list[dict]) -> Path:
+    """`work/data/pref_train.jsonl` holding the job's records (canonical preference records): the data dir our
+    stage reads."""
+    data = work / "data"
+    data.mkdir(exist_ok=True)
+    (data / "pref_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return data
+
+
+def ours_ppo(cfg, mode: str, spec: dict, work: Path) -> tuple[dict, dict]:
+    """Our `ppo` stage in `mode` ("ppo" or "rloo") on the job's records, everything written under `work`, as
+    the ppo and rloo benchmarks run it. Returns (the stage's final metrics, the result keys both report)."""
+    from components import ppo
+
+    final = ppo.run(cfg, mode, model_path=spec["model"], reward_model_path=spec["reward_model"],
+                    data_dir=str(records_dir(work, spec["records"])), out_dir=str(work / "model"),
+                    rollouts_dir=str(work / "rollouts"), metrics_path=str(work / "metrics.json"),
+                    plots_path=str(work / "plots.csv"), checkpoint_dir=str(work / "ckpt"),
+                    max_prompt_length=spec["max_prompt_length"], seed=spec["seed"], track=False)
+    result = {"generated_tokens": final["generated_tokens"], "score_first": final["objective/scores_first"],
+              "score_last": final["objective/scores"], "true_reward_first": final["true_reward_first"],
+              "true_reward_last": final["true_reward"], "kl_last": final["objective/kl"],
+              "loop_s": final["seconds"], **{k: v for k, v in final.items() if k.startswith("time/")}}
+    return final, result
+
+
 def peak_rss_bytes() -> int:
     """The job's peak resident memory: this process's, or that of a process it forked (`prepare_aside`), the
     larger (the pipeline runs those as separate processes, so their peaks do not add up)."""

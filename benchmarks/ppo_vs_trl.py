@@ -94,7 +94,6 @@ DEFAULT_TRL_DIR = Path(tempfile.gettempdir()) / f"alignflow-bench-trl-{TRL_VERSI
 
 
 def child_ours(spec: dict, work: Path) -> dict:
-    from components import ppo
     from components.core.config import PPOConfig
 
     p = spec["prompts"]
@@ -106,21 +105,10 @@ def child_ours(spec: dict, work: Path) -> dict:
                     num_ppo_epochs=spec["num_ppo_epochs"], num_mini_batches=spec["num_mini_batches"], cliprange=0.2,
                     cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, whiten_rewards=False,
                     missing_eos_penalty=None, save_every=10**6, log_every=10**6, gradient_checkpointing=False)
-    data = work / "data"
-    data.mkdir(exist_ok=True)
-    (data / "pref_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spec["records"]))
-    final = ppo.run(cfg, "ppo", model_path=spec["model"], reward_model_path=spec["reward_model"],
-                    data_dir=str(data), out_dir=str(work / "model"), rollouts_dir=str(work / "rollouts"),
-                    metrics_path=str(work / "metrics.json"), plots_path=str(work / "plots.csv"),
-                    checkpoint_dir=str(work / "ckpt"), max_prompt_length=spec["max_prompt_length"],
-                    seed=spec["seed"], track=False)
+    final, result = harness.ours_ppo(cfg, "ppo", spec, work)
     if final["train/prompts"] != len(spec["records"]):
         raise SystemExit(f"ours kept {final['train/prompts']} of {len(spec['records'])} prompts")
-    return {"generated_tokens": final["generated_tokens"], "score_first": final["objective/scores_first"],
-            "score_last": final["objective/scores"], "true_reward_first": final["true_reward_first"],
-            "true_reward_last": final["true_reward"], "kl_last": final["objective/kl"],
-            "value_loss_last": final.get("loss/value_avg"), "loop_s": final["seconds"],
-            **{k: v for k, v in final.items() if k.startswith("time/")}}
+    return {**result, "value_loss_last": final.get("loss/value_avg")}
 
 
 def child_trl(spec: dict, work: Path) -> dict:

@@ -63,9 +63,7 @@ def child_ours(spec: dict, work: Path) -> dict:
                             warmup_ratio=0.0, scheduler="constant", max_grad_norm=1.0, weight_decay=0.0,
                             center_rewards_coefficient=spec["center"], eval_every=10**6, save_every=10**6,
                             log_every=10**6, gradient_checkpointing=False)
-    data = work / "data"
-    data.mkdir(exist_ok=True)
-    (data / "pref_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spec["records"]))
+    data = harness.records_dir(work, spec["records"])
     (data / "pref_eval.jsonl").write_text("")  # no eval, as on TRL's side
     # prepare's share of the pipeline: the token ids the stage reads (TRL tokenises inside its trainer)
     harness.prepare_aside(data, spec["model"])

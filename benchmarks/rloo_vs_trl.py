@@ -62,7 +62,6 @@ sys.path.insert(0, str(ROOT))
 
 
 def child_ours(spec: dict, work: Path) -> dict:
-    from components import ppo
     from components.core.config import PPOConfig, RewardSpec
 
     n = spec["prompts"] * spec["G"]
@@ -74,18 +73,7 @@ def child_ours(spec: dict, work: Path) -> dict:
                     max_grad_norm=1.0, kl_coef=spec["beta"], kl_estimator="k1", adaptive_kl=False,
                     num_ppo_epochs=1, num_mini_batches=1, cliprange=0.2, normalize_advantages=False,
                     missing_eos_penalty=None, save_every=10**6, log_every=10**6, gradient_checkpointing=False)
-    data = work / "data"
-    data.mkdir(exist_ok=True)
-    (data / "pref_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spec["records"]))
-    final = ppo.run(cfg, "rloo", model_path=spec["model"], reward_model_path=spec["reward_model"],
-                    data_dir=str(data), out_dir=str(work / "model"), rollouts_dir=str(work / "rollouts"),
-                    metrics_path=str(work / "metrics.json"), plots_path=str(work / "plots.csv"),
-                    checkpoint_dir=str(work / "ckpt"), max_prompt_length=spec["max_prompt_length"],
-                    seed=spec["seed"], track=False)
-    return {"generated_tokens": final["generated_tokens"], "score_first": final["objective/scores_first"],
-            "score_last": final["objective/scores"], "true_reward_first": final["true_reward_first"],
-            "true_reward_last": final["true_reward"], "kl_last": final["objective/kl"],
-            "loop_s": final["seconds"], **{k: v for k, v in final.items() if k.startswith("time/")}}
+    return harness.ours_ppo(cfg, "rloo", spec, work)[1]
 
 
 def child_trl(spec: dict, work: Path) -> dict:
