@@ -57,7 +57,7 @@ DEFAULT_TIMEOUTS_S: dict[str, float] = {
 }
 FALLBACK_TIMEOUT_S = 2 * 3600.0
 
-TRAINING_LAUNCHERS = ("accelerate launch", "torchrun", "deepspeed")
+TRAINING_LAUNCHERS = ("components.core.launch", "accelerate launch", "torchrun", "deepspeed")
 
 # `python -m flows.pipeline run` imports MLflow and opens its store in this thread while Prefect starts its
 # server; the flow waits for it before it writes (one writer at a time), so the work is overlapped, not raced

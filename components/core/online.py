@@ -2,7 +2,8 @@
 
 - prompts: `load_prompts` (one per distinct prompt of a prepared file) and `PromptSampler` (a seeded
   permutation per epoch; its position is the only state, checkpointed);
-- generation: `sample_chunk` (HF generate with KV cache, seeded, the sampler's own log-probs) and
+- generation: `sample_chunk` (HF generate with KV cache, seeded, the sampler's own log-probs; a prompt's
+  prefix is run once for its G completions, `shared_prompt_cache`) and
   `generate_groups` (a round's prompts in world-independent chunks over the processes, all-gathered, so
   N processes sample what one process samples);
 - rewards from code: `score` (the weighted reward functions of core/rewards.py);
@@ -117,19 +118,45 @@ def weights_hash(model) -> str:
 
 
 @torch.no_grad()
+def shared_prompt_cache(model, input_ids: torch.Tensor, attention: torch.Tensor, repeats: int):
+    """The KV cache of each prompt but its last token, computed once and repeated for its `repeats` rows.
+
+    A prompt's G completions share its prefix, and generate's own prefill would run it G times: most of a
+    chunk's compute when completions are short. generate then runs only the last prompt token and the new
+    ones. Positions are generate's own (from the left-padded mask). None (generate prefills as usual) for
+    a one-token prompt or a model whose cache cannot be repeated.
+    """
+    import inspect
+
+    if input_ids.shape[1] < 2:
+        return None
+    mask = attention[:, :-1]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(repeats)
+    return cache
+
+
+@torch.no_grad()
 def sample_chunk(model, tokenizer, prompts: list[Prompt], cfg, seed: int, eos: list[int],
                  pad_id: int, synced: bool = False) -> list[dict]:
     """G = cfg.num_generations completions for each prompt in one generate() call (cfg: any stage config with
     num_generations, max_completion_length, temperature, top_p): ids (up to and including the first end token),
     the sampler's per-token log-probs (after temperature / top-p), and whether the length limit cut it."""
-    rows = [p for p in prompts for _ in range(cfg.num_generations)]
-    width = max(len(p.ids) for p in rows)
+    G = cfg.num_generations
+    width = max(len(p.ids) for p in prompts)
     device = next(model.parameters()).device
-    input_ids = torch.tensor([[pad_id] * (width - len(p.ids)) + p.ids for p in rows], device=device)
-    attention = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in rows], device=device)
+    input_ids = torch.tensor([[pad_id] * (width - len(p.ids)) + p.ids for p in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in prompts], device=device)
     torch.manual_seed(seed)
+    cache = shared_prompt_cache(model, input_ids, attention, G) if G > 1 else None
     out = model.generate(
-        input_ids=input_ids, attention_mask=attention, max_new_tokens=cfg.max_completion_length, min_new_tokens=0,
+        input_ids=input_ids.repeat_interleave(G, 0), attention_mask=attention.repeat_interleave(G, 0),
+        past_key_values=cache, max_new_tokens=cfg.max_completion_length, min_new_tokens=0,
         do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=0.0, num_beams=1,
         repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos, pad_token_id=pad_id, use_cache=True,
         output_scores=True, return_dict_in_generate=True, synced_gpus=synced,

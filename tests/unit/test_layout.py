@@ -67,13 +67,13 @@ def closure(module: str, graph: dict[str, set[str]]) -> set[str]:
 
 
 def stage_modules() -> dict[str, str]:
-    """{DVC stage: module its cmd runs}."""
+    """{DVC stage: module its cmd runs} (a training stage's: the module components.core.launch starts)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     out = {}
     for name, stage in stages.items():
-        match = re.search(r"-m (components\.[\w.]+)", stage["cmd"])
-        assert match, f"dvc.yaml stage {name}: cmd must run `python -m components.<stage>`: {stage['cmd']}"
-        out[name] = match.group(1)
+        modules = [m for m in re.findall(r"-m (components\.[\w.]+)", stage["cmd"]) if m != "components.core.launch"]
+        assert len(modules) == 1, f"dvc.yaml stage {name}: cmd must run `python -m components.<stage>`: {stage['cmd']}"
+        out[name] = modules[0]
     return out
 
 

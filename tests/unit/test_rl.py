@@ -185,3 +185,37 @@ def test_dynamic_sampling_gives_up_after_max_rounds_and_without_it_keeps_all():
     generate, calls = _batches([True, False])
     groups, kept, frac = collect_round(generate, 2, dynamic=False, max_resample_rounds=3)
     assert calls == [(0, 2)] and len(kept) == 2 and frac == 0.5
+
+
+def test_sampling_runs_each_prompt_once_for_its_group_and_samples_as_plain_generate(monkeypatch):
+    """sample_chunk prefills a prompt once for its G completions (shared_prompt_cache): the same ids and
+    sampler log-probs as generate's own prefill of G copies, with prompts of different lengths (left padding)."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from components.core import online
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    prompts = [online.Prompt(id=str(i), messages=[], answer="", ids=ids)
+               for i, ids in enumerate([[5, 6, 7, 8, 9], [11, 12], [3, 4, 13, 14, 15, 16, 17]])]
+    cfg = SimpleNamespace(num_generations=4, max_completion_length=6, temperature=1.0, top_p=1.0)
+    calls = []
+    real = online.shared_prompt_cache
+
+    def counting(model, input_ids, attention, repeats):
+        calls.append((tuple(input_ids.shape), repeats))
+        return real(model, input_ids, attention, repeats)
+
+    monkeypatch.setattr(online, "shared_prompt_cache", counting)
+    shared = online.sample_chunk(model, None, prompts, cfg, seed=3, eos=[1], pad_id=0)
+    assert calls == [((3, 7), 4)]  # one row per prompt, not per completion
+    monkeypatch.setattr(online, "shared_prompt_cache", lambda *args: None)
+    plain = online.sample_chunk(model, None, prompts, cfg, seed=3, eos=[1], pad_id=0)
+    assert len(shared) == len(plain) == 12
+    for a, b in zip(shared, plain, strict=True):
+        assert a["ids"] == b["ids"] and a["truncated"] == b["truncated"]
+        assert a["sampler_logps"] == pytest.approx(b["sampler_logps"], abs=1e-5)

@@ -1,0 +1,61 @@
+"""components/core/launch.py: a disabled stage writes its placeholders in one process; an enabled one
+becomes accelerate's launcher with the same arguments."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.core import launch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _params(tmp_path: Path, **sections) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, values in sections.items():
+        params[name].update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_an_enabled_stage_execs_accelerates_launcher_with_the_same_arguments(tmp_path, monkeypatch):
+    params = _params(tmp_path, grpo={"enabled": True})
+    argv = ["--config_file", "configs/accelerate/cpu.yaml", "-m", "components.grpo", "--params", str(params)]
+    calls = []
+    monkeypatch.setattr(launch.os, "execv", lambda exe, args: calls.append((exe, args)))
+    launch.main(argv)
+    assert calls == [(sys.executable, [sys.executable, "-m", "accelerate.commands.launch", *argv])]
+
+
+def test_unreadable_params_are_left_to_the_stage(tmp_path, monkeypatch):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("grpo: {enabled: false, no_such_key: 1}\n")
+    assert not launch.disabled("components.grpo", ["--params", str(bad)])
+    assert not launch.disabled("components.sft", ["--params", str(_params(tmp_path))])  # no enabled flag
+
+
+def test_a_disabled_stage_writes_its_placeholders_without_accelerate(tmp_path):
+    params = _params(tmp_path, reward_model={"enabled": False})
+    # the config file does not exist: accelerate is never started
+    cmd = [sys.executable, "-m", "components.core.launch", "--config_file", "no/such.yaml",
+           "-m", "components.reward_model", "--params", str(params), "--out", str(tmp_path / "rm")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "rm" / "disabled.json").read_text())["enabled"] is False
+    assert json.loads((tmp_path / "metrics" / "reward_model.json").read_text())["enabled"] is False
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--config_file", "c.yaml", "-m", "components.ppo", "--mode", "rloo"], ("components.ppo", ["--mode", "rloo"])),
+    (["--config_file", "c.yaml", "train.py"], (None, [])),
+])
+def test_stage_module_splits_the_launcher_and_stage_arguments(argv, expected):
+    assert launch.stage_module(argv) == expected
