@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,17 @@ def test_every_stage_declares_its_code():
         declared = {d for d in stages[stage].get("deps", []) if d.endswith(".py")}
         assert needed - declared == set(), f"stage {stage}: code it imports but does not declare: {sorted(needed - declared)}"
         assert declared - needed == set(), f"stage {stage}: declared code it never imports: {sorted(declared - needed)}"
+
+
+def test_machine_local_outputs_are_not_committed():
+    """A registered version number is true only of the registry that holds it: register's output is a cached
+    DVC out, so a fresh clone's `dvc repro` registers into its own store instead of finding the stage up to
+    date (with a committed file it skipped register and `alignflow summary` named a version nobody had)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    [out] = stages["register"]["outs"]
+    assert out == "reports/registration.json", out
+    tracked = subprocess.run(["git", "ls-files", "reports"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "registration.json" not in tracked
 
 
 def test_no_long_file_without_a_reason():
