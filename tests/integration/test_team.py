@@ -131,6 +131,12 @@ def test_team_setup_end_to_end(tmp_path):
 
         # ---------------------------------------------------------------- the checkout, with a DVC remote
         repo = make_repo_copy(root / "repo")
+        # What is under test here is the team's services, not the online stages (test_dvc and test_flow run
+        # them): disabled, they write their placeholders in a second each, and the flow still runs every stage.
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        for section in ("grpo", "reward_model", "ppo"):
+            params[section]["enabled"] = False
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         remote = root / "dvc-remote"
         run_cmd(["dvc", "remote", "add", "-d", "storage", str(remote)], repo)
         run_cmd(["git", "commit", "-qam", "dvc remote"], repo)
