@@ -1,9 +1,10 @@
-"""components/core/launch.py: a disabled stage writes its placeholders in one process; an enabled one
-becomes accelerate's launcher with the same arguments."""
+"""components/core/launch.py: a disabled stage writes its placeholders in one process; one local process runs
+in the launcher's process with accelerate's environment; anything more goes through accelerate's launchers."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,13 +26,33 @@ def _params(tmp_path: Path, **sections) -> Path:
     return path
 
 
-def test_an_enabled_stage_execs_accelerates_launcher_with_the_same_arguments(tmp_path, monkeypatch):
+def test_one_cpu_process_runs_the_stage_here_with_accelerates_environment(tmp_path, monkeypatch):
     params = _params(tmp_path, grpo={"enabled": True})
-    argv = ["--config_file", "configs/accelerate/cpu.yaml", "-m", "components.grpo", "--params", str(params)]
     calls = []
-    monkeypatch.setattr(launch.os, "execv", lambda exe, args: calls.append((exe, args)))
-    launch.main(argv)
-    assert calls == [(sys.executable, [sys.executable, "-m", "accelerate.commands.launch", *argv])]
+    monkeypatch.setattr(launch, "run_module", lambda module, argv: calls.append((module, argv, dict(os.environ))))
+    saved = dict(os.environ)
+    try:
+        launch.main(["--config_file", str(ROOT / "configs/accelerate/cpu.yaml"), "-m", "components.grpo",
+                     "--params", str(params)])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    [(module, argv, env)] = calls
+    assert (module, argv) == ("components.grpo", ["--params", str(params)])
+    assert env["ACCELERATE_USE_CPU"] == "True" and env["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert env["OMP_NUM_THREADS"].isdigit()
+
+
+def test_several_processes_go_through_accelerates_own_launcher(tmp_path, monkeypatch):
+    import accelerate.commands.launch as accelerate_launch
+
+    params = _params(tmp_path, grpo={"enabled": True})
+    started = []
+    monkeypatch.setattr(accelerate_launch, "multi_gpu_launcher", lambda args: started.append(args.num_processes))
+    monkeypatch.setattr(launch, "run_module", lambda *a: pytest.fail("ran in this process"))
+    launch.main(["--config_file", str(ROOT / "configs/accelerate/multi_gpu.yaml"), "--num_processes", "2",
+                 "-m", "components.grpo", "--params", str(params)])
+    assert started == [2]
 
 
 def test_unreadable_params_are_left_to_the_stage(tmp_path, monkeypatch):
