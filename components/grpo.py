@@ -29,7 +29,18 @@ from pathlib import Path
 
 import torch
 
-from components.core import checkpoints, logprobs, online, rewards, rl, scoring, sharding, tokens, training
+from components.core import (
+    checkpoints,
+    logprobs,
+    online,
+    placeholders,
+    rewards,
+    rl,
+    scoring,
+    sharding,
+    tokens,
+    training,
+)
 from components.core.config import GRPOConfig
 from components.core.generation import eos_ids
 from components.core.io import write_csv, write_json
@@ -295,12 +306,6 @@ def _log_samples(mlrun, kept, prompts, step: int, n_groups: int = 4) -> None:
                                for g in kept[:n_groups] for c in g["completions"]], step)
 
 
-def skip(out_dir: str, rollouts_dir: str = "artifacts/rollouts", metrics_path: str = "metrics/grpo.json",
-         plots_path: str = "plots/grpo.csv") -> None:
-    """grpo.enabled = false: placeholders for the DVC outs (evaluate skips a policy without a config.json)."""
-    online.skip("grpo", "grpo.enabled is false in params", [out_dir, rollouts_dir], metrics_path, plots_path)
-
-
 @stage_main("grpo")
 def main(argv: list[str] | None = None) -> None:
     from components.core.config import load_params
@@ -309,11 +314,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", default="models/sft", help="policy init (default: the SFT model)")
     parser.add_argument("--data-dir", default="data/prepared")
-    parser.add_argument("--out", default="models/grpo")
+    parser.add_argument("--out", default=placeholders.GRPO_OUT)
     args = parser.parse_args(argv)
     p = load_params(args.params)
     if not p.grpo.enabled:
-        skip(args.out)
+        placeholders.grpo(args.out)
         return
     result = run(p.grpo, model_path=args.model, data_dir=args.data_dir, out_dir=args.out,
                  max_prompt_length=p.data.max_prompt_length, mixed_precision=p.compute.mixed_precision, seed=p.seed,

@@ -39,6 +39,7 @@ from components.core import (
     checkpoints,
     logprobs,
     online,
+    placeholders,
     rewards,
     rl,
     scorers,
@@ -418,12 +419,6 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
     return final
 
 
-def skip(mode: str) -> None:
-    """ppo.enabled = false: placeholders for the DVC outs (evaluate skips a policy without a config.json)."""
-    online.skip(mode, "ppo.enabled is false in params", [f"models/{mode}", f"artifacts/rollouts_{mode}"],
-                f"metrics/{mode}.json", f"plots/{mode}.csv")
-
-
 @stage_main("ppo")
 def main(argv: list[str] | None = None) -> None:
     from components.core.config import load_params
@@ -438,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     p = load_params(args.params)
     if not p.ppo.enabled:
-        skip(args.mode)
+        placeholders.ppo(args.mode)
         return
     cfg = p.ppo.for_mode(args.mode)
     if args.max_steps:

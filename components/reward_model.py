@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from components.core import checkpoints, scorers, sharding, tokenized, tokens, training
+from components.core import checkpoints, placeholders, scorers, sharding, tokenized, tokens, training
 from components.core.config import RewardModelConfig
 from components.core.generation import generation_eos
-from components.core.io import atomic_dir, write_csv, write_json
+from components.core.io import write_csv, write_json
 from components.core.logs import stage_main
 from components.core.tokens import pair_length
 
@@ -211,19 +211,6 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
     return final
 
 
-def skip(out_dir: str, metrics_path: str = "metrics/reward_model.json",
-         calibration_path: str = "plots/reward_model_calibration.json", plots_path: str = "plots/reward_model.csv") -> None:
-    """reward_model.enabled = false: placeholders for the DVC outs (ppo then needs `reward: functions`)."""
-    note = {"enabled": False, "reason": "reward_model.enabled is false in params"}
-    with atomic_dir(out_dir) as tmp:
-        write_json(Path(tmp) / "disabled.json", note)
-    write_json(metrics_path, note)
-    Path(calibration_path).parent.mkdir(parents=True, exist_ok=True)
-    write_json(calibration_path, {"bins": [], **note})
-    write_csv(plots_path, [])
-    log.info("reward_model: disabled; wrote placeholders")
-
-
 @stage_main("reward_model")
 def main(argv: list[str] | None = None) -> None:
     from components.core.config import load_params
@@ -232,11 +219,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", default="models/sft", help="initialisation (default: the SFT model)")
     parser.add_argument("--data-dir", default="data/prepared")
-    parser.add_argument("--out", default="models/reward_model")
+    parser.add_argument("--out", default=placeholders.REWARD_MODEL_OUT)
     args = parser.parse_args(argv)
     p = load_params(args.params)
     if not p.reward_model.enabled:
-        skip(args.out)
+        placeholders.reward_model(args.out)
         return
     result = run(p.reward_model, model_path=args.model, data_dir=args.data_dir, out_dir=args.out,
                  max_length=p.data.max_length, max_prompt_length=p.data.max_prompt_length,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from components.core import training
-from components.core.io import atomic_dir, read_jsonl, write_csv, write_json
+from components.core.io import atomic_dir, read_jsonl, write_json
 from components.core.tokens import prompt_ids_for_generation
 
 log = logging.getLogger("alignflow.online")
@@ -310,12 +310,3 @@ def final_metrics(history: list[dict], cfg, generated_tokens: int, seconds: floa
     return final
 
 
-def skip(stage: str, reason: str, dirs: list[str], metrics_path: str, plots_path: str) -> None:
-    """A disabled online stage: placeholders for its DVC outs (evaluate skips a policy without a config.json)."""
-    note = {"enabled": False, "reason": reason}
-    for d in dirs:
-        with atomic_dir(d) as tmp:
-            write_json(Path(tmp) / "disabled.json", note)
-    write_json(metrics_path, note)
-    write_csv(plots_path, [])
-    log.info("%s: disabled (%s); wrote placeholders", stage, reason)
