@@ -13,11 +13,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "unit"))
 
-from test_layout import closure, import_graph, project_modules  # noqa: E402
+from test_layout import LAUNCHER, closure, import_graph, project_modules  # noqa: E402
 
 
 def main() -> None:
+    import yaml
+
     graph, modules = import_graph(), project_modules()
+    cmds = {name: s["cmd"] for name, s in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()}
     lines = (ROOT / "dvc.yaml").read_text().splitlines()
     out: list[str] = []
     stage = None
@@ -36,7 +39,10 @@ def main() -> None:
                     others.append(lines[i])
                 i += 1
             own = f"components/{stage}.py"
-            files = sorted(str(modules[name].relative_to(ROOT)) for name in closure(f"components.{stage}", graph))
+            names = closure(f"components.{stage}", graph)
+            if LAUNCHER in cmds.get(stage, ""):  # it decides the stage's environment: a code dependency too
+                names |= closure(LAUNCHER, graph)
+            files = sorted(str(modules[name].relative_to(ROOT)) for name in names)
             files.remove(own)
             out += [f"      - {own}", *(f"      - {f}" for f in files), *others]
             continue

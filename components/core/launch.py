@@ -6,11 +6,14 @@ Takes exactly `accelerate launch`'s arguments and runs accelerate's own launcher
 shortcuts, each measured on the 2-core default (a stage's start-up is paid once per stage, every run):
 - a stage whose params section says `enabled: false` (grpo, reward_model, ppo) is not started at all: its
   placeholders (core/placeholders.py, torch-free) are written here, 0.4 s a stage instead of 4;
-- one process on one machine (accelerate's "simple" launcher: `distributed_type: 'NO'`, the cpu and
-  single_gpu configs) runs the stage in this process, with the environment accelerate would have given the
-  child (ACCELERATE_*, OMP_NUM_THREADS, applied through torch.set_num_threads since torch is loaded), instead
-  of a second Python that imports torch again (1.5 s a stage). The stage's exit code is this process's.
-Multi-process, FSDP, DeepSpeed, multi-node and `--gpu_ids` launches go through accelerate's launchers unchanged.
+- one process on one machine with no device selection (accelerate's "simple" launcher, `distributed_type:
+  'NO'`, no `gpu_ids`: the cpu config) runs the stage in this process, with the environment accelerate would
+  have given the child (ACCELERATE_*, OMP_NUM_THREADS, applied through torch.set_num_threads since torch is
+  loaded), instead of a second Python that imports torch again (1.5 s a stage). The stage's exit code is this
+  process's (an input error exits 2, as the stage does; accelerate's launcher turned every failure into 1).
+Multi-process, FSDP, DeepSpeed, multi-node and `gpu_ids` launches (single_gpu.yaml names GPU 0: CUDA_VISIBLE_DEVICES
+must be set before CUDA starts) go through accelerate's launchers unchanged, in a child process.
+This module is a code dependency of every stage it launches (dvc.yaml): it decides the stage's environment.
 Not the `accelerate` command either: it imports every other subcommand first (1.1 s).
 
 Params that cannot be read or validated here are left to the stage, which reports them as usual.
@@ -83,7 +86,10 @@ def launch(argv: list[str]) -> None:
         run_module(args.training_script, list(args.training_script_args))
 
     accelerate_launch.simple_launcher = in_this_process
-    accelerate_launch.launch_command(accelerate_launch.launch_command_parser().parse_args(argv))
+    try:
+        accelerate_launch.launch_command(accelerate_launch.launch_command_parser().parse_args(argv))
+    finally:
+        accelerate_launch.simple_launcher = simple
 
 
 def main(argv: list[str] | None = None) -> None:

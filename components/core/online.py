@@ -118,24 +118,35 @@ def weights_hash(model) -> str:
 
 
 @torch.no_grad()
-def shared_prompt_cache(model, input_ids: torch.Tensor, attention: torch.Tensor, repeats: int):
+def shared_prompt_cache(model, input_ids: torch.Tensor, attention: torch.Tensor, repeats: int, synced: bool = False):
     """The KV cache of each prompt but its last token, computed once and repeated for its `repeats` rows.
 
     A prompt's G completions share its prefix, and generate's own prefill would run it G times: most of a
     chunk's compute when completions are short. generate then runs only the last prompt token and the new
     ones. Positions are generate's own (from the left-padded mask). None (generate prefills as usual) for
-    a one-token prompt or a model whose cache cannot be repeated.
+    one-token prompts, a model whose generation config picks its own cache (Gemma-2/3's hybrid, static), or
+    a cache with layers other than plain or sliding-window key/value layers (linear-attention states cannot be
+    repeated this way). Under FSDP (`synced`) every process takes the same decision: each forward is a collective.
     """
     import inspect
 
-    if input_ids.shape[1] < 2:
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    width = torch.tensor([input_ids.shape[1]], device=input_ids.device)
+    if synced and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(width, op=torch.distributed.ReduceOp.MIN)
+    if width.item() < 2 or getattr(getattr(model, "generation_config", None), "cache_implementation", None):
         return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft passes kwargs on
+    accepted = inspect.signature(base.forward).parameters
     mask = attention[:, :-1]
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out = model(input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    if "position_ids" in accepted:
+        extra["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    out = model(input_ids=input_ids[:, :-1], attention_mask=mask, use_cache=True, **extra)
     cache = getattr(out, "past_key_values", None)
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
         return None
     cache.batch_repeat_interleave(repeats)
     return cache
@@ -153,7 +164,7 @@ def sample_chunk(model, tokenizer, prompts: list[Prompt], cfg, seed: int, eos: l
     input_ids = torch.tensor([[pad_id] * (width - len(p.ids)) + p.ids for p in prompts], device=device)
     attention = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in prompts], device=device)
     torch.manual_seed(seed)
-    cache = shared_prompt_cache(model, input_ids, attention, G) if G > 1 else None
+    cache = shared_prompt_cache(model, input_ids, attention, G, synced) if G > 1 else None
     out = model.generate(
         input_ids=input_ids.repeat_interleave(G, 0), attention_mask=attention.repeat_interleave(G, 0),
         past_key_values=cache, max_new_tokens=cfg.max_completion_length, min_new_tokens=0,

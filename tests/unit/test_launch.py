@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from components.core import launch
@@ -30,13 +31,14 @@ def test_one_cpu_process_runs_the_stage_here_with_accelerates_environment(tmp_pa
     params = _params(tmp_path, grpo={"enabled": True})
     calls = []
     monkeypatch.setattr(launch, "run_module", lambda module, argv: calls.append((module, argv, dict(os.environ))))
-    saved = dict(os.environ)
+    saved, threads = dict(os.environ), torch.get_num_threads()
     try:
         launch.main(["--config_file", str(ROOT / "configs/accelerate/cpu.yaml"), "-m", "components.grpo",
                      "--params", str(params)])
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        torch.set_num_threads(threads)
     [(module, argv, env)] = calls
     assert (module, argv) == ("components.grpo", ["--params", str(params)])
     assert env["ACCELERATE_USE_CPU"] == "True" and env["ACCELERATE_MIXED_PRECISION"] == "no"
@@ -55,6 +57,27 @@ def test_several_processes_go_through_accelerates_own_launcher(tmp_path, monkeyp
     assert started == [2]
 
 
+@pytest.mark.parametrize("config, extra", [("cpu.yaml", ["--num_processes", "2"]), ("single_gpu.yaml", [])])
+def test_more_than_one_local_process_or_a_chosen_gpu_gets_accelerates_child_process(tmp_path, monkeypatch, config,
+                                                                                     extra):
+    """Two CPU processes, or a config naming gpu_ids (CUDA_VISIBLE_DEVICES must precede CUDA's start): the
+    simple launcher's own child process, never this one."""
+    import accelerate.commands.launch as accelerate_launch
+
+    params = _params(tmp_path, grpo={"enabled": True})
+    started = []
+
+    def child_process(args):
+        started.append(args.training_script)
+
+    monkeypatch.setattr(accelerate_launch, "simple_launcher", child_process)
+    monkeypatch.setattr(launch, "run_module", lambda *a: pytest.fail("ran in this process"))
+    launch.main(["--config_file", str(ROOT / "configs/accelerate" / config), *extra, "-m", "components.grpo",
+                 "--params", str(params)])
+    assert started == ["components.grpo"]
+    assert accelerate_launch.simple_launcher is child_process  # launch() restored what it patched
+
+
 def test_unreadable_params_are_left_to_the_stage(tmp_path, monkeypatch):
     bad = tmp_path / "params.yaml"
     bad.write_text("grpo: {enabled: false, no_such_key: 1}\n")
@@ -65,13 +88,20 @@ def test_unreadable_params_are_left_to_the_stage(tmp_path, monkeypatch):
 def test_a_disabled_stage_writes_its_placeholders_without_accelerate(tmp_path):
     params = _params(tmp_path, reward_model={"enabled": False})
     # the config file does not exist: accelerate is never started
-    cmd = [sys.executable, "-m", "components.core.launch", "--config_file", "no/such.yaml",
-           "-m", "components.reward_model", "--params", str(params), "--out", str(tmp_path / "rm")]
+    argv = ["--config_file", "no/such.yaml", "-m", "components.reward_model", "--params", str(params),
+            "--out", str(tmp_path / "rm")]
+    cmd = [sys.executable, "-c", "import sys; from components.core import launch; "
+           f"launch.main({argv!r}); print('torch imported:', 'torch' in sys.modules)"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "rm" / "disabled.json").read_text())["enabled"] is False
     assert json.loads((tmp_path / "metrics" / "reward_model.json").read_text())["enabled"] is False
+    calibration = json.loads((tmp_path / "plots" / "reward_model_calibration.json").read_text())
+    assert calibration["bins"] == [] and calibration["enabled"] is False
+    assert (tmp_path / "plots" / "reward_model.csv").exists()
+    assert "reward_model.enabled is false" in proc.stderr
+    assert proc.stdout.strip() == "torch imported: False"  # the stage and torch were never imported
 
 
 @pytest.mark.parametrize("argv, expected", [

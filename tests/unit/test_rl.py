@@ -206,16 +206,33 @@ def test_sampling_runs_each_prompt_once_for_its_group_and_samples_as_plain_gener
     calls = []
     real = online.shared_prompt_cache
 
-    def counting(model, input_ids, attention, repeats):
-        calls.append((tuple(input_ids.shape), repeats))
-        return real(model, input_ids, attention, repeats)
+    def counting(model, input_ids, attention, repeats, synced=False):
+        cache = real(model, input_ids, attention, repeats, synced)
+        calls.append((tuple(input_ids.shape), repeats, cache.get_seq_length(), cache.layers[0].keys.shape[0]))
+        return cache
 
     monkeypatch.setattr(online, "shared_prompt_cache", counting)
     shared = online.sample_chunk(model, None, prompts, cfg, seed=3, eos=[1], pad_id=0)
-    assert calls == [((3, 7), 4)]  # one row per prompt, not per completion
+    # one prefill row per prompt, all but its last token; the cache then holds one row per completion
+    assert calls == [((3, 7), 4, 6, 12)]
     monkeypatch.setattr(online, "shared_prompt_cache", lambda *args: None)
     plain = online.sample_chunk(model, None, prompts, cfg, seed=3, eos=[1], pad_id=0)
     assert len(shared) == len(plain) == 12
     for a, b in zip(shared, plain, strict=True):
         assert a["ids"] == b["ids"] and a["truncated"] == b["truncated"]
         assert a["sampler_logps"] == pytest.approx(b["sampler_logps"], abs=1e-5)
+
+
+def test_no_shared_prefill_for_a_model_that_picks_its_own_cache_or_one_token_prompts():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from components.core import online
+
+    config = LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
+    assert online.shared_prompt_cache(model, ids, mask, 4) is not None
+    assert online.shared_prompt_cache(model, ids[:, :1], mask[:, :1], 4) is None
+    model.generation_config.cache_implementation = "static"  # generate refuses a cache of ours beside it
+    assert online.shared_prompt_cache(model, ids, mask, 4) is None
