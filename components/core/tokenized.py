@@ -35,6 +35,7 @@ from components.core.tokens import (
     IGNORE_INDEX,
     encode_chat,
     pair_token_hash,
+    split_response,
     truncate_pair,
 )
 
@@ -94,15 +95,6 @@ def encode(tokenizer, conversations: Sequence[Sequence[dict]], tools: list[dict]
     return [encode_chat(tokenizer, list(m), tools, cache, train_from=prompt_turns) for m in conversations]
 
 
-def _split_response(ids: list[int], mask: list[bool]) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids): the response runs from the first to the last assistant-turn token, as
-    `tokens.encode_prompt_response`."""
-    if True not in mask:
-        return ids, []
-    first, last = mask.index(True), len(mask) - mask[::-1].index(True)
-    return ids[:first], ids[first:last]
-
-
 def row(kind: str, record_id: str, encoded: list[tuple[list[int], list[bool]]], content: dict) -> dict | None:
     """The tokens row of one kept record (None for kinds no stage reads as tokens). Ids are held as int32
     arrays until written: prepare keeps every row of the data set in memory, and a Python int list costs
@@ -117,7 +109,7 @@ def row(kind: str, record_id: str, encoded: list[tuple[list[int], list[bool]]], 
         return {"id": record_id, "input_ids": ids(input_ids), "assistant_mask": np.asarray(mask, dtype=bool),
                 "token_hash": sft_token_hash(input_ids, mask)}
     if kind == "preference":
-        (prompt, chosen), (_, rejected) = (_split_response(*e) for e in encoded)
+        (prompt, chosen), (_, rejected) = (split_response(*e) for e in encoded)
         pair = {"id": record_id, "prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
         return {"id": record_id, "prompt_ids": ids(prompt), "chosen_ids": ids(chosen), "rejected_ids": ids(rejected),
                 "token_hash": pair_token_hash(pair),
@@ -180,7 +172,7 @@ def write_for(data_dir: str | Path, tokenizer, max_length: int = 10**9, max_prom
                 continue
             convs = [r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]]
             encoded = encode(tokenizer, convs, r.get("tools"), prompt_turns=len(r["prompt"]))
-            if len({tuple(_split_response(*e)[0]) for e in encoded}) > 1:
+            if len({tuple(split_response(*e)[0]) for e in encoded}) > 1:
                 raise ValueError(f"{path}: record {r['id']}: the chat template renders the prompt into other "
                                  "tokens before the rejected response than before the chosen one")
             rows[name].append(row("preference", str(r["id"]), encoded, r))

@@ -7,7 +7,9 @@ Log-probs of those tokens are `core/scoring.py`.
 
 from __future__ import annotations
 
+import hashlib
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,8 +82,6 @@ def parse_rendered(text: str, markers: dict, default_role: str) -> list[dict]:
     A trailing generation prompt (an assistant prefix with nothing after it) is dropped. Raises ValueError
     when special tokens are left over that are not turn markers.
     """
-    import re
-
     prefixes = markers["prefix"]
     pattern = re.compile("|".join(re.escape(p) for p in sorted(set(prefixes.values()), key=len, reverse=True)))
     role_of = {p: r for r, p in prefixes.items()}
@@ -156,10 +156,13 @@ def encode_chat(tokenizer, messages: Sequence[dict], tools: list[dict] | None = 
 def encode_prompt_response(tokenizer, prompt: Sequence[dict], response: Sequence[dict],
                            tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
     """(prompt_ids, response_ids) for a prompt (which may hold assistant turns) and its response turn(s)."""
-    ids, mask = encode_chat(tokenizer, list(prompt) + list(response), tools, train_from=len(prompt))
-    first = mask.index(True) if True in mask else len(ids)
-    # trailing template tokens after the last assistant turn (e.g. "\n") are not part of the response
-    last = len(mask) - mask[::-1].index(True) if True in mask else len(ids)
+    return split_response(*encode_chat(tokenizer, list(prompt) + list(response), tools, train_from=len(prompt)))
+
+
+def split_response(ids: list[int], mask: list[bool]) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of encode_chat's output: from the first to the last trained token (template
+    tokens after the last assistant turn, e.g. "\n", are not part of the response)."""
+    first, last = (mask.index(True), len(mask) - mask[::-1].index(True)) if True in mask else (len(ids), len(ids))
     return ids[:first], ids[first:last]
 
 
@@ -242,12 +245,9 @@ def collate_pairs(pairs: Sequence[dict], pad_id: int) -> TokenBatch:
 
 
 def tokenize_pair(tokenizer, record: dict, max_length: int, max_prompt_length: int) -> dict:
-    """Token ids of one canonical preference record, truncated as TRL does.
-
-    The prompt keeps its last `max_prompt_length` tokens (the end of a prompt matters most); each
-    response is cut so prompt + response <= max_length. prepare already drops over-long records,
-    so truncation only bites when a user lowers max_length after prepare ran.
-    """
+    """Token ids of one canonical preference record, truncated as TRL does (`truncate_pair`: the prompt keeps its
+    last `max_prompt_length` tokens, the end of a prompt mattering most; each response is cut so prompt + response
+    <= max_length). prepare drops over-long records, so it only bites when max_length is lowered after prepare."""
     tools = record.get("tools")
     prompt_ids, chosen_ids = encode_prompt_response(tokenizer, record["prompt"], record["chosen"], tools)
     rejected_prompt_ids, rejected_ids = encode_prompt_response(tokenizer, record["prompt"], record["rejected"], tools)
@@ -269,8 +269,6 @@ def truncate_pair(pair: dict, max_length: int, max_prompt_length: int) -> dict:
 def pair_token_hash(pair: dict) -> str:
     """Identity of the exact tokens a pair is scored on (prompt, chosen, rejected): what a cached reference
     log-prob belongs to. Changes with the tokenizer, the chat template, max_length or max_prompt_length."""
-    import hashlib
-
     blob = ",".join(map(str, pair["prompt_ids"])) + "|" + ",".join(map(str, pair["chosen_ids"])) + "|" + \
         ",".join(map(str, pair["rejected_ids"]))
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
