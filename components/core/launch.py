@@ -5,7 +5,7 @@
 Takes exactly `accelerate launch`'s arguments and runs accelerate's own launcher code on them, with two
 shortcuts, each measured on the 2-core default (a stage's start-up is paid once per stage, every run):
 - a stage whose params section says `enabled: false` (grpo, reward_model, ppo) is not started at all: its
-  placeholders (core/placeholders.py, torch-free) are written here, 0.4 s a stage instead of 4;
+  placeholders (core/placeholders.py, torch-free) are written here, 0.2 s a stage instead of 4;
 - one process on one machine with no device selection (accelerate's "simple" launcher, `distributed_type:
   'NO'`, no `gpu_ids`: the cpu config) runs the stage in this process, with the environment accelerate would
   have given the child (ACCELERATE_*, OMP_NUM_THREADS, applied through torch.set_num_threads since torch is
@@ -14,7 +14,7 @@ shortcuts, each measured on the 2-core default (a stage's start-up is paid once 
 Multi-process, FSDP, DeepSpeed, multi-node and `gpu_ids` launches (single_gpu.yaml names GPU 0: CUDA_VISIBLE_DEVICES
 must be set before CUDA starts) go through accelerate's launchers unchanged, in a child process.
 This module is a code dependency of every stage it launches (dvc.yaml): it decides the stage's environment.
-Not the `accelerate` command either: it imports every other subcommand first (1.1 s).
+Not the `accelerate` command either: it imports every other subcommand first (~0.8 s).
 
 Params that cannot be read or validated here are left to the stage, which reports them as usual.
 """
@@ -26,13 +26,16 @@ import runpy
 import sys
 
 
-def _value(argv: list[str], flag: str, default: str | None = None) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return default
+def stage_args(stage_argv: list[str]):
+    """The stage's own arguments this launcher reads: --params, and those that name its outputs (--out, ppo's
+    --mode), parsed as the stage's argparse would (everything else is the stage's business)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out")
+    parser.add_argument("--mode", default="ppo")
+    return parser.parse_known_args(stage_argv)[0]
 
 
 def stage_module(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -49,7 +52,7 @@ def disabled(module: str, stage_argv: list[str]) -> bool:
 
     section = module.rsplit(".", 1)[-1]
     try:
-        params = load_params(_value(stage_argv, "--params", "params.yaml"))
+        params = load_params(stage_args(stage_argv).params)
     except ParamsError:
         return False  # the stage says what is wrong with them
     return getattr(getattr(params, section, None), "enabled", True) is False
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         from components.core.logs import setup_logging
 
         setup_logging()
-        if not placeholders.from_argv(module, stage_argv):
+        args = stage_args(stage_argv)
+        if not placeholders.write_for(module, args.out, args.mode):
             run_module(module, stage_argv)
         return
     launch(argv)

@@ -51,18 +51,12 @@ def reward_model(out_dir: str = REWARD_MODEL_OUT, metrics_path: str = "metrics/r
           {calibration_path: {"bins": []}})
 
 
-def from_argv(module: str, argv: list[str]) -> bool:
-    """Write the placeholders of the disabled stage `module` run with the CLI arguments `argv` (those that name
-    its outputs: --out, ppo's --mode); False for a stage that has none."""
-    import argparse
-
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--out")
-    parser.add_argument("--mode", default="ppo")
-    args, _ = parser.parse_known_args(argv)
-    writers = {"components.grpo": lambda: grpo(args.out or GRPO_OUT),
-               "components.reward_model": lambda: reward_model(args.out or REWARD_MODEL_OUT),
-               "components.ppo": lambda: ppo(args.mode)}
+def write_for(module: str, out: str | None = None, mode: str = "ppo") -> bool:
+    """Write the placeholders of the disabled stage `module`, given its CLI's output arguments (--out, ppo's
+    --mode); False for a stage that has none."""
+    writers = {"components.grpo": lambda: grpo(out or GRPO_OUT),
+               "components.reward_model": lambda: reward_model(out or REWARD_MODEL_OUT),
+               "components.ppo": lambda: ppo(mode)}
     if module not in writers:
         return False
     writers[module]()
