@@ -43,7 +43,13 @@ import torch
 
 from components.core import report as report_html
 from components.core import tokenized
-from components.core.generation import eos_ids, eval_prompts, generate_tokens, load_causal_lm, response_length
+from components.core.generation import (
+    eos_ids,
+    eval_prompts,
+    generate_tokens,
+    load_eval_model,
+    response_length,
+)
 from components.core.io import read_jsonl, write_csv, write_json
 from components.core.logs import stage_main
 from components.core.rewards import last_user_text, load_judge
@@ -76,7 +82,7 @@ def heldout_perplexity(model, examples: list[tuple[list[int], list[int]]], pad_i
     return math.exp(nll / tokens) if tokens else float("nan")
 
 
-def score_models(sft_dir: str, dpo_dir: str, pairs: list[dict], prompt_messages: list[list[dict]],
+def score_models(sft_dir: str, dpo_dir: str, tokenizer, pairs: list[dict], prompt_messages: list[list[dict]],
                  sft_examples: list[tuple[list[int], list[int]]], *, max_new_tokens: int, temperature: float,
                  top_p: float, batch_size: int, mixed_precision: str, seed: int, trust_remote_code: bool,
                  online_dirs: dict[str, str] | None = None) -> dict:
@@ -87,10 +93,10 @@ def score_models(sft_dir: str, dpo_dir: str, pairs: list[dict], prompt_messages:
     records), kl_terms[name] (P,) = log pi_name(y|x) - log pi_sft(y|x) on name's untempered samples, and
     the eos ids. Every policy samples the same prompts with the same seed (common random numbers).
     """
-    sft_model, tokenizer = load_causal_lm(sft_dir, trust_remote_code)
-    policies = {"dpo": load_causal_lm(dpo_dir, trust_remote_code)[0]}
+    sft_model = load_eval_model(sft_dir, trust_remote_code)
+    policies = {"dpo": load_eval_model(dpo_dir, trust_remote_code)}
     for name, path in (online_dirs or {}).items():
-        policies[name] = load_causal_lm(path, trust_remote_code)[0]
+        policies[name] = load_eval_model(path, trust_remote_code)
     pad_id = tokenizer.pad_token_id
 
     logps: dict[str, tuple[torch.Tensor, ...]] = {}
@@ -116,7 +122,7 @@ def score_models(sft_dir: str, dpo_dir: str, pairs: list[dict], prompt_messages:
         kl_terms[name] = (response_logps(model, prompt_ids, response_ids, batch_size, pad_id, mixed_precision)
                           - response_logps(sft_model, prompt_ids, response_ids, batch_size, pad_id, mixed_precision))
     return {"logps": logps, "generated": generated, "perplexity": perplexity, "kl_terms": kl_terms,
-            "eos": eos_ids(policies["dpo"], tokenizer), "tokenizer": tokenizer}
+            "eos": eos_ids(policies["dpo"], tokenizer)}
 
 
 # ----------------------------------------------------------------------------- metrics (pure)
@@ -320,12 +326,12 @@ def run(
     _check_reference_tokens(reference, rows, pairs, reference_path, pref_eval_path)
 
     # ---------------------------------------------------------------- both models
-    scored = score_models(sft_dir, dpo_dir, pairs, prompt_messages, sft_examples,
+    scored = score_models(sft_dir, dpo_dir, tokenizer, pairs, prompt_messages, sft_examples,
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           batch_size=batch_size, mixed_precision=mixed_precision, seed=seed,
                           trust_remote_code=trust_remote_code,
                           online_dirs=online_dirs)
-    logps, generated, tokenizer, eos = scored["logps"], scored["generated"], scored["tokenizer"], scored["eos"]
+    logps, generated, eos = scored["logps"], scored["generated"], scored["eos"]
 
     # ---------------------------------------------------------------- judge the generations
     names = list(generated)  # sft, dpo, then the online policies

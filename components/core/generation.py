@@ -94,17 +94,20 @@ def generate_responses(
     return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
 
 
-def load_causal_lm(model_dir: str, trust_remote_code: bool = False):
-    """(model, tokenizer) for evaluation: on the GPU if there is one (bf16 weights where it has bf16: a frozen
+def load_eval_model(model_dir: str, trust_remote_code: bool = False):
+    """A frozen causal LM for evaluation: on the GPU if there is one (bf16 weights where it has bf16: a frozen
     model needs no fp32 masters), else fp32 on the CPU."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code, dtype=dtype)
-    model.to("cuda" if on_gpu else "cpu").eval()
-    return model, tokenizer
+    return model.to("cuda" if on_gpu else "cpu").eval()
+
+
+def load_causal_lm(model_dir: str, trust_remote_code: bool = False):
+    """(model, tokenizer) for evaluation (`load_eval_model`)."""
+    return load_eval_model(model_dir, trust_remote_code), load_tokenizer(model_dir, trust_remote_code)
 
 
 def score_prompts(
