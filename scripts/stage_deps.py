@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "unit"))
 
-from test_layout import LAUNCHER, closure, import_graph, project_modules  # noqa: E402
+from test_layout import import_graph, project_modules, stage_code  # noqa: E402
 
 
 def main() -> None:
@@ -39,9 +39,7 @@ def main() -> None:
                     others.append(lines[i])
                 i += 1
             own = f"components/{stage}.py"
-            names = closure(f"components.{stage}", graph)
-            if LAUNCHER in cmds.get(stage, ""):  # it decides the stage's environment: a code dependency too
-                names |= closure(LAUNCHER, graph)
+            names = stage_code(f"components.{stage}", cmds.get(stage, ""), graph)
             files = sorted(str(modules[name].relative_to(ROOT)) for name in names)
             files.remove(own)
             out += [f"      - {own}", *(f"      - {f}" for f in files), *others]

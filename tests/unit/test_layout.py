@@ -70,6 +70,12 @@ def closure(module: str, graph: dict[str, set[str]]) -> set[str]:
 LAUNCHER = "components.core.launch"  # how training stages start (accelerate launch's arguments)
 
 
+def stage_code(module: str, cmd: str, graph: dict[str, set[str]]) -> set[str]:
+    """The project modules a stage runs: its own closure, and the launcher's when its cmd goes through it (the
+    launcher decides the stage's environment)."""
+    return closure(module, graph) | (closure(LAUNCHER, graph) if LAUNCHER in cmd else set())
+
+
 def stage_modules() -> dict[str, str]:
     """{DVC stage: module its cmd runs} (a training stage's: the module components.core.launch starts)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -130,8 +136,7 @@ def test_every_stage_declares_its_code():
     modules = project_modules()
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage, module in stage_modules().items():
-        names = closure(module, graph) | (closure(LAUNCHER, graph) if LAUNCHER in stages[stage]["cmd"] else set())
-        needed = {str(modules[m].relative_to(ROOT)) for m in names}
+        needed = {str(modules[m].relative_to(ROOT)) for m in stage_code(module, stages[stage]["cmd"], graph)}
         declared = {d for d in stages[stage].get("deps", []) if d.endswith(".py")}
         assert needed - declared == set(), f"stage {stage}: code it imports but does not declare: {sorted(needed - declared)}"
         assert declared - needed == set(), f"stage {stage}: declared code it never imports: {sorted(declared - needed)}"
