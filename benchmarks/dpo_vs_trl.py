@@ -48,7 +48,7 @@ Each system runs in its own subprocess (`--child`), so peak memory is that syste
   TRL precompute: the whole data set once; TRL no-precompute: every training batch again).
   tokens/s = (train_tokens + reference_tokens) / wall_s; `train_tokens_per_s` = train_tokens / wall_s
   (work-normalised: the same training job on both sides). The formula counts each prompt twice on both
-  sides, as the DPO objective sees it; ours computes it once (shared-prompt rows, components/core/scoring.py),
+  sides, as the DPO objective sees it; ours computes it once (shared-prompt rows, components/core/logps.py),
   TRL twice: `computed_*_tokens` are what each model actually ran.
 - peak memory: CPU `ru_maxrss` of the child at the end of the timed work (imports included;
   `rss_after_imports` shown too); GPU `torch.cuda.max_memory_allocated`. `peak_memory_ratio` = ours / the
@@ -199,34 +199,37 @@ class RegionTimer:
 
 def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
     from components import dpo, reference
-    from components.core import checkpoints, losses, scoring, tokenized, training
+    from components.core.algos import losses
+    from components.core.data import token_store
+    from components.core.model import loading, logprobs
+    from components.core.train import checkpoints, loop
 
     if timer:
         timer.instrument_common()
         # stages bind these names at import (`from components.core.x import f`): wrap them where they are called
         timer.wrap(harness, "prepare_aside", "tokenisation (chat template + tokenizer), prepare's process")
-        timer.wrap(tokenized, "load_pairs", "read data")
+        timer.wrap(token_store, "load_pairs", "read data")
         timer.wrap(dpo, "load_reference_logps", "reference cache read")
         for attr, label in (("collate_pairs", "collation (pad + stack)"),
                             ("collate_shared_prompt", "collation (pad + stack)"),
                             ("sequence_logps", "log-probs (from logits) + batch to device"),
                             ("_shared_prompt_logps", "log-probs (from logits) + batch to device")):
-            if hasattr(scoring, attr):  # shared-prompt rows (current) or stacked chosen/rejected rows
-                timer.wrap(scoring, attr, label)
+            if hasattr(logprobs, attr):  # shared-prompt rows (current) or stacked chosen/rejected rows
+                timer.wrap(logprobs, attr, label)
         timer.wrap(losses, "preference_loss", "loss")
         timer.wrap(losses, "preference_metric_sums", "metrics + logging")
         timer.wrap(dpo, "reduce_means", "metrics + logging")
         timer.wrap(checkpoints, "fingerprint", "resume fingerprint (hash inputs)")
-        timer.wrap(training, "load_tokenizer", "load tokenizer")
-        timer.wrap(training, "make_accelerator", "accelerator setup + prepare")
-        timer.wrap(training, "plan_steps", "step plan")
-        timer.wrap(training, "save_model_atomic", "save model")
+        timer.wrap(loading, "load_tokenizer", "load tokenizer")
+        timer.wrap(loop, "make_accelerator", "accelerator setup + prepare")
+        timer.wrap(loop, "plan_steps", "step plan")
+        timer.wrap(loop, "save_model_atomic", "save model")
         timer.wrap(dpo, "write_csv", "metrics + logging")
         timer.wrap(dpo, "write_json", "metrics + logging")
         import accelerate
 
         timer.wrap(accelerate.Accelerator, "prepare", "accelerator setup + prepare")
-        load_model = training.load_model
+        load_model = loading.load_model
 
         def load_and_hook(*args, **kwargs):
             timer.push("load model")
@@ -237,7 +240,7 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
             timer.hook_model(model)
             return model
 
-        training.load_model = load_and_hook
+        loading.load_model = load_and_hook
         timer.wrap(reference, "run", "reference stage: other")
         timer.wrap(dpo, "run", "dpo stage: loop + other")
 
@@ -279,11 +282,11 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
     peak_rss = harness.peak_rss_bytes()  # before the token replay below; the tokenising process's peak if larger
 
     # Token counts, outside the timed region: the stages' own token ids and step plan.
-    tok = training.load_tokenizer(spec["model"])
-    pairs = tokenized.load_pairs(data_dir / "pref_train.jsonl", tok, spec["max_length"], spec["max_prompt_length"])
-    plan = training.preference_plan(pairs, spec["batch_size"], 1, spec["steps"], 1, spec["seed"], 1)  # dpo's own
+    tok = loading.load_tokenizer(spec["model"])
+    pairs = token_store.load_pairs(data_dir / "pref_train.jsonl", tok, spec["max_length"], spec["max_prompt_length"])
+    plan = loop.preference_plan(pairs, spec["batch_size"], 1, spec["steps"], 1, spec["seed"], 1)  # dpo's own
     count = [pair_tokens(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in pairs]
-    shared = scoring.shared_prompt_supported(training.load_model(spec["model"]))
+    shared = logprobs.shared_prompt_supported(loading.load_model(spec["model"]))
     # what the model actually ran on: with shared-prompt rows each prompt is computed once per pair
     computed = [c - len(p["prompt_ids"]) if shared else c for c, p in zip(count, pairs, strict=True)]
     trained = [i for step in plan for mb in step for i in mb]
@@ -292,7 +295,7 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
 
     scored_ids = set(torch.load(work / "ref_logps/train.pt", weights_only=True)["ids"])
     scored = [i for i, p in enumerate(pairs) if p["id"] in scored_ids]
-    eval_pairs = tokenized.load_pairs(data_dir / "pref_eval.jsonl", tok, spec["max_length"], spec["max_prompt_length"])
+    eval_pairs = token_store.load_pairs(data_dir / "pref_eval.jsonl", tok, spec["max_length"], spec["max_prompt_length"])
     eval_count = [pair_tokens(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in eval_pairs]
     eval_computed = [c - len(p["prompt_ids"]) if shared else c for c, p in zip(eval_count, eval_pairs, strict=True)]
     return {
@@ -316,7 +319,7 @@ def child_trl(spec: dict, precompute: bool, timer: RegionTimer | None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from components.core.io import read_jsonl
+    from components.core.ops.io import read_jsonl
 
     cuda = spec["device"] == "cuda"
     if timer:
@@ -434,7 +437,7 @@ def child_main(kind: str, spec_path: str, result_path: str, profile: bool) -> No
 
 def token_stats(tokenizer, prefs: list[dict]) -> tuple[dict, int, int]:
     """Token counts of the data set as ours tokenises it (no truncation); the lengths no pair may exceed."""
-    from components.core import tokens
+    from components.core.data import tokens
 
     pairs = [tokens.tokenize_pair(tokenizer, {"id": str(i), **r}, 10**9, 10**9) for i, r in enumerate(prefs)]
     p = [len(x["prompt_ids"]) for x in pairs]
@@ -532,7 +535,7 @@ def prepare_inputs(args, work: Path) -> dict:
     # gives every `qwen2` dir a Qwen2Tokenizer, i.e. our vocab and merges under Qwen's pre-tokenizer, which
     # splits numbers into single digits (~2.7 tokens per list item instead of ~1 with our own pre-tokenizer).
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token_id is None:  # as training.load_tokenizer does
+    if tokenizer.pad_token_id is None:  # as loading.load_tokenizer does
         tokenizer.pad_token = tokenizer.eos_token
     # Lengths from the data: params.yaml's limits, raised so that no pair is truncated or dropped on either side.
     stats, longest, longest_prompt = token_stats(tokenizer, prefs)

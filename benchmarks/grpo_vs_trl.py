@@ -59,7 +59,7 @@ def child_trl(spec: dict, work: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from components.core.rewards import sorting_reward
+    from components.core.algos.reward_functions import sorting_reward
 
     def reward(prompts, completions, **_):
         return [sorting_reward(p, c[-1]["content"] if isinstance(c, list) else c, "")
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/grpo_vs_trl_cpu.json"))
     args = parser.parse_args()
 
-    from components.core.io import read_jsonl
+    from components.core.ops.io import read_jsonl
 
     records = read_jsonl(ROOT / "data/prepared/pref_train.jsonl")
     n = args.steps * args.prompts  # one epoch's worth, in file order; both sides see each prompt once

@@ -95,23 +95,24 @@ def peak_rss_bytes() -> int:
 
 
 def prepare_aside(data_dir: str | Path, model: str) -> None:
-    """prepare's share of our side: the token ids of the .jsonl records in data_dir (`tokenized.write_for`),
+    """prepare's share of our side: the token ids of the .jsonl records in data_dir (`token_store.write_for`),
     written by a forked process, as the pipeline's prepare stage runs in its own process. The time counts in
     the caller's span (it waits); the memory is that process's own (`peak_rss_bytes`). The tokenizer is loaded
     before the fork: the stages load it anyway, and prepare loaded it before it wrote token ids too (for its
     length checks), so only the encoding and writing are new work."""
     import traceback
 
-    from components.core import tokenized, training
+    from components.core.data import token_store
+    from components.core.model import loading
 
-    tokenizer = training.load_tokenizer(model)
+    tokenizer = loading.load_tokenizer(model)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the child: tokenise, write, leave without running the parent's exit handlers
         code = 0
         try:
-            tokenized.write_for(data_dir, tokenizer)
+            token_store.write_for(data_dir, tokenizer)
         except BaseException:
             traceback.print_exc()
             code = 1

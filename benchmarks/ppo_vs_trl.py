@@ -18,7 +18,7 @@ Same on both sides: the policy (models/sft), the reference (models/sft, loaded a
 initialised from it (TRL: `value_model` = that class from the reward model's path; ours `value_init="reward_model"`),
 the prompts (the first `steps x prompts` distinct prompts of data/prepared/pref_train.jsonl whose rendering is at
 most `max_prompt_length` 96 tokens, so each is used once; TRL gets them as `input_ids` rendered exactly as ours
-does, `components.core.tokens.prompt_ids_for_generation`: the chat template with add_generation_prompt=True,
+does, `components.core.data.tokens.prompt_ids_for_generation`: the chat template with add_generation_prompt=True,
 left-padded by TRL's collator; TRL in its seeded shuffle, ours in its seeded order over the same set), one
 completion per prompt, `--prompts` prompts per round (ours `prompts_per_step`; TRL `per_device_train_batch_size`
 x `gradient_accumulation_steps` 1; `total_episodes` = steps x prompts), one generate() call per round (ours
@@ -122,7 +122,7 @@ def child_trl(spec: dict, work: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from components.core.tokens import prompt_ids_for_generation
+    from components.core.data.tokens import prompt_ids_for_generation
 
     if trl.__version__ != TRL_VERSION:
         raise SystemExit(f"trl {trl.__version__} imported from {trl.__file__}, {TRL_VERSION} expected")
@@ -249,8 +249,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from components.core.io import read_jsonl
-    from components.core.tokens import prompt_ids_for_generation
+    from components.core.data.tokens import prompt_ids_for_generation
+    from components.core.ops.io import read_jsonl
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     max_prompt_length = 96

@@ -18,7 +18,7 @@ the response); the JSON records how many pairs TRL kept (`trl_pairs_kept`): with
 them. TRL reads each sequence at its last token, the chat template's "\\n" after `<|im_end|>`; ours cuts each
 response after its end-of-turn token and reads it there (where a sampled completion ends): one token fewer per
 response (`train_tokens` of each side shows it). TRL samples its batches at random and pads each to its
-longest sequence; ours plans length-bucketed batches (`training.preference_plan`) and computes the prompt once
+longest sequence; ours plans length-bucketed batches (`loop.preference_plan`) and computes the prompt once
 per pair (shared-prompt rows): that is part of what is measured. Our stage reads a `pref_eval.jsonl`: it gets
 an empty one (it then skips the held-out scoring and the calibration report, as TRL with no eval set does). TRL
 logs once (`logging_steps=steps`), ours once (`log_every` past the end: its final row); TRL still computes its
@@ -104,12 +104,12 @@ def child_trl(spec: dict, work: Path) -> dict:
 def our_train_tokens(spec: dict) -> int:
     """Non-padding tokens of ours' chosen and rejected sequences as its stage tokenises them (each response cut
     after its end-of-turn token), prompt counted in each, as TRL counts."""
-    from components.core import training
-    from components.core.generation import generation_eos
-    from components.core.tokens import tokenize_pair
+    from components.core.data.tokens import tokenize_pair
+    from components.core.model import loading
+    from components.core.model.generation import generation_eos
     from components.reward_model import end_at_turn
 
-    tokenizer = training.load_tokenizer(spec["model"], False)
+    tokenizer = loading.load_tokenizer(spec["model"], False)
     eos = set(generation_eos(spec["model"], tokenizer))
     pairs = [end_at_turn(tokenize_pair(tokenizer, r, spec["max_length"], spec["max_prompt_length"]), eos)
              for r in spec["records"]]
@@ -134,7 +134,7 @@ def main() -> None:
     args = parser.parse_args()
     harness.set_threads(args.threads)
 
-    from components.core.io import read_jsonl
+    from components.core.ops.io import read_jsonl
 
     records = read_jsonl(args.data)
     n = args.steps * args.batch_size  # one epoch's worth, in file order: both sides train on each pair once

@@ -83,7 +83,7 @@ def child_trl(spec: dict, work: Path) -> dict:
     if spec["reward"] == "reward_model":
         reward_funcs = spec["reward_model"]  # TRL loads it: AutoModelForSequenceClassification, num_labels=1
     else:
-        from components.core.rewards import load_reward_function
+        from components.core.algos.reward_functions import load_reward_function
 
         fn = load_reward_function("sorting")
 
@@ -140,7 +140,7 @@ def main() -> None:
         raise SystemExit(f"{args.reward_model}: no reward model; train one (python -m components.reward_model) "
                          "or pass --reward functions")
 
-    from components.core.io import read_jsonl
+    from components.core.ops.io import read_jsonl
 
     n = args.steps * args.prompts  # one epoch's worth of distinct prompts: both sides use each prompt once
     records, seen = [], set()

@@ -8,9 +8,9 @@ Data: the embedded sorting task (core/sorting.generate) with the embedded tokeni
 `dvc repro bootstrap` first). Per split file, best of --repeats rounds, in this one process:
 - tokenise: `tokens.tokenize_pair` / `tokens.encode_chat` over the .jsonl (the old per-stage cost, paid by every
   stage on every process);
-- write: `tokenized.write_for` (encoding once and writing the parquet files: an upper bound on what prepare
+- write: `token_store.write_for` (encoding once and writing the parquet files: an upper bound on what prepare
   pays more now, since it encoded every record for its length checks before too);
-- load: `tokenized.load_pairs` / `load_sft` (the new per-stage cost).
+- load: `token_store.load_pairs` / `load_sft` (the new per-stage cost).
 Prints a table and writes benchmarks/results/token_artifact.json.
 """
 
@@ -48,16 +48,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/token_artifact.json"))
     args = parser.parse_args(argv)
 
-    from components.core import sorting, tokenized, training
+    from components.core import sorting
     from components.core.config import load_params
-    from components.core.io import read_jsonl, write_jsonl
-    from components.core.tokens import IGNORE_INDEX, encode_chat, tokenize_pair
+    from components.core.data import token_store
+    from components.core.data.tokens import IGNORE_INDEX, encode_chat, tokenize_pair
+    from components.core.model import loading
+    from components.core.ops.io import read_jsonl, write_jsonl
 
     params = load_params(str(ROOT / "params.yaml"))
     syn = params.synthetic
     lo, hi = args.min_items or syn.min_items, args.max_items or syn.max_items
     sft, pref = sorting.generate(args.sft, args.pairs, lo, hi, syn.max_value, syn.demo_noise, params.seed)
-    tokenizer = training.load_tokenizer(args.tokenizer)
+    tokenizer = loading.load_tokenizer(args.tokenizer)
     work = Path(tempfile.mkdtemp(prefix="token_artifact-"))
     write_jsonl(work / "pref_train.jsonl", [{"id": f"p{i}", **r} for i, r in enumerate(pref)])
     write_jsonl(work / "sft_train.jsonl", [{"id": f"s{i}", **r} for i, r in enumerate(sft)])
@@ -73,11 +75,11 @@ def main(argv: list[str] | None = None) -> None:
             out.append((ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]))
         return out
 
-    write_s, meta = best_of(lambda: tokenized.write_for(work, tokenizer), args.repeats)
+    write_s, meta = best_of(lambda: token_store.write_for(work, tokenizer), args.repeats)
     rows = {}
     for name, tokenise, load in (
-        ("pref_train", tokenise_pairs, lambda: tokenized.load_pairs(work / "pref_train.jsonl", tokenizer, big, big)),
-        ("sft_train", tokenise_sft, lambda: tokenized.load_sft(work / "sft_train.jsonl", tokenizer, big)),
+        ("pref_train", tokenise_pairs, lambda: token_store.load_pairs(work / "pref_train.jsonl", tokenizer, big, big)),
+        ("sft_train", tokenise_sft, lambda: token_store.load_sft(work / "sft_train.jsonl", tokenizer, big)),
     ):
         tokenise_s, from_text = best_of(tokenise, args.repeats)
         load_s, from_tokens = best_of(load, args.repeats)

@@ -22,9 +22,9 @@ import json
 import logging
 from pathlib import Path
 
-from components.core.io import SOURCE_FILE, atomic_dir
-from components.core.logs import stage_main
-from components.core.tokens import CHATML_TEMPLATE
+from components.core.data.tokens import CHATML_TEMPLATE
+from components.core.ops.io import SOURCE_FILE, atomic_dir
+from components.core.ops.logs import stage_main
 
 log = logging.getLogger(__name__)
 

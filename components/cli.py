@@ -21,7 +21,7 @@ import sys
 import traceback
 
 from components import register
-from components.core import registry
+from components.core.release import registry
 
 EXIT_OK, EXIT_ERROR, EXIT_REJECTED = 0, 1, 2
 
@@ -189,7 +189,7 @@ def _run(args) -> int:
         print(f"{name}: champion v{result['demoted']} -> v{result['champion']} (rolled back)")
         return EXIT_OK
     if args.command == "summary":
-        from components.core import tracking
+        from components.core.ops import tracking
 
         result = read_summary()
         print(json.dumps(result, indent=2) if args.json else format_summary(result, tracking.tracking_uri()))
@@ -203,8 +203,8 @@ def _run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from components.core.config import ParamsError
-    from components.core.logs import setup_logging
-    from components.core.registry import RegistryError
+    from components.core.ops.logs import setup_logging
+    from components.core.release.registry import RegistryError
 
     try:
         args = _parser().parse_args(argv)

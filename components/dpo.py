@@ -15,19 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from components.core import checkpoints, logprobs, losses, scoring, sharding, tokenized, tokens, training
+from components.core.algos import losses
 from components.core.config import DPOConfig
-from components.core.io import write_csv, write_json
-from components.core.logs import stage_main
-from components.core.scoring import StaleReferenceError, load_reference_logps, pair_logps
-from components.core.tokens import pair_length, pair_token_hash
+from components.core.data import token_store
+from components.core.data.tokens import pair_length, pair_token_hash
+from components.core.model import loading, sharding
+from components.core.model.logprobs import StaleReferenceError, load_reference_logps, pair_logps
+from components.core.ops import faults, logs, tracking
+from components.core.ops.io import write_csv, write_json
+from components.core.ops.logs import stage_main
+from components.core.train import checkpoints, loop
 
 log = logging.getLogger("alignflow.dpo")
 
@@ -84,11 +87,11 @@ def reduce_means(accelerator, sums: dict[str, torch.Tensor], count: int) -> dict
 @torch.no_grad()
 def evaluate_pairs(model, accelerator, pairs, batch_size, pad_id, loss_kwargs, kto_kl=None) -> dict[str, float]:
     model.eval()
-    batches = training.sorted_batches([pair_length(p) for p in pairs], batch_size)
+    batches = loop.sorted_batches([pair_length(p) for p in pairs], batch_size)
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
     count = 0
     # the same number of forwards on every process (FSDP gathers weights in each one); padding counts 0
-    for idx, padding in training.even_shard(batches, accelerator.process_index, accelerator.num_processes):
+    for idx, padding in loop.even_shard(batches, accelerator.process_index, accelerator.num_processes):
         out, lp = pair_losses(model, [pairs[i] for i in idx], pad_id, accelerator.device, loss_kwargs, kto_kl)
         count += 0 if padding else len(idx)
         for k, v in losses.preference_metric_sums(out, lp["pc"], lp["pr"]).items():  # same keys on every rank
@@ -123,40 +126,39 @@ def run(
                    "simpo_gamma": cfg.simpo_gamma, "orpo_alpha": cfg.orpo_alpha,
                    "kto_desirable_weight": cfg.kto_desirable_weight,
                    "kto_undesirable_weight": cfg.kto_undesirable_weight, "rpo_alpha": cfg.rpo_alpha}
-    accelerator = training.make_accelerator(mixed_precision)
+    accelerator = loop.make_accelerator(mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(seed)
 
     # ---------------------------------------------------------------- data + cached reference
-    tokenizer = training.load_tokenizer(model_path, trust_remote_code)
-    splits = {split: tokenized.load_pairs(Path(data_dir) / f"pref_{split}.jsonl", tokenizer, max_length,
+    tokenizer = loading.load_tokenizer(model_path, trust_remote_code)
+    splits = {split: token_store.load_pairs(Path(data_dir) / f"pref_{split}.jsonl", tokenizer, max_length,
                                           max_prompt_length) for split in ("train", "eval")}
     train, evals = splits["train"], splits["eval"]
     if not train:
         raise ValueError(f"{data_dir}/pref_train.jsonl: no preference pairs")
-    plan = training.preference_plan(train, cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.epochs, seed, world)
+    plan = loop.preference_plan(train, cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.epochs, seed, world)
     total_steps = len(plan)
     # reference log-probs for the pairs this run visits (the reference stage may have scored only those)
-    for split, needed in (("train", [train[i] for i in training.planned_indices(plan)]), ("eval", evals)):
+    for split, needed in (("train", [train[i] for i in loop.planned_indices(plan)]), ("eval", evals)):
         ref_path = Path(reference_dir) / f"{split}.pt"
         attach_reference(needed, load_reference_logps(ref_path), str(ref_path))
 
     # ---------------------------------------------------------------- model, optimizer, schedule
-    model = training.load_model(model_path, trust_remote_code, lora, mixed_precision=mixed_precision,
+    model = loading.load_model(model_path, trust_remote_code, lora, mixed_precision=mixed_precision,
                                 gradient_checkpointing=cfg.gradient_checkpointing)
-    model, optimizer = training.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
-    lr_schedule = training.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
+    model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
+    lr_schedule = loop.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(lr_schedule)
 
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
-    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scoring, logprobs, tokens, tokenized,
-                                        losses, checkpoints)
+    code = checkpoints.code_fingerprint("components.dpo")
     fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path),
-                                 str(tokenized.tokens_path(Path(data_dir) / "pref_train.jsonl")),
+                                 str(token_store.tokens_path(Path(data_dir) / "pref_train.jsonl")),
                                  str(Path(reference_dir) / "train.pt"), code, world)
     start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
-    guard = training.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
+    guard = loop.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
     # KTO's reference point z0: the previous step's mean log-ratio over all its pairs on all processes
     kto_kl = torch.tensor(float(saved.get("kto_kl", 0.0)), device=accelerator.device)
 
@@ -164,8 +166,8 @@ def run(
     pad_id = tokenizer.pad_token_id
     tracking_params = {**{k: v for k, v in hyper.items() if not k.endswith(("_path", "_dir"))}, "world_size": world}
     inputs = [model_path, data_dir, reference_dir]
-    with training.stage_tracking(accelerator, "dpo", tracking_params, inputs, track) as mlrun:
-        bar = training.progress(total_steps, start_step, f"dpo ({cfg.loss})", accelerator.is_local_main_process)
+    with tracking.stage_tracking(accelerator, "dpo", tracking_params, inputs, track) as mlrun:
+        bar = logs.progress(total_steps, start_step, f"dpo ({cfg.loss})", accelerator.is_local_main_process)
         model.train()
         window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
         window_pairs, tokens_seen, t0 = 0, 0, time.perf_counter()
@@ -175,8 +177,8 @@ def run(
             step_loss = torch.zeros((), device=accelerator.device)
             step_log_ratio = torch.zeros((), device=accelerator.device)
             for k, mb in enumerate(micro_batches):
-                mine = [train[i] for i in training.shard(mb, rank, world)]
-                with training.maybe_no_sync(accelerator, model, k == len(micro_batches) - 1):
+                mine = [train[i] for i in loop.shard(mb, rank, world)]
+                with loop.maybe_no_sync(accelerator, model, k == len(micro_batches) - 1):
                     with accelerator.autocast():
                         out, lp = pair_losses(model, mine, pad_id, accelerator.device, loss_kwargs, kto_kl)
                     # mean over all pairs of the global step; * world undoes DDP's gradient averaging
@@ -189,13 +191,13 @@ def run(
                 tokens_seen += sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in mine)
             loss_value = accelerator.reduce(step_loss, reduction="sum") / step_pairs
             kto_kl = (accelerator.reduce(step_log_ratio, reduction="sum") / (2 * step_pairs)).clamp(min=0)
-            training.guard_finite(loss_value, step + 1, ckpt_dir)
+            loop.guard_finite(loss_value, step + 1, ckpt_dir)
             grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
             guard.check(step + 1, loss_value.item(), grad_norm)
             optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            training.maybe_crash(step + 1)
+            faults.maybe_crash(step + 1)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value.item():.4f}", refresh=False)  # redraw at the bar's own pace
 
@@ -214,7 +216,7 @@ def run(
                 row.update(evaluate_pairs(model, accelerator, evals, cfg.batch_size, pad_id, loss_kwargs, kto_kl))
             if row:
                 history.append(row)
-                training.log_step_metrics(mlrun, row, done)
+                tracking.log_step_metrics(mlrun, row, done)
             if done % cfg.save_every == 0 and done < total_steps:
                 checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history,
                                                                                 "guard": guard.state(), "kto_kl": kto_kl.item()},
@@ -222,7 +224,7 @@ def run(
         bar.close()
 
         # ------------------------------------------------------------ outputs
-        training.save_model_atomic(accelerator, model, tokenizer, out_dir, training.stored_dtype(model_path))
+        loop.save_model_atomic(accelerator, model, tokenizer, out_dir, loading.stored_dtype(model_path))
         last_train = next(r for r in reversed(history) if "loss" in r)
         final = {k: v for k, v in last_train.items() if k not in ("step", "learning_rate", "grad_norm")}
         eval_rows = [r for r in history if "eval/loss" in r]
@@ -233,7 +235,7 @@ def run(
         if accelerator.is_main_process:
             write_csv(plots_path, history)
             write_json(metrics_path, final)
-            training.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, total_steps)
+            tracking.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, total_steps)
     checkpoints.clear_checkpoints(accelerator, ckpt_dir)
     return final
 

@@ -10,7 +10,7 @@ For both models it measures
   mean reward, exact-solve rate, per-prompt win rate DPO vs SFT with a bootstrap interval;
 - a Monte-Carlo estimate of KL(pi_dpo || pi_sft) on the DPO samples, response lengths, and held-out
   SFT perplexity.
-Pairs and SFT conversations are the token ids prepare wrote (data/prepared/tokens, core/tokenized.py); the
+Pairs and SFT conversations are the token ids prepare wrote (data/prepared/tokens, core/token_store.py); the
 held-out prompts are rendered for generation, and the judge reads their text.
 The online policies (models/grpo, models/ppo, models/rloo, those that were trained) are measured the same way
 on the same prompts and seeds: `eval/<name>/...` (reward with CI, exact solves, win rate vs SFT and vs DPO, KL
@@ -41,22 +41,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.core import report as report_html
-from components.core import tokenized
-from components.core.generation import (
-    eos_ids,
-    eval_prompts,
-    generate_tokens,
-    load_eval_model,
-    response_length,
-)
-from components.core.io import read_jsonl, write_csv, write_json
-from components.core.logs import stage_main
-from components.core.rewards import last_user_text, load_judge
-from components.core.scoring import StaleReferenceError, batch_nll, preference_logps, response_logps
-from components.core.stats import bootstrap_ci, bootstrap_ratio_ci, implicit_rewards, win_values
-from components.core.tokens import collate_sequences, pair_token_hash
-from components.core.training import autocast, load_tokenizer
+from components.core.algos.reward_functions import last_user_text
+from components.core.algos.stats import bootstrap_ci, bootstrap_ratio_ci, implicit_rewards, win_values
+from components.core.data import token_store
+from components.core.data.tokens import collate_sequences, pair_token_hash
+from components.core.eval import report as report_html
+from components.core.eval.judges import eval_prompts, load_judge
+from components.core.model.generation import eos_ids, generate_tokens, load_eval_model, response_length
+from components.core.model.loading import autocast, load_tokenizer
+from components.core.model.logprobs import StaleReferenceError, batch_nll, preference_logps, response_logps
+from components.core.ops.io import read_jsonl, write_csv, write_json
+from components.core.ops.logs import stage_main
 
 log = logging.getLogger("alignflow.evaluate")
 ONLINE = ("grpo", "ppo", "rloo")  # the online policies evaluated beside DPO, when trained (models/<name>)
@@ -69,7 +64,7 @@ ONLINE = ("grpo", "ppo", "rloo")  # the online policies evaluated beside DPO, wh
 def heldout_perplexity(model, examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int,
                        mixed_precision: str = "auto") -> float:
     """exp(token-mean NLL) over assistant tokens of held-out SFT conversations (as sft.evaluate_loss);
-    examples: (input_ids, labels) as `tokenized.load_sft` gives them."""
+    examples: (input_ids, labels) as `token_store.load_sft` gives them."""
     examples = sorted(examples, key=lambda e: len(e[0]))
     device = next(model.parameters()).device
     nll, tokens = 0.0, 0
@@ -317,10 +312,10 @@ def run(
     # the token ids prepare wrote (refused when they belong to another tokenizer than the SFT model's), checked
     # against the records and the cached reference before any model work
     tokenizer = load_tokenizer(sft_dir, trust_remote_code)
-    pairs = tokenized.load_pairs(pref_eval_path, tokenizer, max_length, max_prompt_length)
-    sft_examples = tokenized.load_sft(sft_eval_path, tokenizer, max_length) if Path(sft_eval_path).exists() else []
+    pairs = token_store.load_pairs(pref_eval_path, tokenizer, max_length, max_prompt_length)
+    sft_examples = token_store.load_sft(sft_eval_path, tokenizer, max_length) if Path(sft_eval_path).exists() else []
     if [p["id"] for p in pairs] != [r["id"] for r in pref_records]:
-        raise tokenized.TokenizedError(f"{tokenized.tokens_path(pref_eval_path)} does not hold the records of "
+        raise token_store.TokenizedError(f"{token_store.tokens_path(pref_eval_path)} does not hold the records of "
                                        f"{pref_eval_path} in its order: the two were written by different prepare "
                                        "runs (dvc repro prepare)")
     _check_reference_tokens(reference, rows, pairs, reference_path, pref_eval_path)
@@ -342,7 +337,7 @@ def run(
     lengths = {name: [response_length(r, eos) for r in generated[name][1]] for name in names}
     rm_scores = None
     if reward_model_dir:  # the proxy the RLHF policies were trained on, beside the judge's true reward
-        from components.core.scorers import batched_end_scores, load_scorer
+        from components.core.model.heads import batched_end_scores, load_scorer
 
         rm = load_scorer(reward_model_dir, trust_remote_code, pad_token_id=tokenizer.pad_token_id, frozen=True)
         rm.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -379,7 +374,7 @@ def run(
         online_curves={n: (grpo_curves_path if n == "grpo" else f"{curves_dir}/{n}.csv") for n in online_dirs},
         reward_model_report=reward_model_report if reward_model_dir else "",
         setup=setup, confidence=confidence, num_samples=num_samples_in_report)
-    from components.core.checkpoints import model_identity
+    from components.core.train.checkpoints import model_identity
 
     # which models these metrics are about: register refuses to tag another model with them
     evaluated = {"sft": model_identity(sft_dir), "dpo": model_identity(dpo_dir),
@@ -394,8 +389,8 @@ def run(
     write_json(metrics_path, metrics)
 
     # ---------------------------------------------------------------- tracking
-    from components.core import tracking
     from components.core.config import params_hash
+    from components.core.ops import tracking
 
     tracking_params = {k: v for k, v in hyper.items() if not k.endswith(("_path", "_dir"))}
     inputs = [sft_dir, dpo_dir, *online_dirs.values(), *([reward_model_dir] if reward_model_dir else []),

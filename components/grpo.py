@@ -4,7 +4,7 @@
 
 Per generation round: the sampler takes `prompts_per_step` prompts (a seeded permutation per epoch; its
 position is checkpointed), HF `generate` (KV cache, batched, seeded per chunk of prompts) samples G
-completions each, the reward functions score them, core/rl.py turns rewards into group-relative
+completions each, the reward functions score them, core/algos/rl.py turns rewards into group-relative
 advantages, and `num_iterations` optimizer steps minimise the clipped surrogate on them. Rounds are
 split over processes by chunks that do not depend on the world size, and every process gets the whole
 round, so N processes follow one process at the same global batch.
@@ -22,30 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from components.core import (
-    checkpoints,
-    logprobs,
-    online,
-    placeholders,
-    rewards,
-    rl,
-    scoring,
-    sharding,
-    tokens,
-    training,
-)
+from components.core.algos import reward_functions, rl
 from components.core.config import GRPOConfig
-from components.core.generation import eos_ids
-from components.core.io import write_csv, write_json
-from components.core.logs import stage_main
-from components.core.online import collect_round, load_prompts
+from components.core.model import loading, logprobs, sharding
+from components.core.model.generation import eos_ids
+from components.core.ops import faults, logs, placeholders, tracking
+from components.core.ops.io import write_csv, write_json
+from components.core.ops.logs import stage_main
+from components.core.train import checkpoints, loop, online
+from components.core.train.online import collect_round, load_prompts
 
 log = logging.getLogger("alignflow.grpo")
 
@@ -57,30 +48,30 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
         out_dir: str = "models/grpo", rollouts_dir: str = "artifacts/rollouts", metrics_path: str = "metrics/grpo.json",
         plots_path: str = "plots/grpo.csv", checkpoint_dir: str = "checkpoints/grpo", max_prompt_length: int = 96,
         mixed_precision: str = "auto", seed: int = 1234, trust_remote_code: bool = False, track: bool = True) -> dict:
-    accelerator = training.make_accelerator(mixed_precision)
+    accelerator = loop.make_accelerator(mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(seed)
     G = cfg.num_generations
 
     # ---------------------------------------------------------------- prompts, rewards
-    tokenizer = training.load_tokenizer(model_path, trust_remote_code)
+    tokenizer = loading.load_tokenizer(model_path, trust_remote_code)
     prompt_file = Path(data_dir) / f"{cfg.prompts}_train.jsonl"
     prompts = load_prompts(prompt_file, cfg.prompts, tokenizer, max_prompt_length)
-    reward_fns = {r.name: rewards.load_reward_function(r.name) for r in cfg.rewards}
+    reward_fns = {r.name: reward_functions.load_reward_function(r.name) for r in cfg.rewards}
     reward_weights = {r.name: r.weight for r in cfg.rewards}
-    reward_ids = {name: rewards.reward_identity(name) for name in reward_fns}
+    reward_ids = {name: reward_functions.reward_identity(name) for name in reward_fns}
     sampler = online.PromptSampler(len(prompts), seed)
 
     # ---------------------------------------------------------------- models, optimizer, schedule
-    model = training.load_model(model_path, trust_remote_code, cfg.lora.model_dump(), mixed_precision=mixed_precision,
+    model = loading.load_model(model_path, trust_remote_code, cfg.lora.model_dump(), mixed_precision=mixed_precision,
                                 gradient_checkpointing=cfg.gradient_checkpointing)
     lora = cfg.lora.enabled
     ref_model = None
     if cfg.beta > 0 and not lora:  # with LoRA the reference is the base with adapters off: no second copy
-        ref_model = training.load_model(model_path, trust_remote_code, frozen=True, mixed_precision=mixed_precision)
+        ref_model = loading.load_model(model_path, trust_remote_code, frozen=True, mixed_precision=mixed_precision)
         ref_model = sharding.prepare_frozen(accelerator, ref_model)
-    model, optimizer = training.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
-    schedule = training.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
+    model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
+    schedule = loop.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
     accelerator.register_for_checkpointing(schedule)
     sharded = sharding.is_sharded(model)
     eos = eos_ids(accelerator.unwrap_model(model), tokenizer)
@@ -89,22 +80,21 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
     hyper = checkpoints.math_params(cfg.model_dump())
-    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scoring, logprobs, tokens, rl, rewards,
-                                        online, checkpoints)
+    code = checkpoints.code_fingerprint("components.grpo")
     fp = checkpoints.fingerprint(hyper, reward_ids, checkpoints.model_identity(model_path), str(prompt_file),
                                  max_prompt_length, seed, code, world)
     step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, cfg.max_steps, model, optimizer)
     position = int(saved.get("sampler_position", 0))
     generated_tokens = int(saved.get("generated_tokens", 0))
-    guard = training.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
+    guard = loop.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
     work = ckpt_dir / fp / "rollouts"  # this run's rounds; survives a crash, unlike the DVC out
     if accelerator.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
 
     params = {**cfg.model_dump(), "world_size": world, "seed": seed, "max_prompt_length": max_prompt_length,
               "reward_hashes": reward_ids, "model": model_path}
-    with training.stage_tracking(accelerator, "grpo", params, [model_path, str(prompt_file)], track) as mlrun:
-        bar = training.progress(cfg.max_steps, step, f"grpo ({cfg.loss_type})", accelerator.is_local_main_process)
+    with tracking.stage_tracking(accelerator, "grpo", params, [model_path, str(prompt_file)], track) as mlrun:
+        bar = logs.progress(cfg.max_steps, step, f"grpo ({cfg.loss_type})", accelerator.is_local_main_process)
         zero_std_streak, t_start = 0, time.perf_counter()
         while step < cfg.max_steps:
             round_ = step // cfg.num_iterations
@@ -151,7 +141,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                 sel = [rows[i] for i in mbs[k]]
                 group_rows = [sel[i : i + G] for i in range(0, len(sel), G)]
                 with accelerator.autocast():
-                    logps, mask, entropy = scoring.group_token_logps(
+                    logps, mask, entropy = logprobs.group_token_logps(
                         net, [prompts[grp[0][0]["prompt"]].ids for grp in group_rows],
                         [[c["ids"] for _, c in grp] for grp in group_rows], pad_id, accelerator.device,
                         cfg.temperature, with_entropy)
@@ -202,7 +192,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                 sums = defaultdict(lambda: torch.zeros((), device=accelerator.device))
                 for n, (k, weight) in enumerate(my_mbs):
                     adv = advantages[mbs[k]].to(accelerator.device)
-                    with training.maybe_no_sync(accelerator, model, n == len(my_mbs) - 1):
+                    with loop.maybe_no_sync(accelerator, model, n == len(my_mbs) - 1):
                         logps, mask, entropy = forward(model, k, with_entropy=True)
                         out = rl.clipped_surrogate(logps, old.get(k, logps.detach()), adv, cfg.epsilon_low,
                                                    cfg.epsilon_high, cfg.beta, ref.get(k))
@@ -221,7 +211,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                 reduced = dict(zip(keys, accelerator.reduce(torch.stack([sums[k] for k in keys]), "sum").tolist(),
                                    strict=True))
                 loss_value = torch.tensor(reduced["loss"])
-                training.guard_finite(loss_value, step + 1, ckpt_dir)
+                loop.guard_finite(loss_value, step + 1, ckpt_dir)
                 grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
                 guard.check(step + 1, abs(reduced["loss"]), grad_norm)
                 optimizer.step()
@@ -229,7 +219,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                 optimizer.zero_grad(set_to_none=True)
                 timing["update"] += time.perf_counter() - t0
                 step += 1
-                training.maybe_crash(step)
+                faults.maybe_crash(step)
                 bar.update(1)
 
                 tokens_n = max(reduced["tokens"], 1.0)
@@ -248,7 +238,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                 timing = defaultdict(float)  # phase seconds belong to the round's first step
                 history.append(row)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    training.log_step_metrics(mlrun, row, step)
+                    tracking.log_step_metrics(mlrun, row, step)
                     _log_samples(mlrun, kept, prompts, step)
             zero_std_streak = zero_std_streak + 1 if first_zero_frac > cfg.zero_std_warning else 0
             if zero_std_streak == 5:
@@ -263,7 +253,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
         bar.close()
 
         # ------------------------------------------------------------ outputs
-        training.save_model_atomic(accelerator, model, tokenizer, out_dir, training.stored_dtype(model_path))
+        loop.save_model_atomic(accelerator, model, tokenizer, out_dir, loading.stored_dtype(model_path))
         final = online.final_metrics(history, cfg, generated_tokens, time.perf_counter() - t_start, world,
                                      len(prompts))
         online.publish_rollouts(accelerator, work, rollouts_dir, {"grpo": cfg.model_dump(), "reward_hashes": reward_ids,
@@ -271,7 +261,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
         if accelerator.is_main_process:
             write_csv(plots_path, history)
             write_json(metrics_path, final)
-            training.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, cfg.max_steps)
+            tracking.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, cfg.max_steps)
     checkpoints.clear_checkpoints(accelerator, ckpt_dir)
     return final
 

@@ -2,7 +2,7 @@
 
     accelerate launch --config_file configs/accelerate/cpu.yaml -m components.ppo --mode ppo --params params.yaml
 
-The online machinery is GRPO's (core/online.py): the seeded prompt sampler, HF `generate` in world-independent
+The online machinery is GRPO's (core/train/online.py): the seeded prompt sampler, HF `generate` in world-independent
 chunks, rollout tables with the policy hash, checkpoints between rounds. Per round, in both modes:
 1. sample completions for `prompts_per_step` prompts: one each (ppo) or G each (rloo);
 2. score them: the reward model at the last completion token (`ppo.reward: reward_model`) or the reward
@@ -19,7 +19,7 @@ processes follow one process. The adaptive KL controller (optional) updates kl_c
 Writes models/<mode>/, artifacts/rollouts_<mode>/, metrics/<mode>.json (TRL's PPO metric names), plots/<mode>.csv.
 
 Why this file is long: it is one online loop for both modes, top to bottom (generation, scoring, advantages,
-minibatch epochs, rollouts, resume); the math is in core/rl.py and the shared machinery in core/online.py.
+minibatch epochs, rollouts, resume); the math is in core/algos/rl.py and the shared machinery in core/train/online.py.
 """
 
 from __future__ import annotations
@@ -28,30 +28,20 @@ import argparse
 import json
 import logging
 import random
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from components.core import (
-    checkpoints,
-    logprobs,
-    online,
-    placeholders,
-    rewards,
-    rl,
-    scorers,
-    scoring,
-    sharding,
-    tokens,
-    training,
-)
+from components.core.algos import reward_functions, rl
 from components.core.config import PPOConfig
-from components.core.generation import eos_ids
-from components.core.io import write_csv, write_json
-from components.core.logs import stage_main
+from components.core.model import heads, loading, logprobs, sharding
+from components.core.model.generation import eos_ids
+from components.core.ops import faults, logs, placeholders, tracking
+from components.core.ops.io import write_csv, write_json
+from components.core.ops.logs import stage_main
+from components.core.train import checkpoints, loop, online
 
 log = logging.getLogger("alignflow.ppo")
 MODES = ("ppo", "rloo")
@@ -67,10 +57,10 @@ class PolicyAndValue(torch.nn.Module):
     def forward(self, prompts, grouped, pad_id, temperature, with_entropy=False):
         """prompts (B,) and their completions grouped per prompt; rows group-major (as group_token_logps)."""
         device = next(self.policy.parameters()).device
-        logps, mask, entropy = scoring.group_token_logps(self.policy, prompts, grouped, pad_id, device, temperature,
+        logps, mask, entropy = logprobs.group_token_logps(self.policy, prompts, grouped, pad_id, device, temperature,
                                                          with_entropy)
         flat_prompts = [p for p, cs in zip(prompts, grouped, strict=True) for _ in cs]
-        values = None if self.value is None else scorers.response_values(
+        values = None if self.value is None else heads.response_values(
             self.value, flat_prompts, [c for cs in grouped for c in cs], pad_id, device)
         return logps, mask, entropy, values
 
@@ -86,7 +76,7 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
     rollouts_dir = rollouts_dir or f"artifacts/rollouts_{mode}"
     metrics_path, plots_path = metrics_path or f"metrics/{mode}.json", plots_path or f"plots/{mode}.csv"
     checkpoint_dir = checkpoint_dir or f"checkpoints/{mode}"
-    accelerator = training.make_accelerator(mixed_precision)
+    accelerator = loop.make_accelerator(mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     if mode == "ppo" and sharding.active(accelerator):
         raise ValueError("ppo mode under FSDP is not supported yet (policy and value model in one module); use "
@@ -96,13 +86,13 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
     gen_cfg = cfg.model_copy(update={"num_generations": G})  # what online.sample_chunk reads
 
     # ---------------------------------------------------------------- prompts, rewards
-    tokenizer = training.load_tokenizer(model_path, trust_remote_code)
+    tokenizer = loading.load_tokenizer(model_path, trust_remote_code)
     pad_id = tokenizer.pad_token_id
     prompt_file = Path(data_dir) / "pref_train.jsonl"
     prompts = online.load_prompts(prompt_file, "pref", tokenizer, max_prompt_length)
-    reward_fns = {r.name: rewards.load_reward_function(r.name) for r in cfg.rewards}
+    reward_fns = {r.name: reward_functions.load_reward_function(r.name) for r in cfg.rewards}
     reward_weights = {r.name: r.weight for r in cfg.rewards}
-    reward_ids = {name: rewards.reward_identity(name) for name in reward_fns}
+    reward_ids = {name: reward_functions.reward_identity(name) for name in reward_fns}
     use_rm = cfg.reward == "reward_model"
     needs_rm = use_rm or (mode == "ppo" and cfg.value_init == "reward_model")
     if needs_rm and not (Path(reward_model_path) / "config.json").exists():
@@ -114,31 +104,31 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
     sampler = online.PromptSampler(len(prompts), seed)
 
     # ---------------------------------------------------------------- models, optimizer, schedule
-    dtype = training.frozen_dtype(mixed_precision)
+    dtype = loading.frozen_dtype(mixed_precision)
     reward_model = None
     if use_rm:
-        reward_model = scorers.load_scorer(reward_model_path, trust_remote_code, pad_token_id=pad_id, frozen=True,
+        reward_model = heads.load_scorer(reward_model_path, trust_remote_code, pad_token_id=pad_id, frozen=True,
                                            dtype=dtype)
         reward_model = sharding.prepare_frozen(accelerator, reward_model)
     ref_model = None
     if cfg.kl_coef > 0 or cfg.adaptive_kl:
-        ref_model = training.load_model(model_path, trust_remote_code, frozen=True, mixed_precision=mixed_precision)
+        ref_model = loading.load_model(model_path, trust_remote_code, frozen=True, mixed_precision=mixed_precision)
         ref_model = sharding.prepare_frozen(accelerator, ref_model)
-    policy = training.load_model(model_path, trust_remote_code, mixed_precision=mixed_precision,
+    policy = loading.load_model(model_path, trust_remote_code, mixed_precision=mixed_precision,
                                  gradient_checkpointing=cfg.gradient_checkpointing)
     value = None
     if mode == "ppo":
         torch.manual_seed(seed)  # a fresh head when starting from the SFT model
-        value = scorers.load_scorer(reward_model_path if cfg.value_init == "reward_model" else model_path,
+        value = heads.load_scorer(reward_model_path if cfg.value_init == "reward_model" else model_path,
                                     trust_remote_code, pad_token_id=pad_id,
                                     gradient_checkpointing=cfg.gradient_checkpointing)
     model = PolicyAndValue(policy, value) if value is not None else policy
     for module in model.modules():  # as TRL's PPO: no dropout, so old and new log-probs are the same function
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    model, optimizer = training.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
+    model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
     updates = cfg.max_steps * cfg.num_ppo_epochs * cfg.num_mini_batches
-    schedule = training.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * updates), updates)
+    schedule = loop.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * updates), updates)
     accelerator.register_for_checkpointing(schedule)
     sharded = sharding.is_sharded(model)
 
@@ -151,15 +141,14 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
     hyper = {**checkpoints.math_params(cfg.model_dump()), "mode": mode}
-    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scoring, logprobs, tokens, rl,
-                                        rewards, online, scorers, checkpoints)
+    code = checkpoints.code_fingerprint("components.ppo")
     fp = checkpoints.fingerprint(hyper, reward_ids, rm_identity, checkpoints.model_identity(model_path),
                                  str(prompt_file), max_prompt_length, seed, code, world)
     step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, cfg.max_steps, model, optimizer)
     position = int(saved.get("sampler_position", 0))
     generated_tokens = int(saved.get("generated_tokens", 0))
     kl_ctl = rl.AdaptiveKLController(float(saved.get("kl_coef", cfg.kl_coef)), cfg.target_kl, cfg.kl_horizon)
-    guard = training.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
+    guard = loop.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
     work = ckpt_dir / fp / "rollouts"
     if accelerator.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
@@ -169,9 +158,9 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
 
     params = {**cfg.model_dump(), "mode": mode, "world_size": world, "seed": seed,
               "max_prompt_length": max_prompt_length, "reward_hashes": reward_ids, "model": model_path}
-    with training.stage_tracking(accelerator, mode, params, [model_path, reward_model_path, str(prompt_file)],
+    with tracking.stage_tracking(accelerator, mode, params, [model_path, reward_model_path, str(prompt_file)],
                                  track) as mlrun:
-        bar = training.progress(cfg.max_steps, step, mode, accelerator.is_local_main_process)
+        bar = logs.progress(cfg.max_steps, step, mode, accelerator.is_local_main_process)
         t_start = time.perf_counter()
         while step < cfg.max_steps:
             timing = defaultdict(float)
@@ -196,7 +185,7 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
                 return [k * G + j for k in group_sel for j in range(G)]
 
             def policy_logps(net, group_sel, with_entropy=False, groups=groups):
-                return scoring.group_token_logps(net, [prompts[groups[k]["prompt"]].ids for k in group_sel],
+                return logprobs.group_token_logps(net, [prompts[groups[k]["prompt"]].ids for k in group_sel],
                                                  [[c["ids"] for c in groups[k]["completions"]] for k in group_sel],
                                                  pad_id, accelerator.device, cfg.temperature, with_entropy)
 
@@ -204,7 +193,7 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
             t0 = time.perf_counter()
             local: dict[int, dict] = {}
             with torch.no_grad():
-                for (k,), padding in training.even_shard([[k] for k in range(len(mbs))], rank, world):
+                for (k,), padding in loop.even_shard([[k] for k in range(len(mbs))], rank, world):
                     if padding and not sharded:
                         continue
                     sel = rows_of(mbs[k])
@@ -220,7 +209,7 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
                             old, mask, _ = policy_logps(model if sharded else inner, mbs[k])
                             values = None
                         ref = policy_logps(ref_model, mbs[k])[0] if ref_model is not None else None
-                        rm = (scorers.group_end_scores(reward_model, group_prompts, grouped, pad_id, accelerator.device)
+                        rm = (heads.group_end_scores(reward_model, group_prompts, grouped, pad_id, accelerator.device)
                               if reward_model is not None else None)
                     if padding:
                         continue
@@ -309,7 +298,7 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
                     for m, (group_sel, weight) in enumerate(mine):
                         sel = rows_of(group_sel)
                         L = max(max(len(row_completions[i]) for i in sel), 1)
-                        with training.maybe_no_sync(accelerator, model, m == len(mine) - 1):
+                        with loop.maybe_no_sync(accelerator, model, m == len(mine) - 1):
                             with accelerator.autocast():
                                 if mode == "ppo":
                                     logps, mask, entropy, vpred = model(
@@ -350,7 +339,7 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
                     keys = sorted(acc)
                     reduced = dict(zip(keys, accelerator.reduce(torch.stack([acc[k] for k in keys]), "sum").tolist(),
                                        strict=True))
-                    training.guard_finite(torch.tensor(reduced["loss/total"]), step + 1, ckpt_dir)
+                    loop.guard_finite(torch.tensor(reduced["loss/total"]), step + 1, ckpt_dir)
                     grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
                     optimizer.step()
                     schedule.step()
@@ -363,7 +352,7 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
             if cfg.adaptive_kl:
                 kl_ctl.update(mean_kl, cfg.prompts_per_step * G)
             step += 1
-            training.maybe_crash(step)
+            faults.maybe_crash(step)
             bar.update(1)
 
             round_tokens = sum(len(c) for c in row_completions)
@@ -390,7 +379,7 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
             }
             history.append(row)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                training.log_step_metrics(mlrun, row, step)
+                tracking.log_step_metrics(mlrun, row, step)
                 online.log_samples(mlrun, [{"prompt": prompts[g["prompt"]].messages[-1]["content"],
                                             "completion": c["text"], "score": c["score"], "true_reward": c["reward"],
                                             "advantage": c["advantage"]} for g, c in rows[:16]], step)
@@ -404,7 +393,7 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
 
         # ------------------------------------------------------------ outputs
         final_policy = model if not isinstance(accelerator.unwrap_model(model), PolicyAndValue) else policy_of(model)
-        training.save_model_atomic(accelerator, final_policy, tokenizer, out_dir, training.stored_dtype(model_path))
+        loop.save_model_atomic(accelerator, final_policy, tokenizer, out_dir, loading.stored_dtype(model_path))
         final = {"mode": mode, **online.final_metrics(history, cfg, generated_tokens, time.perf_counter() - t_start,
                                                       world, len(prompts), ("reward", "true_reward", "objective/scores"))}
         online.publish_rollouts(accelerator, work, rollouts_dir, {"ppo": cfg.model_dump(), "mode": mode,
@@ -413,7 +402,7 @@ def run(cfg: PPOConfig, mode: str = "ppo", *, model_path: str = "models/sft", re
         if accelerator.is_main_process:
             write_csv(plots_path, history)
             write_json(metrics_path, final)
-            training.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()
+            tracking.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()
                                               if not isinstance(v, str)}, cfg.max_steps)
     checkpoints.clear_checkpoints(accelerator, ckpt_dir)
     return final

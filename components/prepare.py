@@ -31,7 +31,7 @@ One record is bad -> it is dropped and counted under the first reason found (cor
     prompt_too_long / too_long  prompt tokens > max_prompt_length / prompt+response tokens > max_length
     prompt_mismatch             a pair whose prompt tokens differ before chosen and before rejected
 Token counts come from `core/tokens.encode_chat`, i.e. the exact template the trainers use, and the ids
-counted are the ones written: `data/prepared/tokens/` (core/tokenized.py) holds every kept SFT and preference
+counted are the ones written: `data/prepared/tokens/` (core/token_store.py) holds every kept SFT and preference
 record's token ids and the tokenizer's fingerprint, and the training stages read those, never the text.
 
 Split: a record's side is decided by its conversation opening (system turns + first user turn), hashed
@@ -52,8 +52,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components.core import tokenized
-from components.core.formats import (
+from components.core.data import token_store
+from components.core.data.formats import (
     FORMATS,
     KINDS,
     REASONS,
@@ -66,15 +66,10 @@ from components.core.formats import (
     uses_tools,
     validate,
 )
-from components.core.io import atomic_dir, write_jsonl, write_text
-from components.core.logs import stage_main
-from components.core.readers import UNDECODABLE, DataError, InvalidJSON, open_hub, open_source
-from components.core.tokens import (
-    chat_markers,
-    holds_template,
-    parse_rendered,
-    template_supports_tools,
-)
+from components.core.data.readers import UNDECODABLE, DataError, InvalidJSON, open_hub, open_source
+from components.core.data.tokens import chat_markers, holds_template, parse_rendered, template_supports_tools
+from components.core.ops.io import atomic_dir, write_jsonl, write_text
+from components.core.ops.logs import stage_main
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +199,7 @@ def _write_outputs(out_dir: Path, files: dict[str, list[dict]], token_rows: dict
     with atomic_dir(out_dir) as tmp:
         for name, records in files.items():
             _write_jsonl(tmp / name, records)
-        tokenized.write(tmp, token_rows, **tokens)
+        token_store.write(tmp, token_rows, **tokens)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
 
@@ -328,7 +323,7 @@ def run(
                 rid = record_id(content)
                 if dedupe and rid in seen:
                     raise Drop("duplicate", f"same content as an earlier record (id {rid})")
-                encoded = tokenized.encode(tokenizer, conversations(record_kind, content), content.get("tools"),
+                encoded = token_store.encode(tokenizer, conversations(record_kind, content), content.get("tools"),
                                            prompt_turns=len(content.get("prompt", [])))
                 _check_lengths(encoded, record_kind, max_length, max_prompt_length)
             except Drop as d:
@@ -338,7 +333,7 @@ def run(
             report.kept += 1
             out = {"id": rid, **content, "source": loc}
             kept.append((record_kind, out, _canonical(opening(record_kind, content)),
-                         tokenized.row(record_kind, rid, encoded, content)))
+                         token_store.row(record_kind, rid, encoded, content)))
         if report.read == 0:
             log.warning("%s: no records", label)
         if report.untemplated:
@@ -371,7 +366,7 @@ def run(
     files: dict[str, list[dict]] = {
         f"{OUTPUT_PREFIX[k]}_{s}.jsonl": [] for k in KINDS for s in ("train", "eval")
     }
-    token_rows: dict[str, list[dict]] = {name: [] for name in tokenized.SPLITS}
+    token_rows: dict[str, list[dict]] = {name: [] for name in token_store.SPLITS}
     for record_kind, out, key, token_row in kept:
         name = f"{OUTPUT_PREFIX[record_kind]}_{'eval' if key in held_out else 'train'}"
         files[f"{name}.jsonl"].append(out)
@@ -420,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     from components.core.config import load_params
-    from components.core.io import resolve_model_path
+    from components.core.ops.io import resolve_model_path
 
     params = load_params(args.params)  # a ParamsError / DataError: one line + the input-error mark, exit 2
     d = params.data

@@ -5,7 +5,7 @@
 Writes `artifacts/ref_logps/{train,eval}.pt` (per example id: summed log-probs of chosen and rejected,
 token counts, and a hash of the exact tokens scored; per-token means are sum / count) and `meta.json`.
 With `reference.pairs: planned` (default) it scores the training pairs of the dpo run's step plan (the same
-`training.preference_plan` dpo follows) and every eval pair, so a run shorter than an epoch pays only for
+`loop.preference_plan` dpo follows) and every eval pair, so a run shorter than an epoch pays only for
 what it uses; `all` scores every pair. DVC caches the artifact and the stage reads only dpo's plan params
 (max_steps, batch_size, grad_accum, epochs, seed), never beta or the loss, so a sweep over N betas (or
 losses) pays for one reference pass, not N. TRL keeps precomputed reference log-probs in memory for one run.
@@ -21,11 +21,14 @@ from pathlib import Path
 
 import torch
 
-from components.core import sharding, tokenized, training
-from components.core.io import atomic_dir, write_json
-from components.core.logs import stage_main
-from components.core.scoring import pair_logps
-from components.core.tokens import pair_length, pair_token_hash
+from components.core.data import token_store
+from components.core.data.tokens import pair_length, pair_token_hash
+from components.core.model import loading, sharding
+from components.core.model.logprobs import pair_logps
+from components.core.ops import logs
+from components.core.ops.io import atomic_dir, write_json
+from components.core.ops.logs import stage_main
+from components.core.train import loop
 
 log = logging.getLogger("alignflow.reference")
 SPLITS = ("train", "eval")
@@ -36,11 +39,11 @@ def score_pairs(model, accelerator, pairs: list[dict], batch_size: int, pad_id: 
     """Reference log-probs of all pairs, sharded over processes and gathered, in input order."""
     from accelerate.utils import gather_object
 
-    batches = training.sorted_batches([pair_length(p) for p in pairs], batch_size)
+    batches = loop.sorted_batches([pair_length(p) for p in pairs], batch_size)
     # the same number of forwards on every process (FSDP gathers weights in each one)
-    mine = training.even_shard(batches, accelerator.process_index, accelerator.num_processes)
+    mine = loop.even_shard(batches, accelerator.process_index, accelerator.num_processes)
     results: list[tuple[int, float, float, int, int]] = []
-    bar = training.progress(len(mine), 0, desc, accelerator.is_local_main_process)
+    bar = logs.progress(len(mine), 0, desc, accelerator.is_local_main_process)
     for idx, padding in mine:
         with accelerator.autocast():
             c, r, ct, rt = pair_logps(model, [pairs[i] for i in idx], pad_id, accelerator.device)
@@ -76,20 +79,20 @@ def run(
 ) -> dict:
     """plan: the dpo run's {batch_size, grad_accum, max_steps, epochs, seed}: only the training pairs it visits
     are scored (None: all of them)."""
-    accelerator = training.make_accelerator(mixed_precision)
-    tokenizer = training.load_tokenizer(model_path, trust_remote_code)
-    model = training.load_model(model_path, trust_remote_code, frozen=True, mixed_precision=mixed_precision)
+    accelerator = loop.make_accelerator(mixed_precision)
+    tokenizer = loading.load_tokenizer(model_path, trust_remote_code)
+    model = loading.load_model(model_path, trust_remote_code, frozen=True, mixed_precision=mixed_precision)
     model = sharding.prepare_frozen(accelerator, model)
 
     results, summary = {}, {}
     t0 = time.perf_counter()
     tokens = 0
     for split in SPLITS:
-        pairs = tokenized.load_pairs(Path(data_dir) / f"pref_{split}.jsonl", tokenizer, max_length, max_prompt_length)
+        pairs = token_store.load_pairs(Path(data_dir) / f"pref_{split}.jsonl", tokenizer, max_length, max_prompt_length)
         if split == "train" and plan is not None and pairs:
-            steps = training.preference_plan(pairs, world=accelerator.num_processes, **plan)
+            steps = loop.preference_plan(pairs, world=accelerator.num_processes, **plan)
             summary["train/pairs_in_data"] = len(pairs)
-            pairs = [pairs[i] for i in training.planned_indices(steps)]
+            pairs = [pairs[i] for i in loop.planned_indices(steps)]
         results[split] = score_pairs(model, accelerator, pairs, batch_size, tokenizer.pad_token_id, f"reference {split}")
         n = len(pairs)
         tokens += sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)

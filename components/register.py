@@ -10,7 +10,7 @@ with its lineage (git commit and dirty flag, DVC hashes of the prepared data, SF
 log-probs and DPO model, params hash, Prefect flow run, eval metrics), registers a new version of
 `register.model_name` carrying the same tags, and points the `challenger` alias at it (the last registry
 write: a failure before it leaves the aliases where they were). Promotion, rollback and status are
-`alignflow promote | rollback | status` (components/cli.py over components/core/registry.py).
+`alignflow promote | rollback | status` (components/cli.py over components/core/release/registry.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from components.core.logs import stage_main
-from components.core.registry import (
+from components.core.ops.logs import stage_main
+from components.core.release.registry import (
     CHALLENGER,
     RegistryError,
     now,
@@ -153,9 +153,9 @@ def register(
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from components.core import tracking
-    from components.core.checkpoints import model_identity
-    from components.core.io import write_json
+    from components.core.ops import tracking
+    from components.core.ops.io import write_json
+    from components.core.train.checkpoints import model_identity
 
     metrics = read_eval_metrics(metrics_path, candidate)
     inputs = CANDIDATE_INPUTS[candidate]

@@ -18,19 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from components.core import checkpoints, placeholders, scorers, sharding, tokenized, tokens, training
 from components.core.config import RewardModelConfig
-from components.core.generation import generation_eos
-from components.core.io import write_csv, write_json
-from components.core.logs import stage_main
-from components.core.tokens import pair_length
+from components.core.data import token_store
+from components.core.data.tokens import pair_length
+from components.core.model import heads, loading, sharding
+from components.core.model.generation import generation_eos
+from components.core.ops import faults, logs, placeholders, tracking
+from components.core.ops.io import write_csv, write_json
+from components.core.ops.logs import stage_main
+from components.core.train import checkpoints, loop
 
 log = logging.getLogger("alignflow.reward_model")
 
@@ -56,10 +58,10 @@ def margins_of(pairs: list[dict], device) -> torch.Tensor | None:
 def score_pairs(model, accelerator, pairs: list[dict], batch_size: int, pad_id: int) -> tuple[list[float], list[float]]:
     """Rewards of every pair (all processes, every process gets all; padding batches dropped), in pair order."""
     model.eval()
-    batches = training.sorted_batches([pair_length(p) for p in pairs], batch_size)
+    batches = loop.sorted_batches([pair_length(p) for p in pairs], batch_size)
     local: dict[int, list[float]] = {}
-    for idx, padding in training.even_shard(batches, accelerator.process_index, accelerator.num_processes):
-        rc, rr = scorers.pair_end_scores(model, [pairs[i] for i in idx], pad_id, accelerator.device)
+    for idx, padding in loop.even_shard(batches, accelerator.process_index, accelerator.num_processes):
+        rc, rr = heads.pair_end_scores(model, [pairs[i] for i in idx], pad_id, accelerator.device)
         if not padding:
             local.update({i: [c, r] for i, c, r in zip(idx, rc.tolist(), rr.tolist(), strict=True)})
     model.train()
@@ -75,7 +77,7 @@ def score_pairs(model, accelerator, pairs: list[dict], batch_size: int, pad_id: 
 
 def heldout_metrics(chosen: list[float], rejected: list[float], bins: int) -> tuple[dict, dict]:
     diff = torch.tensor(chosen) - torch.tensor(rejected)
-    calib = scorers.reliability(chosen, rejected, bins)
+    calib = heads.reliability(chosen, rejected, bins)
     metrics = {"eval/accuracy": (diff > 0).float().mean().item(), "eval/margin": diff.mean().item(),
                "eval/reward_chosen": float(torch.tensor(chosen).mean()),
                "eval/reward_rejected": float(torch.tensor(rejected).mean()), "eval/ece": calib["ece"]}
@@ -91,15 +93,15 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
              "mixed_precision": mixed_precision, "seed": seed, "trust_remote_code": trust_remote_code}
     if cfg.lora.enabled:
         raise ValueError("reward_model.lora: not supported (the score head is trained whole); set enabled: false")
-    accelerator = training.make_accelerator(mixed_precision)
+    accelerator = loop.make_accelerator(mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
 
     # ---------------------------------------------------------------- data
-    tokenizer = training.load_tokenizer(model_path, trust_remote_code)
+    tokenizer = loading.load_tokenizer(model_path, trust_remote_code)
     eos = set(generation_eos(model_path, tokenizer))
     splits = {}
     for split in ("train", "eval"):
-        pairs = tokenized.load_pairs(Path(data_dir) / f"pref_{split}.jsonl", tokenizer, max_length, max_prompt_length)
+        pairs = token_store.load_pairs(Path(data_dir) / f"pref_{split}.jsonl", tokenizer, max_length, max_prompt_length)
         splits[split] = [end_at_turn(p, eos) for p in pairs]
         if not cfg.use_margin:
             for pair in splits[split]:
@@ -107,30 +109,30 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
     train, evals = splits["train"], splits["eval"]
     if not train:
         raise ValueError(f"{data_dir}/pref_train.jsonl: no preference pairs")
-    plan = training.preference_plan(train, cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.epochs, seed, world)
+    plan = loop.preference_plan(train, cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.epochs, seed, world)
     total_steps = len(plan)
 
     # ---------------------------------------------------------------- model (SFT + a new head), optimizer
     torch.manual_seed(seed if cfg.init_seed is None else cfg.init_seed)  # the head's init
     pad_id = tokenizer.pad_token_id
-    model = scorers.load_scorer(model_path, trust_remote_code, pad_token_id=pad_id,
+    model = heads.load_scorer(model_path, trust_remote_code, pad_token_id=pad_id,
                                 gradient_checkpointing=cfg.gradient_checkpointing)
     torch.manual_seed(seed)
-    model, optimizer = training.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
-    schedule = training.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
+    model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
+    schedule = loop.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(schedule)
 
     ckpt_dir = Path(checkpoint_dir)
-    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scorers, tokens, tokenized, checkpoints)
+    code = checkpoints.code_fingerprint("components.reward_model")
     fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path),
-                                 str(tokenized.tokens_path(Path(data_dir) / "pref_train.jsonl")), code, world)
+                                 str(token_store.tokens_path(Path(data_dir) / "pref_train.jsonl")), code, world)
     start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
-    guard = training.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
+    guard = loop.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
 
     tracking_params = {**hyper, "world_size": world, "model": model_path}
     scored: tuple[list[float], list[float]] = ([], [])
-    with training.stage_tracking(accelerator, "reward_model", tracking_params, [model_path, data_dir], track) as mlrun:
-        bar = training.progress(total_steps, start_step, "reward_model", accelerator.is_local_main_process)
+    with tracking.stage_tracking(accelerator, "reward_model", tracking_params, [model_path, data_dir], track) as mlrun:
+        bar = logs.progress(total_steps, start_step, "reward_model", accelerator.is_local_main_process)
         model.train()
         window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
         window_pairs, t0 = 0, time.perf_counter()
@@ -139,11 +141,11 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
             step_pairs = sum(len(mb) for mb in micro_batches)
             step_loss = torch.zeros((), device=accelerator.device)
             for k, mb in enumerate(micro_batches):
-                mine = [train[i] for i in training.shard(mb, rank, world)]
-                with training.maybe_no_sync(accelerator, model, k == len(micro_batches) - 1):
+                mine = [train[i] for i in loop.shard(mb, rank, world)]
+                with loop.maybe_no_sync(accelerator, model, k == len(micro_batches) - 1):
                     with accelerator.autocast():
-                        rc, rr = scorers.pair_end_scores(model, mine, pad_id, accelerator.device)
-                    per_pair = scorers.bradley_terry_losses(rc, rr, margins_of(mine, rc.device),
+                        rc, rr = heads.pair_end_scores(model, mine, pad_id, accelerator.device)
+                    per_pair = heads.bradley_terry_losses(rc, rr, margins_of(mine, rc.device),
                                                             cfg.center_rewards_coefficient)
                     accelerator.backward(per_pair.sum() * world / step_pairs)  # global mean; * world undoes DDP
                 step_loss += per_pair.detach().sum()
@@ -153,13 +155,13 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
                 window["mean_reward"] += ((rc + rr) / 2).sum().detach()
                 window_pairs += len(mine)
             loss_value = accelerator.reduce(step_loss, reduction="sum") / step_pairs
-            training.guard_finite(loss_value, step + 1, ckpt_dir)
+            loop.guard_finite(loss_value, step + 1, ckpt_dir)
             grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
             guard.check(step + 1, loss_value.item(), grad_norm)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            training.maybe_crash(step + 1)
+            faults.maybe_crash(step + 1)
             bar.update(1)
 
             done, row = step + 1, None
@@ -179,7 +181,7 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
                 row.update(heldout_metrics(*scored, cfg.calibration_bins)[0])
             if row:
                 history.append(row)
-                training.log_step_metrics(mlrun, row, done)
+                tracking.log_step_metrics(mlrun, row, done)
             if done % cfg.save_every == 0 and done < total_steps:
                 checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history,
                                                                            "guard": guard.state()},
@@ -192,7 +194,7 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
         if evals and start_step == total_steps:
             scored = score_pairs(model, accelerator, evals, cfg.batch_size, pad_id)
         chosen, rejected = scored if evals else ([], [])
-        training.save_model_atomic(accelerator, model, tokenizer, out_dir, training.stored_dtype(model_path))
+        loop.save_model_atomic(accelerator, model, tokenizer, out_dir, loading.stored_dtype(model_path))
         last_train = next(r for r in reversed(history) if "loss" in r)
         final = {k: v for k, v in last_train.items() if k not in ("step", "learning_rate", "grad_norm")}
         calibration = {"bins": [], "ece": float("nan")}
@@ -206,7 +208,7 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
             Path(calibration_path).parent.mkdir(parents=True, exist_ok=True)
             write_json(calibration_path, {**calibration, "accuracy": final.get("eval/accuracy"),
                                           "pairs": len(evals), "eval_chosen": chosen, "eval_rejected": rejected})
-            training.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, total_steps)
+            tracking.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, total_steps)
     checkpoints.clear_checkpoints(accelerator, ckpt_dir)
     return final
 

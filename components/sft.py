@@ -2,9 +2,9 @@
 
     accelerate launch --config_file configs/accelerate/cpu.yaml -m components.sft --params params.yaml
 
-Loss on assistant tokens only (the ids and assistant masks prepare wrote, core/tokenized.py), token-mean over the whole optimizer
+Loss on assistant tokens only (the ids and assistant masks prepare wrote, core/token_store.py), token-mean over the whole optimizer
 step, so 1 process x 32 and 2 processes x 16 follow the same loss trajectory. The run is a fixed plan
-of steps (core/training.plan_steps): a re-run after a crash loads the newest checkpoint with the same
+of steps (core/loop.plan_steps): a re-run after a crash loads the newest checkpoint with the same
 fingerprint and replays exactly the remaining steps, ending with the same weights as an uninterrupted
 run. Writes models/sft/, metrics/sft.json, plots/sft.csv and one MLflow run.
 """
@@ -14,18 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from components.core import checkpoints, logprobs, packing, scoring, sharding, tokenized, tokens, training
 from components.core.config import SFTConfig, params_hash
-from components.core.io import write_csv, write_json
-from components.core.logs import stage_main
-from components.core.scoring import batch_nll
-from components.core.tokens import IGNORE_INDEX, collate_sequences
+from components.core.data import packing, token_store
+from components.core.data.tokens import IGNORE_INDEX, collate_sequences
+from components.core.model import loading, logprobs, sharding
+from components.core.model.logprobs import batch_nll
+from components.core.ops import faults, logs, tracking
+from components.core.ops.io import write_csv, write_json
+from components.core.ops.logs import stage_main
+from components.core.train import checkpoints, loop
 
 log = logging.getLogger("alignflow.sft")
 
@@ -34,10 +36,10 @@ log = logging.getLogger("alignflow.sft")
 def evaluate_loss(model, accelerator, examples, batch_size: int, pad_id: int) -> float:
     """Token-mean NLL over the eval set, sharded over processes."""
     model.eval()
-    batches = training.sorted_batches([len(x[0]) for x in examples], batch_size)
+    batches = loop.sorted_batches([len(x[0]) for x in examples], batch_size)
     total = torch.zeros(2, device=accelerator.device)
     # the same number of forwards on every process (FSDP gathers weights in each one); padding counts 0
-    for idx, padding in training.even_shard(batches, accelerator.process_index, accelerator.num_processes):
+    for idx, padding in loop.even_shard(batches, accelerator.process_index, accelerator.num_processes):
         nll, n = batch_nll(model, collate_sequences([examples[i] for i in idx], pad_id).to(accelerator.device))
         if not padding:
             total += torch.stack([nll.float(), n.float()])
@@ -67,53 +69,52 @@ def run(
     hyper = {**cfg.model_dump(), "max_length": max_length, "mixed_precision": mixed_precision, "seed": seed,
              "trust_remote_code": trust_remote_code}
     lora = cfg.lora.model_dump()
-    accelerator = training.make_accelerator(mixed_precision)
+    accelerator = loop.make_accelerator(mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.manual_seed(seed)
 
     # ---------------------------------------------------------------- data
-    tokenizer = training.load_tokenizer(model_path, trust_remote_code)
-    train = tokenized.load_sft(train_path, tokenizer, max_length)
-    evals = tokenized.load_sft(eval_path, tokenizer, max_length) if Path(eval_path).exists() else []
+    tokenizer = loading.load_tokenizer(model_path, trust_remote_code)
+    train = token_store.load_sft(train_path, tokenizer, max_length)
+    evals = token_store.load_sft(eval_path, tokenizer, max_length) if Path(eval_path).exists() else []
     if not train:
         raise ValueError(f"{train_path}: no SFT training records")
     # cfg.batch_size is per device: the global micro-batch is split over processes
-    plan = training.plan_steps([len(x[0]) for x in train], cfg.batch_size * world, cfg.grad_accum, cfg.max_steps,
+    plan = loop.plan_steps([len(x[0]) for x in train], cfg.batch_size * world, cfg.grad_accum, cfg.max_steps,
                                cfg.epochs, seed, world)
     total_steps = len(plan)
     label_counts = [sum(t != IGNORE_INDEX for t in labels[1:]) for _, labels in train]  # trained tokens, once
 
     # ---------------------------------------------------------------- model, optimizer, schedule
-    model = training.load_model(model_path, trust_remote_code, lora, mixed_precision=mixed_precision,
+    model = loading.load_model(model_path, trust_remote_code, lora, mixed_precision=mixed_precision,
                                 gradient_checkpointing=cfg.gradient_checkpointing)
     pack = cfg.packing
     probe = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft (LoRA) passes masks on
-    if pack and not scoring.shared_prompt_supported(probe):  # packing needs a custom 4D mask, as shared prompts
+    if pack and not logprobs.shared_prompt_supported(probe):  # packing needs a custom 4D mask, as shared prompts
         log.warning("sft.packing: this model's attention cannot take a custom 4D mask (sliding windows, or not "
                     "sdpa/eager); training one row per example")
         pack = False
-    model, optimizer = training.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
-    lr_schedule = training.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
+    model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
+    lr_schedule = loop.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(lr_schedule)  # not prepared: it would step once per process
 
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
-    code = checkpoints.code_fingerprint(sys.modules[__name__], training, sharding, scoring, logprobs, tokens, tokenized,
-                                        packing, checkpoints)
+    code = checkpoints.code_fingerprint("components.sft")
     fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path),
-                                 str(tokenized.tokens_path(train_path)), world, code)
+                                 str(token_store.tokens_path(train_path)), world, code)
     start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
-    guard = training.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
+    guard = loop.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
 
     # ---------------------------------------------------------------- train
     pad_id = tokenizer.pad_token_id
     tracking_params = {**{k: v for k, v in hyper.items() if not k.endswith(("_path", "_dir"))}, "world_size": world}
     inputs = [model_path, str(Path(train_path).parent)]
-    with training.stage_tracking(accelerator, "sft", tracking_params, inputs, track) as mlrun:
+    with tracking.stage_tracking(accelerator, "sft", tracking_params, inputs, track) as mlrun:
         if evals and start_step == 0:  # the curve starts from the base model
             history.append({"step": 0, "eval/loss": evaluate_loss(model, accelerator, evals, cfg.batch_size, pad_id)})
-            training.log_step_metrics(mlrun, history[-1], 0)
-        bar = training.progress(total_steps, start_step, "sft", accelerator.is_local_main_process)
+            tracking.log_step_metrics(mlrun, history[-1], 0)
+        bar = logs.progress(total_steps, start_step, "sft", accelerator.is_local_main_process)
         model.train()
         tokens_seen, t0 = 0, time.perf_counter()
         window = torch.zeros(2, device=accelerator.device)  # (nll sum, tokens) since the last log row
@@ -123,11 +124,11 @@ def run(
             step_tokens = sum(label_counts[i] for mb in micro_batches for i in mb)
             step_loss = torch.zeros(2, device=accelerator.device)
             for k, mb in enumerate(micro_batches):
-                mine = [train[i] for i in training.shard(mb, rank, world)]
+                mine = [train[i] for i in loop.shard(mb, rank, world)]
                 batch = packing.collate_packed(mine, pad_id, max_length) if pack else collate_sequences(mine, pad_id)
                 batch = batch.to(accelerator.device)
                 sync = k == len(micro_batches) - 1
-                with training.maybe_no_sync(accelerator, model, sync):
+                with loop.maybe_no_sync(accelerator, model, sync):
                     nll, n = batch_nll(model, batch)
                     # DDP averages gradients over processes, hence * world: the step's gradient is
                     # that of (sum of all token NLLs in the global step) / step_tokens.
@@ -136,13 +137,13 @@ def run(
                 tokens_seen += batch.num_tokens
             step_loss = accelerator.reduce(step_loss, reduction="sum")
             loss = step_loss[0] / step_loss[1]
-            training.guard_finite(loss, step + 1, ckpt_dir)
+            loop.guard_finite(loss, step + 1, ckpt_dir)
             grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
             guard.check(step + 1, loss.item(), grad_norm)
             optimizer.step()
             lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            training.maybe_crash(step + 1)
+            faults.maybe_crash(step + 1)
             window += step_loss
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)  # redraw at the bar's own pace
@@ -164,7 +165,7 @@ def run(
                 row["eval/loss"] = evaluate_loss(model, accelerator, evals, cfg.batch_size, pad_id)
             if row:
                 history.append(row)
-                training.log_step_metrics(mlrun, row, done)
+                tracking.log_step_metrics(mlrun, row, done)
             if done % cfg.save_every == 0 and done < total_steps:
                 checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history,
                                                                                 "guard": guard.state()},
@@ -172,7 +173,7 @@ def run(
         bar.close()
 
         # ------------------------------------------------------------ outputs
-        training.save_model_atomic(accelerator, model, tokenizer, out_dir, training.stored_dtype(model_path))
+        loop.save_model_atomic(accelerator, model, tokenizer, out_dir, loading.stored_dtype(model_path))
         final = {
             "train/loss": next(r["train/loss"] for r in reversed(history) if "train/loss" in r),
             "steps": total_steps,
@@ -188,7 +189,7 @@ def run(
         if accelerator.is_main_process:
             write_csv(plots_path, history)
             write_json(metrics_path, final)
-            training.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, total_steps)
+            tracking.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, total_steps)
     checkpoints.clear_checkpoints(accelerator, ckpt_dir)
     return final
 
@@ -196,7 +197,7 @@ def run(
 @stage_main("sft")
 def main(argv: list[str] | None = None) -> None:
     from components.core.config import load_params
-    from components.core.io import resolve_model_path
+    from components.core.ops.io import resolve_model_path
 
     parser = argparse.ArgumentParser(description="SFT stage")
     parser.add_argument("--params", default="params.yaml")

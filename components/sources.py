@@ -15,9 +15,9 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from components.core.io import write_json
-from components.core.logs import stage_main
-from components.core.readers import EXTENSIONS
+from components.core.data.readers import EXTENSIONS
+from components.core.ops.io import write_json
+from components.core.ops.logs import stage_main
 
 
 def data_files(path: Path) -> list[Path]:

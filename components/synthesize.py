@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from components.core.io import write_jsonl
-from components.core.logs import stage_main
+from components.core.ops.io import write_jsonl
+from components.core.ops.logs import stage_main
 from components.core.sorting import generate, reward
 
 

@@ -12,7 +12,7 @@ are read from dvc.yaml at run time; nothing here knows what a stage does (no ML 
 
 flows/ is three small files: this one (the flow and its tasks), supervisor.py (process groups, timeouts,
 log streaming) and pools.py (work pools and concurrency limits). The flow's MLflow parent run is opened and
-closed through components/core/tracking.py; stage subprocesses see ALIGNFLOW_PARENT_RUN_ID /
+closed through components/core/ops/tracking.py; stage subprocesses see ALIGNFLOW_PARENT_RUN_ID /
 ALIGNFLOW_FLOW_RUN_ID, so their runs nest under it, and afterwards the two are cross-linked (parent tag
 `stage_run/<stage>`, child tag `parent_flow_run`).
 """
@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
 from prefect.runtime import task_run as current_task_run
 
-from components.core import tracking
+from components.core.ops import tracking
 from flows.pools import DVC_TAG, GPU_TAG, setup_work_pools
 from flows.supervisor import StageTimeout, run_command
 
@@ -57,7 +57,7 @@ DEFAULT_TIMEOUTS_S: dict[str, float] = {
 }
 FALLBACK_TIMEOUT_S = 2 * 3600.0
 
-TRAINING_LAUNCHERS = ("components.core.launch", "accelerate launch", "torchrun", "deepspeed")
+TRAINING_LAUNCHERS = ("components.core.ops.launch", "accelerate launch", "torchrun", "deepspeed")
 
 # `python -m flows.pipeline run` imports MLflow and opens its store in this thread while Prefect starts its
 # server; the flow waits for it before it writes (one writer at a time), so the work is overlapped, not raced
@@ -156,7 +156,7 @@ def _limited_tags(tags: set[str]) -> set[str]:
 def retry_unless_input_error(task, task_run, state) -> bool:
     """Retry a failed stage unless it failed on its inputs (bad params or data, a diverging run): the
     stage printed INPUT_ERROR_MARK, and a retry would fail the same way."""
-    from components.core.logs import INPUT_ERROR_MARK
+    from components.core.ops.logs import INPUT_ERROR_MARK
 
     return INPUT_ERROR_MARK not in f"{state.message or ''} {state.data!r}"
 

@@ -1,5 +1,5 @@
-"""Rewrite each dvc.yaml stage's code deps as the import closure of its module, which is what
-tests/unit/test_layout.py checks. Run from the repo root after changing imports:
+"""Rewrite each dvc.yaml stage's code deps as the import closure of its module
+(components/core/ops/code_identity.py, which tests/unit/test_layout.py checks). Run after changing imports:
 
     .venv/bin/python scripts/stage_deps.py
 """
@@ -11,15 +11,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "unit"))
+sys.path.insert(0, str(ROOT))
 
-from test_layout import import_graph, project_modules, stage_code  # noqa: E402
+from components.core.ops.code_identity import stage_files  # noqa: E402
 
 
 def main() -> None:
     import yaml
 
-    graph, modules = import_graph(), project_modules()
     cmds = {name: s["cmd"] for name, s in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()}
     lines = (ROOT / "dvc.yaml").read_text().splitlines()
     out: list[str] = []
@@ -39,8 +38,7 @@ def main() -> None:
                     others.append(lines[i])
                 i += 1
             own = f"components/{stage}.py"
-            names = stage_code(f"components.{stage}", cmds.get(stage, ""), graph)
-            files = sorted(str(modules[name].relative_to(ROOT)) for name in names)
+            files = stage_files(f"components.{stage}", cmds.get(stage, ""))
             files.remove(own)
             out += [f"      - {own}", *(f"      - {f}" for f in files), *others]
             continue

@@ -14,7 +14,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from components.core.tokens import CHATML_TEMPLATE
+    from components.core.data.tokens import CHATML_TEMPLATE
 
     corpus = [
         "What is the capital of France? Paris is the capital of France.",

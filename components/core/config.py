@@ -135,7 +135,7 @@ class TrainLoopConfig(Strict):
 
 class SFTConfig(TrainLoopConfig):
     # several examples per row up to data.max_length, each with its own positions and a block-diagonal mask
-    # (padding-free, core/packing.py); the loss is the same token mean as without it
+    # (padding-free, core/data/packing.py); the loss is the same token mean as without it
     packing: bool = False
 
 
@@ -146,7 +146,7 @@ class ReferenceConfig(Strict):
     pairs: Literal["planned", "all"] = "planned"
 
 
-# The preference losses `dpo.loss` accepts; core/losses.py implements each (and imports this list).
+# The preference losses `dpo.loss` accepts; core/algos/losses.py implements each (and imports this list).
 LOSSES = ("sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "kto")
 LossName = Literal[LOSSES]
 
@@ -174,7 +174,7 @@ class DPOConfig(TrainLoopConfig):
 
 
 class RewardSpec(Strict):
-    name: str = Field(min_length=1)  # components/core/rewards.py REWARD_FUNCTIONS, or "package.module:function"
+    name: str = Field(min_length=1)  # components/core/algos/reward_functions.py REWARD_FUNCTIONS, or "package.module:function"
     weight: float = 1.0
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from components import bootstrap
-from components.core.io import SOURCE_FILE, resolve_model_path
-from components.core.tokens import CHATML_TEMPLATE, encode_chat, render
+from components.core.data.tokens import CHATML_TEMPLATE, encode_chat, render
+from components.core.ops.io import SOURCE_FILE, resolve_model_path
 
 CONVERSATION = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "hello"}]
 
@@ -115,8 +115,8 @@ def force_im_end(model, im_end: int) -> None:
 def test_generation_stops_at_turn_end(chat_ready):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from components.core.generation import eos_ids, generate_tokens
-    from components.core.tokens import prompt_ids_for_generation
+    from components.core.data.tokens import prompt_ids_for_generation
+    from components.core.model.generation import eos_ids, generate_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(chat_ready[1])
     model = AutoModelForCausalLM.from_pretrained(chat_ready[1], dtype=torch.float32).eval()

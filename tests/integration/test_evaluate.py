@@ -14,10 +14,10 @@ import torch
 from components import evaluate
 from components.bootstrap import build_model, build_tokenizer
 from components.core import sorting as synthetic
-from components.core import tokenized
-from components.core.generation import load_causal_lm
-from components.core.scoring import pair_logps
-from components.core.tokens import pair_token_hash, tokenize_pair
+from components.core.data import token_store
+from components.core.data.tokens import pair_token_hash, tokenize_pair
+from components.core.model.generation import load_causal_lm
+from components.core.model.logprobs import pair_logps
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,7 @@ def workspace(tmp_path_factory) -> dict:
     (data / "pref_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pref_records))
     (data / "sft_eval.jsonl").write_text("".join(json.dumps({"id": f"s{i}", **r}) + "\n"
                                                   for i, r in enumerate(sft_records)))
-    tokenized.write_for(data, tokenizer)  # the token ids prepare writes beside the records
+    token_store.write_for(data, tokenizer)  # the token ids prepare writes beside the records
 
     reference = load_causal_lm(str(root / "sft"))[0]  # the SFT model is the reference
     (root / "ref").mkdir()

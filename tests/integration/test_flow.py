@@ -183,7 +183,7 @@ def repro_run(tiny_repo):
 def test_a_stage_that_failed_on_its_inputs_is_not_retried():
     from prefect.states import Failed
 
-    from components.core.logs import INPUT_ERROR_MARK
+    from components.core.ops.logs import INPUT_ERROR_MARK
     from flows.pipeline import StageFailed, retry_unless_input_error
 
     deterministic = StageFailed(f"stage 'prepare' failed with exit code 1; last lines:\nprepare: error: x.jsonl:3: "

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from components import cli, register
-from components.core.gate import gate_decision
+from components.core.release.gate import gate_decision
 
 NAME = "tiny-aligned"
 GATE = {"primary_metric": "eval/reward_mean", "min_delta": 0.0, "confidence": 0.95, "max_kl": 50.0,
@@ -139,7 +139,7 @@ def stage_candidate(model_dir: Path, reward_mean: float, kl: float = 3.0) -> Non
     Path("metrics/eval.json").write_text(json.dumps(metrics))
     Path("reports/eval").mkdir(parents=True, exist_ok=True)
     Path("reports/eval/index.html").write_text("<html>report</html>")
-    from components.core.checkpoints import model_identity  # as evaluate records which model it scored
+    from components.core.train.checkpoints import model_identity
 
     Path("reports/eval/evaluated_models.json").write_text(json.dumps({"dpo": model_identity("models/dpo")}))
 
@@ -186,7 +186,7 @@ def version_tags(version: str) -> dict[str, str]:
 
 @pytest.mark.integration
 def test_register_promote_rollback(workspace, tiny_models, monkeypatch, capsys):
-    from components.core import generation
+    from components.core.eval import judges
 
     # -- first registration: challenger, lineage on the version; promotion: no champion -> champion
     stage_candidate(tiny_models["a"], reward_mean=0.40)
@@ -228,7 +228,7 @@ def test_register_promote_rollback(workspace, tiny_models, monkeypatch, capsys):
     def no_scoring(*args, **kwargs):
         raise AssertionError("score_prompts called although scores are cached")
 
-    monkeypatch.setattr(generation, "score_prompts", no_scoring)
+    monkeypatch.setattr(judges, "score_prompts", no_scoring)
     assert cli.main(["promote", "--dry-run"]) == 0  # dry run: 0 whatever the decision
     assert version_tags("2") == tags
 
@@ -237,7 +237,7 @@ def test_register_promote_rollback(workspace, tiny_models, monkeypatch, capsys):
         base = 0.7 if "/v2/" in model_dir else 0.3
         return ["x"] * len(prompts), [base + 0.01 * (i % 3) for i in range(len(prompts))]
 
-    monkeypatch.setattr(generation, "score_prompts", fake_scores)
+    monkeypatch.setattr(judges, "score_prompts", fake_scores)
     write_params(gate={"min_delta": 0.1}, max_new_tokens=5)
     capsys.readouterr()
     assert cli.main(["promote", "--dry-run"]) == 0
@@ -322,7 +322,7 @@ def test_register_stage_cli_and_the_alignflow_cli(capsys):
 SLOW_PROMOTE = '''
 import os, sys, time
 from pathlib import Path
-from components.core import generation
+from components.core.eval import judges
 
 def scores(model_dir, prompts, judge, **kwargs):
     # a barrier: announce that this promotion has read the champion and is scoring, then wait for "go"
@@ -334,7 +334,7 @@ def scores(model_dir, prompts, judge, **kwargs):
     base = {"/v2/": 0.8, "/v3/": 0.7}.get(next((k for k in ("/v2/", "/v3/") if k in model_dir), ""), 0.3)
     return ["x"] * len(prompts), [base + 0.01 * (i % 3) for i in range(len(prompts))]
 
-generation.score_prompts = scores
+judges.score_prompts = scores
 from components import cli
 sys.exit(cli.main(sys.argv[1:]))
 '''
@@ -392,11 +392,11 @@ def test_two_promotions_at_once_cannot_both_win(workspace, tiny_models, tmp_path
 
 @pytest.mark.integration
 def test_a_rollback_during_a_promotion_is_not_undone(workspace, tiny_models, tmp_path, monkeypatch):
-    from components.core import generation
+    from components.core.eval import judges
 
     three_versions(tiny_models)
     with monkeypatch.context() as m:
-        m.setattr(generation, "score_prompts", lambda model_dir, prompts, judge, **kw: (
+        m.setattr(judges, "score_prompts", lambda model_dir, prompts, judge, **kw: (
             ["x"] * len(prompts), [(0.8 if "/v2/" in model_dir else 0.3) + 0.01 * (i % 3) for i in range(len(prompts))]))
         assert cli.main(["promote", "--version", "2"]) == 0  # v2 champion, previous v1
     assert aliases()["champion"] == "2"
@@ -441,7 +441,8 @@ def test_runs_of_killed_processes_are_closed_and_promote_leftovers_swept(workspa
 
     import mlflow
 
-    from components.core import registry, tracking
+    from components.core.ops import tracking
+    from components.core.release import registry
 
     uri = os.environ["MLFLOW_TRACKING_URI"]
     experiment = tracking.ensure_experiment(uri)
@@ -463,11 +464,11 @@ def test_runs_of_killed_processes_are_closed_and_promote_leftovers_swept(workspa
 
 @pytest.mark.integration
 def test_a_rejected_version_keeps_no_stale_previous_champion(workspace, tiny_models, monkeypatch):
-    from components.core import generation
+    from components.core.eval import judges
 
     three_versions(tiny_models)
     scores = {"/v2/": 0.8, "/v3/": 0.2}
-    monkeypatch.setattr(generation, "score_prompts", lambda model_dir, prompts, judge, **kw: (
+    monkeypatch.setattr(judges, "score_prompts", lambda model_dir, prompts, judge, **kw: (
         ["x"] * len(prompts),
         [next((s for k, s in scores.items() if k in model_dir), 0.5) + 0.01 * (i % 3) for i in range(len(prompts))]))
     assert cli.main(["promote", "--version", "2"]) == 0 and version_tags("2")["promotion/previous_champion"] == "1"

@@ -73,7 +73,7 @@ def test_reward_model_is_a_hub_reward_model_and_resumes_bit_for_bit(with_reward_
     calib = json.loads((whole / "plots/reward_model_calibration.json").read_text())
     assert sum(b["count"] for b in calib["bins"]) == 2 * metrics["eval/pairs"]  # each pair both ways
     # the stored held-out scores are the model's own: the judge path reproduces one
-    from components.core.rewards import load_judge
+    from components.core.eval.judges import load_judge
 
     judge = load_judge("reward_model", str(whole / "models/reward_model"))
     assert isinstance(judge([{"role": "user", "content": "Sort: 3 1 2"}], "1 2 3"), float)

@@ -124,7 +124,7 @@ def test_sft_two_processes_follow_one_process_loss(tiny_data, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_data, tmp_path, monkeypatch):
     from components import sft
-    from components.core import training
+    from components.core.train import loop
 
     root = workdir(tiny_data, tmp_path / "nan")
     monkeypatch.chdir(root)
@@ -139,7 +139,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_data, tmp_path, mo
         return (nll * float("nan"), n) if calls["n"] == 5 else (nll, n)
 
     monkeypatch.setattr(sft, "batch_nll", poisoned)
-    with pytest.raises(training.NonFiniteLossError, match="step 5"):
+    with pytest.raises(loop.NonFiniteLossError, match="step 5"):
         sft.run(SFTConfig(max_steps=10, batch_size=8, eval_every=100, save_every=3, learning_rate=3e-3),
                 model_path="models/base", train_path="data/prepared/sft_train.jsonl", eval_path="data/prepared/sft_eval.jsonl", track=False)
     assert list((root / "checkpoints/sft").glob("*/step_0000003/alignflow_state.json"))
@@ -245,11 +245,11 @@ def test_corrupt_checkpoints_are_skipped_for_the_next_older_one(tiny_data, tmp_p
 
 def test_divergence_without_nan_stops_before_the_update(tiny_data, tmp_path, monkeypatch):
     from components import sft
-    from components.core import training
+    from components.core.train import loop
 
     root = workdir(tiny_data, tmp_path / "diverge")
     monkeypatch.chdir(root)
-    with pytest.raises(training.DivergenceError, match=r"training diverged at step \d+: (loss|gradient norm)"):
+    with pytest.raises(loop.DivergenceError, match=r"training diverged at step \d+: (loss|gradient norm)"):
         sft.run(SFTConfig(max_steps=10, batch_size=8, eval_every=100, save_every=100, learning_rate=1000.0),
                 model_path="models/base", train_path="data/prepared/sft_train.jsonl", eval_path="data/prepared/sft_eval.jsonl", track=False)
     assert not (root / "models/sft").exists()

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from components.core import generation, stats
-from components.core.rewards import JudgeError, load_judge
-from components.core.stats import bootstrap_ci, win_values
+from components.core.algos import stats
+from components.core.algos.stats import bootstrap_ci, win_values
+from components.core.eval import judges
+from components.core.eval.judges import JudgeError, load_judge
+from components.core.model import generation
 
 # ----------------------------------------------------------------------------- bootstrap_ci
 
@@ -100,8 +102,8 @@ def test_eval_prompts_dedupes_orders_by_id_and_cuts(tmp_path):
     records = [rec("c", "three"), rec("a", "one"), rec("d", "one"), rec("b", "two")]
     path = tmp_path / "pref_eval.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert [i for i, _ in generation.eval_prompts(str(path), 0)] == ["a", "b", "c"]
-    assert generation.eval_prompts(str(path), 2) == [("a", records[1]["prompt"]), ("b", records[3]["prompt"])]
+    assert [i for i, _ in judges.eval_prompts(str(path), 0)] == ["a", "b", "c"]
+    assert judges.eval_prompts(str(path), 2) == [("a", records[1]["prompt"]), ("b", records[3]["prompt"])]
 
 
 # ----------------------------------------------------------------------------- judges

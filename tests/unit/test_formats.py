@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from test_prepare import assistant, by_line, fixture, prepare, records, system, user
 
-from components.core.readers import DataError
-from components.core.tokens import encode_chat
+from components.core.data.readers import DataError
+from components.core.data.tokens import encode_chat
 
 
 def drops(out: Path) -> dict[int, str]:
@@ -269,7 +269,7 @@ def test_a_file_that_loses_more_than_the_threshold_fails(tmp_path, tiny_tokenize
 
 def test_readme_format_table_lists_every_format():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    from components.core.formats import FORMATS
+    from components.core.data.formats import FORMATS
 
     for name in FORMATS:
         assert f"`{name}`" in readme, f"README format table: add {name}"

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from components.core import io
+from components.core.ops import io
 
 
 def test_atomic_dir_replaces_the_old_copy_only_when_the_block_succeeds(tmp_path):

@@ -1,4 +1,4 @@
-"""components/core/launch.py: a disabled stage writes its placeholders in one process; one local process runs
+"""components/core/ops/launch.py: a disabled stage writes its placeholders in one process; one local process runs
 in the launcher's process with accelerate's environment; anything more goes through accelerate's launchers."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from components.core import launch
+from components.core.ops import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,7 +90,7 @@ def test_a_disabled_stage_writes_its_placeholders_without_accelerate(tmp_path):
     # the config file does not exist: accelerate is never started
     argv = ["--config_file", "no/such.yaml", "-m", "components.reward_model", "--params", str(params),
             "--out", str(tmp_path / "rm")]
-    cmd = [sys.executable, "-c", "import sys; from components.core import launch; "
+    cmd = [sys.executable, "-c", "import sys; from components.core.ops import launch; "
            f"launch.main({argv!r}); print('torch imported:', 'torch' in sys.modules)"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})

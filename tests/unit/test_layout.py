@@ -11,73 +11,29 @@ from __future__ import annotations
 import ast
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("components", "flows")
+from components.core.ops.code_identity import (
+    LAUNCHER,
+    ROOT,
+    import_graph,
+    stage_files,
+)
+
 MAX_LINES = 400
+# components/core's layers, bottom first: a module imports only from its own layer and the ones below
+LAYERS = {"config": 0, "sorting": 0, "ops": 1, "data": 2, "algos": 3, "model": 4, "train": 5, "eval": 6, "release": 7}
 
 
-def project_modules() -> dict[str, Path]:
-    """{dotted module name: file} of every module in the project's packages."""
-    out = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            rel = path.relative_to(ROOT).with_suffix("")
-            parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
-            out[".".join(parts)] = path
-    return out
-
-
-def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
-    """Project modules imported anywhere in `path` (top level or inside functions)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from pkg import mod` imports the submodule when there is one, else a name of pkg
-            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
-                     for a in node.names]
-        else:
-            continue
-        for name in names:
-            while name and name not in modules:
-                name = name.rpartition(".")[0]
-            if name and name.split(".")[0] in PACKAGES and not name.endswith("__init__"):
-                found.add(name)
-    return found - {p for p in PACKAGES}  # importing a package's (empty) __init__ is not an edge
-
-
-def import_graph() -> dict[str, set[str]]:
-    modules = project_modules()
-    return {name: imports_of(path, modules) - {name} for name, path in modules.items()}
-
-
-def closure(module: str, graph: dict[str, set[str]]) -> set[str]:
-    seen, todo = set(), [module]
-    while todo:
-        m = todo.pop()
-        if m not in seen:
-            seen.add(m)
-            todo += graph.get(m, ())
-    return seen
-
-
-LAUNCHER = "components.core.launch"  # how training stages start (accelerate launch's arguments)
-
-
-def stage_code(module: str, cmd: str, graph: dict[str, set[str]]) -> set[str]:
-    """The project modules a stage runs: its own closure, and the launcher's when its cmd goes through it (the
-    launcher decides the stage's environment)."""
-    return closure(module, graph) | (closure(LAUNCHER, graph) if LAUNCHER in cmd else set())
+def layer_of(module: str) -> str:
+    """The layer a components.core module belongs to (its sub-package, or config / sorting at the top)."""
+    return module.split(".")[2]
 
 
 def stage_modules() -> dict[str, str]:
-    """{DVC stage: module its cmd runs} (a training stage's: the module components.core.launch starts)."""
+    """{DVC stage: module its cmd runs} (a training stage's: the module components.core.ops.launch starts)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     out = {}
     for name, stage in stages.items():
@@ -132,14 +88,33 @@ def test_one_file_per_stage_named_after_it():
 def test_every_stage_declares_its_code():
     """A stage's deps hold its file and every project module it imports, transitively (a code change must
     re-run the stage), and no code file it does not import (that would re-run it for nothing)."""
-    graph = import_graph()
-    modules = project_modules()
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage, module in stage_modules().items():
-        needed = {str(modules[m].relative_to(ROOT)) for m in stage_code(module, stages[stage]["cmd"], graph)}
+        needed = set(stage_files(module, stages[stage]["cmd"]))
         declared = {d for d in stages[stage].get("deps", []) if d.endswith(".py")}
         assert needed - declared == set(), f"stage {stage}: code it imports but does not declare: {sorted(needed - declared)}"
         assert declared - needed == set(), f"stage {stage}: declared code it never imports: {sorted(declared - needed)}"
+
+
+def test_core_is_layered():
+    """Each module of components/core/ lives in a layer (a sub-package, or config / sorting at the bottom) and
+    imports only from its own layer and the ones below: ops < data < algos < model < train < eval < release."""
+    for module, deps in import_graph().items():
+        if not module.startswith("components.core."):
+            continue
+        assert layer_of(module) in LAYERS, f"{module}: not in a layer of components/core ({sorted(LAYERS)})"
+        for dep in deps:
+            if dep.startswith("components.core."):
+                assert LAYERS[layer_of(dep)] <= LAYERS[layer_of(module)], (
+                    f"{module} (layer {layer_of(module)}) imports {dep} from the higher layer {layer_of(dep)}")
+
+
+def test_package_inits_hold_only_a_docstring():
+    """The import closure skips packages' __init__.py (every module imports through them): they must hold no code."""
+    for path in sorted((ROOT / "components").rglob("__init__.py")):
+        body = ast.parse(path.read_text()).body
+        assert all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body), (
+            f"{path.relative_to(ROOT)}: a package __init__ holds a docstring only")
 
 
 def test_machine_local_outputs_are_not_committed():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.core.logprobs import chunked_token_logps
+from components.core.model.chunked_logps import chunked_token_logps
 
 
 def plain(h, w, t, temperature=1.0, bias=None):

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.core.losses import (
+from components.core.algos.losses import (
     REFERENCE_FREE,
     LossOutput,
     hinge_dpo,
@@ -510,7 +510,7 @@ def test_orpo_is_finite_when_a_response_is_certain():
 
 
 def test_kto_from_pairs_uses_the_given_reference_point():
-    from components.core.losses import kto_from_pairs
+    from components.core.algos.losses import kto_from_pairs
 
     args = (T([-1.0, -2.0]), T([-3.0, -1.0]), T([-1.5, -2.0]), T([-2.0, -2.0]), 0.1, 1.0, 1.0)
     batch = kto_from_pairs(*args)  # z0 from this batch: mean(0.5, 0, -1, 1) = 0.125

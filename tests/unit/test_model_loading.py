@@ -9,7 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from components import bootstrap
-from components.core import scoring, sorting, tokens, training
+from components.core import sorting
+from components.core.data import tokens
+from components.core.model import loading, logprobs
+from components.core.train import loop
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +30,17 @@ def nll_grads(model, tok):
     seqs = [tokens.prompt_response_to_sequence(*tokens.encode_prompt_response(tok, r["prompt"], r["chosen"]))
             for r in prefs]
     model.train()
-    nll, n = scoring.batch_nll(model, tokens.collate_sequences(seqs, tok.pad_token_id))
+    nll, n = logprobs.batch_nll(model, tokens.collate_sequences(seqs, tok.pad_token_id))
     (nll / n).backward()
     return nll.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model_dir):
     path, tok = model_dir
-    plain = training.load_model(str(path), gradient_checkpointing=False)
-    checkpointed = training.load_model(str(path), gradient_checkpointing=True)
+    plain = loading.load_model(str(path), gradient_checkpointing=False)
+    checkpointed = loading.load_model(str(path), gradient_checkpointing=True)
     assert not plain.is_gradient_checkpointing and checkpointed.is_gradient_checkpointing
-    assert not training.load_model(str(path), gradient_checkpointing="auto").is_gradient_checkpointing  # 100M+
+    assert not loading.load_model(str(path), gradient_checkpointing="auto").is_gradient_checkpointing  # 100M+
     (loss_a, grads_a), (loss_b, grads_b) = nll_grads(plain, tok), nll_grads(checkpointed, tok)
     torch.testing.assert_close(loss_b, loss_a)
     for key, g in grads_a.items():
@@ -45,19 +48,19 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model_dir):
 
 
 def test_frozen_model_has_no_trainable_weights(model_dir):
-    model = training.load_model(str(model_dir[0]), frozen=True)
+    model = loading.load_model(str(model_dir[0]), frozen=True)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    assert training.frozen_dtype("bf16") == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    assert loading.frozen_dtype("bf16") == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
 
 
 def test_final_model_is_saved_in_the_dtype_the_input_was_stored_in(model_dir, tmp_path):
     path, tok = model_dir
-    assert training.stored_dtype(str(path)) == torch.float32
-    accelerator = training.make_accelerator("no")
-    model = training.load_model(str(path))
-    training.save_model_atomic(accelerator, model, tok, str(tmp_path / "bf16"), torch.bfloat16)
+    assert loading.stored_dtype(str(path)) == torch.float32
+    accelerator = loop.make_accelerator("no")
+    model = loading.load_model(str(path))
+    loop.save_model_atomic(accelerator, model, tok, str(tmp_path / "bf16"), torch.bfloat16)
     weights = load_file(str(tmp_path / "bf16/model.safetensors"))
     assert {w.dtype for w in weights.values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "bf16/config.json").read_text())["dtype"] == "bfloat16"
-    assert training.stored_dtype(str(tmp_path / "bf16")) == torch.bfloat16
+    assert loading.stored_dtype(str(tmp_path / "bf16")) == torch.bfloat16
     assert next(model.parameters()).dtype == torch.float32  # the live fp32 master weights are untouched

@@ -1,4 +1,4 @@
-"""SFT packing (core/packing.py): rows filled first-fit, positions restarting per example, a block-diagonal mask,
+"""SFT packing (core/data/packing.py): rows filled first-fit, positions restarting per example, a block-diagonal mask,
 no example trained to follow another, and the same NLL as one row per example (sdpa and eager, values and
 gradients)."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.core import packing
-from components.core.scoring import batch_nll
-from components.core.tokens import IGNORE_INDEX, collate_sequences
+from components.core.data import packing
+from components.core.data.tokens import IGNORE_INDEX, collate_sequences
+from components.core.model.logprobs import batch_nll
 
 X = IGNORE_INDEX  # no label
 EXAMPLES = [  # (input_ids, labels): prompt tokens unlabelled, response tokens labelled

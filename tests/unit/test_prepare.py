@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from components import prepare as prepare_stage
-from components.core.formats import REASONS
-from components.core.readers import DataError
+from components.core.data.formats import REASONS
+from components.core.data.readers import DataError
 
 FIXTURES = Path(__file__).parents[1] / "data"
 MAX_LENGTH, MAX_PROMPT_LENGTH = 256, 128
@@ -526,7 +526,7 @@ def test_report_and_metrics_add_up(tmp_path, tiny_tokenizer_dir):
 
 @pytest.fixture
 def cli(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    from components.core import io
+    from components.core.ops import io
 
     monkeypatch.setattr(io, "resolve_model_path", lambda path: tiny_tokenizer_dir)
     monkeypatch.chdir(tmp_path)
@@ -547,7 +547,7 @@ def test_cli_writes_outputs(cli, tmp_path):
 
 
 def test_cli_data_error_is_one_line_and_marked_not_worth_retrying(cli, capsys):
-    from components.core.logs import INPUT_ERROR_MARK
+    from components.core.ops.logs import INPUT_ERROR_MARK
 
     with pytest.raises(SystemExit) as e:
         cli(fixture("broken_json.jsonl"))

@@ -1,4 +1,4 @@
-"""GRPO math (core/rl.py) against hand-computed values, and against TRL 1.16's GRPO loss on the same inputs."""
+"""GRPO math (core/algos/rl.py) against hand-computed values, and against TRL 1.16's GRPO loss on the same inputs."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ import math
 import pytest
 import torch
 
-from components.core import rl
-from components.core.rewards import final_number, load_reward_function, numeric_reward, reward_identity
+from components.core.algos import rl
+from components.core.algos.reward_functions import (
+    final_number,
+    load_reward_function,
+    numeric_reward,
+    reward_identity,
+)
 
 # ----------------------------------------------------------------------------- advantages
 
@@ -166,7 +171,7 @@ def _batches(*flags_per_call):
 
 
 def test_dynamic_sampling_drops_zero_std_groups_and_refills():
-    from components.core.online import collect_round
+    from components.core.train.online import collect_round
 
     generate, calls = _batches([True, False, True, False], [False, True], [False])
     groups, kept, frac = collect_round(generate, 4, dynamic=True, max_resample_rounds=3)
@@ -177,7 +182,7 @@ def test_dynamic_sampling_drops_zero_std_groups_and_refills():
 
 
 def test_dynamic_sampling_gives_up_after_max_rounds_and_without_it_keeps_all():
-    from components.core.online import collect_round
+    from components.core.train.online import collect_round
 
     generate, calls = _batches([True, True], [True, True], [True, True])
     groups, kept, frac = collect_round(generate, 2, dynamic=True, max_resample_rounds=2)
@@ -194,7 +199,7 @@ def test_sampling_runs_each_prompt_once_for_its_group_and_samples_as_plain_gener
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from components.core import online
+    from components.core.train import online
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -226,7 +231,7 @@ def test_sampling_runs_each_prompt_once_for_its_group_and_samples_as_plain_gener
 def test_no_shared_prefill_for_a_model_that_picks_its_own_cache_or_one_token_prompts():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from components.core import online
+    from components.core.train import online
 
     config = LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from components.core import rl, scorers
+from components.core.algos import rl
+from components.core.model import heads
 
 
 def test_gae_by_hand():
@@ -112,25 +113,25 @@ def test_bradley_terry_matches_trl_reward_trainer():
     margin = torch.rand(6)
     # TRL 1.16 RewardTrainer.compute_loss, written out: mean over the batch, then the centring term
     trl = -torch.nn.functional.logsigmoid(rc - rr - margin).mean() + 0.01 * torch.mean((rc + rr) ** 2)
-    ours = scorers.bradley_terry_losses(rc, rr, margin, 0.01).mean()
+    ours = heads.bradley_terry_losses(rc, rr, margin, 0.01).mean()
     torch.testing.assert_close(ours, trl)
-    plain = scorers.bradley_terry_losses(torch.tensor([1.0]), torch.tensor([0.0]))
+    plain = heads.bradley_terry_losses(torch.tensor([1.0]), torch.tensor([0.0]))
     torch.testing.assert_close(plain, torch.tensor([math.log(1 + math.exp(-1.0))]))
 
 
 def test_bradley_terry_gradient_of_accumulated_shares_equals_the_batch_loss():
     rc = torch.tensor([0.3, -0.2, 1.0, 0.5], requires_grad=True)
     rr = torch.tensor([0.1, 0.4, -1.0, 0.5], requires_grad=True)
-    scorers.bradley_terry_losses(rc, rr, None, 0.05).mean().backward()
+    heads.bradley_terry_losses(rc, rr, None, 0.05).mean().backward()
     whole = rc.grad.clone()
     rc.grad = None
     for sl in (slice(0, 1), slice(1, 4)):  # micro-batches of 1 and 3, each its share of the global mean
-        (scorers.bradley_terry_losses(rc[sl], rr[sl], None, 0.05).sum() / 4).backward()
+        (heads.bradley_terry_losses(rc[sl], rr[sl], None, 0.05).sum() / 4).backward()
     torch.testing.assert_close(rc.grad, whole)
 
 
 def test_reliability_counts_each_pair_both_ways():
-    calib = scorers.reliability([2.0, 0.0], [0.0, 0.0], bins=10)
+    calib = heads.reliability([2.0, 0.0], [0.0, 0.0], bins=10)
     p = 1 / (1 + math.exp(-2.0))  # 0.881: bin 8, observed 1; its mirror 0.119 in bin 1, observed 0
     bins = {(round(b["low"], 1)): b for b in calib["bins"]}
     assert bins[0.8]["count"] == 1 and bins[0.8]["observed"] == 1.0 and bins[0.8]["predicted"] == pytest.approx(p)

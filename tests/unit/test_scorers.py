@@ -1,4 +1,4 @@
-"""Reward / value heads (core/scorers.py) on a tiny random Llama sequence-classification model: the score is read
+"""Reward / value heads (core/heads.py) on a tiny random Llama sequence-classification model: the score is read
 where Hugging Face's own pooling (and so TRL's RewardTrainer) reads it, the shared-prompt layout equals separate
 rows, and the values sit at the positions that predict each response token."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.core import scorers
+from components.core.model import heads
 
 PAD = 0
 
@@ -33,18 +33,18 @@ PAIRS = [
 def test_end_scores_read_where_hugging_face_pools(model):
     prompts = [p["prompt_ids"] for p in PAIRS]
     responses = [p["chosen_ids"] for p in PAIRS]
-    ours = scorers.end_scores(model, prompts, responses, PAD, "cpu")
-    ids, mask, _, _ = scorers.sequence_batch(prompts, responses, PAD, "cpu")
+    ours = heads.end_scores(model, prompts, responses, PAD, "cpu")
+    ids, mask, _, _ = heads.sequence_batch(prompts, responses, PAD, "cpu")
     with torch.no_grad():
         pooled = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)  # HF: last non-pad token
     torch.testing.assert_close(ours, pooled, rtol=1e-5, atol=1e-5)
 
 
 def test_shared_prompt_pairs_equal_separate_rows(model):
-    assert scorers.shared_rows_supported(model)
+    assert heads.shared_rows_supported(model)
     with torch.no_grad():
-        shared = scorers.pair_end_scores(model, PAIRS, PAD, "cpu", share_prompt=True)
-        rows = scorers.pair_end_scores(model, PAIRS, PAD, "cpu", share_prompt=False)
+        shared = heads.pair_end_scores(model, PAIRS, PAD, "cpu", share_prompt=True)
+        rows = heads.pair_end_scores(model, PAIRS, PAD, "cpu", share_prompt=False)
     for a, b in zip(shared, rows, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -53,8 +53,8 @@ def test_groups_behind_one_prompt_equal_separate_rows(model):
     prompts = [p["prompt_ids"] for p in PAIRS]
     grouped = [[p["chosen_ids"], p["rejected_ids"], []] for p in PAIRS]  # an empty completion is read at the prompt
     with torch.no_grad():
-        grouped_scores = scorers.group_end_scores(model, prompts, grouped, PAD, "cpu")
-        rows = scorers.end_scores(model, [p for p in prompts for _ in range(3)], [c for cs in grouped for c in cs],
+        grouped_scores = heads.group_end_scores(model, prompts, grouped, PAD, "cpu")
+        rows = heads.end_scores(model, [p for p in prompts for _ in range(3)], [c for cs in grouped for c in cs],
                                   PAD, "cpu")
     torch.testing.assert_close(grouped_scores, rows, rtol=1e-5, atol=1e-5)
 
@@ -62,11 +62,11 @@ def test_groups_behind_one_prompt_equal_separate_rows(model):
 def test_response_values_sit_before_each_response_token(model):
     prompts = [p["prompt_ids"] for p in PAIRS]
     responses = [p["rejected_ids"] for p in PAIRS]
-    values = scorers.response_values(model, prompts, responses, PAD, "cpu")
+    values = heads.response_values(model, prompts, responses, PAD, "cpu")
     assert values.shape == (3, 3)
-    ids, mask, _, _ = scorers.sequence_batch(prompts, responses, PAD, "cpu")
+    ids, mask, _, _ = heads.sequence_batch(prompts, responses, PAD, "cpu")
     with torch.no_grad():
-        every = scorers.token_scores(model, ids, mask)
+        every = heads.token_scores(model, ids, mask)
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         for t in range(3):
             expected = every[i, len(p) - 1 + t] if t < len(r) else torch.tensor(0.0)
@@ -75,4 +75,4 @@ def test_response_values_sit_before_each_response_token(model):
 
 def test_score_head_is_found_or_named():
     with pytest.raises(ValueError, match="no score head"):
-        scorers.score_head(torch.nn.Linear(2, 2))
+        heads.score_head(torch.nn.Linear(2, 2))

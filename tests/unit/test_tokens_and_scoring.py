@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from components import bootstrap
-from components.core import scoring, sorting, tokens, training
-from components.core.tokens import IGNORE_INDEX
+from components.core import sorting
+from components.core.data import tokens
+from components.core.data.tokens import IGNORE_INDEX
+from components.core.model import logprobs
+from components.core.train import loop
 
 
 @pytest.fixture(scope="module")
@@ -51,35 +54,35 @@ def test_bucketed_batches_cover_everything_once_and_are_deterministic():
 
 
 def test_plan_steps_accumulation_and_epochs():
-    plan = training.plan_steps([5] * 100, global_batch=10, grad_accum=2, max_steps=0, epochs=2, seed=0, world=1)
+    plan = loop.plan_steps([5] * 100, global_batch=10, grad_accum=2, max_steps=0, epochs=2, seed=0, world=1)
     assert len(plan) == 10 and all(len(step) == 2 for step in plan)
     assert sorted(i for step in plan[:5] for mb in step for i in mb) == list(range(100))
-    capped = training.plan_steps([5] * 100, 10, 1, max_steps=25, epochs=1, seed=0, world=1)
+    capped = loop.plan_steps([5] * 100, 10, 1, max_steps=25, epochs=1, seed=0, world=1)
     assert len(capped) == 25  # runs into a second epoch
     with pytest.raises(ValueError, match="not enough"):
-        training.plan_steps([5], 1, 1, 1, 1, 0, world=2)
+        loop.plan_steps([5], 1, 1, 1, 1, 0, world=2)
 
 
 def test_even_shard_gives_every_process_the_same_number_of_batches():
     batches = [[0, 1], [2, 3], [4, 5], [6]]
-    assert training.even_shard(batches, 0, 3) == [([0, 1], False), ([6], False)]
-    assert training.even_shard(batches, 1, 3) == [([2, 3], False), ([0, 1], True)]
-    assert training.even_shard(batches, 2, 3) == [([4, 5], False), ([0, 1], True)]
-    assert training.even_shard(batches, 0, 1) == [(b, False) for b in batches]
-    assert training.even_shard([[7]], 1, 2) == [([7], True)]  # fewer batches than processes
-    assert training.even_shard([], 0, 2) == []
+    assert loop.even_shard(batches, 0, 3) == [([0, 1], False), ([6], False)]
+    assert loop.even_shard(batches, 1, 3) == [([2, 3], False), ([0, 1], True)]
+    assert loop.even_shard(batches, 2, 3) == [([4, 5], False), ([0, 1], True)]
+    assert loop.even_shard(batches, 0, 1) == [(b, False) for b in batches]
+    assert loop.even_shard([[7]], 1, 2) == [([7], True)]  # fewer batches than processes
+    assert loop.even_shard([], 0, 2) == []
 
 
 def test_deepspeed_launch_is_refused_with_the_reason(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ValueError, match="DeepSpeed launch configs are not supported.*accelerate_config: fsdp"):
-        training.make_accelerator("no")
+        loop.make_accelerator("no")
 
 
 def test_sequence_logps_hand_computed():
     logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75], [0.9, 0.1]]]))  # (1, 3, 2)
     labels = torch.tensor([[IGNORE_INDEX, 1, 0]])
-    logps, counts = scoring.sequence_logps(logits, labels)
+    logps, counts = logprobs.sequence_logps(logits, labels)
     # token 1 predicted by position 0 (p=0.5), token 0 predicted by position 1 (p=0.25)
     torch.testing.assert_close(logps, torch.log(torch.tensor([0.5 * 0.25])))
     assert counts.tolist() == [2]
@@ -90,10 +93,10 @@ def test_shared_prompt_logps_equal_separate_rows(tiny):
     _, prefs = sorting.generate(0, 12, 3, 6, 9, 0.0, seed=5)
     pairs = [tokens.tokenize_pair(tok, {"id": str(i), **r}, 64, 48) for i, r in enumerate(prefs)]
     pairs[0]["rejected_ids"] = pairs[0]["rejected_ids"][:1]  # one-token response: edge of the mask logic
-    assert scoring.shared_prompt_supported(model)
+    assert logprobs.shared_prompt_supported(model)
     with torch.no_grad():
-        separate = scoring.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=False)
-        shared = scoring.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=True)
+        separate = logprobs.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=False)
+        shared = logprobs.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=True)
     for a, b in zip(separate, shared, strict=True):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5)
 
@@ -105,7 +108,7 @@ def test_shared_prompt_gradients_match(tiny):
     grads = []
     for share in (False, True):
         model.zero_grad()
-        c, r, _, _ = scoring.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=share)
+        c, r, _, _ = logprobs.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=share)
         (c - 0.5 * r).sum().backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
@@ -119,7 +122,7 @@ def test_shared_prompt_detected_through_a_ddp_style_wrapper(tiny):
             super().__init__()
             self.module = module
 
-    assert scoring.shared_prompt_supported(Wrapper(model))
+    assert logprobs.shared_prompt_supported(Wrapper(model))
 
 
 def test_group_rows_equal_separate_completion_rows(tiny):
@@ -135,9 +138,9 @@ def test_group_rows_equal_separate_completion_rows(tiny):
     flat_p = [p for p, cs in zip(prompts, comps, strict=True) for _ in cs]
     flat_c = [c for cs in comps for c in cs]
     with torch.no_grad():
-        sep, sep_mask, sep_ent = scoring.completion_token_logps(model, flat_p, flat_c, tok.pad_token_id, "cpu", 0.7,
+        sep, sep_mask, sep_ent = logprobs.completion_token_logps(model, flat_p, flat_c, tok.pad_token_id, "cpu", 0.7,
                                                                 with_entropy=True)
-        grp, grp_mask, grp_ent = scoring.group_token_logps(model, prompts, comps, tok.pad_token_id, "cpu", 0.7,
+        grp, grp_mask, grp_ent = logprobs.group_token_logps(model, prompts, comps, tok.pad_token_id, "cpu", 0.7,
                                                            with_entropy=True)
     width = sep.shape[1]
     assert torch.equal(sep_mask, grp_mask[:, :width]) and not grp_mask[:, width:].any()
@@ -159,16 +162,16 @@ def test_hidden_state_path_equals_the_plain_logits_path(tiny, monkeypatch, share
 
     def run():
         model.zero_grad()
-        c, r, nc, nr = scoring.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=share)
-        nll, n = scoring.batch_nll(model, batch)
-        lp, mask, ent = scoring.completion_token_logps(model, prompts, comps, tok.pad_token_id, "cpu", 0.8, True)
+        c, r, nc, nr = logprobs.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=share)
+        nll, n = logprobs.batch_nll(model, batch)
+        lp, mask, ent = logprobs.completion_token_logps(model, prompts, comps, tok.pad_token_id, "cpu", 0.8, True)
         ((c - 0.5 * r).sum() + 0.1 * nll + (lp * 0.3).sum()).backward()
         grads = [model.model.embed_tokens.weight.grad.clone(), model.model.layers[1].mlp.up_proj.weight.grad.clone()]
         return [t.detach() for t in (c, r, nc, nr, nll, n, lp, mask, ent)] + grads
 
-    assert scoring.hidden_path_supported(model)
+    assert logprobs.hidden_path_supported(model)
     chunked = run()
-    monkeypatch.setattr(scoring, "hidden_path_supported", lambda m: False)
+    monkeypatch.setattr(logprobs, "hidden_path_supported", lambda m: False)
     plain = run()
     for a, b in zip(chunked, plain, strict=True):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-5)
@@ -177,10 +180,10 @@ def test_hidden_state_path_equals_the_plain_logits_path(tiny, monkeypatch, share
 def test_sliding_window_models_score_separate_rows():
     from transformers import MistralConfig, Qwen2Config
 
-    assert scoring.uses_sliding_window(MistralConfig(sliding_window=4096))
-    assert not scoring.uses_sliding_window(MistralConfig(sliding_window=None))
-    assert not scoring.uses_sliding_window(Qwen2Config(use_sliding_window=False))
-    assert scoring.uses_sliding_window(Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=0))
+    assert logprobs.uses_sliding_window(MistralConfig(sliding_window=4096))
+    assert not logprobs.uses_sliding_window(MistralConfig(sliding_window=None))
+    assert not logprobs.uses_sliding_window(Qwen2Config(use_sliding_window=False))
+    assert logprobs.uses_sliding_window(Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=0))
 
 
 def test_a_pair_whose_prompt_tokens_differ_is_refused(tiny, monkeypatch):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from components.core.tokens import IGNORE_INDEX, TokenBatch
+from components.core.data.tokens import IGNORE_INDEX, TokenBatch
 
 
 def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:

@@ -1,11 +1,11 @@
 """How dvc.yaml starts a training stage: `accelerate launch`, without the processes it does not need.
 
-    python -m components.core.launch --config_file configs/accelerate/cpu.yaml -m components.grpo --params params.yaml
+    python -m components.core.ops.launch --config_file configs/accelerate/cpu.yaml -m components.grpo --params params.yaml
 
 Takes exactly `accelerate launch`'s arguments and runs accelerate's own launcher code on them, with two
 shortcuts, each measured on the 2-core default (a stage's start-up is paid once per stage, every run):
 - a stage whose params section says `enabled: false` (grpo, reward_model, ppo) is not started at all: its
-  placeholders (core/placeholders.py, torch-free) are written here, 0.2 s a stage instead of 4;
+  placeholders (core/ops/placeholders.py, torch-free) are written here, 0.2 s a stage instead of 4;
 - one process on one machine with no device selection (accelerate's "simple" launcher, `distributed_type:
   'NO'`, no `gpu_ids`: the cpu config) runs the stage in this process, with the environment accelerate would
   have given the child (ACCELERATE_*, OMP_NUM_THREADS, applied through torch.set_num_threads since torch is
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     module, stage_argv = stage_module(argv)
     if module and module.startswith("components.") and disabled(module, stage_argv):
-        from components.core import placeholders
-        from components.core.logs import setup_logging
+        from components.core.ops import placeholders
+        from components.core.ops.logs import setup_logging
 
         setup_logging()
         args = stage_args(stage_argv)

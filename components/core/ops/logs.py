@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_LOGGERS = ("accelerate", "accelerate.accelerator", "accelerate.checkpointing")
@@ -43,7 +44,7 @@ def stage_main(stage: str):
     def wrap(fn):
         @functools.wraps(fn)
         def main(argv: list[str] | None = None):
-            from components.core import lifeline
+            from components.core.ops import lifeline
 
             setup_logging()
             lifeline.watch_launcher()  # under `dvc repro`: exit when that dvc process is killed
@@ -60,3 +61,14 @@ def stage_main(stage: str):
         return main
 
     return wrap
+
+
+def progress(iterable_total: int, initial: int, desc: str, enabled: bool) -> Callable:
+    import sys
+
+    from tqdm.auto import tqdm
+
+    # in logs (dvc repro, Prefect) a bar redrawn 20 times a second is noise: redraw every 10 s there
+    interval = 0.1 if sys.stderr.isatty() else 10.0
+    return tqdm(total=iterable_total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
+                mininterval=interval)

@@ -3,7 +3,7 @@
 reference and dpo score preference pairs with `pair_logps` (one shared-prompt row per pair where the
 model allows it), sft and evaluate take token NLLs with `batch_nll`, evaluate scores its own samples with
 `response_logps`. Every function returns per-sequence sums and token counts, so callers normalise as their
-objective needs. Inputs are the token lists of `core/tokens.py`.
+objective needs. Inputs are the token lists of `core/data/tokens.py`.
 
 Memory: the model runs with `logits_to_keep=1` and its final hidden states are taken from the decoder;
 log-probs come from `core/logprobs.chunked_token_logps` on the scored positions only, so no fp32 (B, T, V)
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from components.core.tokens import (
+from components.core.data.tokens import (
     IGNORE_INDEX,
     collate_groups,
     collate_pairs,
@@ -26,7 +26,7 @@ from components.core.tokens import (
     collate_shared_prompt,
     prompt_response_to_sequence,
 )
-from components.core.training import autocast
+from components.core.model.loading import autocast
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +90,7 @@ def slot_logps(model, hidden: torch.Tensor, positions: torch.Tensor, targets: to
     hidden (B, T, H); positions, targets, mask (B, K). Only the N real slots reach the LM head, chunked
     (`core/logprobs.chunked_token_logps`). Returns (logps (B, K) float32, 0 where masked; entropy (B, K) or None).
     """
-    from components.core.logprobs import chunked_token_logps
+    from components.core.model.chunked_logps import chunked_token_logps
 
     rows, cols = mask.nonzero(as_tuple=True)
     h = hidden[rows, positions[rows, cols]]  # (N, H)

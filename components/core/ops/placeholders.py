@@ -1,7 +1,7 @@
 """What a stage leaves when its params disable it (`enabled: false`): DVC needs every output it declares.
 
 Each output directory holds disabled.json (evaluate, ppo and register treat a directory without config.json as
-no model), the metrics file says why, the plot is empty. Torch-free: core/launch.py writes a disabled stage's
+no model), the metrics file says why, the plot is empty. Torch-free: core/ops/launch.py writes a disabled stage's
 placeholders without importing the stage (and torch); the stage's own main() calls the same functions.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from components.core.io import atomic_dir, write_csv, write_json
+from components.core.ops.io import atomic_dir, write_csv, write_json
 
 log = logging.getLogger("alignflow.placeholders")
 

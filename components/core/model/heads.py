@@ -18,9 +18,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from components.core.scoring import attention_mask_for, unwrapped, uses_sliding_window
-from components.core.tokens import collate_groups, collate_shared_prompt, pad_right
-from components.core.training import enable_gradient_checkpointing
+from components.core.data.tokens import collate_groups, collate_shared_prompt, pad_right
+from components.core.model.loading import enable_gradient_checkpointing
+from components.core.model.logprobs import attention_mask_for, unwrapped, uses_sliding_window
 
 log = logging.getLogger("alignflow.scorers")
 

@@ -30,7 +30,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from components.core.tokens import (
+from components.core.data.tokens import (
     CHATML_TEMPLATE,
     IGNORE_INDEX,
     encode_chat,
@@ -159,7 +159,7 @@ def write_for(data_dir: str | Path, tokenizer, max_length: int = 10**9, max_prom
     """Tokenise prepared-format .jsonl files already in data_dir (canonical records, e.g. written by hand for a
     test or a benchmark) into data_dir/tokens, as prepare would have (without its checks and drops, but a pair
     whose prompt tokenises differently before its two responses is refused). Missing splits are written empty."""
-    from components.core.io import read_jsonl
+    from components.core.ops.io import read_jsonl
 
     data_dir = Path(data_dir)
     rows: dict[str, list[dict]] = {}

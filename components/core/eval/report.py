@@ -1,6 +1,6 @@
 """The evaluation report: matplotlib figures and one self-contained HTML page (figures inlined as PNG).
 
-Pure rendering: `build_report(...)` turns the numbers evaluate computed into PNG bytes (core/figures.py) and HTML;
+Pure rendering: `build_report(...)` turns the numbers evaluate computed into PNG bytes (core/eval/figures.py) and HTML;
 `write_report(...)` puts them on disk as one atomic directory. No model or metric is computed here.
 """
 
@@ -10,7 +10,7 @@ import base64
 import html
 from pathlib import Path
 
-from components.core.figures import (
+from components.core.eval.figures import (
     ONLINE,
     plot_distributions,
     plot_margins,
@@ -19,7 +19,7 @@ from components.core.figures import (
     plot_win_rate,
     read_curves,
 )
-from components.core.io import atomic_dir, write_json, write_jsonl
+from components.core.ops.io import atomic_dir, write_json, write_jsonl
 
 
 def methods_table(m: dict) -> str:

@@ -22,7 +22,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from components.core.io import replace_dir, write_json
+from components.core.ops import code_identity
+from components.core.ops.io import replace_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,10 @@ def math_params(hyper: dict) -> dict:
     return {k: v for k, v in hyper.items() if k not in CADENCE_KEYS and not k.endswith(("_path", "_dir"))}
 
 
-def code_fingerprint(*modules) -> str:
-    """Hash of the source files of the modules that train (a code change is a different run)."""
-    h = hashlib.sha256()
-    for module in modules:
-        h.update(Path(module.__file__).read_bytes())
-    return h.hexdigest()[:16]
+def code_fingerprint(stage_module: str) -> str:
+    """Hash of the code that trains: every file in the stage module's import closure (ops/code_identity.py; the
+    same closure is the stage's code deps in dvc.yaml). A code change anywhere in it is a different run."""
+    return code_identity.code_fingerprint(stage_module)
 
 
 def model_identity(path: str) -> str:
@@ -140,7 +139,7 @@ def resume(accelerator, ckpt_dir: Path, fingerprint_: str, total_steps: int, mod
            optimizer=None) -> tuple[int, list[dict], dict]:
     """(start step, metric history, the rest of the saved state) from the newest checkpoint of this run that
     loads; (0, [], {}) if none. Pass model and optimizer: FSDP-sharded ones are restored from their shards."""
-    from components.core.sharding import is_sharded
+    from components.core.model.sharding import is_sharded
 
     sharded = model is not None and is_sharded(model)
     for path, state in find_checkpoints(ckpt_dir, fingerprint_):
@@ -165,7 +164,7 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: i
                     optimizer=None) -> None:
     """save_state (model, optimizer, scheduler, RNG) into a partial dir, the state file last, then rename.
     An FSDP-sharded model and its optimizer are saved as shards by every process (`SHARDS_DIR`)."""
-    from components.core.sharding import is_sharded
+    from components.core.model.sharding import is_sharded
     run_dir = Path(ckpt_dir) / state["fingerprint"]
     final = run_dir / f"step_{step:07d}"
     partial = run_dir / f".step_{step:07d}.partial"

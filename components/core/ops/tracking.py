@@ -141,7 +141,7 @@ def close_dead_runs(uri: str, experiment_id: str, stage: str) -> list[str]:
     with SIGKILL, or the machine went down): a RUNNING run is one that is still running."""
     from mlflow import MlflowClient
 
-    from components.core.lifeline import pid_alive
+    from components.core.ops.lifeline import pid_alive
 
     client = MlflowClient(uri)
     host = socket.gethostname()
@@ -276,3 +276,18 @@ def end_pipeline_run(uri: str, parent_run_id: str, repo: Path, summary: dict, st
             client.log_batch(parent_run_id, metrics=metrics[start : start + 100], tags=tags[start : start + 100])
     finally:
         client.set_terminated(parent_run_id, status=status)
+
+
+def stage_tracking(accelerator, stage: str, params: dict, inputs: list[str], enabled: bool):
+    """The stage's MLflow run on the main process; a no-op context elsewhere or when disabled."""
+    from components.core.config import params_hash
+    from components.core.ops import tracking
+
+    return tracking.stage_run(stage, params, inputs, params_hash(params),
+                              enabled=enabled and accelerator.is_main_process)
+
+
+def log_step_metrics(run, row: dict, step: int) -> None:
+    from components.core.ops import tracking
+
+    tracking.log_metrics(run, {k: v for k, v in row.items() if k != "step"}, step=step)

@@ -1,9 +1,9 @@
-"""Pieces the training loops share: accelerator set-up, mixed precision, model loading, optimizer +
-schedule, the deterministic step plan, the non-finite-loss guard and the final model write.
+"""Pieces the training loops share: the accelerator, model placement, optimizer + schedule, the deterministic
+step plan, equal batch counts on every rank, the non-finite-loss and divergence guards, and the final model write.
 
-Functions, not a Trainer class: each stage's loop stays explicit and readable top to bottom in its
-own file (sft.py, dpo.py); only the parts that must behave identically live here. Checkpoints and
-resume are `core/checkpoints.py`.
+Functions, not a Trainer class: each stage's loop stays explicit and readable top to bottom in its own file
+(sft.py, dpo.py, grpo.py, ...); only the parts that must behave identically live here. Loading and precision are
+`model/loading.py`; checkpoints and resume are `train/checkpoints.py`.
 """
 
 from __future__ import annotations
@@ -11,48 +11,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from components.core.io import atomic_dir
-from components.core.sharding import active, gradient_sync, is_sharded, shard_model
-from components.core.tokens import bucketed_batches
+from components.core.data.tokens import bucketed_batches
+from components.core.model.loading import resolve_mixed_precision
+from components.core.model.sharding import active, gradient_sync, is_sharded, shard_model
+from components.core.ops.io import atomic_dir
 
 log = logging.getLogger(__name__)
-
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; no update was applied and the last checkpoint is intact."""
 
-
 class DivergenceError(RuntimeError):
     """The loss or gradient norm exploded without going NaN; no update was applied, the last checkpoint is kept."""
-
-
-# ----------------------------------------------------------------------------- accelerator
-
-
-def resolve_mixed_precision(requested: str) -> str:
-    """`auto` = bf16 on a GPU that has it, else fp16 on GPU, fp32 ("no") on CPU."""
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
-def autocast(device: torch.device, mixed_precision: str):
-    """bf16/fp16 autocast on a GPU for code that runs outside an Accelerator (evaluation); fp32 on CPU.
-
-    Training loops use `accelerator.autocast()`, which reads the same resolved setting.
-    """
-    mp = resolve_mixed_precision(mixed_precision)
-    if device.type != "cuda" or mp == "no":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
-
 
 def make_accelerator(mixed_precision: str):
     """The Accelerator of a stage: process group, device, autocast, RNG/scheduler state in checkpoints.
@@ -81,10 +56,6 @@ def make_accelerator(mixed_precision: str):
         if saved is not None:
             os.environ["ACCELERATE_USE_FSDP"] = saved
 
-
-# ----------------------------------------------------------------------------- model placement
-
-
 def prepare_training(accelerator, model, learning_rate: float, weight_decay: float):
     """(model, optimizer) ready for the loop: DDP / single device through accelerate, or FSDP2 shards
     (the optimizer is built over the sharded parameters, as FSDP2 requires)."""
@@ -97,70 +68,6 @@ def prepare_training(accelerator, model, learning_rate: float, weight_decay: flo
     optimizer = make_optimizer(model, learning_rate, weight_decay)
     return accelerator.prepare(model, optimizer)
 
-
-def frozen_dtype(mixed_precision: str) -> torch.dtype:
-    """Weights of a model that is only scored (reference, evaluation, a LoRA base): bf16 on a GPU that trains
-    in bf16 (half the memory, the precision autocast computes in anyway), else fp32."""
-    on_gpu = torch.cuda.is_available()
-    return torch.bfloat16 if on_gpu and resolve_mixed_precision(mixed_precision) == "bf16" else torch.float32
-
-
-def load_model(path: str, trust_remote_code: bool = False, lora: dict | None = None, *, frozen: bool = False,
-               mixed_precision: str = "auto", gradient_checkpointing: bool | str = False):
-    """Causal LM in fp32 master weights (autocast supplies bf16/fp16 compute); `frozen` (scoring only) or the
-    base under LoRA in `frozen_dtype`. Optional LoRA via peft; gradient checkpointing (`auto` = above 100M)."""
-    from transformers import AutoModelForCausalLM
-
-    lora_on = bool(lora and lora.get("enabled"))
-    dtype = frozen_dtype(mixed_precision) if frozen or lora_on else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
-    model.config.use_cache = False
-    if frozen:
-        return model.requires_grad_(False).eval()
-    enable_gradient_checkpointing(model, gradient_checkpointing)
-    if lora_on:
-        from peft import LoraConfig, get_peft_model
-
-        if getattr(model, "is_gradient_checkpointing", False):
-            model.enable_input_require_grads()
-        model = get_peft_model(
-            model,
-            LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                       target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM"),
-        )
-    return model
-
-
-def enable_gradient_checkpointing(model, setting: bool | str) -> None:
-    """Recompute activations in backward when `setting` is true, or "auto" and the model is above 100M parameters."""
-    n_params = sum(p.numel() for p in model.parameters())
-    if setting is True or (setting == "auto" and n_params > 100e6):
-        # non-reentrant: works with DDP/FSDP and with inputs that do not require grad
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        log.info("gradient checkpointing on (%.0fM parameters)", n_params / 1e6)
-
-
-def stored_dtype(path: str) -> torch.dtype | None:
-    """The dtype a model's weights were stored in (config.json `dtype` / `torch_dtype`), if it says."""
-    import json
-
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return None
-    raw = json.loads(config.read_text())
-    name = raw.get("dtype") or raw.get("torch_dtype")
-    return getattr(torch, name, None) if isinstance(name, str) else None
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tok.pad_token_id is None:  # many base models ship without one; padding is masked anyway
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def make_optimizer(model, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
     # no decay on norms and biases (standard practice since GPT-2)
     decay, no_decay = [], []
@@ -169,7 +76,6 @@ def make_optimizer(model, learning_rate: float, weight_decay: float) -> torch.op
             (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
-
 
 def make_scheduler(optimizer, scheduler: str, warmup_steps: int, total_steps: int):
     def factor(step: int) -> float:
@@ -183,10 +89,6 @@ def make_scheduler(optimizer, scheduler: str, warmup_steps: int, total_steps: in
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ----------------------------------------------------------------------------- step plan
-
 
 def plan_steps(
     lengths: Sequence[int], global_batch: int, grad_accum: int, max_steps: int, epochs: int, seed: int, world: int
@@ -210,29 +112,24 @@ def plan_steps(
         if len(micro) >= total * grad_accum:
             return [micro[s * grad_accum : (s + 1) * grad_accum] for s in range(total)]
 
-
 def preference_plan(pairs: Sequence[dict], batch_size: int, grad_accum: int, max_steps: int, epochs: int, seed: int,
                     world: int) -> list[list[list[int]]]:
     """The dpo stage's plan over its tokenised pairs (`batch_size` per device). The reference stage computes the
     same plan to score only the pairs a run shorter than an epoch will see."""
-    from components.core.tokens import pair_length
+    from components.core.data.tokens import pair_length
 
     return plan_steps([pair_length(p) for p in pairs], batch_size * world, grad_accum, max_steps, epochs, seed, world)
-
 
 def planned_indices(plan: list[list[list[int]]]) -> list[int]:
     return sorted({i for step in plan for mb in step for i in mb})
 
-
 def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
     return list(indices[rank::world])
-
 
 def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Index batches in length order (little padding) for passes without gradients (evaluation, reference)."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-
 
 def even_shard(batches: Sequence[list[int]], rank: int, world: int) -> list[tuple[list[int], bool]]:
     """This rank's batches, round-robin, as (indices, is_padding): every rank gets the same number of
@@ -246,10 +143,6 @@ def even_shard(batches: Sequence[list[int]], rank: int, world: int) -> list[tupl
     mine = [(list(b), False) for b in batches[rank::world]]
     return mine + [(list(batches[0]), True)] * (per_rank - len(mine))
 
-
-# ----------------------------------------------------------------------------- guards
-
-
 def guard_finite(loss: torch.Tensor, step: int, ckpt_dir: Path) -> None:
     if not torch.isfinite(loss).all():
         raise NonFiniteLossError(
@@ -257,7 +150,6 @@ def guard_finite(loss: torch.Tensor, step: int, ckpt_dir: Path) -> None:
             f"Last good checkpoint (if any) is kept under {ckpt_dir}. Lower the learning rate, "
             f"check the data, or use mixed_precision=bf16 instead of fp16."
         )
-
 
 class DivergenceGuard:
     """Stops a run whose loss or gradient norm exceeds `factor` x its first-step value (floored at 1.0).
@@ -288,10 +180,6 @@ class DivergenceGuard:
                     f"value {first:.4g}; no update applied. Last good checkpoint (if any) is kept under "
                     f"{self.ckpt_dir}. Lower the learning rate (or raise *.divergence_factor if this is expected)."
                 )
-
-
-# ----------------------------------------------------------------------------- outputs
-
 
 def save_model_atomic(accelerator, model, tokenizer, out_dir: str, dtype: torch.dtype | None = None) -> None:
     """Write the final model (LoRA merged) into a temp dir and swap it in only when complete; in `dtype` when
@@ -336,57 +224,8 @@ def save_model_atomic(accelerator, model, tokenizer, out_dir: str, dtype: torch.
             config = json.loads((tmp / "config.json").read_text())
             (tmp / "config.json").write_text(json.dumps({**config, **fixes}, indent=2, sort_keys=True) + "\n")
 
-
-def progress(iterable_total: int, initial: int, desc: str, enabled: bool) -> Callable:
-    import sys
-
-    from tqdm.auto import tqdm
-
-    # in logs (dvc repro, Prefect) a bar redrawn 20 times a second is noise: redraw every 10 s there
-    interval = 0.1 if sys.stderr.isatty() else 10.0
-    return tqdm(total=iterable_total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
-                mininterval=interval)
-
-
-# ----------------------------------------------------------------------------- loop plumbing
-
-
 def maybe_no_sync(accelerator, model, sync: bool):
     """Skip the gradient all-reduce (FSDP: reduce-scatter) on all but the last micro-batch of a step."""
     if sync or accelerator.num_processes == 1:
         return contextlib.nullcontext()
     return gradient_sync(model, False) if is_sharded(model) else accelerator.no_sync(model)
-
-
-def maybe_crash(step: int) -> None:
-    """Fault injection for resume and retry tests: a hard exit (no clean-up, like SIGKILL) at a step.
-
-    ALIGNFLOW_CRASH_AT_STEP=N exits at step N. With ALIGNFLOW_CRASH_MARKER=<file> it does so only
-    while that file does not exist (it is created first), i.e. once: the retry then succeeds.
-    """
-    import os
-
-    if os.environ.get("ALIGNFLOW_CRASH_AT_STEP") != str(step):
-        return
-    marker = os.environ.get("ALIGNFLOW_CRASH_MARKER")
-    if marker:
-        if Path(marker).exists():
-            return
-        Path(marker).write_text(str(step))
-    log.error("ALIGNFLOW_CRASH_AT_STEP=%d: simulated crash", step)
-    os._exit(137)
-
-
-def stage_tracking(accelerator, stage: str, params: dict, inputs: list[str], enabled: bool):
-    """The stage's MLflow run on the main process; a no-op context elsewhere or when disabled."""
-    from components.core import tracking
-    from components.core.config import params_hash
-
-    return tracking.stage_run(stage, params, inputs, params_hash(params),
-                              enabled=enabled and accelerator.is_main_process)
-
-
-def log_step_metrics(run, row: dict, step: int) -> None:
-    from components.core import tracking
-
-    tracking.log_metrics(run, {k: v for k, v in row.items() if k != "step"}, step=step)

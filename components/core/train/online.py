@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from components.core import training
-from components.core.io import atomic_dir, read_jsonl, write_json
-from components.core.tokens import prompt_ids_for_generation
+from components.core.data.tokens import prompt_ids_for_generation
+from components.core.ops.io import atomic_dir, read_jsonl, write_json
+from components.core.train import loop
 
 log = logging.getLogger("alignflow.online")
 
@@ -235,7 +235,7 @@ def generate_groups(accelerator, model, tokenizer, prompts: list[Prompt], chosen
     G = cfg.num_generations
     chunks = [chosen[i : i + cfg.generation_batch_size] for i in range(0, len(chosen), cfg.generation_batch_size)]
     mine = []
-    for (c,), padding in training.even_shard([[c] for c in range(len(chunks))], rank, world):
+    for (c,), padding in loop.even_shard([[c] for c in range(len(chunks))], rank, world):
         if padding and not sharded:
             continue
         s = chunk_seed(seed, round_, attempt, c)

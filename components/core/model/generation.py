@@ -1,21 +1,18 @@
-"""Sampling from a policy: seeded, batched HF `generate`, and the held-out prompts to sample for.
+"""Sampling from a policy: seeded, batched HF `generate`, and the tokens that end a turn.
 
-evaluate generates with it for every policy; `alignflow promote` re-scores registered versions with
-`score_prompts`, so both see the same samples for the same model, prompts and seed.
+evaluate generates with it for every policy; `alignflow promote` re-scores registered versions through
+eval/judges.score_prompts, so both see the same samples for the same model, prompts and seed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import torch
 
-from components.core.io import read_jsonl
-from components.core.rewards import Judge
-from components.core.tokens import prompt_ids_for_generation
-from components.core.training import load_tokenizer, progress
+from components.core.data.tokens import prompt_ids_for_generation
+from components.core.model.loading import load_tokenizer
+from components.core.ops.logs import progress
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +22,9 @@ def _eos(tokenizer, generation_config) -> list[int]:
     ids |= set(configured) if isinstance(configured, list) else {configured}
     return sorted(i for i in ids if i is not None)
 
-
 def eos_ids(model, tokenizer) -> list[int]:
     """The tokens that end a turn: the tokenizer's eos and the model's generation config's."""
     return _eos(tokenizer, model.generation_config)
-
 
 def generation_eos(model_dir: str, tokenizer) -> list[int]:
     """eos_ids of a saved model without loading its weights (its generation_config.json, else the tokenizer's)."""
@@ -40,7 +35,6 @@ def generation_eos(model_dir: str, tokenizer) -> list[int]:
     except OSError:
         config = None
     return _eos(tokenizer, config)
-
 
 @torch.no_grad()
 def generate_tokens(
@@ -84,7 +78,6 @@ def generate_tokens(
     bar.close()
     return encoded, responses
 
-
 def generate_responses(
     model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, temperature: float, top_p: float,
     batch_size: int, seed: int, desc: str = "generate",
@@ -92,7 +85,6 @@ def generate_responses(
     """Response text per prompt (batched, left-padded, seeded per batch, greedy when temperature is 0)."""
     _, responses = generate_tokens(model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size, seed, desc)
     return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
-
 
 def load_eval_model(model_dir: str, trust_remote_code: bool = False):
     """A frozen causal LM for evaluation: on the GPU if there is one (bf16 weights where it has bf16: a frozen
@@ -104,38 +96,9 @@ def load_eval_model(model_dir: str, trust_remote_code: bool = False):
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code, dtype=dtype)
     return model.to("cuda" if on_gpu else "cpu").eval()
 
-
 def load_causal_lm(model_dir: str, trust_remote_code: bool = False):
     """(model, tokenizer) for evaluation (`load_eval_model`)."""
     return load_eval_model(model_dir, trust_remote_code), load_tokenizer(model_dir, trust_remote_code)
-
-
-def score_prompts(
-    model_dir: str, prompts: list[list[dict]], judge: Judge, *, max_new_tokens: int, temperature: float,
-    top_p: float, batch_size: int, seed: int,
-) -> tuple[list[str], list[float]]:
-    """Load the model in model_dir, generate one response per prompt, and judge each."""
-    model, tokenizer = load_causal_lm(model_dir)
-    texts = generate_responses(model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size, seed,
-                               desc=f"generate {Path(model_dir).name}")
-    return texts, [judge(p, t) for p, t in zip(prompts, texts, strict=True)]
-
-
-def eval_prompts(pref_eval_path: str, num_prompts: int) -> list[tuple[str, list[dict]]]:
-    """Held-out prompts (id, prompt messages): one per distinct prompt, ordered by record id, first num_prompts.
-
-    Ordering by id (a content hash) makes the subset independent of file order and a fair sample of
-    the file when num_prompts is smaller than it; 0 means all.
-    """
-    seen: set[str] = set()
-    out: list[tuple[str, list[dict]]] = []
-    for record in sorted(read_jsonl(pref_eval_path), key=lambda r: str(r["id"])):
-        key = json.dumps(record["prompt"], sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append((str(record["id"]), record["prompt"]))
-    return out[:num_prompts] if num_prompts else out
-
 
 def response_length(response_ids: list[int], eos: list[int]) -> int:
     """Generated tokens, the closing eos not counted."""

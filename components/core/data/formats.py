@@ -19,7 +19,7 @@ import json
 import re
 from collections.abc import Iterator
 
-from components.core.readers import DataError
+from components.core.data.readers import DataError
 
 REASONS = (
     "bad_utf8",

@@ -3,7 +3,7 @@ gradient sync and clipping over shards.
 
 alignflow applies torch's `fully_shard` itself instead of accelerate's FSDP plugin: accelerate ignores FSDP on
 CPU, so the sharded path could not otherwise be tested without GPUs. With this, the code that runs on GPUs
-(NCCL) is the code the tests run over gloo. Checkpoint shards are `core/checkpoints.py`; the optimizer over
+(NCCL) is the code the tests run over gloo. Checkpoint shards are `core/train/checkpoints.py`; the optimizer over
 shards and the final save are `core/training.py`.
 """
 

@@ -9,7 +9,7 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from components.core.stats import bootstrap_ci
+from components.core.algos.stats import bootstrap_ci
 
 # (metric read from the candidate's version tags, gate key of its upper bound)
 GUARDRAILS = (("eval/kl_to_reference", "max_kl"), ("eval/length_ratio", "max_length_ratio"))

@@ -31,8 +31,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from components.core.gate import gate_decision
-from components.core.lifeline import pid_alive
+from components.core.ops.lifeline import pid_alive
+from components.core.release.gate import gate_decision
 
 log = logging.getLogger("alignflow.registry")
 
@@ -57,7 +57,7 @@ def registry_client():
     """Registry client on the configured tracking URI (also set globally: artifact helpers read it)."""
     import mlflow
 
-    from components.core import tracking
+    from components.core.ops import tracking
 
     uri = tracking.tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -77,7 +77,7 @@ def sweep_promote_dirs(root: str | Path | None = None) -> list[Path]:
 
 
 def _lock_path(model_name: str) -> Path:
-    from components.core import tracking
+    from components.core.ops import tracking
 
     uri = tracking.tracking_uri()
     digest = hashlib.sha256(f"{uri}\0{model_name}".encode()).hexdigest()[:16]
@@ -183,7 +183,7 @@ def _cached_scores(client, run_id: str, artifact: str) -> list[float] | None:
 def score_version(client, name: str, version, prompts: list[tuple[str, list[dict]]], judge, settings: dict,
                   digest: str, work_dir: str) -> list[float]:
     """Per-prompt judge scores of a version on prompts, cached as an artifact of the version's run."""
-    from components.core.generation import score_prompts
+    from components.core.eval.judges import score_prompts
 
     artifact = f"{SCORES_DIR}/v{version.version}-{digest}.json"
     cached = _cached_scores(client, version.run_id, artifact) if version.run_id else None
@@ -253,8 +253,7 @@ def promote(
     if champion is None:
         decision = gate_decision(None, None, metrics, gate, bootstrap_samples, seed)
     else:
-        from components.core.generation import eval_prompts
-        from components.core.rewards import load_judge
+        from components.core.eval.judges import eval_prompts, load_judge
 
         if not Path(pref_eval_path).exists():
             raise FileNotFoundError(f"{pref_eval_path}: no held-out prompts to compare on (dvc repro prepare)")

@@ -1,8 +1,8 @@
 """Token ids from canonical records: chat templating, label masks, truncation, batches and padding.
 
-prepare encodes each record once with these (`encode_chat`) and stores the ids (`core/tokenized.py`); the
+prepare encodes each record once with these (`encode_chat`) and stores the ids (`core/data/token_store.py`); the
 training and scoring stages read those ids, so every stage sees the same tokens for the same record.
-Log-probs of those tokens are `core/scoring.py`.
+Log-probs of those tokens are `core/model/logprobs.py`.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ class TokenBatch:
     """Right-padded causal-LM batch. labels hold IGNORE_INDEX where no loss is taken."""
 
     input_ids: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, T), or (B, 1, T, T) bool for packed rows (core/packing.py)
+    attention_mask: torch.Tensor  # (B, T), or (B, 1, T, T) bool for packed rows (core/data/packing.py)
     labels: torch.Tensor  # (B, T)
     position_ids: torch.Tensor | None = None  # packed rows: restarting at each example
     packed_tokens: int | None = None  # packed rows: their real tokens (the 4D mask does not count them)

@@ -1,0 +1,26 @@
+"""Fault injection for the resume and retry tests: a hard exit at a chosen training step."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+def maybe_crash(step: int) -> None:
+    """Fault injection for resume and retry tests: a hard exit (no clean-up, like SIGKILL) at a step.
+
+    ALIGNFLOW_CRASH_AT_STEP=N exits at step N. With ALIGNFLOW_CRASH_MARKER=<file> it does so only
+    while that file does not exist (it is created first), i.e. once: the retry then succeeds.
+    """
+    import os
+
+    if os.environ.get("ALIGNFLOW_CRASH_AT_STEP") != str(step):
+        return
+    marker = os.environ.get("ALIGNFLOW_CRASH_MARKER")
+    if marker:
+        if Path(marker).exists():
+            return
+        Path(marker).write_text(str(step))
+    log.error("ALIGNFLOW_CRASH_AT_STEP=%d: simulated crash", step)
+    os._exit(137)
