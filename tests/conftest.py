@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+# test modules share helpers by name (`from test_prepare import records`, `from test_training import stage`) from
+# whichever directory they sit in
+for _dir in ("unit", "integration"):
+    sys.path.insert(0, str(Path(__file__).parent / _dir))
 
 
 @pytest.fixture(scope="session")

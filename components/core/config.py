@@ -2,7 +2,10 @@
 
 `load_params("params.yaml")` fails at start with a message naming the offending key
 (`dpo.beta: Input should be greater than 0`), so a typo never silently trains with a default.
-Stages take their section; the small pure functions below them take flat arguments.
+Stages take their section (and `Runtime`, the few settings they read from other sections); the small pure
+functions below them take flat arguments.
+
+Why this file is long: it is params.yaml's schema, one model per section, read side by side with the file.
 """
 
 from __future__ import annotations
@@ -357,6 +360,23 @@ class Params(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     # "register" would shadow a pydantic attribute; the params file still says `register:`.
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")
+
+
+class Runtime(Strict):
+    """What a stage reads from outside its own section: the seed, `compute.mixed_precision`,
+    `model.trust_remote_code` and the data lengths. Stages take it beside their section:
+    `run(cfg: <Section>Config, *, <paths>, runtime: Runtime, track: bool) -> dict`."""
+
+    seed: int = 1234
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    trust_remote_code: bool = False
+    max_length: int = Field(128, gt=0)
+    max_prompt_length: int = Field(96, gt=0)
+
+    @classmethod
+    def of(cls, p: Params) -> Runtime:
+        return cls(seed=p.seed, mixed_precision=p.compute.mixed_precision, trust_remote_code=p.model.trust_remote_code,
+                   max_length=p.data.max_length, max_prompt_length=p.data.max_prompt_length)
 
 
 class ParamsError(ValueError):

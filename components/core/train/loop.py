@@ -143,6 +143,17 @@ def even_shard(batches: Sequence[list[int]], rank: int, world: int) -> list[tupl
     mine = [(list(b), False) for b in batches[rank::world]]
     return mine + [(list(batches[0]), True)] * (per_rank - len(mine))
 
+def reduce_sums(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each named scalar summed over all processes, in one all-reduce. Keys are stacked in sorted order, so every
+    rank sends the same layout whatever order it filled its dict in."""
+    keys = sorted(sums)
+    stacked = accelerator.reduce(torch.stack([sums[k].float() for k in keys]), reduction="sum")
+    return dict(zip(keys, stacked, strict=True))
+
+
+# ----------------------------------------------------------------------------- guards
+
+
 def guard_finite(loss: torch.Tensor, step: int, ckpt_dir: Path) -> None:
     if not torch.isfinite(loss).all():
         raise NonFiniteLossError(

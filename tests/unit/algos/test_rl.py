@@ -1,4 +1,5 @@
-"""GRPO math (core/algos/rl.py) against hand-computed values, and against TRL 1.16's GRPO loss on the same inputs."""
+"""algos/rl.py against hand-computed values and TRL: GRPO-family advantages, surrogate, KL and aggregation; GAE,
+whitening, PPO's clipped policy and value losses, the RLOO baseline and the adaptive KL controller."""
 
 from __future__ import annotations
 
@@ -8,14 +9,6 @@ import pytest
 import torch
 
 from components.core.algos import rl
-from components.core.algos.reward_functions import (
-    final_number,
-    load_reward_function,
-    numeric_reward,
-    reward_identity,
-)
-
-# ----------------------------------------------------------------------------- advantages
 
 
 def test_group_advantages_each_scale_by_hand():
@@ -32,9 +25,6 @@ def test_group_advantages_each_scale_by_hand():
     assert rl.zero_std_groups(group_std, 2).tolist() == [False, True]
     with pytest.raises(ValueError, match="groups of 3"):
         rl.group_advantages(r, 3, "group")
-
-
-# ----------------------------------------------------------------------------- surrogate, KL, aggregation
 
 
 def test_clipped_surrogate_clips_low_and_high_by_hand():
@@ -88,9 +78,6 @@ def test_micro_batch_shares_sum_to_the_global_loss(loss_type):
     torch.testing.assert_close(parts, rl.aggregate(loss, mask, loss_type, whole))
 
 
-# ----------------------------------------------------------------------------- parity with TRL
-
-
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_loss_matches_trl_grpo_trainer(loss_type, beta):
@@ -135,109 +122,95 @@ def test_loss_matches_trl_grpo_trainer(loss_type, beta):
     torch.testing.assert_close(rl.aggregate(out.per_token_loss, mask, loss_type, totals), expected)
 
 
-# ----------------------------------------------------------------------------- reward functions
+def test_gae_by_hand():
+    # one sequence of 3 tokens, gamma 0.9, lam 0.5; values V = [1, 2, 3], rewards r = [0, 0, 10]
+    rewards = torch.tensor([[0.0, 0.0, 10.0]])
+    values = torch.tensor([[1.0, 2.0, 3.0]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    adv, ret = rl.gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    d2 = 10.0 - 3.0  # next value past the end is 0
+    d1 = 0.0 + 0.9 * 3.0 - 2.0
+    d0 = 0.0 + 0.9 * 2.0 - 1.0
+    a2 = d2
+    a1 = d1 + 0.9 * 0.5 * a2
+    a0 = d0 + 0.9 * 0.5 * a1
+    torch.testing.assert_close(adv, torch.tensor([[a0, a1, a2]]))
+    torch.testing.assert_close(ret, torch.tensor([[a0 + 1, a1 + 2, a2 + 3]]))
 
 
-def test_reward_functions_by_hand():
-    prompt = [{"role": "user", "content": "Sort ascending: 3 1 2"}]
-    assert load_reward_function("sorting")(prompt, "1 2 3", "") == 1.0
-    assert load_reward_function("sorting")(prompt, "1 3 2", "") == pytest.approx(1 / 3)
-    assert load_reward_function("exact_match")(prompt, " 1 2 3\n", "1 2 3") == 1.0
-    assert load_reward_function("exact_match")(prompt, "1 2", "1 2 3") == 0.0
-    assert load_reward_function("format")(prompt, "<think>hm</think>\n<answer>4</answer>", "") == 1.0
-    assert load_reward_function("format")(prompt, "<answer>4</answer>", "") == 0.0
-    assert final_number("so 3 + 4 = 7 #### 7") == "7" and final_number("the answer is \\boxed{1,234}") == "1234"
-    assert numeric_reward(prompt, "I think it is 42.", "steps... #### 42") == 1.0
-    assert numeric_reward(prompt, "no idea", "#### 42") == 0.0
-    assert reward_identity("sorting") != reward_identity("exact_match")
-    assert reward_identity("sorting") == reward_identity("sorting")
-    with pytest.raises(ValueError, match="unknown reward"):
-        load_reward_function("nonsense")
+def test_gae_stops_at_each_sequence_end():
+    # second row has 2 real tokens: its last reward sits at t = 1, and position 2 (padding) contributes nothing
+    rewards = torch.tensor([[0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.25, 99.0]])  # the padded value must be ignored
+    mask = torch.tensor([[True, True, False]])
+    adv, ret = rl.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # lam = gamma = 1: A_t = sum of future rewards - V_t
+    torch.testing.assert_close(adv, torch.tensor([[1.0 - 0.5, 1.0 - 0.25, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[1.0, 1.0, 0.0]]))
 
 
-# ----------------------------------------------------------------------------- dynamic sampling (DAPO)
+def test_masked_whiten_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    out = rl.masked_whiten(x, mask)
+    # mean 2, unbiased var 1 over the three masked entries
+    torch.testing.assert_close(out[0, :3], torch.tensor([-1.0, 0.0, 1.0]) / math.sqrt(1 + 1e-8))
+    kept = rl.masked_whiten(x, mask, shift_mean=False)
+    torch.testing.assert_close(kept[0, :3], torch.tensor([1.0, 2.0, 3.0]), atol=1e-6, rtol=0)  # var 1: scale 1
 
 
-def _batches(*flags_per_call):
-    """A fake generator: call k returns groups whose zero_std flags are flags_per_call[k]."""
-    calls = []
-
-    def generate(attempt, need):
-        flags = flags_per_call[len(calls)]
-        calls.append((attempt, need))
-        return [{"id": f"{attempt}.{i}", "zero_std": z} for i, z in enumerate(flags[:need])]
-
-    return generate, calls
-
-
-def test_dynamic_sampling_drops_zero_std_groups_and_refills():
-    from components.core.train.online import collect_round
-
-    generate, calls = _batches([True, False, True, False], [False, True], [False])
-    groups, kept, frac = collect_round(generate, 4, dynamic=True, max_resample_rounds=3)
-    # 2 kept of 4, then 2 more asked (1 kept), then 1 more asked (kept): 4 in all
-    assert calls == [(0, 4), (1, 2), (2, 1)]
-    assert [g["id"] for g in kept] == ["0.1", "0.3", "1.0", "2.0"]
-    assert len(groups) == 7 and frac == 0.5
+def test_token_kl_and_ppo_rewards_by_hand():
+    logp = torch.log(torch.tensor([[0.5, 0.25]]))
+    ref = torch.log(torch.tensor([[0.25, 0.25]]))
+    k1 = rl.token_kl(logp, ref, "k1")
+    torch.testing.assert_close(k1, torch.tensor([[math.log(2), 0.0]]))
+    k3 = rl.token_kl(logp, ref, "k3")  # exp(ref - logp) - (ref - logp) - 1 = 0.5 + ln 2 - 1
+    torch.testing.assert_close(k3, torch.tensor([[0.5 + math.log(2) - 1, 0.0]]))
+    with pytest.raises(ValueError, match="k1 or k3"):
+        rl.token_kl(logp, ref, "k2")
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    kl = torch.tensor([[1.0, 2.0, 7.0], [4.0, 7.0, 7.0]])
+    r = rl.ppo_token_rewards(torch.tensor([10.0, 20.0]), kl, mask, kl_coef=0.1)
+    # -0.1 * KL on real tokens, the score added at each row's last real token, 0 on padding
+    torch.testing.assert_close(r, torch.tensor([[-0.1, -0.2 + 10.0, 0.0], [-0.4 + 20.0, 0.0, 0.0]]))
 
 
-def test_dynamic_sampling_gives_up_after_max_rounds_and_without_it_keeps_all():
-    from components.core.train.online import collect_round
-
-    generate, calls = _batches([True, True], [True, True], [True, True])
-    groups, kept, frac = collect_round(generate, 2, dynamic=True, max_resample_rounds=2)
-    assert len(calls) == 3 and frac == 1.0 and [g["id"] for g in kept] == ["2.0", "2.1"]  # the last batch
-    generate, calls = _batches([True, False])
-    groups, kept, frac = collect_round(generate, 2, dynamic=False, max_resample_rounds=3)
-    assert calls == [(0, 2)] and len(kept) == 2 and frac == 0.5
-
-
-def test_sampling_runs_each_prompt_once_for_its_group_and_samples_as_plain_generate(monkeypatch):
-    """sample_chunk prefills a prompt once for its G completions (shared_prompt_cache): the same ids and
-    sampler log-probs as generate's own prefill of G copies, with prompts of different lengths (left padding)."""
-    from types import SimpleNamespace
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from components.core.train import online
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).eval()
-    prompts = [online.Prompt(id=str(i), messages=[], answer="", ids=ids)
-               for i, ids in enumerate([[5, 6, 7, 8, 9], [11, 12], [3, 4, 13, 14, 15, 16, 17]])]
-    cfg = SimpleNamespace(num_generations=4, max_completion_length=6, temperature=1.0, top_p=1.0)
-    calls = []
-    real = online.shared_prompt_cache
-
-    def counting(model, input_ids, attention, repeats, synced=False):
-        cache = real(model, input_ids, attention, repeats, synced)
-        calls.append((tuple(input_ids.shape), repeats, cache.get_seq_length(), cache.layers[0].keys.shape[0]))
-        return cache
-
-    monkeypatch.setattr(online, "shared_prompt_cache", counting)
-    shared = online.sample_chunk(model, None, prompts, cfg, seed=3, eos=[1], pad_id=0)
-    # one prefill row per prompt, all but its last token; the cache then holds one row per completion
-    assert calls == [((3, 7), 4, 6, 12)]
-    monkeypatch.setattr(online, "shared_prompt_cache", lambda *args: None)
-    plain = online.sample_chunk(model, None, prompts, cfg, seed=3, eos=[1], pad_id=0)
-    assert len(shared) == len(plain) == 12
-    for a, b in zip(shared, plain, strict=True):
-        assert a["ids"] == b["ids"] and a["truncated"] == b["truncated"]
-        assert a["sampler_logps"] == pytest.approx(b["sampler_logps"], abs=1e-5)
+def test_ppo_policy_loss_clips_by_hand():
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[0.5, 1.0, 1.5]]))  # ratios 0.5, 1, 1.5
+    loss, clipped = rl.ppo_policy_losses(logp, old, torch.tensor([[1.0, 1.0, 1.0]]), cliprange=0.2)
+    # A > 0: max(-A r, -A clip(r)) = -A min(r, clip(r)): -0.5, -1, -1.2
+    torch.testing.assert_close(loss, torch.tensor([[-0.5, -1.0, -1.2]]))
+    assert clipped.tolist() == [[False, False, True]]
+    loss, clipped = rl.ppo_policy_losses(logp, old, torch.tensor([[-1.0, -1.0, -1.0]]), cliprange=0.2)
+    # A < 0: max(r, clip(r)): 0.8 (clipped up), 1, 1.5
+    torch.testing.assert_close(loss, torch.tensor([[0.8, 1.0, 1.5]]))
+    assert clipped.tolist() == [[True, False, False]]
 
 
-def test_no_shared_prefill_for_a_model_that_picks_its_own_cache_or_one_token_prompts():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_ppo_value_loss_clips_by_hand():
+    old = torch.tensor([[0.0, 0.0]])
+    new = torch.tensor([[1.0, 0.1]])
+    returns = torch.tensor([[2.0, 2.0]])
+    loss, clipped = rl.ppo_value_losses(new, old, returns, cliprange_value=0.2)
+    # token 0: unclipped (1-2)^2 = 1, clipped V = 0.2: (0.2-2)^2 = 3.24 -> max 3.24, * 0.5
+    # token 1: inside the range: both (0.1-2)^2 = 3.61
+    torch.testing.assert_close(loss, 0.5 * torch.tensor([[3.24, 3.61]]))
+    assert clipped.tolist() == [[True, False]]
 
-    from components.core.train import online
 
-    config = LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
-    model = LlamaForCausalLM(config).eval()
-    ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
-    assert online.shared_prompt_cache(model, ids, mask, 4) is not None
-    assert online.shared_prompt_cache(model, ids[:, :1], mask[:, :1], 4) is None
-    model.generation_config.cache_implementation = "static"  # generate refuses a cache of ours beside it
-    assert online.shared_prompt_cache(model, ids, mask, 4) is None
+def test_rloo_baseline_by_hand():
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0])  # two groups of 3
+    adv = rl.rloo_advantages(r, 3)
+    # 1 - (2+3)/2, 2 - (1+3)/2, 3 - (1+2)/2; 6 - 0, 0 - 3, 0 - 3
+    torch.testing.assert_close(adv, torch.tensor([-1.5, 0.0, 1.5, 6.0, -3.0, -3.0]))
+    with pytest.raises(ValueError, match="at least 2"):
+        rl.rloo_advantages(r, 1)
+
+
+def test_adaptive_kl_controller_by_hand():
+    ctl = rl.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    ctl.update(current_kl=9.0, n_steps=10)  # error clip(9/6 - 1) = 0.2: x (1 + 0.2 * 10 / 100)
+    assert ctl.value == pytest.approx(0.1 * 1.02)
+    ctl.update(current_kl=5.4, n_steps=10)  # error -0.1
+    assert ctl.value == pytest.approx(0.1 * 1.02 * 0.99)

@@ -1,4 +1,4 @@
-"""Label masking, batching, the step plan and the shared-prompt log-prob path."""
+"""model/logprobs.py: sequence log-probs, shared-prompt and group rows against separate rows, the hidden-state path."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from components.core import sorting
 from components.core.data import tokens
 from components.core.data.tokens import IGNORE_INDEX
 from components.core.model import logprobs
-from components.core.train import loop
 
 
 @pytest.fixture(scope="module")
@@ -18,65 +17,6 @@ def tiny():
     tok = bootstrap.build_tokenizer(sorting.corpus(3, 4, 9, seed=1), 300)
     model = bootstrap.build_model(tok, 32, 2, 2, 1, 64, 128, seed=1).eval()
     return tok, model
-
-
-def test_encode_chat_trains_on_assistant_turns_only(tiny):
-    tok, _ = tiny
-    messages = [
-        {"role": "user", "content": "Sort ascending: 3 1"},
-        {"role": "assistant", "content": "1 3"},
-        {"role": "user", "content": "Sort ascending: 2 0"},
-        {"role": "assistant", "content": "0 2"},
-    ]
-    ids, mask = tokens.encode_chat(tok, messages)
-    trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
-    assert trained == "1 3<|im_end|>\n0 2<|im_end|>\n"
-    assert tok.decode(ids) == tokens.render(tok, messages)
-
-
-def test_prompt_response_split_is_a_token_boundary(tiny):
-    tok, _ = tiny
-    prompt = [{"role": "user", "content": "Sort ascending: 5 4"}]
-    p, r = tokens.encode_prompt_response(tok, prompt, [{"role": "assistant", "content": "4 5"}])
-    assert p == tokens.prompt_ids_for_generation(tok, prompt)
-    assert tok.decode(r) == "4 5<|im_end|>\n"
-
-
-def test_bucketed_batches_cover_everything_once_and_are_deterministic():
-    lengths = [i % 17 for i in range(1000)]
-    a = tokens.bucketed_batches(lengths, 32, seed=3, epoch=0)
-    assert a == tokens.bucketed_batches(lengths, 32, seed=3, epoch=0)
-    assert a != tokens.bucketed_batches(lengths, 32, seed=3, epoch=1)
-    assert sorted(i for b in a for i in b) == list(range(1000))
-    # bucketing: the length spread inside a batch is far below the global spread (16)
-    spreads = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a]
-    assert sum(spreads) / len(spreads) < 3
-
-
-def test_plan_steps_accumulation_and_epochs():
-    plan = loop.plan_steps([5] * 100, global_batch=10, grad_accum=2, max_steps=0, epochs=2, seed=0, world=1)
-    assert len(plan) == 10 and all(len(step) == 2 for step in plan)
-    assert sorted(i for step in plan[:5] for mb in step for i in mb) == list(range(100))
-    capped = loop.plan_steps([5] * 100, 10, 1, max_steps=25, epochs=1, seed=0, world=1)
-    assert len(capped) == 25  # runs into a second epoch
-    with pytest.raises(ValueError, match="not enough"):
-        loop.plan_steps([5], 1, 1, 1, 1, 0, world=2)
-
-
-def test_even_shard_gives_every_process_the_same_number_of_batches():
-    batches = [[0, 1], [2, 3], [4, 5], [6]]
-    assert loop.even_shard(batches, 0, 3) == [([0, 1], False), ([6], False)]
-    assert loop.even_shard(batches, 1, 3) == [([2, 3], False), ([0, 1], True)]
-    assert loop.even_shard(batches, 2, 3) == [([4, 5], False), ([0, 1], True)]
-    assert loop.even_shard(batches, 0, 1) == [(b, False) for b in batches]
-    assert loop.even_shard([[7]], 1, 2) == [([7], True)]  # fewer batches than processes
-    assert loop.even_shard([], 0, 2) == []
-
-
-def test_deepspeed_launch_is_refused_with_the_reason(monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ValueError, match="DeepSpeed launch configs are not supported.*accelerate_config: fsdp"):
-        loop.make_accelerator("no")
 
 
 def test_sequence_logps_hand_computed():

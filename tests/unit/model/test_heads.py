@@ -1,13 +1,48 @@
-"""Reward / value heads (core/heads.py) on a tiny random Llama sequence-classification model: the score is read
-where Hugging Face's own pooling (and so TRL's RewardTrainer) reads it, the shared-prompt layout equals separate
-rows, and the values sit at the positions that predict each response token."""
+"""model/heads.py: scalar heads (reward and value models), the Bradley-Terry loss against TRL, calibration."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from components.core.model import heads
+
+
+def test_bradley_terry_matches_trl_reward_trainer():
+    torch.manual_seed(0)
+    rc, rr = torch.randn(6), torch.randn(6)
+    margin = torch.rand(6)
+    # TRL 1.16 RewardTrainer.compute_loss, written out: mean over the batch, then the centring term
+    trl = -torch.nn.functional.logsigmoid(rc - rr - margin).mean() + 0.01 * torch.mean((rc + rr) ** 2)
+    ours = heads.bradley_terry_losses(rc, rr, margin, 0.01).mean()
+    torch.testing.assert_close(ours, trl)
+    plain = heads.bradley_terry_losses(torch.tensor([1.0]), torch.tensor([0.0]))
+    torch.testing.assert_close(plain, torch.tensor([math.log(1 + math.exp(-1.0))]))
+
+
+def test_bradley_terry_gradient_of_accumulated_shares_equals_the_batch_loss():
+    rc = torch.tensor([0.3, -0.2, 1.0, 0.5], requires_grad=True)
+    rr = torch.tensor([0.1, 0.4, -1.0, 0.5], requires_grad=True)
+    heads.bradley_terry_losses(rc, rr, None, 0.05).mean().backward()
+    whole = rc.grad.clone()
+    rc.grad = None
+    for sl in (slice(0, 1), slice(1, 4)):  # micro-batches of 1 and 3, each its share of the global mean
+        (heads.bradley_terry_losses(rc[sl], rr[sl], None, 0.05).sum() / 4).backward()
+    torch.testing.assert_close(rc.grad, whole)
+
+
+def test_reliability_counts_each_pair_both_ways():
+    calib = heads.reliability([2.0, 0.0], [0.0, 0.0], bins=10)
+    p = 1 / (1 + math.exp(-2.0))  # 0.881: bin 8, observed 1; its mirror 0.119 in bin 1, observed 0
+    bins = {(round(b["low"], 1)): b for b in calib["bins"]}
+    assert bins[0.8]["count"] == 1 and bins[0.8]["observed"] == 1.0 and bins[0.8]["predicted"] == pytest.approx(p)
+    assert bins[0.1]["count"] == 1 and bins[0.1]["observed"] == 0.0
+    assert bins[0.5]["count"] == 2 and bins[0.5]["observed"] == 0.5  # a tie: 0.5 both ways, one right one wrong
+    # ECE: (|p - 1| + |1 - p - 0| + 2 * 0) / 4
+    assert calib["ece"] == pytest.approx(2 * (1 - p) / 4)
+
 
 PAD = 0
 

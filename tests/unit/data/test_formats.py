@@ -268,14 +268,14 @@ def test_a_file_that_loses_more_than_the_threshold_fails(tmp_path, tiny_tokenize
 
 
 def test_readme_format_table_lists_every_format():
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     from components.core.data.formats import FORMATS
 
     for name in FORMATS:
         assert f"`{name}`" in readme, f"README format table: add {name}"
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "data").iterdir()
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[2] / "data").iterdir()
                                         if p.suffix in (".json", ".jsonl") and not p.name.startswith(("bad_", "broken"))))
 def test_every_fixture_loads(tmp_path, tiny_tokenizer_dir, name):
     if name in ("some_invalid_json.jsonl", "custom_columns.jsonl"):

@@ -18,7 +18,7 @@ from components.core.data.formats import conversations
 from components.core.data.tokens import IGNORE_INDEX, encode_chat, pair_token_hash, tokenize_pair
 from components.core.ops.io import read_jsonl
 
-FIXTURES = Path(__file__).parents[1] / "data"
+FIXTURES = Path(__file__).parents[2] / "data"
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ import yaml
 
 from components.core.ops import launch
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _params(tmp_path: Path, **sections) -> Path:
