@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 import json
 import os
 import platform
@@ -255,28 +254,24 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
     for name in ("pref_train.jsonl", "pref_eval.jsonl"):
         shutil.copy(Path(spec["data_dir"]) / name, data_dir / name)
     harness.prepare_aside(data_dir, spec["model"])
-    ref_kwargs = {}
-    if "metrics_path" in inspect.signature(reference.run).parameters:  # keep the pipeline's metrics/ untouched
-        ref_kwargs["metrics_path"] = str(work / "reference_metrics.json")
-    if "plan" in inspect.signature(reference.run).parameters:  # reference.pairs: planned, as the pipeline runs it
-        ref_kwargs["plan"] = {"batch_size": spec["batch_size"], "grad_accum": 1, "max_steps": spec["steps"],
-                              "epochs": 1, "seed": spec["seed"]}
-    dpo_kwargs = {"gradient_checkpointing": spec["gradient_checkpointing"]}
-    ref = reference.run(model_path=spec["model"], data_dir=str(data_dir), out_dir=str(work / "ref_logps"),
-                        max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"],
-                        batch_size=spec["ref_batch_size"], mixed_precision=mp, **ref_kwargs)
-    t1 = time.perf_counter()
-    from components.core.config import DPOConfig
+    from components.core.config import DPOConfig, ReferenceConfig, Runtime
 
     cfg = DPOConfig(loss="sigmoid", beta=spec["beta"], rpo_alpha=0.0, max_steps=spec["steps"],
                     batch_size=spec["batch_size"], grad_accum=1, learning_rate=spec["lr"], weight_decay=0.0,
                     warmup_ratio=0.1, scheduler="cosine", max_grad_norm=1.0, eval_every=10**9, save_every=10**9,
-                    log_every=spec["steps"], **dpo_kwargs)
+                    log_every=spec["steps"], gradient_checkpointing=spec["gradient_checkpointing"])
+    runtime = Runtime(seed=spec["seed"], mixed_precision=mp, max_length=spec["max_length"],
+                      max_prompt_length=spec["max_prompt_length"])
+    # reference.pairs: planned, as the pipeline runs it (the training pairs of dpo's plan, and every eval pair);
+    # its metrics file aside, to keep the pipeline's metrics/ untouched
+    ref = reference.run(ReferenceConfig(batch_size=spec["ref_batch_size"]), dpo=cfg, model_path=spec["model"],
+                        data_dir=str(data_dir), out_dir=str(work / "ref_logps"),
+                        metrics_path=str(work / "reference_metrics.json"), runtime=runtime)
+    t1 = time.perf_counter()
     final = dpo.run(
         cfg, model_path=spec["model"], data_dir=str(data_dir), reference_dir=str(work / "ref_logps"),
         out_dir=str(work / "model"), metrics_path=str(work / "metrics.json"), plots_path=str(work / "plots.csv"),
-        checkpoint_dir=str(work / "checkpoints"), max_length=spec["max_length"],
-        max_prompt_length=spec["max_prompt_length"], mixed_precision=mp, seed=spec["seed"], track=False,
+        checkpoint_dir=str(work / "checkpoints"), runtime=runtime, track=False,
     )
     t2, c2 = time.perf_counter(), cpu_seconds()
     peak_rss = harness.peak_rss_bytes()  # before the token replay below; the tokenising process's peak if larger
@@ -307,7 +302,7 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
         "reference_pairs_scored": len(scored) + len(eval_pairs),
         "shared_prompt": shared,
         "pairs_trained": len(trained), "distinct_pairs_trained": len(set(trained)), "pairs_in_data": len(pairs),
-        "gradient_checkpointing": dpo_kwargs.get("gradient_checkpointing", "unsupported"),
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         "peak_rss_work_bytes": peak_rss, "final_loss": final["loss"], "reference_summary": ref,
     }
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 def child_ours(spec: dict, work: Path) -> dict:
     from components import grpo
-    from components.core.config import GRPOConfig
+    from components.core.config import GRPOConfig, Runtime
 
     cfg = GRPOConfig(max_steps=spec["steps"], prompts_per_step=spec["prompts"], num_generations=spec["G"],
                      generation_batch_size=spec["prompts"], micro_batch_size=spec["prompts"] * spec["G"],
@@ -48,7 +48,7 @@ def child_ours(spec: dict, work: Path) -> dict:
     final = grpo.run(cfg, model_path=spec["model"], data_dir=str(data), out_dir=str(work / "model"),
                      rollouts_dir=str(work / "rollouts"), metrics_path=str(work / "metrics.json"),
                      plots_path=str(work / "plots.csv"), checkpoint_dir=str(work / "ckpt"),
-                     max_prompt_length=spec["max_prompt_length"], seed=spec["seed"], track=False)
+                     runtime=Runtime(seed=spec["seed"], max_prompt_length=spec["max_prompt_length"]), track=False)
     return {"generated_tokens": final["generated_tokens"],
             "reward_first": final["reward_first"], "reward_last": final["reward"]}
 

@@ -71,16 +71,19 @@ def records_dir(work: Path, records: list[dict]) -> Path:
     return data
 
 
-def ours_ppo(cfg, mode: str, spec: dict, work: Path) -> tuple[dict, dict]:
-    """Our `ppo` stage in `mode` ("ppo" or "rloo") on the job's records, everything written under `work`, as
-    the ppo and rloo benchmarks run it. Returns (the stage's final metrics, the result keys both report)."""
-    from components import ppo
+def ours_ppo(cfg, stage: str, spec: dict, work: Path) -> tuple[dict, dict]:
+    """Our `ppo` or `rloo` stage (`stage`) on the job's records, everything written under `work`, as the ppo and
+    rloo benchmarks run it. Returns (the stage's final metrics, the result keys both report)."""
+    import importlib
 
-    final = ppo.run(cfg, mode, model_path=spec["model"], reward_model_path=spec["reward_model"],
-                    data_dir=str(records_dir(work, spec["records"])), out_dir=str(work / "model"),
-                    rollouts_dir=str(work / "rollouts"), metrics_path=str(work / "metrics.json"),
-                    plots_path=str(work / "plots.csv"), checkpoint_dir=str(work / "ckpt"),
-                    max_prompt_length=spec["max_prompt_length"], seed=spec["seed"], track=False)
+    from components.core.config import Runtime
+
+    final = importlib.import_module(f"components.{stage}").run(
+        cfg, model_path=spec["model"], reward_model_path=spec["reward_model"],
+        data_dir=str(records_dir(work, spec["records"])), out_dir=str(work / "model"),
+        rollouts_dir=str(work / "rollouts"), metrics_path=str(work / "metrics.json"), plots_path=str(work / "plots.csv"),
+        checkpoint_dir=str(work / "ckpt"), runtime=Runtime(seed=spec["seed"], max_prompt_length=spec["max_prompt_length"]),
+        track=False)
     result = {"generated_tokens": final["generated_tokens"], "score_first": final["objective/scores_first"],
               "score_last": final["objective/scores"], "true_reward_first": final["true_reward_first"],
               "true_reward_last": final["true_reward"], "kl_last": final["objective/kl"],

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["bootstrap", "synthesize", "sources", "prepare", "sft", "reference", "dpo", "grpo", "reward_model",
-          "ppo@ppo", "ppo@rloo", "evaluate", "register"]
+          "ppo", "rloo", "evaluate", "register"]
 POLICIES = ("eval/", "eval/grpo/", "eval/ppo/", "eval/rloo/")
 HEADLINE = ("reward_mean", "reward_delta", "reward_delta_ci_low", "reward_delta_ci_high", "reward_eq_1",
             "win_rate_vs_sft", "win_rate_vs_dpo", "kl_to_reference", "length_ratio", "rm_score_mean")

@@ -1,4 +1,4 @@
-"""Our `ppo` stage in `ppo` mode against TRL 0.26's experimental `PPOTrainer` on the same job: wall time, tokens/s, memory.
+"""Our `ppo` stage against TRL 0.26's experimental `PPOTrainer` on the same job: wall time, tokens/s, memory.
 
     .venv/bin/python benchmarks/ppo_vs_trl.py                                     # CPU, 20 steps x 16 prompts, 2 rounds
     .venv/bin/python benchmarks/ppo_vs_trl.py --steps 2 --rounds 1 --out /tmp/ppo_smoke.json   # smoke

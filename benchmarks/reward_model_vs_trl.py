@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 def child_ours(spec: dict, work: Path) -> dict:
     from components import reward_model
-    from components.core.config import RewardModelConfig
+    from components.core.config import RewardModelConfig, Runtime
 
     cfg = RewardModelConfig(max_steps=spec["steps"], batch_size=spec["batch_size"], learning_rate=spec["lr"],
                             warmup_ratio=0.0, scheduler="constant", max_grad_norm=1.0, weight_decay=0.0,
@@ -70,8 +70,8 @@ def child_ours(spec: dict, work: Path) -> dict:
     final = reward_model.run(cfg, model_path=spec["model"], data_dir=str(data), out_dir=str(work / "model"),
                              metrics_path=str(work / "metrics.json"), calibration_path=str(work / "calibration.json"),
                              plots_path=str(work / "plots.csv"), checkpoint_dir=str(work / "ckpt"),
-                             max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"],
-                             seed=spec["seed"], track=False)
+                             runtime=Runtime(seed=spec["seed"], max_length=spec["max_length"],
+                                             max_prompt_length=spec["max_prompt_length"]), track=False)
     pairs = spec["steps"] * spec["batch_size"]
     return {"loss": final["loss"], "accuracy": final["accuracy"], "margin": final["margin"], "pairs": pairs,
             "loop_s": pairs / final["pairs_per_second"]}

@@ -1,16 +1,16 @@
-"""Our `ppo` stage in `rloo` mode against TRL 1.16 `RLOOTrainer` on the same job: wall time, tokens/s, peak memory.
+"""Our `rloo` stage against TRL 1.16 `RLOOTrainer` on the same job: wall time, tokens/s, peak memory.
 
     .venv/bin/python benchmarks/rloo_vs_trl.py                          # CPU, reward model, 20 steps x 8 x G=4, 2 rounds
     .venv/bin/python benchmarks/rloo_vs_trl.py --reward functions       # the sorting reward function instead
     .venv/bin/python benchmarks/rloo_vs_trl.py --steps 3 --rounds 1 --out /tmp/rloo_smoke.json   # smoke
 
-TRL 1.16 has no PPO trainer; our `ppo` mode is benchmarked against TRL 0.26's `trl.experimental.ppo` by
+TRL 1.16 has no PPO trainer; our `ppo` stage is benchmarked against TRL 0.26's `trl.experimental.ppo` by
 benchmarks/ppo_vs_trl.py.
 
 Same on both sides: the policy (models/sft; its copy is the reference), the reward (`--reward reward_model`: the
 one-label `AutoModelForSequenceClassification` in models/reward_model, scored at the last token of prompt +
 completion, TRL given its path as `reward_funcs`; `--reward functions`: the sorting reward of
-`components.core.rewards`, wrapped into TRL's `f(prompts, completions, **kw) -> list[float]`), the prompts (the
+`components.core.algos.reward_functions`, wrapped into TRL's `f(prompts, completions, **kw) -> list[float]`), the prompts (the
 first `steps x prompts` distinct prompts of data/prepared/pref_train.jsonl, so each is used once; TRL in file
 order, `shuffle_dataset=False`; ours in its seeded order over the same set), G completions per prompt, `--prompts`
 prompts per optimizer step, max completion length, temperature 1, top_p 1, top_k off, beta (ours: `kl_coef`;

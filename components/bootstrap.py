@@ -22,6 +22,7 @@ import json
 import logging
 from pathlib import Path
 
+from components.core.config import EMBEDDED, ModelConfig, Runtime, SyntheticConfig
 from components.core.data.tokens import CHATML_TEMPLATE
 from components.core.ops.io import SOURCE_FILE, atomic_dir
 from components.core.ops.logs import stage_main
@@ -153,53 +154,44 @@ def materialise_with_chatml(out: Path, name_or_path: str, tokenizer, trust_remot
     return {**record, "dtype": str(model.dtype).removeprefix("torch.")}
 
 
-def run(
-    out_dir: str,
-    name_or_path: str,
-    hidden_size: int,
-    num_layers: int,
-    num_heads: int,
-    num_kv_heads: int,
-    intermediate_size: int,
-    vocab_size: int,
-    max_position_embeddings: int,
-    min_items: int,
-    max_items: int,
-    max_value: int,
-    seed: int,
-    trust_remote_code: bool = False,
-) -> dict:
-    from components.core import sorting
-    from components.core.config import EMBEDDED
+def point_or_materialise(tmp: Path, out_dir: str, name_or_path: str, trust_remote_code: bool, seed: int) -> dict:
+    """A user's model: a pointer to it when its tokenizer has a chat template, else a chat-ready copy in tmp."""
+    from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if has_chat_template(tokenizer):
+        log.info("%s has a chat template: %s points at it, nothing copied", name_or_path, SOURCE_FILE)
+        (tmp / SOURCE_FILE).write_text(json.dumps({"name_or_path": name_or_path}) + "\n")
+        return {"model": name_or_path, "built": False, "chat_template": "own"}
+    log.info("%s has no chat template: copying it to %s with ChatML added", name_or_path, out_dir)
+    added = materialise_with_chatml(tmp, name_or_path, tokenizer, trust_remote_code, seed)
+    log.info("%s: added tokens %s, eos %s (id %d), pad %s, embeddings %d -> %d rows (%s)", out_dir,
+             added["added_tokens"] or "none", added["eos_token"], added["eos_token_id"],
+             added["pad_token"], *added["embedding_rows"], added["dtype"])
+    return {"model": name_or_path, "built": False, "chat_template": "added", **added}
+
+
+def run(cfg: ModelConfig, *, synthetic: SyntheticConfig = SyntheticConfig(), out_dir: str = "models/base",
+        runtime: Runtime = Runtime()) -> dict:
+    """Write out_dir for `cfg` (the `model` params section): the embedded model built (its tokenizer trained on
+    the `synthetic` section's task), or the user's model pointed at or made chat-ready. Nothing here is tracked."""
+    from components.core import sorting
+
+    name_or_path = cfg.name_or_path
     if name_or_path != EMBEDDED and name_or_path.startswith((".", "/")) and not Path(name_or_path).exists():
         raise FileNotFoundError(f"model.name_or_path: {name_or_path} does not exist")
     with atomic_dir(out_dir) as tmp:
         if name_or_path != EMBEDDED:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-            if has_chat_template(tokenizer):
-                log.info("%s has a chat template: %s points at it, nothing copied", name_or_path, SOURCE_FILE)
-                (tmp / SOURCE_FILE).write_text(json.dumps({"name_or_path": name_or_path}) + "\n")
-                result = {"model": name_or_path, "built": False, "chat_template": "own"}
-            else:
-                log.info("%s has no chat template: copying it to %s with ChatML added", name_or_path, out_dir)
-                added = materialise_with_chatml(tmp, name_or_path, tokenizer, trust_remote_code, seed)
-                log.info("%s: added tokens %s, eos %s (id %d), pad %s, embeddings %d -> %d rows (%s)", out_dir,
-                         added["added_tokens"] or "none", added["eos_token"], added["eos_token_id"],
-                         added["pad_token"], *added["embedding_rows"], added["dtype"])
-                result = {"model": name_or_path, "built": False, "chat_template": "added", **added}
-        else:
-            tokenizer = build_tokenizer(sorting.corpus(min_items, max_items, max_value, seed), vocab_size)
-            model = build_model(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads,
-                                intermediate_size, max_position_embeddings, seed)
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            n_params = sum(p.numel() for p in model.parameters())
-            result = {"model": EMBEDDED, "built": True, "chat_template": "own", "parameters": n_params,
-                      "vocab_size": len(tokenizer)}
-    return result
+            return point_or_materialise(tmp, out_dir, name_or_path, cfg.trust_remote_code, runtime.seed)
+        s = synthetic
+        tokenizer = build_tokenizer(sorting.corpus(s.min_items, s.max_items, s.max_value, runtime.seed), cfg.vocab_size)
+        model = build_model(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
+                            cfg.intermediate_size, cfg.max_position_embeddings, runtime.seed)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        n_params = sum(p.numel() for p in model.parameters())
+        return {"model": EMBEDDED, "built": True, "chat_template": "own", "parameters": n_params,
+                "vocab_size": len(tokenizer)}
 
 
 @stage_main("bootstrap")
@@ -211,10 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="models/base")
     args = parser.parse_args(argv)
     p = load_params(args.params)
-    m, s = p.model, p.synthetic
-    result = run(args.out, m.name_or_path, m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,
-                 m.intermediate_size, m.vocab_size, m.max_position_embeddings,
-                 s.min_items, s.max_items, s.max_value, p.seed, trust_remote_code=m.trust_remote_code)
+    result = run(p.model, synthetic=p.synthetic, out_dir=args.out, runtime=Runtime.of(p))
     print(json.dumps(result))
 
 

@@ -175,13 +175,8 @@ def _run(args) -> int:
         print(json.dumps({k: result[k] for k in ("name", "version", "run_id", "model_uri", "alias")}))
         return EXIT_OK
     if args.command == "promote":
-        e = p.evaluate
-        result = registry.promote(
-            name, p.registry.gate.model_dump(), version=args.version, dry_run=args.dry_run,
-            pref_eval_path=os.path.join(args.data_dir, "pref_eval.jsonl"), num_prompts=e.num_prompts,
-            judge=e.judge, judge_path=e.judge_path, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
-            top_p=e.top_p, batch_size=e.batch_size, bootstrap_samples=e.bootstrap_samples, seed=p.seed,
-        )
+        result = registry.promote(name, p.registry.gate, p.evaluate, version=args.version, dry_run=args.dry_run,
+                                  pref_eval_path=os.path.join(args.data_dir, "pref_eval.jsonl"), seed=p.seed)
         print(json.dumps(result, indent=2) if args.json else format_decision(result))
         return EXIT_OK if result["passed"] or args.dry_run else EXIT_REJECTED
     if args.command == "rollback":

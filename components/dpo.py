@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from components.core.algos import losses
-from components.core.config import DPOConfig
+from components.core.config import DPOConfig, Runtime
 from components.core.data import token_store
 from components.core.data.tokens import pair_length, pair_token_hash
 from components.core.model import loading, sharding
@@ -78,10 +78,10 @@ def pair_losses(model, pairs: list[dict], pad_id: int, device, loss_kwargs: dict
 
 
 def reduce_means(accelerator, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
-    keys = sorted(sums)
-    stacked = accelerator.reduce(torch.stack([sums[k].float() for k in keys]), reduction="sum")
+    """Each named sum over all processes divided by the pair count over all processes (keys in sorted order)."""
+    totals = loop.reduce_sums(accelerator, sums)
     total = accelerator.reduce(torch.tensor(float(count), device=accelerator.device), reduction="sum")
-    return {k: (v / total.clamp_min(1)).item() for k, v in zip(keys, stacked, strict=True)}
+    return {k: (v / total.clamp_min(1)).item() for k, v in totals.items()}
 
 
 @torch.no_grad()
@@ -100,6 +100,83 @@ def evaluate_pairs(model, accelerator, pairs, batch_size, pad_id, loss_kwargs, k
     return {f"eval/{k}": v for k, v in reduce_means(accelerator, dict(sums), count).items()}
 
 
+def loss_settings(cfg: DPOConfig) -> dict:
+    """The keyword arguments of `losses.preference_loss` that come from the section."""
+    return {"name": cfg.loss, "beta": cfg.beta, "label_smoothing": cfg.label_smoothing,
+            "simpo_gamma": cfg.simpo_gamma, "orpo_alpha": cfg.orpo_alpha,
+            "kto_desirable_weight": cfg.kto_desirable_weight,
+            "kto_undesirable_weight": cfg.kto_undesirable_weight, "rpo_alpha": cfg.rpo_alpha}
+
+
+def load_data(cfg: DPOConfig, model_path: str, data_dir: str, reference_dir: str, world: int, runtime: Runtime):
+    """(tokenizer, train, evals, plan): the tokenised pairs, the run's step plan, and the cached reference
+    log-probs attached to every pair the plan visits and every eval pair."""
+    tokenizer = loading.load_tokenizer(model_path, runtime.trust_remote_code)
+    splits = {split: token_store.load_pairs(Path(data_dir) / f"pref_{split}.jsonl", tokenizer, runtime.max_length,
+                                            runtime.max_prompt_length) for split in ("train", "eval")}
+    train, evals = splits["train"], splits["eval"]
+    if not train:
+        raise ValueError(f"{data_dir}/pref_train.jsonl: no preference pairs")
+    plan = loop.preference_plan(train, cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.epochs, runtime.seed, world)
+    # reference log-probs for the pairs this run visits (the reference stage may have scored only those)
+    for split, needed in (("train", [train[i] for i in loop.planned_indices(plan)]), ("eval", evals)):
+        ref_path = Path(reference_dir) / f"{split}.pt"
+        attach_reference(needed, load_reference_logps(ref_path), str(ref_path))
+    return tokenizer, train, evals, plan
+
+
+def load_training(cfg: DPOConfig, model_path: str, accelerator, total_steps: int, runtime: Runtime):
+    """(model, optimizer, lr schedule): the policy placed for training."""
+    model = loading.load_model(model_path, runtime.trust_remote_code, cfg.lora.model_dump(),
+                               mixed_precision=runtime.mixed_precision,
+                               gradient_checkpointing=cfg.gradient_checkpointing)
+    model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
+    lr_schedule = loop.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
+    accelerator.register_for_checkpointing(lr_schedule)
+    return model, optimizer, lr_schedule
+
+
+def train_step(model, accelerator, micro_batches: list[list[int]], train: list[dict], pad_id: int,
+               loss_kwargs: dict, kto_kl: torch.Tensor, window: dict[str, torch.Tensor]) -> tuple:
+    """Forward and backward over one optimizer step's micro-batches (this process's share of each), adding the
+    metric sums to `window`. Returns (mean loss over the step's pairs, next KTO reference point, this process's
+    pairs, its tokens), the first two over all processes."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    step_pairs = sum(len(mb) for mb in micro_batches)
+    step_loss = torch.zeros((), device=accelerator.device)
+    step_log_ratio = torch.zeros((), device=accelerator.device)
+    pairs, tokens = 0, 0
+    for k, mb in enumerate(micro_batches):
+        mine = [train[i] for i in loop.shard(mb, rank, world)]
+        with loop.maybe_no_sync(accelerator, model, k == len(micro_batches) - 1):
+            with accelerator.autocast():
+                out, lp = pair_losses(model, mine, pad_id, accelerator.device, loss_kwargs, kto_kl)
+            # mean over all pairs of the global step; * world undoes DDP's gradient averaging
+            accelerator.backward(out.losses.sum() * world / step_pairs)
+        step_loss += out.losses.detach().sum()
+        step_log_ratio += lp["log_ratio_sum"]
+        for key, v in losses.preference_metric_sums(out, lp["pc"], lp["pr"]).items():
+            window[key] = window[key] + v
+        pairs += len(mine)
+        tokens += sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in mine)
+    loss_value = accelerator.reduce(step_loss, reduction="sum") / step_pairs
+    # KTO's reference point z0: this step's mean log-ratio over all its pairs on all processes
+    kto_kl = (accelerator.reduce(step_log_ratio, reduction="sum") / (2 * step_pairs)).clamp(min=0)
+    return loss_value, kto_kl, pairs, tokens
+
+
+def final_metrics(history: list[dict], total_steps: int, world: int, train_pairs: int, beta: float) -> dict:
+    """metrics/dpo.json: the last logged training row (TRL's names), the last held-out row, and the run's size."""
+    last_train = next(r for r in reversed(history) if "loss" in r)
+    final = {k: v for k, v in last_train.items() if k not in ("step", "learning_rate", "grad_norm")}
+    eval_rows = [r for r in history if "eval/loss" in r]
+    if eval_rows:
+        final.update({k: v for k, v in eval_rows[-1].items() if k.startswith("eval/")})
+        final["eval/rewards/accuracies_first"] = eval_rows[0]["eval/rewards/accuracies"]
+    final.update({"steps": total_steps, "world_size": world, "train/pairs": train_pairs, "beta": beta})
+    return final
+
+
 def run(
     cfg: DPOConfig,
     *,
@@ -110,48 +187,25 @@ def run(
     metrics_path: str = "metrics/dpo.json",
     plots_path: str = "plots/dpo.csv",
     checkpoint_dir: str = "checkpoints/dpo",
-    max_length: int = 128,
-    max_prompt_length: int = 96,
-    mixed_precision: str = "auto",
-    seed: int = 1234,
-    trust_remote_code: bool = False,
+    runtime: Runtime = Runtime(),
     track: bool = True,
 ) -> dict:
     """Train `cfg` (the `dpo` params section) from model_path on the pairs of data_dir and their cached reference."""
     # the run's identity (checkpoint fingerprint, tracked params): its section plus the settings it reads
-    hyper = {**cfg.model_dump(), "max_length": max_length, "max_prompt_length": max_prompt_length,
-             "mixed_precision": mixed_precision, "seed": seed, "trust_remote_code": trust_remote_code}
-    lora = cfg.lora.model_dump()
-    loss_kwargs = {"name": cfg.loss, "beta": cfg.beta, "label_smoothing": cfg.label_smoothing,
-                   "simpo_gamma": cfg.simpo_gamma, "orpo_alpha": cfg.orpo_alpha,
-                   "kto_desirable_weight": cfg.kto_desirable_weight,
-                   "kto_undesirable_weight": cfg.kto_undesirable_weight, "rpo_alpha": cfg.rpo_alpha}
-    accelerator = loop.make_accelerator(mixed_precision)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    torch.manual_seed(seed)
+    hyper = {**cfg.model_dump(), "max_length": runtime.max_length, "max_prompt_length": runtime.max_prompt_length,
+             "mixed_precision": runtime.mixed_precision, "seed": runtime.seed,
+             "trust_remote_code": runtime.trust_remote_code}
+    loss_kwargs = loss_settings(cfg)
+    accelerator = loop.make_accelerator(runtime.mixed_precision)
+    world = accelerator.num_processes
+    torch.manual_seed(runtime.seed)
 
     # ---------------------------------------------------------------- data + cached reference
-    tokenizer = loading.load_tokenizer(model_path, trust_remote_code)
-    splits = {split: token_store.load_pairs(Path(data_dir) / f"pref_{split}.jsonl", tokenizer, max_length,
-                                          max_prompt_length) for split in ("train", "eval")}
-    train, evals = splits["train"], splits["eval"]
-    if not train:
-        raise ValueError(f"{data_dir}/pref_train.jsonl: no preference pairs")
-    plan = loop.preference_plan(train, cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.epochs, seed, world)
+    tokenizer, train, evals, plan = load_data(cfg, model_path, data_dir, reference_dir, world, runtime)
     total_steps = len(plan)
-    # reference log-probs for the pairs this run visits (the reference stage may have scored only those)
-    for split, needed in (("train", [train[i] for i in loop.planned_indices(plan)]), ("eval", evals)):
-        ref_path = Path(reference_dir) / f"{split}.pt"
-        attach_reference(needed, load_reference_logps(ref_path), str(ref_path))
 
-    # ---------------------------------------------------------------- model, optimizer, schedule
-    model = loading.load_model(model_path, trust_remote_code, lora, mixed_precision=mixed_precision,
-                                gradient_checkpointing=cfg.gradient_checkpointing)
-    model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
-    lr_schedule = loop.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
-    accelerator.register_for_checkpointing(lr_schedule)
-
-    # ---------------------------------------------------------------- resume
+    # ---------------------------------------------------------------- model, optimizer, schedule, resume
+    model, optimizer, lr_schedule = load_training(cfg, model_path, accelerator, total_steps, runtime)
     ckpt_dir = Path(checkpoint_dir)
     code = checkpoints.code_fingerprint("components.dpo")
     fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path),
@@ -172,25 +226,10 @@ def run(
         window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
         window_pairs, tokens_seen, t0 = 0, 0, time.perf_counter()
         for step in range(start_step, total_steps):
-            micro_batches = plan[step]
-            step_pairs = sum(len(mb) for mb in micro_batches)
-            step_loss = torch.zeros((), device=accelerator.device)
-            step_log_ratio = torch.zeros((), device=accelerator.device)
-            for k, mb in enumerate(micro_batches):
-                mine = [train[i] for i in loop.shard(mb, rank, world)]
-                with loop.maybe_no_sync(accelerator, model, k == len(micro_batches) - 1):
-                    with accelerator.autocast():
-                        out, lp = pair_losses(model, mine, pad_id, accelerator.device, loss_kwargs, kto_kl)
-                    # mean over all pairs of the global step; * world undoes DDP's gradient averaging
-                    accelerator.backward(out.losses.sum() * world / step_pairs)
-                step_loss += out.losses.detach().sum()
-                step_log_ratio += lp["log_ratio_sum"]
-                for key, v in losses.preference_metric_sums(out, lp["pc"], lp["pr"]).items():
-                    window[key] = window[key] + v
-                window_pairs += len(mine)
-                tokens_seen += sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in mine)
-            loss_value = accelerator.reduce(step_loss, reduction="sum") / step_pairs
-            kto_kl = (accelerator.reduce(step_log_ratio, reduction="sum") / (2 * step_pairs)).clamp(min=0)
+            loss_value, kto_kl, pairs, tokens = train_step(model, accelerator, plan[step], train, pad_id, loss_kwargs,
+                                                           kto_kl, window)
+            window_pairs += pairs
+            tokens_seen += tokens
             loop.guard_finite(loss_value, step + 1, ckpt_dir)
             grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
             guard.check(step + 1, loss_value.item(), grad_norm)
@@ -219,19 +258,13 @@ def run(
                 tracking.log_step_metrics(mlrun, row, done)
             if done % cfg.save_every == 0 and done < total_steps:
                 checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history,
-                                                                                "guard": guard.state(), "kto_kl": kto_kl.item()},
-                                         cfg.keep_checkpoints, model, optimizer)
+                                                                          "guard": guard.state(), "kto_kl": kto_kl.item()},
+                                            cfg.keep_checkpoints, model, optimizer)
         bar.close()
 
         # ------------------------------------------------------------ outputs
         loop.save_model_atomic(accelerator, model, tokenizer, out_dir, loading.stored_dtype(model_path))
-        last_train = next(r for r in reversed(history) if "loss" in r)
-        final = {k: v for k, v in last_train.items() if k not in ("step", "learning_rate", "grad_norm")}
-        eval_rows = [r for r in history if "eval/loss" in r]
-        if eval_rows:
-            final.update({k: v for k, v in eval_rows[-1].items() if k.startswith("eval/")})
-            final["eval/rewards/accuracies_first"] = eval_rows[0]["eval/rewards/accuracies"]
-        final.update({"steps": total_steps, "world_size": world, "train/pairs": len(train), "beta": cfg.beta})
+        final = final_metrics(history, total_steps, world, len(train), cfg.beta)
         if accelerator.is_main_process:
             write_csv(plots_path, history)
             write_json(metrics_path, final)
@@ -252,12 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="models/dpo")
     args = parser.parse_args(argv)
     p = load_params(args.params)
-    d = p.dpo
-    result = run(
-        d, model_path=args.model, data_dir=args.data_dir, reference_dir=args.reference_dir, out_dir=args.out,
-        max_length=p.data.max_length, max_prompt_length=p.data.max_prompt_length,
-        mixed_precision=p.compute.mixed_precision, seed=p.seed, trust_remote_code=p.model.trust_remote_code,
-    )
+    result = run(p.dpo, model_path=args.model, data_dir=args.data_dir, reference_dir=args.reference_dir,
+                 out_dir=args.out, runtime=Runtime.of(p))
     log.info("dpo done: %s", json.dumps(result))
 
 

@@ -10,7 +10,7 @@ For both models it measures
   mean reward, exact-solve rate, per-prompt win rate DPO vs SFT with a bootstrap interval;
 - a Monte-Carlo estimate of KL(pi_dpo || pi_sft) on the DPO samples, response lengths, and held-out
   SFT perplexity.
-Pairs and SFT conversations are the token ids prepare wrote (data/prepared/tokens, core/token_store.py); the
+Pairs and SFT conversations are the token ids prepare wrote (data/prepared/tokens, core/data/token_store.py); the
 held-out prompts are rendered for generation, and the judge reads their text.
 The online policies (models/grpo, models/ppo, models/rloo, those that were trained) are measured the same way
 on the same prompts and seeds: `eval/<name>/...` (reward with CI, exact solves, win rate vs SFT and vs DPO, KL
@@ -19,10 +19,11 @@ to SFT, length ratio). With a reward model (models/reward_model), every policy's
 Writes metrics/eval.json, plots/eval.csv (one row per prompt, for `dvc plots`), reports/eval/
 (index.html with embedded PNGs, the PNGs, samples.jsonl) and one MLflow run.
 
-The file reads top to bottom as the stage runs: `score_models` (everything that needs a model),
-`summarise` (pure: per-item numbers in, metrics out), then `run` writes metrics, report and the MLflow
-run. Judges, sampling, statistics and the report's rendering are in core/ (rewards, generation, stats,
-report), shared with `alignflow promote`.
+The file reads top to bottom: `score_models` (everything that needs a model), `summarise` (pure: per-item
+numbers in, metrics out), the stage's phases (`load_heldout`, `judge_samples`, the report's rows), then `run`,
+which calls them in order and writes metrics, report and the MLflow run. Judges, sampling, statistics and the
+report's rendering are in core/ (eval/judges, model/generation, algos/stats, eval/report), shared with
+`alignflow promote`.
 
 Why this file is long: it is the one stage that measures every trained policy on the same prompts and seeds
 (SFT, DPO and the online GRPO / PPO / RLOO, with the reward model's view beside the judge's); splitting the
@@ -36,6 +37,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,7 @@ import torch
 
 from components.core.algos.reward_functions import last_user_text
 from components.core.algos.stats import bootstrap_ci, bootstrap_ratio_ci, implicit_rewards, win_values
+from components.core.config import EvaluateConfig, Runtime, params_hash
 from components.core.data import token_store
 from components.core.data.tokens import collate_sequences, pair_token_hash
 from components.core.eval import report as report_html
@@ -55,6 +58,7 @@ from components.core.ops.logs import stage_main
 
 log = logging.getLogger("alignflow.evaluate")
 ONLINE = ("grpo", "ppo", "rloo")  # the online policies evaluated beside DPO, when trained (models/<name>)
+CONFIDENCE = 0.95  # of every bootstrap interval in the metrics and the report
 
 
 # ----------------------------------------------------------------------------- scoring with a model
@@ -77,30 +81,29 @@ def heldout_perplexity(model, examples: list[tuple[list[int], list[int]]], pad_i
     return math.exp(nll / tokens) if tokens else float("nan")
 
 
-def score_models(sft_dir: str, dpo_dir: str, tokenizer, pairs: list[dict], prompt_messages: list[list[dict]],
-                 sft_examples: list[tuple[list[int], list[int]]], *, max_new_tokens: int, temperature: float,
-                 top_p: float, batch_size: int, mixed_precision: str, seed: int, trust_remote_code: bool,
-                 online_dirs: dict[str, str] | None = None) -> dict:
+def score_models(policies: dict[str, str], tokenizer, pairs: list[dict], prompt_messages: list[list[dict]],
+                 sft_examples: list[tuple[list[int], list[int]]], cfg: EvaluateConfig, runtime: Runtime) -> dict:
     """Everything evaluate needs a model for, per held-out item, for SFT, DPO and the online policies.
 
-    Returns logps[name] = (chosen (N,), rejected (N,), chosen_tokens (N,), rejected_tokens (N,)) on the
-    pairs, generated[name] = (prompt_ids, response_ids) per prompt, perplexity[name] (when there are SFT
-    records), kl_terms[name] (P,) = log pi_name(y|x) - log pi_sft(y|x) on name's untempered samples, and
-    the eos ids. Every policy samples the same prompts with the same seed (common random numbers).
+    policies: name -> model directory, `sft` first, then `dpo` and the online ones. Returns logps[name] = (chosen
+    (N,), rejected (N,), chosen_tokens (N,), rejected_tokens (N,)) on the pairs, generated[name] = (prompt_ids,
+    response_ids) per prompt, perplexity[name] (when there are SFT records), kl_terms[name] (P,) = log pi_name(y|x)
+    - log pi_sft(y|x) on name's untempered samples, and the eos ids. Every policy samples the same prompts with
+    the same seed (common random numbers).
     """
-    sft_model = load_eval_model(sft_dir, trust_remote_code)
-    policies = {"dpo": load_eval_model(dpo_dir, trust_remote_code)}
-    for name, path in (online_dirs or {}).items():
-        policies[name] = load_eval_model(path, trust_remote_code)
+    trust, mixed_precision, seed = runtime.trust_remote_code, runtime.mixed_precision, runtime.seed
+    batch_size, max_new_tokens = cfg.batch_size, cfg.max_new_tokens
+    sft_model = load_eval_model(policies["sft"], trust)
+    others = {name: load_eval_model(path, trust) for name, path in policies.items() if name != "sft"}
     pad_id = tokenizer.pad_token_id
 
     logps: dict[str, tuple[torch.Tensor, ...]] = {}
     generated: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
     perplexity: dict[str, float] = {}
-    for name, model in (("sft", sft_model), *policies.items()):
+    for name, model in (("sft", sft_model), *others.items()):
         logps[name] = preference_logps(model, pairs, batch_size, pad_id, mixed_precision)
-        generated[name] = generate_tokens(model, tokenizer, prompt_messages, max_new_tokens, temperature, top_p,
-                                          batch_size, seed, desc=f"generate {name}")
+        generated[name] = generate_tokens(model, tokenizer, prompt_messages, max_new_tokens, cfg.temperature,
+                                          cfg.top_p, batch_size, seed, desc=f"generate {name}")
         if sft_examples:
             perplexity[name] = heldout_perplexity(model, sft_examples, pad_id, batch_size, mixed_precision)
 
@@ -108,8 +111,8 @@ def score_models(sft_dir: str, dpo_dir: str, tokenizer, pairs: list[dict], promp
     # The estimator needs samples of the policy itself: at another temperature / top-p they come from a
     # different distribution (biased, even negative), so then the policy samples again, untempered.
     kl_terms = {}
-    for name, model in policies.items():
-        if temperature == 1.0 and top_p == 1.0:
+    for name, model in others.items():
+        if cfg.temperature == 1.0 and cfg.top_p == 1.0:
             prompt_ids, response_ids = generated[name]
         else:
             prompt_ids, response_ids = generate_tokens(model, tokenizer, prompt_messages, max_new_tokens, 1.0, 1.0,
@@ -117,7 +120,7 @@ def score_models(sft_dir: str, dpo_dir: str, tokenizer, pairs: list[dict], promp
         kl_terms[name] = (response_logps(model, prompt_ids, response_ids, batch_size, pad_id, mixed_precision)
                           - response_logps(sft_model, prompt_ids, response_ids, batch_size, pad_id, mixed_precision))
     return {"logps": logps, "generated": generated, "perplexity": perplexity, "kl_terms": kl_terms,
-            "eos": eos_ids(policies["dpo"], tokenizer)}
+            "eos": eos_ids(others["dpo"], tokenizer)}
 
 
 # ----------------------------------------------------------------------------- metrics (pure)
@@ -160,14 +163,12 @@ def summarise(
     scores: dict[str, Sequence[float]],
     lengths: dict[str, Sequence[int]],
     logps: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
+    reference_logps: tuple[torch.Tensor, torch.Tensor],
     kl_terms: torch.Tensor | dict[str, torch.Tensor],
     beta: float,
     bootstrap_samples: int,
     confidence: float,
     seed: int,
-    num_pairs: int,
     perplexity: dict[str, float] | None = None,
     exact_reward: bool = False,
     rm_scores: dict[str, Sequence[float]] | None = None,
@@ -176,14 +177,15 @@ def summarise(
 
     scores[name], lengths[name]: judge score and generated length per held-out prompt (P,), for
     name in sft, dpo and optionally the ONLINE policies (same prompts, same order). logps[name] = (chosen (N,),
-    rejected (N,)): summed response log-probs on the held-out pairs; ref_chosen, ref_rejected (N,): the
-    reference's. kl_terms[name] (P,): log pi_name - log pi_sft on name's untempered samples (a tensor
+    rejected (N,)): summed response log-probs on the held-out pairs; reference_logps = (chosen (N,), rejected
+    (N,)): the reference's, one per held-out pair. kl_terms[name] (P,): log pi_name - log pi_sft on name's untempered samples (a tensor
     means DPO's). DPO's metrics keep their plain `eval/` names (the gate's); an online policy's are
     `eval/<name>/...`, plus its win rate against DPO on the same prompts. rm_scores[name] (P,): the reward
     model's score of each sample, when there is a reward model. exact_reward: the judge gives 1.0 exactly for a
     correct answer (the synthetic task), so the share of 1.0 scores is reported too.
     """
     kl_terms = kl_terms if isinstance(kl_terms, dict) else {"dpo": kl_terms}
+    ref_chosen, ref_rejected = reference_logps
     dpo_chosen_r = implicit_rewards(logps["dpo"][0], ref_chosen, beta)
     dpo_rejected_r = implicit_rewards(logps["dpo"][1], ref_rejected, beta)
     margins = dpo_chosen_r - dpo_rejected_r
@@ -203,7 +205,7 @@ def summarise(
         "eval/sft/reward_mean_ci_high": sft_high,
         "eval/sft/length_mean": float(np.mean(lengths["sft"])),
         "eval/num_prompts": len(scores["dpo"]),
-        "eval/num_pairs": num_pairs,
+        "eval/num_pairs": len(ref_chosen),
     }
     for name in ("dpo", *ONLINE):
         if name not in scores:
@@ -257,82 +259,56 @@ def _reference_for(reference_path: str, pref_eval_path: str, pref_records: list[
     return reference, torch.tensor([position[r["id"]] for r in pref_records])
 
 
-# ----------------------------------------------------------------------------- stage
+# ----------------------------------------------------------------------------- stage phases
 
 
-def run(
-    sft_dir: str = "models/sft",
-    dpo_dir: str = "models/dpo",
-    grpo_dir: str | None = None,
-    online_dirs: dict[str, str] | None = None,
-    reward_model_dir: str | None = None,
-    reward_model_report: str = "plots/reward_model_calibration.json",
-    pref_eval_path: str = "data/prepared/pref_eval.jsonl",
-    sft_eval_path: str = "data/prepared/sft_eval.jsonl",
-    reference_path: str = "artifacts/ref_logps/eval.pt",
-    sft_curves_path: str = "plots/sft.csv",
-    dpo_curves_path: str = "plots/dpo.csv",
-    grpo_curves_path: str = "plots/grpo.csv",
-    curves_dir: str = "plots",
-    metrics_path: str = "metrics/eval.json",
-    plots_path: str = "plots/eval.csv",
-    report_dir: str = "reports/eval",
-    num_prompts: int = 200,
-    max_new_tokens: int = 32,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 64,
-    judge: str = "synthetic",
-    judge_path: str = "",
-    bootstrap_samples: int = 1000,
-    num_samples_in_report: int = 12,
-    confidence: float = 0.95,
-    beta: float = 0.1,
-    max_length: int = 128,
-    max_prompt_length: int = 96,
-    mixed_precision: str = "auto",
-    seed: int = 1234,
-    trust_remote_code: bool = False,
-    track: bool = True,
-) -> dict:
-    hyper = {k: v for k, v in locals().items() if k != "track"}
-    torch.manual_seed(seed)
-    online_dirs = {**({"grpo": grpo_dir} if grpo_dir else {}), **(online_dirs or {})}
-    judge_fn = load_judge(judge, judge_path)  # fail before any model work when the judge is broken
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out data every policy is measured on, checked against each other before any model work."""
 
-    # ---------------------------------------------------------------- data
+    records: list[dict]  # the preference records of pref_eval.jsonl (N,)
+    prompts: list[tuple[str, list[dict]]]  # (id, messages) of the prompts to generate from (P,)
+    pairs: list[dict]  # the records' token ids, as prepare wrote them (N,)
+    sft_examples: list[tuple[list[int], list[int]]]  # held-out SFT conversations (input_ids, labels)
+    reference_logps: tuple[torch.Tensor, torch.Tensor]  # cached reference (chosen (N,), rejected (N,))
+    tokenizer: object  # the SFT model's
+
+    @property
+    def prompt_messages(self) -> list[list[dict]]:
+        return [p for _, p in self.prompts]
+
+
+def load_heldout(sft_dir: str, data_dir: str, reference_path: str, num_prompts: int, runtime: Runtime) -> HeldOut:
+    """The held-out pairs, prompts and SFT conversations of data_dir with the cached reference log-probs; the token
+    ids prepare wrote are refused when they belong to another tokenizer than the SFT model's, or to other records
+    or tokens than the reference's."""
+    pref_eval_path, sft_eval_path = f"{data_dir}/pref_eval.jsonl", f"{data_dir}/sft_eval.jsonl"
     pref_records = read_jsonl(pref_eval_path)
     if not pref_records:
         raise ValueError(f"{pref_eval_path}: no held-out preference pairs")
     prompts = eval_prompts(pref_eval_path, num_prompts)
-    prompt_messages = [p for _, p in prompts]
     reference, rows = _reference_for(reference_path, pref_eval_path, pref_records)
-    ref_chosen = reference["chosen_logps"].float()[rows]  # (N,)
-    ref_rejected = reference["rejected_logps"].float()[rows]
-    # the token ids prepare wrote (refused when they belong to another tokenizer than the SFT model's), checked
-    # against the records and the cached reference before any model work
-    tokenizer = load_tokenizer(sft_dir, trust_remote_code)
-    pairs = token_store.load_pairs(pref_eval_path, tokenizer, max_length, max_prompt_length)
-    sft_examples = token_store.load_sft(sft_eval_path, tokenizer, max_length) if Path(sft_eval_path).exists() else []
+    reference_logps = (reference["chosen_logps"].float()[rows], reference["rejected_logps"].float()[rows])  # (N,)
+    tokenizer = load_tokenizer(sft_dir, runtime.trust_remote_code)
+    pairs = token_store.load_pairs(pref_eval_path, tokenizer, runtime.max_length, runtime.max_prompt_length)
+    sft_examples = (token_store.load_sft(sft_eval_path, tokenizer, runtime.max_length)
+                    if Path(sft_eval_path).exists() else [])
     if [p["id"] for p in pairs] != [r["id"] for r in pref_records]:
         raise token_store.TokenizedError(f"{token_store.tokens_path(pref_eval_path)} does not hold the records of "
                                        f"{pref_eval_path} in its order: the two were written by different prepare "
                                        "runs (dvc repro prepare)")
     _check_reference_tokens(reference, rows, pairs, reference_path, pref_eval_path)
+    return HeldOut(pref_records, prompts, pairs, sft_examples, reference_logps, tokenizer)
 
-    # ---------------------------------------------------------------- both models
-    scored = score_models(sft_dir, dpo_dir, tokenizer, pairs, prompt_messages, sft_examples,
-                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          batch_size=batch_size, mixed_precision=mixed_precision, seed=seed,
-                          trust_remote_code=trust_remote_code,
-                          online_dirs=online_dirs)
-    logps, generated, eos = scored["logps"], scored["generated"], scored["eos"]
 
-    # ---------------------------------------------------------------- judge the generations
-    names = list(generated)  # sft, dpo, then the online policies
+def judge_samples(generated: dict, held_out: HeldOut, judge_fn, eos: list[int], reward_model_dir: str | None,
+                  batch_size: int, trust_remote_code: bool) -> dict:
+    """Each policy's samples decoded, scored by the judge, measured in tokens, and (with a reward model) scored by
+    it too: {texts, scores, lengths: name -> per prompt (P,), rm_scores: name -> (P,) or None}."""
+    tokenizer, names = held_out.tokenizer, list(generated)  # sft, dpo, then the online policies
     texts = {name: [tokenizer.decode(r, skip_special_tokens=True).strip() for r in generated[name][1]]
              for name in names}
-    scores = {name: [float(judge_fn(p, t)) for p, t in zip(prompt_messages, texts[name], strict=True)]
+    scores = {name: [float(judge_fn(p, t)) for p, t in zip(held_out.prompt_messages, texts[name], strict=True)]
               for name in names}
     lengths = {name: [response_length(r, eos) for r in generated[name][1]] for name in names}
     rm_scores = None
@@ -344,57 +320,114 @@ def run(
         rm_scores = {name: batched_end_scores(rm, *generated[name], tokenizer.pad_token_id, batch_size)
                      for name in names}
         del rm
+    return {"texts": texts, "scores": scores, "lengths": lengths, "rm_scores": rm_scores}
 
-    # ---------------------------------------------------------------- metrics
-    metrics = summarise(scores=scores, lengths=lengths, logps={n: logps[n][:2] for n in names},
-                        ref_chosen=ref_chosen, ref_rejected=ref_rejected, kl_terms=scored["kl_terms"], beta=beta,
-                        bootstrap_samples=bootstrap_samples, confidence=confidence, seed=seed,
-                        num_pairs=len(pref_records), perplexity=scored["perplexity"],
-                        exact_reward=judge == "synthetic", rm_scores=rm_scores)
 
-    # ---------------------------------------------------------------- report (built aside, then swapped in)
-    wins = win_values(scores["dpo"], scores["sft"])
-    kl_terms = scored["kl_terms"]
-    samples = [
+def report_samples(prompts: list[tuple[str, list[dict]]], judged: dict, wins: list[float],
+                   kl_terms: dict[str, torch.Tensor], online: list[str]) -> list[dict]:
+    """One row per held-out prompt: every policy's response, score and length, DPO's outcome against SFT (wins),
+    the KL terms (and the reward model's scores): the report's samples.jsonl and plots/eval.csv."""
+    texts, scores, lengths, rm_scores = judged["texts"], judged["scores"], judged["lengths"], judged["rm_scores"]
+    names = list(texts)
+    return [
         {"id": pid, "prompt": prompt, "prompt_text": last_user_text(prompt),
          **{f"{n}_response": texts[n][i] for n in names}, **{f"{n}_score": scores[n][i] for n in names},
          **{f"{n}_length": lengths[n][i] for n in names},
          "win": wins[i], "kl_term": float(kl_terms["dpo"][i]),
-         **{f"{n}_kl_term": float(kl_terms[n][i]) for n in online_dirs},
+         **{f"{n}_kl_term": float(kl_terms[n][i]) for n in online},
          **({f"{n}_rm_score": rm_scores[n][i] for n in names} if rm_scores else {})}
         for i, (pid, prompt) in enumerate(prompts)
     ]
-    margins = implicit_rewards(logps["dpo"][0], ref_chosen, beta) - implicit_rewards(logps["dpo"][1], ref_rejected, beta)
-    setup = {"prompts": len(prompts), "pairs": len(pref_records), "judge": judge, "β": beta,
-             "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
-    images, page = report_html.build_report(
-        metrics, samples, wins=wins, sft_logp_margin=(logps["sft"][0] - logps["sft"][1]).tolist(),
-        dpo_logp_margin=(logps["dpo"][0] - logps["dpo"][1]).tolist(), reward_margins=margins.tolist(),
-        lengths=lengths, scores=scores, sft_curves_path=sft_curves_path, dpo_curves_path=dpo_curves_path,
-        online_curves={n: (grpo_curves_path if n == "grpo" else f"{curves_dir}/{n}.csv") for n in online_dirs},
-        reward_model_report=reward_model_report if reward_model_dir else "",
-        setup=setup, confidence=confidence, num_samples=num_samples_in_report)
-    from components.core.train.checkpoints import model_identity
 
-    # which models these metrics are about: register refuses to tag another model with them
-    evaluated = {"sft": model_identity(sft_dir), "dpo": model_identity(dpo_dir),
-                 **{n: model_identity(d) for n, d in online_dirs.items()},
-                 **({"reward_model": model_identity(reward_model_dir)} if reward_model_dir else {})}
-    report_html.write_report(report_dir, images, page, samples, metrics, {"evaluated_models.json": evaluated})
-    write_csv(plots_path, [
+
+def plot_rows(samples: list[dict], names: list[str]) -> list[dict]:
+    """plots/eval.csv: each policy's reward and length per prompt, and DPO's outcome against SFT."""
+    return [
         {"prompt": i, **{f"{n}/reward": s[f"{n}_score"] for n in names}, **{f"{n}/length": s[f"{n}_length"] for n in names},
          "win": s["win"]}
         for i, s in enumerate(samples)
-    ])
+    ]
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def run(
+    cfg: EvaluateConfig,
+    *,
+    beta: float,
+    policies: dict[str, str] | None = None,
+    reward_model_dir: str | None = None,
+    data_dir: str = "data/prepared",
+    reference_path: str = "artifacts/ref_logps/eval.pt",
+    curves_dir: str = "plots",
+    metrics_path: str = "metrics/eval.json",
+    plots_path: str = "plots/eval.csv",
+    report_dir: str = "reports/eval",
+    runtime: Runtime = Runtime(),
+    track: bool = True,
+) -> dict:
+    """Measure `policies` (name -> model dir: `sft`, `dpo`, and the ONLINE ones that were trained; default
+    models/sft and models/dpo) on the held-out data of data_dir with `cfg` (the `evaluate` params section).
+
+    beta: dpo.beta, the scale of DPO's implicit reward; reward_model_dir: also score every sample with this reward
+    model. curves_dir: where the training stages wrote their curves (<name>.csv) and the reward model its
+    calibration, shown in the report.
+    """
+    policies = policies or {"sft": "models/sft", "dpo": "models/dpo"}
+    unknown = set(policies) - {"sft", "dpo", *ONLINE}
+    if "sft" not in policies or "dpo" not in policies or unknown:
+        raise ValueError(f"policies: needs sft and dpo, and only {', '.join(ONLINE)} beside them; got {sorted(policies)}")
+    policies = {"sft": policies["sft"], "dpo": policies["dpo"], **policies}  # sft, dpo, then the online ones
+    online = [n for n in policies if n in ONLINE]
+    torch.manual_seed(runtime.seed)
+    judge_fn = load_judge(cfg.judge, cfg.judge_path)  # fail before any model work when the judge is broken
+
+    # ---------------------------------------------------------------- data, every model, the judge
+    held_out = load_heldout(policies["sft"], data_dir, reference_path, cfg.num_prompts, runtime)
+    scored = score_models(policies, held_out.tokenizer, held_out.pairs, held_out.prompt_messages,
+                          held_out.sft_examples, cfg, runtime)
+    logps, kl_terms = scored["logps"], scored["kl_terms"]
+    judged = judge_samples(scored["generated"], held_out, judge_fn, scored["eos"], reward_model_dir, cfg.batch_size,
+                           runtime.trust_remote_code)
+    scores, lengths = judged["scores"], judged["lengths"]
+
+    # ---------------------------------------------------------------- metrics
+    metrics = summarise(scores=scores, lengths=lengths, logps={n: logps[n][:2] for n in scores},
+                        reference_logps=held_out.reference_logps, kl_terms=kl_terms, beta=beta,
+                        bootstrap_samples=cfg.bootstrap_samples, confidence=CONFIDENCE, seed=runtime.seed,
+                        perplexity=scored["perplexity"], exact_reward=cfg.judge == "synthetic",
+                        rm_scores=judged["rm_scores"])
+
+    # ---------------------------------------------------------------- report (built aside, then swapped in)
+    wins = win_values(scores["dpo"], scores["sft"])
+    samples = report_samples(held_out.prompts, judged, wins, kl_terms, online)
+    ref_chosen, ref_rejected = held_out.reference_logps
+    margins = implicit_rewards(logps["dpo"][0], ref_chosen, beta) - implicit_rewards(logps["dpo"][1], ref_rejected, beta)
+    setup = {"prompts": len(held_out.prompts), "pairs": len(held_out.records), "judge": cfg.judge, "β": beta,
+             "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+             "seed": runtime.seed}
+    images, page = report_html.build_report(
+        metrics, samples, wins=wins, logp_margins={n: (logps[n][0] - logps[n][1]).tolist() for n in ("sft", "dpo")},
+        reward_margins=margins.tolist(), lengths=lengths, scores=scores,
+        curves={n: f"{curves_dir}/{n}.csv" for n in ("sft", "dpo", *online)},
+        reward_model_report=f"{curves_dir}/reward_model_calibration.json" if reward_model_dir else "",
+        setup=setup, confidence=CONFIDENCE, num_samples=cfg.num_samples_in_report)
+    from components.core.train.checkpoints import model_identity
+
+    # which models these metrics are about: register refuses to tag another model with them
+    evaluated = {**{n: model_identity(d) for n, d in policies.items()},
+                 **({"reward_model": model_identity(reward_model_dir)} if reward_model_dir else {})}
+    report_html.write_report(report_dir, images, page, samples, metrics, {"evaluated_models.json": evaluated})
+    write_csv(plots_path, plot_rows(samples, list(scores)))
     write_json(metrics_path, metrics)
 
     # ---------------------------------------------------------------- tracking
-    from components.core.config import params_hash
     from components.core.ops import tracking
 
-    tracking_params = {k: v for k, v in hyper.items() if not k.endswith(("_path", "_dir"))}
-    inputs = [sft_dir, dpo_dir, *online_dirs.values(), *([reward_model_dir] if reward_model_dir else []),
-              pref_eval_path, sft_eval_path, reference_path]
+    tracking_params = {**cfg.model_dump(), "beta": beta, "confidence": CONFIDENCE, **runtime.model_dump()}
+    inputs = [*policies.values(), *([reward_model_dir] if reward_model_dir else []),
+              f"{data_dir}/pref_eval.jsonl", f"{data_dir}/sft_eval.jsonl", reference_path]
     with tracking.stage_run("evaluate", tracking_params, inputs, params_hash(tracking_params), enabled=track) as mlrun:
         tracking.log_metrics(mlrun, metrics)
         if mlrun is not None:
@@ -422,28 +455,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-track", action="store_true", help="skip MLflow")
     args = parser.parse_args(argv)
     p = load_params(args.params)
-    result = run(
-        sft_dir=args.sft,
-        dpo_dir=args.dpo,
-        online_dirs={n: f"{args.models_dir}/{n}" for n in ONLINE
-                     if (Path(args.models_dir) / n / "config.json").exists()},  # trained, not disabled placeholders
-        reward_model_dir=args.reward_model if args.reward_model and (Path(args.reward_model) / "config.json").exists()
-        else None,
-        pref_eval_path=f"{args.data_dir}/pref_eval.jsonl",
-        sft_eval_path=f"{args.data_dir}/sft_eval.jsonl",
-        reference_path=args.reference,
-        metrics_path=args.metrics,
-        plots_path=args.plots,
-        report_dir=args.report,
-        beta=p.dpo.beta,
-        max_length=p.data.max_length,
-        max_prompt_length=p.data.max_prompt_length,
-        mixed_precision=p.compute.mixed_precision,
-        seed=p.seed,
-        trust_remote_code=p.model.trust_remote_code,
-        track=not args.no_track,
-        **p.evaluate.model_dump(),
-    )
+    online = {n: f"{args.models_dir}/{n}" for n in ONLINE
+              if (Path(args.models_dir) / n / "config.json").exists()}  # trained, not disabled placeholders
+    trained_rm = args.reward_model and (Path(args.reward_model) / "config.json").exists()
+    result = run(p.evaluate, beta=p.dpo.beta, policies={"sft": args.sft, "dpo": args.dpo, **online},
+                 reward_model_dir=args.reward_model if trained_rm else None, data_dir=args.data_dir,
+                 reference_path=args.reference, metrics_path=args.metrics, plots_path=args.plots,
+                 report_dir=args.report, runtime=Runtime.of(p), track=not args.no_track)
     log.info("evaluate done: %s", json.dumps(result))
 
 

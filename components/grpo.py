@@ -20,235 +20,159 @@ metrics/grpo.json (TRL's metric names), plots/grpo.csv and one MLflow run with a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from components.core.algos import reward_functions, rl
-from components.core.config import GRPOConfig
+from components.core.config import GRPOConfig, Runtime
 from components.core.model import loading, logprobs, sharding
 from components.core.model.generation import eos_ids
 from components.core.ops import faults, logs, placeholders, tracking
 from components.core.ops.io import write_csv, write_json
 from components.core.ops.logs import stage_main
 from components.core.train import checkpoints, loop, online
-from components.core.train.online import collect_round, load_prompts
 
 log = logging.getLogger("alignflow.grpo")
 
+
+@dataclass(frozen=True)
+class Setup:
+    """What every round reads, built once before the loop (the sampler's position and the weights move on)."""
+
+    cfg: GRPOConfig
+    accelerator: object
+    model: torch.nn.Module  # prepared for training: one device, DDP or FSDP2 shards
+    ref_model: torch.nn.Module | None  # None with beta 0, or with LoRA (the reference is the base, adapters off)
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    prompts: list[online.Prompt]
+    sampler: online.PromptSampler
+    sampling: online.Sampling
+    scorer: Callable  # scorer(prompt, completions): text and rewards onto each completion (online.score)
+    reward_ids: dict[str, str]  # reward function -> code hash
+    seed: int
+    sharded: bool
+    ckpt_dir: Path
+    work: Path  # this run's rollout tables, beside its checkpoints
+
+
+@dataclass(frozen=True)
+class Round:
+    """One generation round, as sampled."""
+
+    index: int
+    policy_hash: str  # the weights that sampled it
+    groups: list[dict]  # every group generated (dynamic sampling may drop some)
+    kept: list[dict]  # the groups trained on
+    first_zero_frac: float  # frac_reward_zero_std of the first batch
+
+
+@dataclass
+class Batch:
+    """A round as training data: its rows, advantages and micro-batches, the same for its num_iterations steps."""
+
+    rows: list[tuple[dict, dict]]  # (group, completion) of the kept groups, group-major: (N,)
+    rewards: torch.Tensor  # (N,)
+    advantages: torch.Tensor  # (N,)
+    group_std: torch.Tensor  # (N,) each row's group std
+    micro_batches: list[list[int]]  # row indices, whole groups (a prompt is computed once per micro-batch row)
+    passes: list[tuple[int, float]]  # this rank's (micro-batch, weight): equal counts on every rank, padding 0
+    totals: rl.Totals
+    old: dict[int, torch.Tensor]  # micro-batch -> the sampling policy's token log-probs (num_iterations > 1)
+    ref: dict[int, torch.Tensor]  # micro-batch -> the reference's token log-probs (beta > 0)
 
 
 # ----------------------------------------------------------------------------- the stage
 
 def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "data/prepared",
         out_dir: str = "models/grpo", rollouts_dir: str = "artifacts/rollouts", metrics_path: str = "metrics/grpo.json",
-        plots_path: str = "plots/grpo.csv", checkpoint_dir: str = "checkpoints/grpo", max_prompt_length: int = 96,
-        mixed_precision: str = "auto", seed: int = 1234, trust_remote_code: bool = False, track: bool = True) -> dict:
-    accelerator = loop.make_accelerator(mixed_precision)
-    world, rank = accelerator.num_processes, accelerator.process_index
+        plots_path: str = "plots/grpo.csv", checkpoint_dir: str = "checkpoints/grpo", runtime: Runtime = Runtime(),
+        track: bool = True) -> dict:
+    accelerator = loop.make_accelerator(runtime.mixed_precision)
+    world, seed = accelerator.num_processes, runtime.seed
     torch.manual_seed(seed)
-    G = cfg.num_generations
 
     # ---------------------------------------------------------------- prompts, rewards
-    tokenizer = loading.load_tokenizer(model_path, trust_remote_code)
+    tokenizer = loading.load_tokenizer(model_path, runtime.trust_remote_code)
     prompt_file = Path(data_dir) / f"{cfg.prompts}_train.jsonl"
-    prompts = load_prompts(prompt_file, cfg.prompts, tokenizer, max_prompt_length)
+    prompts = online.load_prompts(prompt_file, cfg.prompts, tokenizer, runtime.max_prompt_length)
     reward_fns = {r.name: reward_functions.load_reward_function(r.name) for r in cfg.rewards}
     reward_weights = {r.name: r.weight for r in cfg.rewards}
     reward_ids = {name: reward_functions.reward_identity(name) for name in reward_fns}
-    sampler = online.PromptSampler(len(prompts), seed)
 
     # ---------------------------------------------------------------- models, optimizer, schedule
-    model = loading.load_model(model_path, trust_remote_code, cfg.lora.model_dump(), mixed_precision=mixed_precision,
-                                gradient_checkpointing=cfg.gradient_checkpointing)
-    lora = cfg.lora.enabled
-    ref_model = None
-    if cfg.beta > 0 and not lora:  # with LoRA the reference is the base with adapters off: no second copy
-        ref_model = loading.load_model(model_path, trust_remote_code, frozen=True, mixed_precision=mixed_precision)
-        ref_model = sharding.prepare_frozen(accelerator, ref_model)
+    model, ref_model = load_models(cfg, model_path, accelerator, runtime)
     model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
     schedule = loop.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
     accelerator.register_for_checkpointing(schedule)
-    sharded = sharding.is_sharded(model)
-    eos = eos_ids(accelerator.unwrap_model(model), tokenizer)
-    pad_id = tokenizer.pad_token_id
 
     # ---------------------------------------------------------------- resume
     ckpt_dir = Path(checkpoint_dir)
-    hyper = checkpoints.math_params(cfg.model_dump())
     code = checkpoints.code_fingerprint("components.grpo")
-    fp = checkpoints.fingerprint(hyper, reward_ids, checkpoints.model_identity(model_path), str(prompt_file),
-                                 max_prompt_length, seed, code, world)
+    fp = checkpoints.fingerprint(checkpoints.math_params(cfg.model_dump()), reward_ids,
+                                 checkpoints.model_identity(model_path), str(prompt_file), runtime.max_prompt_length,
+                                 seed, code, world)
     step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, cfg.max_steps, model, optimizer)
-    position = int(saved.get("sampler_position", 0))
     generated_tokens = int(saved.get("generated_tokens", 0))
     guard = loop.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
     work = ckpt_dir / fp / "rollouts"  # this run's rounds; survives a crash, unlike the DVC out
     if accelerator.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
+    setup = Setup(cfg, accelerator, model, ref_model, optimizer, schedule, prompts,
+                  online.PromptSampler(len(prompts), seed, int(saved.get("sampler_position", 0))),
+                  online.Sampling.of(cfg, eos_ids(accelerator.unwrap_model(model), tokenizer), tokenizer.pad_token_id),
+                  functools.partial(online.score, tokenizer=tokenizer, reward_fns=reward_fns, weights=reward_weights),
+                  reward_ids, seed, sharding.is_sharded(model), ckpt_dir, work)
 
-    params = {**cfg.model_dump(), "world_size": world, "seed": seed, "max_prompt_length": max_prompt_length,
+    params = {**cfg.model_dump(), "world_size": world, "seed": seed, "max_prompt_length": runtime.max_prompt_length,
               "reward_hashes": reward_ids, "model": model_path}
     with tracking.stage_tracking(accelerator, "grpo", params, [model_path, str(prompt_file)], track) as mlrun:
         bar = logs.progress(cfg.max_steps, step, f"grpo ({cfg.loss_type})", accelerator.is_local_main_process)
         zero_std_streak, t_start = 0, time.perf_counter()
         while step < cfg.max_steps:
-            round_ = step // cfg.num_iterations
             timing = defaultdict(float)
-            # ------------------------------------------------------------ generate + score (chunks over ranks)
-            unwrapped = accelerator.unwrap_model(model)
-            policy_hash = online.policy_hash(accelerator, unwrapped, sharded)
-            unwrapped.eval()
-
-            def generate_batch(attempt: int, need: int, round_=round_, unwrapped=unwrapped, timing=timing) -> list[dict]:
-                nonlocal position
-                chosen = sampler.take(position, need)
-                position += need
-                batch = online.generate_groups(
-                    accelerator, unwrapped, tokenizer, prompts, chosen, cfg, seed=seed, round_=round_, attempt=attempt,
-                    eos=eos, pad_id=pad_id, sharded=sharded, timing=timing,
-                    scorer=lambda p, group: online.score(p, group, tokenizer, reward_fns, reward_weights))
-                _, batch_std = rl.group_advantages(
-                    torch.tensor([c["reward"] for g in batch for c in g["completions"]]), G, "none")
-                for g, zero in zip(batch, rl.zero_std_groups(batch_std, G).tolist(), strict=True):
-                    g["zero_std"] = zero
-                return batch
-
-            groups, kept, first_zero_frac = collect_round(generate_batch, cfg.prompts_per_step, cfg.dynamic_sampling,
-                                                          cfg.max_resample_rounds, round_)
-            unwrapped.train()
-
-            # ------------------------------------------------------------ advantages, plan of micro-batches
-            rows = [(g, c) for g in kept for c in g["completions"]]
-            reward_t = torch.tensor([c["reward"] for _, c in rows])
-            advantages, group_std = rl.group_advantages(reward_t, G, cfg.scale_rewards)
-            for (_, c), a in zip(rows, advantages.tolist(), strict=True):
-                c["advantage"] = a
-            counted = [0 if (cfg.mask_truncated_completions and c["truncated"]) else len(c["ids"]) for _, c in rows]
-            per_mb = max(1, cfg.micro_batch_size // G) * G  # whole groups: each prompt is computed once per row
-            mbs = [list(range(i, min(i + per_mb, len(rows)))) for i in range(0, len(rows), per_mb)]
-            totals = rl.Totals(sequences=len(rows), tokens=sum(counted), micro_batches=len(mbs),
-                               max_completion_length=cfg.max_completion_length)
-            per_rank = -(-len(mbs) // world)  # equal forward/backward counts on every rank (DDP); padding weighs 0
-            my_mbs = [(k, 1.0) if k < len(mbs) else (k % len(mbs), 0.0)
-                      for k in range(rank, per_rank * world, world)]
-
-            def forward(net, k, with_entropy=False, rows=rows, mbs=mbs):
-                sel = [rows[i] for i in mbs[k]]
-                group_rows = [sel[i : i + G] for i in range(0, len(sel), G)]
-                with accelerator.autocast():
-                    logps, mask, entropy = logprobs.group_token_logps(
-                        net, [prompts[grp[0][0]["prompt"]].ids for grp in group_rows],
-                        [[c["ids"] for _, c in grp] for grp in group_rows], pad_id, accelerator.device,
-                        cfg.temperature, with_entropy)
-                if cfg.mask_truncated_completions:
-                    mask = mask & ~torch.tensor([c["truncated"] for _, c in sel], device=mask.device)[:, None]
-                return logps, mask, entropy
-
-            old, ref = {}, {}
+            rnd = sample_round(setup, step // cfg.num_iterations, timing)  # generate + score, chunks over ranks
+            batch = plan_batch(cfg, rnd, accelerator.process_index, world)  # advantages, micro-batches
+            reference_logps(setup, batch, timing)  # old (num_iterations > 1) and reference (beta > 0) log-probs
             t0 = time.perf_counter()
-            with torch.no_grad():
-                for k, _ in my_mbs:
-                    if cfg.num_iterations > 1 and k not in old:  # the policy that sampled, before any update
-                        old[k] = forward(model, k)[0].detach()
-                    if cfg.beta > 0 and k not in ref:
-                        if ref_model is not None:
-                            ref[k] = forward(ref_model, k)[0]
-                        else:
-                            with accelerator.unwrap_model(model).disable_adapter():
-                                ref[k] = forward(model, k)[0]
-            timing["reference"] += time.perf_counter() - t0
-
-            # ------------------------------------------------------------ rollouts of this round
-            t0 = time.perf_counter()
-            _write_round(accelerator, work, round_, step, rows, prompts, mbs, old, ref, reward_ids, policy_hash, world)
+            write_round(setup, rnd, batch, step)
             timing["write"] += time.perf_counter() - t0
-            round_tokens = sum(len(c["ids"]) for g in groups for c in g["completions"])
+            round_tokens = sum(len(c["ids"]) for g in rnd.groups for c in g["completions"])
             generated_tokens += round_tokens
-            lengths = [len(c["ids"]) for _, c in rows]
-            terminated = [n for (_, c), n in zip(rows, lengths, strict=True) if not c["truncated"]]
-            per_fn = {name: torch.tensor([c["rewards"][name] for _, c in rows]) for name in reward_fns}
-            round_metrics = {  # the round's samples: the same for each of its num_iterations steps
-                "reward": reward_t.mean().item(), "reward_std": group_std.mean().item(),
-                "frac_reward_zero_std": first_zero_frac,
-                **{f"rewards/{name}/mean": v.mean().item() for name, v in per_fn.items()},
-                **{f"rewards/{name}/std": rl.unbiased_std(v).item() for name, v in per_fn.items()},
-                "completions/mean_length": sum(lengths) / len(lengths), "completions/min_length": min(lengths),
-                "completions/max_length": max(lengths),
-                "completions/clipped_ratio": sum(c["truncated"] for _, c in rows) / len(rows),
-                "completions/mean_terminated_length": sum(terminated) / len(terminated) if terminated else 0.0,
-                "groups_generated": len(groups), "groups_kept": len(kept),
-                # every rank's tokens over rank 0's generation seconds (the ranks generate side by side)
-                "generated_tokens_per_second": round_tokens / max(timing["generate"], 1e-9),
-            }
+            sampled = round_metrics(rnd, batch, list(reward_ids), round_tokens, timing)
 
-            # ------------------------------------------------------------ num_iterations optimizer steps
-            for _ in range(cfg.num_iterations):
+            for _ in range(cfg.num_iterations):  # mu optimizer steps on the round
                 t0 = time.perf_counter()
-                sums = defaultdict(lambda: torch.zeros((), device=accelerator.device))
-                for n, (k, weight) in enumerate(my_mbs):
-                    adv = advantages[mbs[k]].to(accelerator.device)
-                    with loop.maybe_no_sync(accelerator, model, n == len(my_mbs) - 1):
-                        logps, mask, entropy = forward(model, k, with_entropy=True)
-                        out = rl.clipped_surrogate(logps, old.get(k, logps.detach()), adv, cfg.epsilon_low,
-                                                   cfg.epsilon_high, cfg.beta, ref.get(k))
-                        share = rl.aggregate(out.per_token_loss, mask, cfg.loss_type, totals)
-                        accelerator.backward(share * weight * world)  # * world undoes DDP's averaging
-                    m = mask.float() * weight
-                    sums["loss"] += share.detach() * weight
-                    sums["tokens"] += m.sum()
-                    sums["entropy"] += (entropy * m).sum()
-                    if out.per_token_kl is not None:
-                        sums["kl"] += (out.per_token_kl.detach() * m).sum()
-                    for key, v in rl.clip_fractions(out.ratio.detach(), adv, mask, cfg.epsilon_low,
-                                                    cfg.epsilon_high).items():
-                        sums[key] += v * weight
-                keys = sorted(sums)
-                reduced = dict(zip(keys, accelerator.reduce(torch.stack([sums[k] for k in keys]), "sum").tolist(),
-                                   strict=True))
-                loss_value = torch.tensor(reduced["loss"])
-                loop.guard_finite(loss_value, step + 1, ckpt_dir)
-                grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
-                guard.check(step + 1, abs(reduced["loss"]), grad_norm)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
+                reduced, grad_norm = optimizer_step(setup, batch, guard, step)
                 timing["update"] += time.perf_counter() - t0
                 step += 1
                 faults.maybe_crash(step)
                 bar.update(1)
-
-                tokens_n = max(reduced["tokens"], 1.0)
-                row = {
-                    "step": step, "loss": reduced["loss"], **round_metrics,
-                    "entropy": reduced["entropy"] / tokens_n,
-                    **({"kl": reduced["kl"] / tokens_n} if cfg.beta > 0 else {}),
-                    "clip_ratio/low_mean": reduced["clip_ratio/low"] / tokens_n,
-                    "clip_ratio/high_mean": reduced["clip_ratio/high"] / tokens_n,
-                    "clip_ratio/region_mean": reduced["clip_ratio/region"] / tokens_n,
-                    "learning_rate": schedule.get_last_lr()[0],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    **{f"time/{phase}": s for phase, s in timing.items()},
-                    "num_tokens": generated_tokens,
-                }
+                row = step_row(step, reduced, sampled, cfg.beta, schedule.get_last_lr()[0], grad_norm, timing,
+                               generated_tokens)
                 timing = defaultdict(float)  # phase seconds belong to the round's first step
                 history.append(row)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     tracking.log_step_metrics(mlrun, row, step)
-                    _log_samples(mlrun, kept, prompts, step)
-            zero_std_streak = zero_std_streak + 1 if first_zero_frac > cfg.zero_std_warning else 0
+                    _log_samples(mlrun, rnd.kept, prompts, step)
+            zero_std_streak = zero_std_streak + 1 if rnd.first_zero_frac > cfg.zero_std_warning else 0
             if zero_std_streak == 5:
                 log.warning("frac_reward_zero_std above %.2f for 5 rounds (now %.2f): most groups carry no "
                             "gradient. Raise num_generations or temperature, or set dynamic_sampling",
-                            cfg.zero_std_warning, first_zero_frac)
+                            cfg.zero_std_warning, rnd.first_zero_frac)
             if step % cfg.save_every == 0 and step < cfg.max_steps:
                 checkpoints.save_checkpoint(accelerator, ckpt_dir, step,
                                             {"fingerprint": fp, "history": history, "guard": guard.state(),
-                                             "sampler_position": position, "generated_tokens": generated_tokens},
+                                             "sampler_position": setup.sampler.position,
+                                             "generated_tokens": generated_tokens},
                                             cfg.keep_checkpoints, model, optimizer)
         bar.close()
 
@@ -266,28 +190,186 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     return final
 
 
-def _write_round(accelerator, work: Path, round_: int, step: int, rows, prompts, mbs, old, ref, reward_ids,
-                 policy_hash: str, world: int) -> None:
-    """The round's rollout table (rank 0 writes it; old / reference log-probs are gathered from their ranks)."""
-    def per_row(computed: dict) -> dict[int, list[float]]:
-        local = {i: computed[k][j][: len(rows[i][1]["ids"])].tolist() for k in computed for j, i in enumerate(mbs[k])}
-        return online.gather_rows(accelerator, local)
+def load_models(cfg: GRPOConfig, model_path: str, accelerator, runtime: Runtime):
+    """(policy, reference or None): the reference only with beta > 0 and without LoRA."""
+    model = loading.load_model(model_path, runtime.trust_remote_code, cfg.lora.model_dump(),
+                               mixed_precision=runtime.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing)
+    ref_model = None
+    if cfg.beta > 0 and not cfg.lora.enabled:  # with LoRA the reference is the base with adapters off: no second copy
+        ref_model = loading.load_model(model_path, runtime.trust_remote_code, frozen=True,
+                                       mixed_precision=runtime.mixed_precision)
+        ref_model = sharding.prepare_frozen(accelerator, ref_model)
+    return model, ref_model
 
-    old_rows, ref_rows = per_row(old), per_row(ref)
-    if not accelerator.is_main_process:
+
+# ----------------------------------------------------------------------------- the phases of a round
+
+
+def sample_round(setup: Setup, index: int, timing: dict) -> Round:
+    """Generate and score a round (DAPO's dynamic sampling may sample more prompts), with the policy in eval mode."""
+    cfg = setup.cfg
+    policy = setup.accelerator.unwrap_model(setup.model)
+    policy_hash = online.policy_hash(setup.accelerator, policy, setup.sharded)
+    policy.eval()
+    groups, kept, first_zero_frac = online.collect_round(functools.partial(sample_groups, setup, policy, index, timing),
+                                                         cfg.prompts_per_step, cfg.dynamic_sampling,
+                                                         cfg.max_resample_rounds, index)
+    policy.train()
+    return Round(index, policy_hash, groups, kept, first_zero_frac)
+
+
+def sample_groups(setup: Setup, policy, index: int, timing: dict, attempt: int, need: int) -> list[dict]:
+    """collect_round's generate_batch: the groups of the sampler's next `need` prompts, each flagged `zero_std`
+    (every completion has the same reward: no gradient)."""
+    G = setup.sampling.num_generations
+    chosen = setup.sampler.take(need)
+    batch = online.generate_groups(setup.accelerator, policy, setup.prompts, chosen, setup.sampling, seed=setup.seed,
+                                   round_=index, attempt=attempt, sharded=setup.sharded, scorer=setup.scorer,
+                                   timing=timing)
+    _, batch_std = rl.group_advantages(torch.tensor([c["reward"] for g in batch for c in g["completions"]]), G, "none")
+    for g, zero in zip(batch, rl.zero_std_groups(batch_std, G).tolist(), strict=True):
+        g["zero_std"] = zero
+    return batch
+
+
+def plan_batch(cfg: GRPOConfig, rnd: Round, rank: int, world: int) -> Batch:
+    """Group-relative advantages (also written onto each completion) and the micro-batches of the kept groups."""
+    G = cfg.num_generations
+    rows = [(g, c) for g in rnd.kept for c in g["completions"]]
+    rewards = torch.tensor([c["reward"] for _, c in rows])
+    advantages, group_std = rl.group_advantages(rewards, G, cfg.scale_rewards)
+    for (_, c), a in zip(rows, advantages.tolist(), strict=True):
+        c["advantage"] = a
+    counted = [0 if (cfg.mask_truncated_completions and c["truncated"]) else len(c["ids"]) for _, c in rows]
+    per_mb = max(1, cfg.micro_batch_size // G) * G  # whole groups: each prompt is computed once per row
+    mbs = [list(range(i, min(i + per_mb, len(rows)))) for i in range(0, len(rows), per_mb)]
+    totals = rl.Totals(sequences=len(rows), tokens=sum(counted), micro_batches=len(mbs),
+                       max_completion_length=cfg.max_completion_length)
+    passes = [(k, 0.0 if padding else 1.0) for k, padding in loop.equal_passes(len(mbs), rank, world)]
+    return Batch(rows, rewards, advantages, group_std, mbs, passes, totals, {}, {})
+
+
+def micro_batch_logps(setup: Setup, batch: Batch, net, k: int, with_entropy: bool = False):
+    """(token log-probs, loss mask, entropy) of micro-batch k under `net`, each (B, T); the mask leaves out
+    truncated completions when mask_truncated_completions."""
+    cfg, accelerator, G = setup.cfg, setup.accelerator, setup.sampling.num_generations
+    sel = [batch.rows[i] for i in batch.micro_batches[k]]
+    group_rows = [sel[i : i + G] for i in range(0, len(sel), G)]
+    with accelerator.autocast():
+        logps, mask, entropy = logprobs.group_token_logps(
+            net, [setup.prompts[grp[0][0]["prompt"]].ids for grp in group_rows],
+            [[c["ids"] for _, c in grp] for grp in group_rows], setup.sampling.pad_id, accelerator.device,
+            cfg.temperature, with_entropy)
+    if cfg.mask_truncated_completions:
+        mask = mask & ~torch.tensor([c["truncated"] for _, c in sel], device=mask.device)[:, None]
+    return logps, mask, entropy
+
+
+def reference_logps(setup: Setup, batch: Batch, timing: dict) -> None:
+    """batch.old (the policy that sampled, before any update; only needed when num_iterations > 1) and batch.ref
+    (beta > 0) for this rank's micro-batches."""
+    cfg = setup.cfg
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for k, _ in batch.passes:
+            if cfg.num_iterations > 1 and k not in batch.old:
+                batch.old[k] = micro_batch_logps(setup, batch, setup.model, k)[0].detach()
+            if cfg.beta > 0 and k not in batch.ref:
+                if setup.ref_model is not None:
+                    batch.ref[k] = micro_batch_logps(setup, batch, setup.ref_model, k)[0]
+                else:
+                    with setup.accelerator.unwrap_model(setup.model).disable_adapter():
+                        batch.ref[k] = micro_batch_logps(setup, batch, setup.model, k)[0]
+    timing["reference"] += time.perf_counter() - t0
+
+
+def write_round(setup: Setup, rnd: Round, batch: Batch, step: int) -> None:
+    """The round's rollout table (rank 0 writes it; old / reference log-probs are gathered from their ranks)."""
+    old_rows, ref_rows = _gathered(setup, batch, batch.old), _gathered(setup, batch, batch.ref)
+    if not setup.accelerator.is_main_process:
         return
-    records = []
-    for i, (g, c) in enumerate(rows):
-        p = prompts[g["prompt"]]
-        records.append({
-            "round": round_, "step": step, "prompt_id": p.id, "prompt_index": g["prompt"], "prompt_ids": p.ids,
-            "prompt": json.dumps(p.messages), "answer": p.answer, "completion_ids": c["ids"], "completion": c["text"],
-            "truncated": c["truncated"], "sampler_logps": c["sampler_logps"], "old_logps": old_rows.get(i),
-            "ref_logps": ref_rows.get(i), "reward": c["reward"], **{f"reward/{k}": v for k, v in c["rewards"].items()},
-            "advantage": c["advantage"], "seed": g["seed"], "policy_hash": policy_hash,
-            "reward_hashes": json.dumps(reward_ids, sort_keys=True),
-        })
-    online.write_rollouts(work, round_, records)
+    records = [online.rollout_record(rnd.index, step, setup.prompts[g["prompt"]], g, c, old_rows.get(i),
+                                     ref_rows.get(i), rnd.policy_hash, setup.reward_ids)
+               for i, (g, c) in enumerate(batch.rows)]
+    online.write_rollouts(setup.work, rnd.index, records)
+
+
+def _gathered(setup: Setup, batch: Batch, computed: dict[int, torch.Tensor]) -> dict[int, list[float]]:
+    """{row: its completion's values} from every rank's micro-batches."""
+    local = {i: computed[k][j][: len(batch.rows[i][1]["ids"])].tolist()
+             for k in computed for j, i in enumerate(batch.micro_batches[k])}
+    return online.gather_rows(setup.accelerator, local)
+
+
+def round_metrics(rnd: Round, batch: Batch, reward_names: list[str], round_tokens: int, timing: dict) -> dict:
+    """The round's samples, logged with each of its num_iterations steps."""
+    rows = batch.rows
+    lengths = [len(c["ids"]) for _, c in rows]
+    terminated = [n for (_, c), n in zip(rows, lengths, strict=True) if not c["truncated"]]
+    per_fn = {name: torch.tensor([c["rewards"][name] for _, c in rows]) for name in reward_names}
+    return {
+        "reward": batch.rewards.mean().item(), "reward_std": batch.group_std.mean().item(),
+        "frac_reward_zero_std": rnd.first_zero_frac,
+        **{f"rewards/{name}/mean": v.mean().item() for name, v in per_fn.items()},
+        **{f"rewards/{name}/std": rl.unbiased_std(v).item() for name, v in per_fn.items()},
+        "completions/mean_length": sum(lengths) / len(lengths), "completions/min_length": min(lengths),
+        "completions/max_length": max(lengths),
+        "completions/clipped_ratio": sum(c["truncated"] for _, c in rows) / len(rows),
+        "completions/mean_terminated_length": sum(terminated) / len(terminated) if terminated else 0.0,
+        "groups_generated": len(rnd.groups), "groups_kept": len(rnd.kept),
+        # every rank's tokens over rank 0's generation seconds (the ranks generate side by side)
+        "generated_tokens_per_second": round_tokens / max(timing["generate"], 1e-9),
+    }
+
+
+def optimizer_step(setup: Setup, batch: Batch, guard: loop.DivergenceGuard, step: int) -> tuple[dict, object]:
+    """One optimizer step on the whole round: the clipped surrogate over this rank's micro-batches, summed over
+    ranks. Returns (the summed scalars, the gradient norm)."""
+    cfg, accelerator, model = setup.cfg, setup.accelerator, setup.model
+    world = accelerator.num_processes
+    sums = defaultdict(lambda: torch.zeros((), device=accelerator.device))
+    for n, (k, weight) in enumerate(batch.passes):
+        adv = batch.advantages[batch.micro_batches[k]].to(accelerator.device)
+        with loop.maybe_no_sync(accelerator, model, n == len(batch.passes) - 1):
+            logps, mask, entropy = micro_batch_logps(setup, batch, model, k, with_entropy=True)
+            out = rl.clipped_surrogate(logps, batch.old.get(k, logps.detach()), adv, cfg.epsilon_low,
+                                       cfg.epsilon_high, cfg.beta, batch.ref.get(k))
+            share = rl.aggregate(out.per_token_loss, mask, cfg.loss_type, batch.totals)
+            accelerator.backward(share * weight * world)  # * world undoes DDP's averaging
+        m = mask.float() * weight
+        sums["loss"] += share.detach() * weight
+        sums["tokens"] += m.sum()
+        sums["entropy"] += (entropy * m).sum()
+        if out.per_token_kl is not None:
+            sums["kl"] += (out.per_token_kl.detach() * m).sum()
+        for key, v in rl.clip_fractions(out.ratio.detach(), adv, mask, cfg.epsilon_low, cfg.epsilon_high).items():
+            sums[key] += v * weight
+    reduced = {key: v.item() for key, v in loop.reduce_sums(accelerator, sums).items()}
+    loop.guard_finite(torch.tensor(reduced["loss"]), step + 1, setup.ckpt_dir)
+    grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
+    guard.check(step + 1, abs(reduced["loss"]), grad_norm)
+    setup.optimizer.step()
+    setup.schedule.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return reduced, grad_norm
+
+
+def step_row(step: int, reduced: dict, sampled: dict, beta: float, learning_rate: float, grad_norm, timing: dict,
+             generated_tokens: int) -> dict:
+    """A step's metrics (TRL's names): loss, entropy, KL, clip ratios over the round's tokens; the round's samples."""
+    tokens_n = max(reduced["tokens"], 1.0)
+    return {
+        "step": step, "loss": reduced["loss"], **sampled,
+        "entropy": reduced["entropy"] / tokens_n,
+        **({"kl": reduced["kl"] / tokens_n} if beta > 0 else {}),
+        "clip_ratio/low_mean": reduced["clip_ratio/low"] / tokens_n,
+        "clip_ratio/high_mean": reduced["clip_ratio/high"] / tokens_n,
+        "clip_ratio/region_mean": reduced["clip_ratio/region"] / tokens_n,
+        "learning_rate": learning_rate,
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        **{f"time/{phase}": s for phase, s in timing.items()},
+        "num_tokens": generated_tokens,
+    }
 
 
 def _log_samples(mlrun, kept, prompts, step: int, n_groups: int = 4) -> None:
@@ -310,9 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     if not p.grpo.enabled:
         placeholders.grpo(args.out)
         return
-    result = run(p.grpo, model_path=args.model, data_dir=args.data_dir, out_dir=args.out,
-                 max_prompt_length=p.data.max_prompt_length, mixed_precision=p.compute.mixed_precision, seed=p.seed,
-                 trust_remote_code=p.model.trust_remote_code)
+    result = run(p.grpo, model_path=args.model, data_dir=args.data_dir, out_dir=args.out, runtime=Runtime.of(p))
     log.info("grpo done: %s", json.dumps({k: v for k, v in result.items() if not k.startswith("config/")}))
 
 

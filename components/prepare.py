@@ -3,7 +3,8 @@
     python -m components.prepare --params params.yaml
 
 Why this file is long: a third of it is this docstring, the stage's contract (errors, drop reasons, split);
-the rest is one linear run() plus the report. Reading and format parsing live in core/readers, core/formats.
+the rest is run() and its phases in the order it calls them (read_sources, check_kept, split_records,
+prepare_metrics) plus the report. Reading and format parsing live in core/data/readers, core/data/formats.
 
 Reads `data.sources` (local .jsonl/.json/.parquet/.csv files or directories of them; each is a DVC dep
 through the `sources` stage) and `data.hub_sources` (hub datasets, pinned by revision), and writes
@@ -31,7 +32,7 @@ One record is bad -> it is dropped and counted under the first reason found (cor
     prompt_too_long / too_long  prompt tokens > max_prompt_length / prompt+response tokens > max_length
     prompt_mismatch             a pair whose prompt tokens differ before chosen and before rejected
 Token counts come from `core/tokens.encode_chat`, i.e. the exact template the trainers use, and the ids
-counted are the ones written: `data/prepared/tokens/` (core/token_store.py) holds every kept SFT and preference
+counted are the ones written: `data/prepared/tokens/` (core/data/token_store.py) holds every kept SFT and preference
 record's token ids and the tokenizer's fingerprint, and the training stages read those, never the text.
 
 Split: a record's side is decided by its conversation opening (system turns + first user turn), hashed
@@ -52,6 +53,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.core.config import DataConfig, Runtime
 from components.core.data import token_store
 from components.core.data.formats import (
     FORMATS,
@@ -239,58 +241,33 @@ def _fail_loud(reports: list[_FileReport], min_kept_fraction: float) -> list[str
     return problems
 
 
-def _inputs(sources: list[dict], hub_sources: list[dict], lenient: bool):
+def _inputs(cfg: DataConfig):
     """(source label, kind, columns, file label, records, hub provenance) for every file of every source."""
-    for source in sources:
-        path, kind = source["path"], source.get("kind") or "auto"
-        if kind not in ("auto", *KINDS):
-            raise DataError(f"{path}: kind {kind!r} is not one of auto, {', '.join(KINDS)}")
-        for label, records in open_source(path, lenient):
-            yield path, kind, source.get("columns") or {}, label, records, None
-    for hub in hub_sources:
-        if not hub.get("revision"):
+    for source in cfg.sources:
+        for label, records in open_source(source.path, cfg.skip_invalid_json):
+            yield source.path, source.kind, source.columns, label, records, None
+    for hub in cfg.hub_sources:
+        if not hub.revision:
             log.warning("%s: hub dataset not pinned (no revision): a change on the hub will not re-run prepare; "
-                        "set data.hub_sources[].revision to a commit", hub["name"])
-        label, records, provenance = open_hub(hub["name"], hub.get("split"), hub.get("revision"))
-        yield hub["name"], hub.get("kind") or "auto", hub.get("columns") or {}, label, records, provenance
+                        "set data.hub_sources[].revision to a commit", hub.name)
+        label, records, provenance = open_hub(hub.name, hub.split, hub.revision)
+        yield hub.name, hub.kind, hub.columns, label, records, provenance
 
 
-def run(
-    sources: list[dict],
-    out_dir: str,
-    metrics_path: str,
-    tokenizer_path: str,
-    eval_fraction: float,
-    max_length: int,
-    max_prompt_length: int,
-    dedupe: bool,
-    seed: int,
-    hub_sources: list[dict] | None = None,
-    min_kept_fraction: float = 0.5,
-    skip_invalid_json: bool = False,
-    report_path: str | None = None,
-    trust_remote_code: bool = False,
-) -> dict:
-    """Read, validate, normalise, dedupe and split the sources; write out_dir and metrics_path. Returns metrics.
+# (kind, record as written, prompt key, token ids row) of every record kept
+Kept = tuple[str, dict, str, dict | None]
 
-    A file that keeps less than `min_kept_fraction` of its records (or none) fails the stage with its first
-    drop reasons. The report (per file: format, read, kept, drops per reason with their first lines) is
-    written to `report_path` in every case, failure included, and to `out_dir/report.json` on success.
-    """
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
+def read_sources(cfg: DataConfig, tokenizer) -> tuple[list[Kept], list[_FileReport]]:
+    """Read, validate, normalise, dedupe (across sources) and tokenise every record of every source, in order:
+    the records kept, and one report per file (every drop counted under its reason)."""
     markers = chat_markers(tokenizer)
     tools_ok = template_supports_tools(tokenizer)
-    settings = {"eval_fraction": eval_fraction, "max_length": max_length, "max_prompt_length": max_prompt_length,
-                "dedupe": dedupe, "seed": seed, "min_kept_fraction": min_kept_fraction,
-                "skip_invalid_json": skip_invalid_json}
-
-    # ------------------------------------------------------------------ read and validate
-    kept: list[tuple[str, dict, str, dict | None]] = []  # (kind, record, prompt key, tokens row)
+    dedupe, max_length, max_prompt_length = cfg.dedupe, cfg.max_length, cfg.max_prompt_length
+    kept: list[Kept] = []
     seen: set[str] = set()
     reports: list[_FileReport] = []
-    for source, kind, columns, label, records, provenance in _inputs(sources, hub_sources or [], skip_invalid_json):
+    for source, kind, columns, label, records, provenance in _inputs(cfg):
         report = _FileReport(source=source, file=label, hub=provenance)
         reports.append(report)
         schema, first_loc = None, ""
@@ -340,7 +317,13 @@ def run(
             log.warning("%s: %d records held text already rendered with the chat template (%s); parsed back "
                         "into messages so it is not templated twice", label, report.untemplated,
                         ", ".join((markers or {}).get("special", [])[:3]))
+    return kept, reports
 
+
+def check_kept(kept: list[Kept], reports: list[_FileReport], settings: dict, min_kept_fraction: float,
+               report_path: str | None) -> dict:
+    """The files' report ({settings, files}), written to report_path first (failure included); raises DataError
+    when a file lost too much or nothing is left."""
     read = sum(r.read for r in reports)
     dropped = Counter()
     for r in reports:
@@ -357,8 +340,12 @@ def run(
         detail = "; ".join(f"{r.file}: {r.first_reasons(1)}" for r in reports if r.read)
         raise DataError(f"no records left after filtering (read {read}; dropped: {reasons}){where}"
                         + (f": {detail}" if detail else ""))
+    return files_report
 
-    # ------------------------------------------------------------------ split by prompt
+
+def split_records(kept: list[Kept], eval_fraction: float, seed: int):
+    """(records per output file, token rows per split, prompt keys per side): each record on the side of its
+    conversation opening."""
     kinds_by_key: dict[str, set[str]] = {}
     for record_kind, _, key, _ in kept:
         kinds_by_key.setdefault(key, set()).add(record_kind)
@@ -372,17 +359,24 @@ def run(
         files[f"{name}.jsonl"].append(out)
         if token_row is not None:
             token_rows[name].append(token_row)
+    prompts = {"train": len(kinds_by_key) - len(held_out), "eval": len(held_out)}
+    return files, token_rows, prompts
 
-    # ------------------------------------------------------------------ metrics, report, write
+
+def prepare_metrics(files: dict[str, list[dict]], reports: list[_FileReport], kept: int, prompts: dict) -> dict:
+    """metrics/prepare.json: records per kind and side, prompts per side, totals, drops per reason, per file."""
+    dropped = Counter()
+    for r in reports:
+        dropped.update(r.dropped)
     metrics: dict = {}
     for k in KINDS:
         for s in ("train", "eval"):
             metrics[f"{k}/{s}"] = len(files[f"{OUTPUT_PREFIX[k]}_{s}.jsonl"])
-    metrics["prompts/train"] = len(kinds_by_key) - len(held_out)
-    metrics["prompts/eval"] = len(held_out)
+    metrics["prompts/train"] = prompts["train"]
+    metrics["prompts/eval"] = prompts["eval"]
     metrics["files/total"] = len(reports)
-    metrics["read/total"] = read
-    metrics["kept/total"] = len(kept)
+    metrics["read/total"] = sum(r.read for r in reports)
+    metrics["kept/total"] = kept
     metrics["dropped/total"] = sum(dropped.values())
     metrics["untemplated/total"] = sum(r.untemplated for r in reports)
     for reason in REASONS:
@@ -391,9 +385,40 @@ def run(
         metrics[f"file/{r.file}/read"] = r.read
         metrics[f"file/{r.file}/kept"] = r.kept
         metrics[f"file/{r.file}/dropped"] = sum(r.dropped.values())
+    return metrics
+
+
+def run(
+    cfg: DataConfig,
+    *,
+    tokenizer_path: str,
+    out_dir: str = "data/prepared",
+    metrics_path: str = "metrics/prepare.json",
+    report_path: str | None = None,
+    runtime: Runtime = Runtime(),
+) -> dict:
+    """Read, validate, normalise, dedupe and split the sources of `cfg` (the `data` params section) with the
+    tokenizer of tokenizer_path; write out_dir and metrics_path. Returns metrics.
+
+    A file that keeps less than `cfg.min_kept_fraction` of its records (or none) fails the stage with its first
+    drop reasons. The report (per file: format, read, kept, drops per reason with their first lines) is
+    written to `report_path` in every case, failure included, and to `out_dir/report.json` on success.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=runtime.trust_remote_code)
+    settings = {"eval_fraction": cfg.eval_fraction, "max_length": cfg.max_length,
+                "max_prompt_length": cfg.max_prompt_length, "dedupe": cfg.dedupe, "seed": runtime.seed,
+                "min_kept_fraction": cfg.min_kept_fraction, "skip_invalid_json": cfg.skip_invalid_json}
+
+    kept, reports = read_sources(cfg, tokenizer)
+    files_report = check_kept(kept, reports, settings, cfg.min_kept_fraction, report_path)
+    files, token_rows, prompts = split_records(kept, cfg.eval_fraction, runtime.seed)
+    metrics = prepare_metrics(files, reports, len(kept), prompts)
+
     report = {**files_report, "totals": metrics}
-    tokens = {"tokenizer": tokenizer, "tokenizer_path": tokenizer_path, "max_length": max_length,
-              "max_prompt_length": max_prompt_length}
+    tokens = {"tokenizer": tokenizer, "tokenizer_path": tokenizer_path, "max_length": cfg.max_length,
+              "max_prompt_length": cfg.max_prompt_length}
     _write_outputs(Path(out_dir), files, token_rows, tokens, report, Path(metrics_path), metrics)
 
     for r in reports:
@@ -402,7 +427,7 @@ def run(
     log.info(
         "prepare: kept %d of %d (sft %d/%d, preference %d/%d, unpaired %d/%d train/eval) -> %s",
         len(kept),
-        read,
+        metrics["read/total"],
         *(metrics[f"{k}/{s}"] for k in KINDS for s in ("train", "eval")),
         out_dir,
     )
@@ -414,27 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Prepare canonical SFT / preference / unpaired data.")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    from components.core.config import load_params
+    from components.core.config import Runtime, load_params
     from components.core.ops.io import resolve_model_path
 
     params = load_params(args.params)  # a ParamsError / DataError: one line + the input-error mark, exit 2
-    d = params.data
-    run(
-        sources=[s.model_dump() for s in d.sources],
-        hub_sources=[s.model_dump() for s in d.hub_sources],
-        out_dir="data/prepared",
-        metrics_path="metrics/prepare.json",
-        report_path="reports/prepare.json",
-        tokenizer_path=resolve_model_path("models/base"),
-        eval_fraction=d.eval_fraction,
-        max_length=d.max_length,
-        max_prompt_length=d.max_prompt_length,
-        dedupe=d.dedupe,
-        min_kept_fraction=d.min_kept_fraction,
-        skip_invalid_json=d.skip_invalid_json,
-        seed=params.seed,
-        trust_remote_code=params.model.trust_remote_code,
-    )
+    run(params.data, tokenizer_path=resolve_model_path("models/base"), out_dir="data/prepared",
+        metrics_path="metrics/prepare.json", report_path="reports/prepare.json", runtime=Runtime.of(params))
     return 0
 
 

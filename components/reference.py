@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from components.core.config import DPOConfig, ReferenceConfig, Runtime
 from components.core.data import token_store
 from components.core.data.tokens import pair_length, pair_token_hash
 from components.core.model import loading, sharding
@@ -65,35 +66,46 @@ def score_pairs(model, accelerator, pairs: list[dict], batch_size: int, pad_id: 
     }
 
 
+def dpo_plan(cfg: ReferenceConfig, dpo: DPOConfig, seed: int) -> dict | None:
+    """The settings of the dpo run's step plan whose training pairs get scored (reference.pairs: planned), or None
+    to score them all."""
+    if cfg.pairs != "planned":
+        return None
+    return {"batch_size": dpo.batch_size, "grad_accum": dpo.grad_accum, "max_steps": dpo.max_steps,
+            "epochs": dpo.epochs, "seed": seed}
+
+
 def run(
-    model_path: str,
+    cfg: ReferenceConfig,
+    *,
+    dpo: DPOConfig = DPOConfig(),
+    model_path: str = "models/sft",
     data_dir: str = "data/prepared",
     out_dir: str = "artifacts/ref_logps",
-    max_length: int = 128,
-    max_prompt_length: int = 96,
-    batch_size: int = 64,
-    mixed_precision: str = "auto",
-    trust_remote_code: bool = False,
     metrics_path: str = "metrics/reference.json",
-    plan: dict | None = None,
+    runtime: Runtime = Runtime(),
 ) -> dict:
-    """plan: the dpo run's {batch_size, grad_accum, max_steps, epochs, seed}: only the training pairs it visits
-    are scored (None: all of them)."""
-    accelerator = loop.make_accelerator(mixed_precision)
-    tokenizer = loading.load_tokenizer(model_path, trust_remote_code)
-    model = loading.load_model(model_path, trust_remote_code, frozen=True, mixed_precision=mixed_precision)
+    """Score the pairs of data_dir under model_path with `cfg` (the `reference` params section). dpo: the section
+    whose step plan (batch_size, grad_accum, max_steps, epochs, and the seed) picks the training pairs to score
+    when cfg.pairs is planned; beta and the loss never matter here."""
+    plan = dpo_plan(cfg, dpo, runtime.seed)
+    accelerator = loop.make_accelerator(runtime.mixed_precision)
+    tokenizer = loading.load_tokenizer(model_path, runtime.trust_remote_code)
+    model = loading.load_model(model_path, runtime.trust_remote_code, frozen=True, mixed_precision=runtime.mixed_precision)
     model = sharding.prepare_frozen(accelerator, model)
 
     results, summary = {}, {}
     t0 = time.perf_counter()
     tokens = 0
     for split in SPLITS:
-        pairs = token_store.load_pairs(Path(data_dir) / f"pref_{split}.jsonl", tokenizer, max_length, max_prompt_length)
+        pairs = token_store.load_pairs(Path(data_dir) / f"pref_{split}.jsonl", tokenizer, runtime.max_length,
+                                       runtime.max_prompt_length)
         if split == "train" and plan is not None and pairs:
             steps = loop.preference_plan(pairs, world=accelerator.num_processes, **plan)
             summary["train/pairs_in_data"] = len(pairs)
             pairs = [pairs[i] for i in loop.planned_indices(steps)]
-        results[split] = score_pairs(model, accelerator, pairs, batch_size, tokenizer.pad_token_id, f"reference {split}")
+        results[split] = score_pairs(model, accelerator, pairs, cfg.batch_size, tokenizer.pad_token_id,
+                                     f"reference {split}")
         n = len(pairs)
         tokens += sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
         summary[f"{split}/pairs"] = n
@@ -109,7 +121,7 @@ def run(
                 torch.save(data, tmp / f"{split}.pt")
             # only deterministic facts in the cached artifact (timings would change its hash every run
             # and make dpo look stale); timings go to metrics_path
-            meta = {"model": model_path, "max_length": max_length, "max_prompt_length": max_prompt_length,
+            meta = {"model": model_path, "max_length": runtime.max_length, "max_prompt_length": runtime.max_prompt_length,
                     "mixed_precision": accelerator.mixed_precision, "scored": "planned" if plan else "all",
                     "plan": plan, "world_size": accelerator.num_processes,
                     **{k: v for k, v in summary.items() if k not in ("seconds", "tokens_per_second")}}
@@ -130,13 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="artifacts/ref_logps")
     args = parser.parse_args(argv)
     p = load_params(args.params)
-    plan = None
-    if p.reference.pairs == "planned":
-        d = p.dpo
-        plan = {"batch_size": d.batch_size, "grad_accum": d.grad_accum, "max_steps": d.max_steps, "epochs": d.epochs,
-                "seed": p.seed}
-    result = run(args.model, args.data_dir, args.out, p.data.max_length, p.data.max_prompt_length,
-                 p.reference.batch_size, p.compute.mixed_precision, p.model.trust_remote_code, plan=plan)
+    result = run(p.reference, dpo=p.dpo, model_path=args.model, data_dir=args.data_dir, out_dir=args.out,
+                 runtime=Runtime.of(p))
     log.info("reference done: %s", json.dumps(result))
 
 

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from components.core.config import RegisterConfig, Runtime, params_hash
 from components.core.ops.logs import stage_main
 from components.core.release.registry import (
     CHALLENGER,
@@ -40,7 +41,6 @@ LINEAGE_INPUTS = ["data/prepared", "models/sft", "artifacts/ref_logps", "models/
 CANDIDATE_INPUTS = {"dpo": LINEAGE_INPUTS, "grpo": ["data/prepared", "models/sft", "models/grpo"],
                     "ppo": ["data/prepared", "models/sft", "models/reward_model", "models/ppo"],
                     "rloo": ["data/prepared", "models/sft", "models/reward_model", "models/rloo"]}
-STAGE = {"ppo": "ppo@ppo", "rloo": "ppo@rloo"}  # the DVC stage that trains each candidate
 METHOD = {"dpo": "preference optimisation (DPO family)", "grpo": "online RL with verifiable rewards (GRPO)",
           "ppo": "a Bradley-Terry reward model, then PPO against it (classic RLHF)",
           "rloo": "a Bradley-Terry reward model, then RLOO against it"}
@@ -132,36 +132,8 @@ def read_eval_metrics(path: str, candidate: str = "dpo") -> dict[str, float]:
     return {**shared, **own}
 
 
-def register(
-    model_dir: str,
-    metrics_path: str,
-    model_name: str,
-    params: dict,
-    params_digest: str,
-    *,
-    trust_remote_code: bool = False,
-    eval_report_dir: str = "reports/eval",
-    out_path: str = "reports/registration.json",
-    extra_artifacts: Sequence[str] = ("params.yaml", "dvc.lock"),
-    candidate: str = "dpo",
-) -> dict:
-    """Log model_dir to MLflow, register it as a new version of model_name, alias it `challenger`.
-
-    params: logged as run params; params_digest: the lineage hash tagged on run and version.
-    Returns (and writes to out_path) name, version, run_id, model_uri, tags.
-    """
-    import mlflow
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from components.core.ops import tracking
-    from components.core.ops.io import write_json
-    from components.core.train.checkpoints import model_identity
-
-    metrics = read_eval_metrics(metrics_path, candidate)
-    inputs = CANDIDATE_INPUTS[candidate]
-    if not (Path(model_dir) / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: no model here; run the {candidate} stage first (dvc repro {STAGE.get(candidate, candidate)})")
-    identity = model_identity(model_dir)
+def _check_evaluated(model_dir: str, identity: str, candidate: str, metrics_path: str, eval_report_dir: str) -> None:
+    """Refuse metrics evaluate computed for another model than model_dir (per its evaluated_models.json)."""
     evaluated_file = Path(eval_report_dir) / EVALUATED_FILE
     if evaluated_file.exists():  # the metrics must be this model's, not another's
         evaluated = json.loads(evaluated_file.read_text())
@@ -171,6 +143,43 @@ def register(
     else:
         log.warning("%s missing: cannot check that %s is the model %s evaluated", evaluated_file, metrics_path,
                     model_dir)
+
+
+def run(
+    cfg: RegisterConfig,
+    *,
+    params: dict,
+    model_dir: str | None = None,
+    metrics_path: str = "metrics/eval.json",
+    eval_report_dir: str = "reports/eval",
+    out_path: str = "reports/registration.json",
+    extra_artifacts: Sequence[str] = ("params.yaml", "dvc.lock"),
+    runtime: Runtime = Runtime(),
+) -> dict:
+    """Log the candidate (`cfg.candidate`: models/<candidate>, or model_dir) to MLflow, register it as a new version of
+    `cfg.model_name` and alias it `challenger` (cfg: the `register` params section).
+
+    params: every params section that shaped the model or its metrics (all but `register`: the gate does not make a
+    different model), logged as the run's params; their hash is the lineage tag on run and version. The stage is
+    its MLflow run, so there is no `track` switch. Returns (and writes to out_path) name, version, run_id,
+    model_uri, tags.
+    """
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from components.core.ops import tracking
+    from components.core.ops.io import write_json
+    from components.core.train.checkpoints import model_identity
+
+    model_name, candidate = cfg.model_name, cfg.candidate
+    model_dir = model_dir or f"models/{candidate}"
+    params_digest = params_hash(params)
+    metrics = read_eval_metrics(metrics_path, candidate)
+    inputs = CANDIDATE_INPUTS[candidate]
+    if not (Path(model_dir) / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir}: no model here; run the {candidate} stage first (dvc repro {candidate})")
+    identity = model_identity(model_dir)
+    _check_evaluated(model_dir, identity, candidate, metrics_path, eval_report_dir)
     lineage_now = tracking.lineage_tags("register", inputs, params_digest)
     key = registration_key(identity, lineage_now, metrics)
     existing = _registered(model_name, key)
@@ -185,13 +194,13 @@ def register(
     # An absolute path as name_or_path: MLflow asks the hub for a license file under that name, and
     # an absolute path fails the hub's repo-id check at once instead of retrying DNS for ~25 s offline.
     source = str(Path(model_dir).resolve())
-    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, dtype="auto")
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=runtime.trust_remote_code, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=runtime.trust_remote_code)
     model.config.use_cache = True  # training saves with it off; serving wants the KV cache
 
-    with tracking.stage_run("register", {**params, "candidate": candidate}, inputs, params_digest) as run:
-        run_id = run.info.run_id
-        tracking.log_metrics(run, metrics)
+    with tracking.stage_run("register", {**params, "candidate": candidate}, inputs, params_digest) as mlrun:
+        run_id = mlrun.info.run_id
+        tracking.log_metrics(mlrun, metrics)
         lineage = {k: v for k, v in mlflow.get_run(run_id).data.tags.items() if not k.startswith("mlflow.")}
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
@@ -222,12 +231,6 @@ def register(
     return result
 
 
-# ----------------------------------------------------------------------------- scoring for promotion
-
-
-# ----------------------------------------------------------------------------- promote / rollback / status
-
-
 # ----------------------------------------------------------------------------- stage CLI
 
 
@@ -235,16 +238,14 @@ def register_from_params(params_path: str = "params.yaml", model_dir: str | None
                          metrics_path: str = "metrics/eval.json", eval_report_dir: str = "reports/eval",
                          out_path: str = "reports/registration.json") -> dict:
     """The register stage with its params: what `dvc repro register` and `alignflow register` run."""
-    from components.core.config import load_params, params_hash
+    from components.core.config import load_params
 
     p = load_params(params_path)
     # The version's lineage hash: every section that shaped the model or its metrics. `register`
     # itself (name, gate) is left out: changing the gate does not make a different model.
     params = p.model_dump(by_alias=True, exclude={"registry"})
-    candidate = p.registry.candidate
-    return register(model_dir=model_dir or f"models/{candidate}", candidate=candidate, metrics_path=metrics_path, model_name=p.registry.model_name,
-                    params=params, params_digest=params_hash(params), trust_remote_code=p.model.trust_remote_code,
-                    eval_report_dir=eval_report_dir, out_path=out_path)
+    return run(p.registry, params=params, model_dir=model_dir, metrics_path=metrics_path,
+               eval_report_dir=eval_report_dir, out_path=out_path, runtime=Runtime.of(p))
 
 
 def add_register_arguments(parser: argparse.ArgumentParser) -> None:

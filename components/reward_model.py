@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from components.core.config import RewardModelConfig
+from components.core.config import RewardModelConfig, Runtime
 from components.core.data import token_store
 from components.core.data.tokens import pair_length
 from components.core.model import heads, loading, sharding
@@ -84,44 +84,92 @@ def heldout_metrics(chosen: list[float], rejected: list[float], bins: int) -> tu
     return metrics, calib
 
 
-def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str = "data/prepared",
-        out_dir: str = "models/reward_model", metrics_path: str = "metrics/reward_model.json",
-        calibration_path: str = "plots/reward_model_calibration.json", plots_path: str = "plots/reward_model.csv",
-        checkpoint_dir: str = "checkpoints/reward_model", max_length: int = 128, max_prompt_length: int = 96,
-        mixed_precision: str = "auto", seed: int = 1234, trust_remote_code: bool = False, track: bool = True) -> dict:
-    hyper = {**cfg.model_dump(), "max_length": max_length, "max_prompt_length": max_prompt_length,
-             "mixed_precision": mixed_precision, "seed": seed, "trust_remote_code": trust_remote_code}
-    if cfg.lora.enabled:
-        raise ValueError("reward_model.lora: not supported (the score head is trained whole); set enabled: false")
-    accelerator = loop.make_accelerator(mixed_precision)
-    world, rank = accelerator.num_processes, accelerator.process_index
-
-    # ---------------------------------------------------------------- data
-    tokenizer = loading.load_tokenizer(model_path, trust_remote_code)
+def load_data(cfg: RewardModelConfig, model_path: str, data_dir: str, runtime: Runtime):
+    """(tokenizer, train, evals): the tokenised pairs, each response cut at its first end-of-turn token (and
+    without their `margin` unless cfg.use_margin)."""
+    tokenizer = loading.load_tokenizer(model_path, runtime.trust_remote_code)
     eos = set(generation_eos(model_path, tokenizer))
     splits = {}
     for split in ("train", "eval"):
-        pairs = token_store.load_pairs(Path(data_dir) / f"pref_{split}.jsonl", tokenizer, max_length, max_prompt_length)
+        pairs = token_store.load_pairs(Path(data_dir) / f"pref_{split}.jsonl", tokenizer, runtime.max_length,
+                                       runtime.max_prompt_length)
         splits[split] = [end_at_turn(p, eos) for p in pairs]
         if not cfg.use_margin:
             for pair in splits[split]:
                 pair.pop("margin", None)
-    train, evals = splits["train"], splits["eval"]
-    if not train:
+    if not splits["train"]:
         raise ValueError(f"{data_dir}/pref_train.jsonl: no preference pairs")
-    plan = loop.preference_plan(train, cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.epochs, seed, world)
-    total_steps = len(plan)
+    return tokenizer, splits["train"], splits["eval"]
 
-    # ---------------------------------------------------------------- model (SFT + a new head), optimizer
-    torch.manual_seed(seed if cfg.init_seed is None else cfg.init_seed)  # the head's init
-    pad_id = tokenizer.pad_token_id
-    model = heads.load_scorer(model_path, trust_remote_code, pad_token_id=pad_id,
-                                gradient_checkpointing=cfg.gradient_checkpointing)
-    torch.manual_seed(seed)
+
+def load_training(cfg: RewardModelConfig, model_path: str, accelerator, pad_id: int, total_steps: int,
+                  runtime: Runtime):
+    """(model, optimizer, lr schedule): the SFT model with a new score head (seeded by init_seed), for training."""
+    torch.manual_seed(runtime.seed if cfg.init_seed is None else cfg.init_seed)  # the head's init
+    model = heads.load_scorer(model_path, runtime.trust_remote_code, pad_token_id=pad_id,
+                              gradient_checkpointing=cfg.gradient_checkpointing)
+    torch.manual_seed(runtime.seed)
     model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
     schedule = loop.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(schedule)
+    return model, optimizer, schedule
 
+
+def train_step(model, accelerator, micro_batches: list[list[int]], train: list[dict], pad_id: int,
+               center_rewards_coefficient: float | None, window: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Forward and backward over one optimizer step's micro-batches (this process's share of each), adding the
+    metric sums to `window`. Returns the mean loss over the step's pairs (all processes) and this process's pairs."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    step_pairs = sum(len(mb) for mb in micro_batches)
+    step_loss = torch.zeros((), device=accelerator.device)
+    pairs = 0
+    for k, mb in enumerate(micro_batches):
+        mine = [train[i] for i in loop.shard(mb, rank, world)]
+        with loop.maybe_no_sync(accelerator, model, k == len(micro_batches) - 1):
+            with accelerator.autocast():
+                rc, rr = heads.pair_end_scores(model, mine, pad_id, accelerator.device)
+            per_pair = heads.bradley_terry_losses(rc, rr, margins_of(mine, rc.device), center_rewards_coefficient)
+            accelerator.backward(per_pair.sum() * world / step_pairs)  # global mean; * world undoes DDP
+        step_loss += per_pair.detach().sum()
+        window["loss"] += per_pair.detach().sum()
+        window["accuracy"] += (rc > rr).float().sum().detach()
+        window["margin"] += (rc - rr).sum().detach()
+        window["mean_reward"] += ((rc + rr) / 2).sum().detach()
+        pairs += len(mine)
+    return accelerator.reduce(step_loss, reduction="sum") / step_pairs, pairs
+
+
+def write_outputs(final: dict, history: list[dict], calibration: dict, chosen: list[float], rejected: list[float],
+                  *, metrics_path: str, calibration_path: str, plots_path: str) -> None:
+    """metrics/reward_model.json, the training curve and the reliability bins with the held-out rewards."""
+    write_csv(plots_path, history)
+    write_json(metrics_path, final)
+    Path(calibration_path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(calibration_path, {**calibration, "accuracy": final.get("eval/accuracy"),
+                                  "pairs": len(chosen), "eval_chosen": chosen, "eval_rejected": rejected})
+
+
+def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str = "data/prepared",
+        out_dir: str = "models/reward_model", metrics_path: str = "metrics/reward_model.json",
+        calibration_path: str = "plots/reward_model_calibration.json", plots_path: str = "plots/reward_model.csv",
+        checkpoint_dir: str = "checkpoints/reward_model", runtime: Runtime = Runtime(), track: bool = True) -> dict:
+    """Train a reward model with `cfg` (the `reward_model` params section) from model_path on the pairs of data_dir."""
+    hyper = {**cfg.model_dump(), "max_length": runtime.max_length, "max_prompt_length": runtime.max_prompt_length,
+             "mixed_precision": runtime.mixed_precision, "seed": runtime.seed,
+             "trust_remote_code": runtime.trust_remote_code}
+    if cfg.lora.enabled:
+        raise ValueError("reward_model.lora: not supported (the score head is trained whole); set enabled: false")
+    accelerator = loop.make_accelerator(runtime.mixed_precision)
+    world = accelerator.num_processes
+
+    # ---------------------------------------------------------------- data
+    tokenizer, train, evals = load_data(cfg, model_path, data_dir, runtime)
+    plan = loop.preference_plan(train, cfg.batch_size, cfg.grad_accum, cfg.max_steps, cfg.epochs, runtime.seed, world)
+    total_steps = len(plan)
+
+    # ---------------------------------------------------------------- model (SFT + a new head), optimizer, resume
+    pad_id = tokenizer.pad_token_id
+    model, optimizer, schedule = load_training(cfg, model_path, accelerator, pad_id, total_steps, runtime)
     ckpt_dir = Path(checkpoint_dir)
     code = checkpoints.code_fingerprint("components.reward_model")
     fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path),
@@ -129,6 +177,7 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
     start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
     guard = loop.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
 
+    # ---------------------------------------------------------------- train
     tracking_params = {**hyper, "world_size": world, "model": model_path}
     scored: tuple[list[float], list[float]] = ([], [])
     with tracking.stage_tracking(accelerator, "reward_model", tracking_params, [model_path, data_dir], track) as mlrun:
@@ -137,24 +186,9 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
         window: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=accelerator.device))
         window_pairs, t0 = 0, time.perf_counter()
         for step in range(start_step, total_steps):
-            micro_batches = plan[step]
-            step_pairs = sum(len(mb) for mb in micro_batches)
-            step_loss = torch.zeros((), device=accelerator.device)
-            for k, mb in enumerate(micro_batches):
-                mine = [train[i] for i in loop.shard(mb, rank, world)]
-                with loop.maybe_no_sync(accelerator, model, k == len(micro_batches) - 1):
-                    with accelerator.autocast():
-                        rc, rr = heads.pair_end_scores(model, mine, pad_id, accelerator.device)
-                    per_pair = heads.bradley_terry_losses(rc, rr, margins_of(mine, rc.device),
-                                                            cfg.center_rewards_coefficient)
-                    accelerator.backward(per_pair.sum() * world / step_pairs)  # global mean; * world undoes DDP
-                step_loss += per_pair.detach().sum()
-                window["loss"] += per_pair.detach().sum()
-                window["accuracy"] += (rc > rr).float().sum().detach()
-                window["margin"] += (rc - rr).sum().detach()
-                window["mean_reward"] += ((rc + rr) / 2).sum().detach()
-                window_pairs += len(mine)
-            loss_value = accelerator.reduce(step_loss, reduction="sum") / step_pairs
+            loss_value, pairs = train_step(model, accelerator, plan[step], train, pad_id,
+                                           cfg.center_rewards_coefficient, window)
+            window_pairs += pairs
             loop.guard_finite(loss_value, step + 1, ckpt_dir)
             grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
             guard.check(step + 1, loss_value.item(), grad_norm)
@@ -166,10 +200,9 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
 
             done, row = step + 1, None
             if done % cfg.log_every == 0 or done == total_steps:
-                keys = sorted(window)
-                sums = accelerator.reduce(torch.stack([window[k] for k in keys]), "sum")
+                sums = loop.reduce_sums(accelerator, dict(window))
                 count = accelerator.reduce(torch.tensor(float(window_pairs), device=accelerator.device), "sum")
-                row = {"step": done, **{k: (v / count.clamp_min(1)).item() for k, v in zip(keys, sums, strict=True)},
+                row = {"step": done, **{k: (v / count.clamp_min(1)).item() for k, v in sums.items()},
                        "learning_rate": schedule.get_last_lr()[0],
                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                        "pairs_per_second": float(count) / max(time.perf_counter() - t0, 1e-9)}
@@ -184,7 +217,7 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
                 tracking.log_step_metrics(mlrun, row, done)
             if done % cfg.save_every == 0 and done < total_steps:
                 checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history,
-                                                                           "guard": guard.state()},
+                                                                          "guard": guard.state()},
                                             cfg.keep_checkpoints, model, optimizer)
         bar.close()
 
@@ -203,11 +236,8 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
             final.update(heldout)
         final.update({"steps": total_steps, "world_size": world, "train/pairs": len(train), "eval/pairs": len(evals)})
         if accelerator.is_main_process:
-            write_csv(plots_path, history)
-            write_json(metrics_path, final)
-            Path(calibration_path).parent.mkdir(parents=True, exist_ok=True)
-            write_json(calibration_path, {**calibration, "accuracy": final.get("eval/accuracy"),
-                                          "pairs": len(evals), "eval_chosen": chosen, "eval_rejected": rejected})
+            write_outputs(final, history, calibration, chosen, rejected, metrics_path=metrics_path,
+                          calibration_path=calibration_path, plots_path=plots_path)
             tracking.log_step_metrics(mlrun, {f"final/{k}": v for k, v in final.items()}, total_steps)
     checkpoints.clear_checkpoints(accelerator, ckpt_dir)
     return final
@@ -228,8 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         placeholders.reward_model(args.out)
         return
     result = run(p.reward_model, model_path=args.model, data_dir=args.data_dir, out_dir=args.out,
-                 max_length=p.data.max_length, max_prompt_length=p.data.max_prompt_length,
-                 mixed_precision=p.compute.mixed_precision, seed=p.seed, trust_remote_code=p.model.trust_remote_code)
+                 runtime=Runtime.of(p))
     log.info("reward_model done: %s", json.dumps(result))
 
 

@@ -2,7 +2,7 @@
 
     accelerate launch --config_file configs/accelerate/cpu.yaml -m components.sft --params params.yaml
 
-Loss on assistant tokens only (the ids and assistant masks prepare wrote, core/token_store.py), token-mean over the whole optimizer
+Loss on assistant tokens only (the ids and assistant masks prepare wrote, core/data/token_store.py), token-mean over the whole optimizer
 step, so 1 process x 32 and 2 processes x 16 follow the same loss trajectory. The run is a fixed plan
 of steps (core/loop.plan_steps): a re-run after a crash loads the newest checkpoint with the same
 fingerprint and replays exactly the remaining steps, ending with the same weights as an uninterrupted
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from components.core.config import SFTConfig, params_hash
+from components.core.config import Runtime, SFTConfig, params_hash
 from components.core.data import packing, token_store
 from components.core.data.tokens import IGNORE_INDEX, collate_sequences
 from components.core.model import loading, logprobs, sharding
@@ -48,6 +48,73 @@ def evaluate_loss(model, accelerator, examples, batch_size: int, pad_id: int) ->
     return (total[0] / total[1].clamp_min(1)).item()
 
 
+def load_data(model_path: str, train_path: str, eval_path: str, runtime: Runtime):
+    """(tokenizer, train, evals): the token ids prepare wrote for the SFT records, as (input_ids, labels)."""
+    tokenizer = loading.load_tokenizer(model_path, runtime.trust_remote_code)
+    train = token_store.load_sft(train_path, tokenizer, runtime.max_length)
+    evals = token_store.load_sft(eval_path, tokenizer, runtime.max_length) if Path(eval_path).exists() else []
+    if not train:
+        raise ValueError(f"{train_path}: no SFT training records")
+    return tokenizer, train, evals
+
+
+def load_training(cfg: SFTConfig, model_path: str, accelerator, total_steps: int, runtime: Runtime):
+    """(model, optimizer, lr schedule, packing): the model placed for training, and whether rows are packed."""
+    model = loading.load_model(model_path, runtime.trust_remote_code, cfg.lora.model_dump(),
+                               mixed_precision=runtime.mixed_precision,
+                               gradient_checkpointing=cfg.gradient_checkpointing)
+    pack = cfg.packing
+    probe = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft (LoRA) passes masks on
+    if pack and not logprobs.shared_prompt_supported(probe):  # packing needs a custom 4D mask, as shared prompts
+        log.warning("sft.packing: this model's attention cannot take a custom 4D mask (sliding windows, or not "
+                    "sdpa/eager); training one row per example")
+        pack = False
+    model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
+    lr_schedule = loop.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
+    accelerator.register_for_checkpointing(lr_schedule)  # not prepared: it would step once per process
+    return model, optimizer, lr_schedule, pack
+
+
+def train_step(model, accelerator, micro_batches: list[list[int]], train: list, step_tokens: int, pad_id: int,
+               pack_length: int | None) -> tuple[torch.Tensor, int]:
+    """Forward and backward over one optimizer step's micro-batches (this process's share of each); returns
+    (nll sum, tokens) of the step summed over all processes, and the tokens this process saw (padding included).
+    pack_length: rows packed up to this length, or None for one row per example."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    step_loss = torch.zeros(2, device=accelerator.device)
+    tokens_seen = 0
+    for k, mb in enumerate(micro_batches):
+        mine = [train[i] for i in loop.shard(mb, rank, world)]
+        batch = packing.collate_packed(mine, pad_id, pack_length) if pack_length else collate_sequences(mine, pad_id)
+        batch = batch.to(accelerator.device)
+        sync = k == len(micro_batches) - 1
+        with loop.maybe_no_sync(accelerator, model, sync):
+            nll, n = batch_nll(model, batch)
+            # DDP averages gradients over processes, hence * world: the step's gradient is
+            # that of (sum of all token NLLs in the global step) / step_tokens.
+            accelerator.backward(nll * world / step_tokens)
+        step_loss += torch.stack([nll.detach().float(), n.float()])
+        tokens_seen += batch.num_tokens
+    return accelerator.reduce(step_loss, reduction="sum"), tokens_seen
+
+
+def final_metrics(history: list[dict], total_steps: int, world: int, train_examples: int) -> dict:
+    """metrics/sft.json: the last logged training loss, the held-out loss (first and last) and perplexity."""
+    final = {
+        "train/loss": next(r["train/loss"] for r in reversed(history) if "train/loss" in r),
+        "steps": total_steps,
+        "world_size": world,
+        "train/examples": train_examples,
+        "tokens_per_second": history[-1].get("tokens_per_second", 0.0),
+    }
+    eval_rows = [r for r in history if "eval/loss" in r]
+    if eval_rows:
+        final["eval/loss"] = eval_rows[-1]["eval/loss"]
+        final["eval/loss_first"] = eval_rows[0]["eval/loss"]
+        final["eval/perplexity"] = float(torch.tensor(final["eval/loss"]).exp())
+    return final
+
+
 def run(
     cfg: SFTConfig,
     *,
@@ -58,47 +125,27 @@ def run(
     metrics_path: str = "metrics/sft.json",
     plots_path: str = "plots/sft.csv",
     checkpoint_dir: str = "checkpoints/sft",
-    max_length: int = 128,
-    mixed_precision: str = "auto",
-    seed: int = 1234,
-    trust_remote_code: bool = False,
+    runtime: Runtime = Runtime(),
     track: bool = True,
 ) -> dict:
     """Train `cfg` (the `sft` params section) from model_path on the SFT records of train_path."""
     # the run's identity (checkpoint fingerprint, tracked params): its section plus the settings it reads
-    hyper = {**cfg.model_dump(), "max_length": max_length, "mixed_precision": mixed_precision, "seed": seed,
-             "trust_remote_code": trust_remote_code}
-    lora = cfg.lora.model_dump()
-    accelerator = loop.make_accelerator(mixed_precision)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    torch.manual_seed(seed)
+    hyper = {**cfg.model_dump(), "max_length": runtime.max_length, "mixed_precision": runtime.mixed_precision,
+             "seed": runtime.seed, "trust_remote_code": runtime.trust_remote_code}
+    accelerator = loop.make_accelerator(runtime.mixed_precision)
+    world = accelerator.num_processes
+    torch.manual_seed(runtime.seed)
 
     # ---------------------------------------------------------------- data
-    tokenizer = loading.load_tokenizer(model_path, trust_remote_code)
-    train = token_store.load_sft(train_path, tokenizer, max_length)
-    evals = token_store.load_sft(eval_path, tokenizer, max_length) if Path(eval_path).exists() else []
-    if not train:
-        raise ValueError(f"{train_path}: no SFT training records")
+    tokenizer, train, evals = load_data(model_path, train_path, eval_path, runtime)
     # cfg.batch_size is per device: the global micro-batch is split over processes
     plan = loop.plan_steps([len(x[0]) for x in train], cfg.batch_size * world, cfg.grad_accum, cfg.max_steps,
-                               cfg.epochs, seed, world)
+                           cfg.epochs, runtime.seed, world)
     total_steps = len(plan)
     label_counts = [sum(t != IGNORE_INDEX for t in labels[1:]) for _, labels in train]  # trained tokens, once
 
-    # ---------------------------------------------------------------- model, optimizer, schedule
-    model = loading.load_model(model_path, trust_remote_code, lora, mixed_precision=mixed_precision,
-                                gradient_checkpointing=cfg.gradient_checkpointing)
-    pack = cfg.packing
-    probe = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft (LoRA) passes masks on
-    if pack and not logprobs.shared_prompt_supported(probe):  # packing needs a custom 4D mask, as shared prompts
-        log.warning("sft.packing: this model's attention cannot take a custom 4D mask (sliding windows, or not "
-                    "sdpa/eager); training one row per example")
-        pack = False
-    model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
-    lr_schedule = loop.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
-    accelerator.register_for_checkpointing(lr_schedule)  # not prepared: it would step once per process
-
-    # ---------------------------------------------------------------- resume
+    # ---------------------------------------------------------------- model, optimizer, schedule, resume
+    model, optimizer, lr_schedule, pack = load_training(cfg, model_path, accelerator, total_steps, runtime)
     ckpt_dir = Path(checkpoint_dir)
     code = checkpoints.code_fingerprint("components.sft")
     fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path),
@@ -122,20 +169,9 @@ def run(
             micro_batches = plan[step]
             # every rank knows the whole global step, so the token-mean needs no extra communication
             step_tokens = sum(label_counts[i] for mb in micro_batches for i in mb)
-            step_loss = torch.zeros(2, device=accelerator.device)
-            for k, mb in enumerate(micro_batches):
-                mine = [train[i] for i in loop.shard(mb, rank, world)]
-                batch = packing.collate_packed(mine, pad_id, max_length) if pack else collate_sequences(mine, pad_id)
-                batch = batch.to(accelerator.device)
-                sync = k == len(micro_batches) - 1
-                with loop.maybe_no_sync(accelerator, model, sync):
-                    nll, n = batch_nll(model, batch)
-                    # DDP averages gradients over processes, hence * world: the step's gradient is
-                    # that of (sum of all token NLLs in the global step) / step_tokens.
-                    accelerator.backward(nll * world / step_tokens)
-                step_loss += torch.stack([nll.detach().float(), n.float()])
-                tokens_seen += batch.num_tokens
-            step_loss = accelerator.reduce(step_loss, reduction="sum")
+            step_loss, seen = train_step(model, accelerator, micro_batches, train, step_tokens, pad_id,
+                                         runtime.max_length if pack else None)
+            tokens_seen += seen
             loss = step_loss[0] / step_loss[1]
             loop.guard_finite(loss, step + 1, ckpt_dir)
             grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
@@ -168,24 +204,13 @@ def run(
                 tracking.log_step_metrics(mlrun, row, done)
             if done % cfg.save_every == 0 and done < total_steps:
                 checkpoints.save_checkpoint(accelerator, ckpt_dir, done, {"fingerprint": fp, "history": history,
-                                                                                "guard": guard.state()},
-                                         cfg.keep_checkpoints, model, optimizer)
+                                                                          "guard": guard.state()},
+                                            cfg.keep_checkpoints, model, optimizer)
         bar.close()
 
         # ------------------------------------------------------------ outputs
         loop.save_model_atomic(accelerator, model, tokenizer, out_dir, loading.stored_dtype(model_path))
-        final = {
-            "train/loss": next(r["train/loss"] for r in reversed(history) if "train/loss" in r),
-            "steps": total_steps,
-            "world_size": world,
-            "train/examples": len(train),
-            "tokens_per_second": history[-1].get("tokens_per_second", 0.0),
-        }
-        eval_rows = [r for r in history if "eval/loss" in r]
-        if eval_rows:
-            final["eval/loss"] = eval_rows[-1]["eval/loss"]
-            final["eval/loss_first"] = eval_rows[0]["eval/loss"]
-            final["eval/perplexity"] = float(torch.tensor(final["eval/loss"]).exp())
+        final = final_metrics(history, total_steps, world, len(train))
         if accelerator.is_main_process:
             write_csv(plots_path, history)
             write_json(metrics_path, final)
@@ -206,19 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="models/sft")
     args = parser.parse_args(argv)
     p = load_params(args.params)
-    s = p.sft
-    result = run(
-        s,
-        model_path=args.model or resolve_model_path("models/base"),
-        train_path=f"{args.data_dir}/sft_train.jsonl",
-        eval_path=f"{args.data_dir}/sft_eval.jsonl",
-        out_dir=args.out,
-        max_length=p.data.max_length,
-        mixed_precision=p.compute.mixed_precision,
-        seed=p.seed,
-        trust_remote_code=p.model.trust_remote_code,
-    )
-    log.info("sft done: %s (params hash %s)", json.dumps(result), params_hash(s))
+    result = run(p.sft, model_path=args.model or resolve_model_path("models/base"),
+                 train_path=f"{args.data_dir}/sft_train.jsonl", eval_path=f"{args.data_dir}/sft_eval.jsonl",
+                 out_dir=args.out, runtime=Runtime.of(p))
+    log.info("sft done: %s (params hash %s)", json.dumps(result), params_hash(p.sft))
 
 
 if __name__ == "__main__":

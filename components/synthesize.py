@@ -16,28 +16,21 @@ import argparse
 import json
 from pathlib import Path
 
+from components.core.config import Runtime, SyntheticConfig
 from components.core.ops.io import write_jsonl
 from components.core.ops.logs import stage_main
 from components.core.sorting import generate, reward
 
 
-def run(
-    out_dir: str,
-    enabled: bool,
-    n_sft: int,
-    n_preference: int,
-    min_items: int,
-    max_items: int,
-    max_value: int,
-    demo_noise: float,
-    seed: int,
-) -> dict:
+def run(cfg: SyntheticConfig, *, out_dir: str = "data/raw", runtime: Runtime = Runtime()) -> dict:
+    """Write the task's SFT and preference files to out_dir per `cfg` (the `synthetic` params section)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not enabled:
+    if not cfg.enabled:
         (out / "README.txt").write_text("synthetic.enabled is false: bring your own data via data.sources\n")
         return {"sft": 0, "preference": 0}
-    sft, preferences = generate(n_sft, n_preference, min_items, max_items, max_value, demo_noise, seed)
+    sft, preferences = generate(cfg.n_sft, cfg.n_preference, cfg.min_items, cfg.max_items, cfg.max_value,
+                                cfg.demo_noise, runtime.seed)
     write_jsonl(out / "sft.jsonl", sft)
     write_jsonl(out / "preferences.jsonl", preferences)
     noisy = sum(
@@ -55,8 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="data/raw")
     args = parser.parse_args(argv)
     p = load_params(args.params)
-    s = p.synthetic
-    result = run(args.out, s.enabled, s.n_sft, s.n_preference, s.min_items, s.max_items, s.max_value, s.demo_noise, p.seed)
+    result = run(p.synthetic, out_dir=args.out, runtime=Runtime.of(p))
     print(json.dumps(result))
 
 

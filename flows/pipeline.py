@@ -51,7 +51,8 @@ DEFAULT_TIMEOUTS_S: dict[str, float] = {
     "dpo": 8 * 3600,
     "grpo": 8 * 3600,
     "reward_model": 8 * 3600,
-    "ppo": 8 * 3600,  # a matrix group's limit covers each of its stages (ppo@ppo, ppo@rloo)
+    "ppo": 8 * 3600,
+    "rloo": 8 * 3600,
     "evaluate": 2 * 3600,
     "register": 30 * 60,
 }

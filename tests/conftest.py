@@ -111,18 +111,15 @@ def tiny_repo(tmp_path_factory) -> Path:
 def tiny_data(tmp_path_factory) -> Path:
     """models/base and data/prepared for the tiny params, built in-process (no DVC): for stage tests."""
     from components import bootstrap, prepare, synthesize
-    from components.core.config import load_params
+    from components.core.config import Runtime, SourceConfig, load_params
 
     root = tmp_path_factory.mktemp("tiny_data")
     p = load_params(TINY_PARAMS)
-    m, s = p.model, p.synthetic
-    bootstrap.run(str(root / "models/base"), m.name_or_path, m.hidden_size, m.num_layers, m.num_heads,
-                  m.num_kv_heads, m.intermediate_size, m.vocab_size, m.max_position_embeddings,
-                  s.min_items, s.max_items, s.max_value, p.seed)
-    synthesize.run(str(root / "data/raw"), s.enabled, s.n_sft, s.n_preference, s.min_items, s.max_items,
-                  s.max_value, s.demo_noise, p.seed)
-    prepare.run([{"path": str(root / "data/raw"), "kind": "auto", "split": None}], str(root / "data/prepared"),
-             str(root / "metrics/prepare.json"), str(root / "models/base"), p.data.eval_fraction,
-             p.data.max_length, p.data.max_prompt_length, p.data.dedupe, p.seed)
+    runtime = Runtime.of(p)
+    bootstrap.run(p.model, synthetic=p.synthetic, out_dir=str(root / "models/base"), runtime=runtime)
+    synthesize.run(p.synthetic, out_dir=str(root / "data/raw"), runtime=runtime)
+    data = p.data.model_copy(update={"sources": [SourceConfig(path=str(root / "data/raw"))]})
+    prepare.run(data, tokenizer_path=str(root / "models/base"), out_dir=str(root / "data/prepared"),
+                metrics_path=str(root / "metrics/prepare.json"), runtime=runtime)
     shutil.copy2(TINY_PARAMS, root / "params.yaml")
     return root

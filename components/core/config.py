@@ -238,8 +238,9 @@ class RewardModelConfig(TrainLoopConfig):
 
 
 class PPOConfig(Strict):
-    """The classic-RLHF online stage, modes ppo and rloo (DVC stages ppo@ppo, ppo@rloo): defaults as TRL's
-    PPOConfig (ppo) and RLOOConfig (rloo), every one written into the run's metrics and MLflow params."""
+    """The classic-RLHF online stages ppo and rloo (components/ppo.py, components/rloo.py), one section: defaults
+    as TRL's PPOConfig (ppo) and RLOOConfig (rloo), every one written into the run's metrics and MLflow params.
+    The rloo stage reads it with its `rloo:` overrides applied (`for_mode("rloo")`)."""
 
     enabled: bool = True  # false: placeholders only
     reward: Literal["reward_model", "functions"] = "reward_model"  # the trained RM, or the reward functions below
@@ -278,7 +279,7 @@ class PPOConfig(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(5, gt=0)
     gradient_checkpointing: bool | Literal["auto"] = "auto"
-    rloo: dict = {}  # keys of this section that differ in the rloo mode (e.g. num_ppo_epochs: 1 as TRL's RLOO)
+    rloo: dict = {}  # keys of this section that differ in the rloo stage (e.g. num_ppo_epochs: 1 as TRL's RLOO)
 
     @model_validator(mode="after")
     def _consistent(self) -> PPOConfig:
@@ -290,13 +291,13 @@ class PPOConfig(Strict):
         if self.adaptive_kl and self.kl_coef == 0:
             raise ValueError("adaptive_kl multiplies kl_coef: start it above 0")
         if "rloo" in self.rloo or "enabled" in self.rloo:
-            raise ValueError("rloo: overrides the mode's training keys only (not rloo or enabled)")
+            raise ValueError("rloo: overrides the rloo stage's training keys only (not rloo or enabled)")
         if self.rloo:
             self.for_mode("rloo")  # unknown keys and bad values fail at load time, named
         return self
 
     def for_mode(self, mode: str) -> PPOConfig:
-        """The settings of one mode: this section, with `rloo` applied in the rloo mode."""
+        """The settings of one stage (`mode`: ppo or rloo): this section, with `rloo` applied for the rloo stage."""
         if mode != "rloo" or not self.rloo:
             return self
         try:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from components import bootstrap
+from components.core.config import ModelConfig, Runtime
 from components.core.data.tokens import CHATML_TEMPLATE, encode_chat, render
 from components.core.ops.io import SOURCE_FILE, resolve_model_path
 
@@ -47,8 +48,8 @@ def make_user_model(path: Path, chat_template: str | None = None, pad_token: str
 
 
 def run_bootstrap(out: Path, name_or_path: Path) -> dict:
-    # the architecture/synthetic args only matter for the embedded model
-    return bootstrap.run(str(out), str(name_or_path), 32, 2, 4, 2, 64, 300, 64, 2, 4, 9, 1234)
+    # the architecture and synthetic settings only matter for the embedded model
+    return bootstrap.run(ModelConfig(name_or_path=str(name_or_path)), out_dir=str(out), runtime=Runtime(seed=1234))
 
 
 @pytest.fixture(scope="module")

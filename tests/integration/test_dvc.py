@@ -15,7 +15,7 @@ from conftest import run_cmd
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ALL_STAGES = ["bootstrap", "synthesize", "sources@src0", "sources@src1", "prepare", "sft", "reference", "dpo",
-              "grpo", "reward_model", "ppo@ppo", "ppo@rloo", "evaluate", "register"]
+              "grpo", "reward_model", "ppo", "rloo", "evaluate", "register"]
 
 
 def stages_run(output: str) -> list[str]:
@@ -82,7 +82,7 @@ def test_second_repro_does_nothing(tiny_repo):
         ("evaluate", "temperature", 0.7, ["evaluate", "register"]),
         ("grpo", "beta", 0.1, ["grpo", "register"]),  # a GRPO change never touches SFT, reference or DPO
         ("reward_model", "learning_rate", 5.0e-4, ["reward_model", "register"]),  # nor does the reward model
-        ("ppo", "kl_coef", 0.1, ["ppo@ppo", "ppo@rloo", "register"]),
+        ("ppo", "kl_coef", 0.1, ["ppo", "rloo", "register"]),  # one section, two stages
         ("register", "candidate", "grpo", ["register"]),
         ("register", "gate", {"min_prompts": 10}, []),  # the gate is applied by promote, not by register
     ],
@@ -103,7 +103,7 @@ def test_sft_change_reruns_sft_and_everything_after(tiny_repo, tmp_path):
     set_param(root, "sft", "learning_rate", 1.0e-3)
     assert stages_run(run_cmd(["dvc", "repro", "sft"], root).stdout) == ["sft"]
     out = run_cmd(["dvc", "repro", "--dry"], root).stdout
-    assert sorted(stages_run(out)) == sorted(["reference", "dpo", "grpo", "reward_model", "ppo@ppo", "ppo@rloo",
+    assert sorted(stages_run(out)) == sorted(["reference", "dpo", "grpo", "reward_model", "ppo", "rloo",
                                               "evaluate", "register"])
 
 
@@ -118,7 +118,7 @@ def test_a_new_reward_model_reruns_only_what_depends_on_it(tiny_repo, tmp_path):
     after = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert after["reward_model"]["outs"] != before["reward_model"]["outs"]
     stale = stages_run(run_cmd(["dvc", "repro", "--dry"], root).stdout)
-    assert sorted(stale) == ["evaluate", "ppo@ppo", "ppo@rloo", "register"]
+    assert sorted(stale) == ["evaluate", "ppo", "register", "rloo"]
 
 
 def test_beta_sweep_reuses_sft_and_reference(tiny_repo, tmp_path):
@@ -168,7 +168,7 @@ def test_editing_a_user_source_reruns_prepare_and_everything_after(tiny_repo, tm
     # register follows once the model it registers changes)
     stale = stages_run(run_cmd(["dvc", "repro", "--dry"], root).stdout)
     assert "sft" not in stale
-    assert set(stale) - {"register"} == {"reference", "dpo", "grpo", "reward_model", "ppo@ppo", "ppo@rloo", "evaluate"}
+    assert set(stale) - {"register"} == {"reference", "dpo", "grpo", "reward_model", "ppo", "rloo", "evaluate"}
 
 
 def commit_all(root: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 from components import evaluate
 from components.bootstrap import build_model, build_tokenizer
 from components.core import sorting as synthetic
+from components.core.config import EvaluateConfig, Runtime
 from components.core.data import token_store
 from components.core.data.tokens import pair_token_hash, tokenize_pair
 from components.core.model.generation import load_causal_lm
@@ -86,21 +87,19 @@ def workspace(tmp_path_factory) -> dict:
     return {"root": root, "n_pairs": len(pref_records), "n_prompts": len(pref_records) - 1}
 
 
-def _run(ws: dict, out: str, dpo: str = "dpo", **overrides) -> tuple[dict, Path]:
+def _run(ws: dict, out: str, dpo: str = "dpo", track: bool = False, **settings) -> tuple[dict, Path]:
+    """evaluate.run on the workspace; settings: keys of the evaluate section."""
     root = ws["root"]
-    kwargs = dict(
-        sft_dir=str(root / "sft"), dpo_dir=str(root / dpo),
-        pref_eval_path=str(root / "prepared/pref_eval.jsonl"), sft_eval_path=str(root / "prepared/sft_eval.jsonl"),
-        reference_path=str(root / "ref/eval.pt"),
-        sft_curves_path=str(root / "plots/sft.csv"), dpo_curves_path=str(root / "plots/dpo.csv"),
+    cfg = EvaluateConfig(**{"num_prompts": 0, "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "batch_size": 4,
+                            "bootstrap_samples": 200, "num_samples_in_report": ws["n_prompts"], **settings})
+    metrics = evaluate.run(
+        cfg, beta=0.1, policies={"sft": str(root / "sft"), "dpo": str(root / dpo)},
+        data_dir=str(root / "prepared"), reference_path=str(root / "ref/eval.pt"), curves_dir=str(root / "plots"),
         metrics_path=str(root / out / "metrics/eval.json"), plots_path=str(root / out / "plots/eval.csv"),
         report_dir=str(root / out / "reports/eval"),
-        num_prompts=0, max_new_tokens=8, temperature=1.0, top_p=1.0, batch_size=4, bootstrap_samples=200,
-        num_samples_in_report=ws["n_prompts"], beta=0.1, max_length=MAX_LENGTH,
-        max_prompt_length=MAX_PROMPT_LENGTH, seed=SEED, track=False,
+        runtime=Runtime(seed=SEED, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH), track=track,
     )
-    kwargs.update(overrides)
-    return evaluate.run(**kwargs), root / out
+    return metrics, root / out
 
 
 def test_evaluate_stage_writes_metrics_and_report(workspace):
@@ -200,8 +199,8 @@ def test_missing_reference_fails_clearly_and_keeps_old_report(workspace, tmp_pat
     report.mkdir(parents=True)
     (report / "index.html").write_text("previous good report")
     with pytest.raises(ValueError, match="no reference log-probs for 1 of"):
-        evaluate.run(sft_dir=str(root / "sft"), dpo_dir=str(root / "dpo"),
-                     pref_eval_path=str(root / "prepared/pref_eval.jsonl"), reference_path=str(tmp_path / "eval.pt"),
+        evaluate.run(EvaluateConfig(), beta=0.1, policies={"sft": str(root / "sft"), "dpo": str(root / "dpo")},
+                     data_dir=str(root / "prepared"), reference_path=str(tmp_path / "eval.pt"),
                      report_dir=str(report), metrics_path=str(tmp_path / "m.json"), track=False)
     assert (report / "index.html").read_text() == "previous good report"
 

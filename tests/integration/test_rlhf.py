@@ -1,5 +1,5 @@
 """Classic RLHF on the tiny model: the reward_model stage (a Hugging Face reward model, exact resume, 2 processes ==
-1 process) and the ppo stage in its ppo and rloo modes (exact resume with rollouts, 2 processes == 1 process)."""
+1 process) and the ppo and rloo stages (exact resume with rollouts, 2 processes == 1 process)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def reward_model_cmd() -> list[str]:
     return [sys.executable, "-m", "components.reward_model", "--params", "params.yaml"]
 
 
-def ppo_cmd(mode: str) -> list[str]:
-    return [sys.executable, "-m", "components.ppo", "--mode", mode, "--params", "params.yaml"]
+def ppo_cmd(stage: str) -> list[str]:
+    """The ppo or the rloo stage (both read the ppo section)."""
+    return [sys.executable, "-m", f"components.{stage}", "--params", "params.yaml"]
 
 
 def torchrun(port: int, module: str, *args: str) -> list[str]:
@@ -36,11 +37,11 @@ def torchrun(port: int, module: str, *args: str) -> list[str]:
             "-m", module, "--params", "params.yaml", *args]
 
 
-def rollouts(root: Path, mode: str):
+def rollouts(root: Path, stage: str):
     import pyarrow.parquet as pq
 
     return {f.name: pq.read_table(f).to_pylist()
-            for f in sorted((root / f"artifacts/rollouts_{mode}").glob("round_*.parquet"))}
+            for f in sorted((root / f"artifacts/rollouts_{stage}").glob("round_*.parquet"))}
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_rloo_two_processes_follow_one_process(with_reward_model, tiny_data, tmp
     one = _with_rm(with_reward_model, tiny_data, tmp_path / "one", ppo__rloo=rloo)
     two = _with_rm(with_reward_model, tiny_data, tmp_path / "two", ppo__rloo=rloo)
     run_cmd(ppo_cmd("rloo"), one)
-    run_cmd(torchrun(29543, "components.ppo", "--mode", "rloo"), two)
+    run_cmd(torchrun(29543, "components.rloo"), two)
     first_one, first_two = rollouts(one, "rloo")["round_000000.parquet"], rollouts(two, "rloo")["round_000000.parquet"]
     floats = ("old_logps", "ref_logps", "sampler_logps", "rm_score", "score", "rlhf_reward", "advantage")
     strip = [{k: v for k, v in r.items() if k not in floats} for r in first_one]
@@ -150,11 +151,11 @@ def test_rloo_two_processes_follow_one_process(with_reward_model, tiny_data, tmp
 
 
 def test_ppo_two_processes_follow_one_process(with_reward_model, tiny_data, tmp_path):
-    """ppo mode over DDP: policy and value model as one module, micro-batches of 3 over 2 minibatches of 2."""
+    """ppo over DDP: policy and value model as one module, micro-batches of 3 over 2 minibatches of 2."""
     one = _with_rm(with_reward_model, tiny_data, tmp_path / "one")
     two = _with_rm(with_reward_model, tiny_data, tmp_path / "two")
     run_cmd(ppo_cmd("ppo") + ["--max-steps", "2"], one)
-    run_cmd(torchrun(29545, "components.ppo", "--mode", "ppo", "--max-steps", "2"), two)
+    run_cmd(torchrun(29545, "components.ppo", "--max-steps", "2"), two)
     for name in ("loss/policy_avg", "loss/value_avg", "objective/scores", "objective/kl"):
         a, b = column(one / "plots/ppo.csv", name), column(two / "plots/ppo.csv", name)
         assert len(a) == len(b) == 2, name
@@ -166,6 +167,6 @@ def test_ppo_needs_a_reward_model_or_reward_functions(tiny_data, tmp_path):
     proc = subprocess.run(ppo_cmd("rloo"), cwd=root, env=pipeline_env(root), capture_output=True, text=True)
     assert proc.returncode != 0 and "no reward model" in proc.stderr and "ppo.reward: functions" in proc.stderr
     fn = rlhf_workdir(tiny_data, tmp_path / "functions", ppo__reward="functions", ppo__max_steps=1)
-    run_cmd(ppo_cmd("rloo"), fn)  # the verifiable reward alone: no reward model needed in rloo mode
+    run_cmd(ppo_cmd("rloo"), fn)  # the verifiable reward alone: rloo needs no reward model
     [row] = rollouts(fn, "rloo").values()
     assert row[0]["rm_score"] is None and row[0]["score"] == pytest.approx(row[0]["reward"] - 1.0 * row[0]["truncated"])

@@ -14,9 +14,9 @@ def summarise_example(**overrides):
         lengths={"sft": [2, 4, 6], "dpo": [3, 3, 6]},
         logps={"sft": (torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])),
                "dpo": (torch.tensor([-0.5, -1.0]), torch.tensor([-4.0, -3.0]))},
-        ref_chosen=torch.tensor([-1.0, -2.0]), ref_rejected=torch.tensor([-3.0, -1.0]),
+        reference_logps=(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])),
         kl_terms=torch.tensor([0.2, 0.4, 0.0]), beta=0.5, bootstrap_samples=200, confidence=0.9, seed=0,
-        num_pairs=2, perplexity={"sft": 2.0, "dpo": 1.5}, exact_reward=True,
+        perplexity={"sft": 2.0, "dpo": 1.5}, exact_reward=True,
     )
     return summarise(**{**kwargs, **overrides})
 

@@ -167,3 +167,34 @@ def test_summary_reads_the_pipeline_outputs(tmp_path, monkeypatch):
     assert "held-out loss 5.90 -> 0.65" in text and "judge reward 0.630" in text
     assert "judge reward 0.830 (Δ +0.200 [+0.150, +0.250])" in text and "win rate vs SFT 69.0% [65.0%, 74.0%]" in text
     assert "m v3 = challenger" in text and len(text.splitlines()) <= 8
+
+
+MAX_FUNCTION_LINES, MAX_PARAMETERS = 120, 12
+PURE_MATH = ("components/core/algos/losses.py", "components/core/algos/rl.py")  # flat, typed dispatchers
+
+
+def test_no_long_function_or_long_parameter_list_without_a_reason():
+    """A function reads on one screen and takes what it needs: at most ~120 lines and 12 parameters, or its
+    docstring says why ('Why this function is long: ...' / 'Why so many parameters: ...'). The pure math is
+    exempt from the parameter count (flat, typed arguments are its style)."""
+    found = []
+    for path in sorted((ROOT / "components").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            doc = ast.get_docstring(node) or ""
+            a = node.args
+            names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+            lines = node.end_lineno - node.lineno + 1
+            if lines > MAX_FUNCTION_LINES and "Why this function is long:" not in doc:
+                found.append(f"{rel}:{node.lineno} {node.name}: {lines} lines")
+            if len(names) > MAX_PARAMETERS and rel not in PURE_MATH and "Why so many parameters:" not in doc:
+                found.append(f"{rel}:{node.lineno} {node.name}: {len(names)} parameters")
+    assert not found, "split these, or say why in the docstring:\n" + "\n".join(found)
+
+
+def test_no_locals_as_an_identity():
+    """A run's identity (tracked params, checkpoint fingerprint) is built from its typed config, never locals()."""
+    for path in sorted((ROOT / "components").rglob("*.py")):
+        assert "locals()" not in path.read_text(), f"{path.relative_to(ROOT)} uses locals()"

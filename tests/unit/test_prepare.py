@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from components import prepare as prepare_stage
+from components.core.config import DataConfig, Runtime
 from components.core.data.formats import REASONS
 from components.core.data.readers import DataError
 
@@ -47,21 +48,20 @@ def fixture(name: str) -> str:
     return str(FIXTURES / name)
 
 
-def prepare(tmp_path, tokenizer_dir, *paths, kind="auto", **overrides) -> dict:
-    kwargs = dict(
-        sources=[{"path": p, "kind": kind} for p in paths],
-        out_dir=str(tmp_path / "prepared"),
-        metrics_path=str(tmp_path / "metrics" / "prepare.json"),
-        tokenizer_path=tokenizer_dir,
-        eval_fraction=0.25,
-        max_length=MAX_LENGTH,
-        max_prompt_length=MAX_PROMPT_LENGTH,
-        dedupe=True,
-        seed=0,
-        min_kept_fraction=0.0,  # the fixtures drop records on purpose; fail-loud tests set their own
-    )
-    kwargs.update(overrides)
-    return prepare_stage.run(**kwargs)
+def prepare(tmp_path, tokenizer_dir, *paths, kind="auto", seed=0, report_path=None, **settings) -> dict:
+    """prepare.run on `paths`; settings: keys of the data section (sources and hub_sources included)."""
+    cfg = DataConfig(**{
+        "sources": [{"path": p, "kind": kind} for p in paths],
+        "eval_fraction": 0.25,
+        "max_length": MAX_LENGTH,
+        "max_prompt_length": MAX_PROMPT_LENGTH,
+        "dedupe": True,
+        "min_kept_fraction": 0.0,  # the fixtures drop records on purpose; fail-loud tests set their own
+        **settings,
+    })
+    return prepare_stage.run(cfg, tokenizer_path=tokenizer_dir, out_dir=str(tmp_path / "prepared"),
+                             metrics_path=str(tmp_path / "metrics" / "prepare.json"), report_path=report_path,
+                             runtime=Runtime(seed=seed))
 
 
 def read_jsonl(path: Path) -> list[dict]:

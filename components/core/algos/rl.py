@@ -1,7 +1,8 @@
-"""The math of online RL with verifiable rewards (GRPO and its fixes), as pure tensor functions.
+"""The math of online RL as pure tensor functions: the GRPO family (GRPO, Dr. GRPO, DAPO) and classic RLHF
+(PPO's GAE, clipped policy and value losses, RLOO's leave-one-out baseline, the adaptive KL controller).
 
-Names and formulas follow the papers and TRL 1.16's `GRPOTrainer`, so a number here means what it means
-there (parity tested in tests/unit/test_rl.py):
+Names and formulas follow the papers and TRL (1.16's `GRPOTrainer`; the PPO/RLOO trainers of TRL 0.26), so a
+number here means what it means there (parity tested in tests/unit/algos/test_rl.py). GRPO family:
 - group-relative advantages (GRPO, arXiv:2402.03300): A_i = r_i - mean(group), divided by the group's std
   (`scale_rewards="group"`), by the whole batch's std (`"batch"`, Dr. GRPO's recommendation against the
   difficulty bias, arXiv:2503.20783, and TRL's), or not at all (`"none"`); std is unbiased, + 1e-4;
@@ -140,12 +141,7 @@ def clip_fractions(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Te
 
 
 # ----------------------------------------------------------------------------- classic RLHF: PPO and RLOO
-# As TRL's PPOTrainer (experimental since 0.20) and RLOOTrainer define them; hand-computed tests in test_rl.py.
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+# As TRL's PPOTrainer (experimental since 0.20) and RLOOTrainer define them; hand-computed tests in tests/unit/algos/test_rl.py.
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:

@@ -195,23 +195,24 @@ judge reward does not is exploiting the reward model.</p>
 """
 
 
-def build_report(metrics: dict, samples: list[dict], *, wins: list[float], sft_logp_margin: list[float],
-                 dpo_logp_margin: list[float], reward_margins: list[float], lengths: dict[str, list[int]],
-                 scores: dict[str, list[float]], sft_curves_path: str, dpo_curves_path: str, setup: dict,
-                 confidence: float, num_samples: int, online_curves: dict[str, str] | None = None,
+def build_report(metrics: dict, samples: list[dict], *, wins: list[float], logp_margins: dict[str, list[float]],
+                 reward_margins: list[float], lengths: dict[str, list[int]], scores: dict[str, list[float]],
+                 curves: dict[str, str], setup: dict, confidence: float, num_samples: int,
                  reward_model_report: str = "") -> tuple[dict[str, bytes], str]:
-    """(PNG bytes by file name, HTML page) of the evaluation report."""
+    """(PNG bytes by file name, HTML page) of the evaluation report.
+
+    logp_margins: log p(chosen) - log p(rejected) per held-out pair, for sft and dpo; curves: policy name -> the
+    plots/<stage>.csv its training wrote (missing files are left out of the figure).
+    """
     images: dict[str, bytes] = {
         "win_rate.png": plot_win_rate(wins, metrics["eval/win_rate_vs_sft"], metrics["eval/win_rate_ci_low"],
                                       metrics["eval/win_rate_ci_high"], confidence),
-        "margins.png": plot_margins(sft_logp_margin, dpo_logp_margin, reward_margins, setup["β"]),
+        "margins.png": plot_margins(logp_margins["sft"], logp_margins["dpo"], reward_margins, setup["β"]),
         "distributions.png": plot_distributions(lengths, scores),
     }
-    online_curves = online_curves or {}
-    curves = plot_training_curves(read_curves(sft_curves_path), read_curves(dpo_curves_path),
-                                  *(read_curves(online_curves.get(n, "")) for n in ONLINE))
-    if curves:
-        images["training_curves.png"] = curves
+    training = plot_training_curves(*(read_curves(curves.get(n, "")) for n in ("sft", "dpo", *ONLINE)))
+    if training:
+        images["training_curves.png"] = training
     if reward_model_report and Path(reward_model_report).exists():
         import json
 

@@ -1,4 +1,4 @@
-"""Sequence scorers: reward models and value models, a linear head on a decoder.
+"""Scalar heads: reward models and value models, a linear head on a decoder.
 
 Both are Hugging Face `AutoModelForSequenceClassification` checkpoints with one label (the layout TRL's
 `RewardTrainer` writes and every reward model on the hub uses), so a reward model trained here loads in TRL,
@@ -22,7 +22,7 @@ from components.core.data.tokens import collate_groups, collate_shared_prompt, p
 from components.core.model.loading import enable_gradient_checkpointing
 from components.core.model.logprobs import attention_mask_for, unwrapped, uses_sliding_window
 
-log = logging.getLogger("alignflow.scorers")
+log = logging.getLogger("alignflow.heads")
 
 
 def score_head(model) -> torch.nn.Module:

@@ -6,7 +6,7 @@ model allows it), sft and evaluate take token NLLs with `batch_nll`, evaluate sc
 objective needs. Inputs are the token lists of `core/data/tokens.py`.
 
 Memory: the model runs with `logits_to_keep=1` and its final hidden states are taken from the decoder;
-log-probs come from `core/logprobs.chunked_token_logps` on the scored positions only, so no fp32 (B, T, V)
+log-probs come from `model/chunked_logps.chunked_token_logps` on the scored positions only, so no fp32 (B, T, V)
 logits exist in forward or backward (at a 150k vocabulary that copy was the largest tensor of a step). Models
 whose decoder cannot be reached take the plain logits path (`sequence_logps`).
 """
@@ -196,7 +196,7 @@ def batch_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def preference_logps(model, pairs: list[dict], batch_size: int, pad_id: int, mixed_precision: str = "auto"):
     """Summed response log-probs of every pair, in input order, scored exactly as the reference stage does
-    (the ids of tokenized.load_pairs + pair_logps). Returns (chosen (N,), rejected (N,), chosen_tokens (N,),
+    (the ids of token_store.load_pairs + pair_logps). Returns (chosen (N,), rejected (N,), chosen_tokens (N,),
     rejected_tokens (N,))."""
     device = next(model.parameters()).device
     columns: list[list[torch.Tensor]] = [[], [], [], []]

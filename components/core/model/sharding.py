@@ -4,7 +4,7 @@ gradient sync and clipping over shards.
 alignflow applies torch's `fully_shard` itself instead of accelerate's FSDP plugin: accelerate ignores FSDP on
 CPU, so the sharded path could not otherwise be tested without GPUs. With this, the code that runs on GPUs
 (NCCL) is the code the tests run over gloo. Checkpoint shards are `core/train/checkpoints.py`; the optimizer over
-shards and the final save are `core/training.py`.
+shards and the final save are `core/train/loop.py`.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def shard_model(model, device) -> torch.nn.Module:
             fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
     # the root unit (embeddings, final norm, LM head) stays gathered between forward and backward, as FSDP2's
     # own heuristic does for roots: the scoring path uses the LM-head weight right after the forward
-    # (core/scoring.slot_logps), and backward would gather it again at once anyway
+    # (model/logprobs.slot_logps), and backward would gather it again at once anyway
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     return model
 

@@ -4,7 +4,7 @@
 
 Takes exactly `accelerate launch`'s arguments and runs accelerate's own launcher code on them, with two
 shortcuts, each measured on the 2-core default (a stage's start-up is paid once per stage, every run):
-- a stage whose params section says `enabled: false` (grpo, reward_model, ppo) is not started at all: its
+- a stage whose params section says `enabled: false` (grpo, reward_model, ppo, rloo) is not started at all: its
   placeholders (core/ops/placeholders.py, torch-free) are written here, 0.2 s a stage instead of 4;
 - one process on one machine with no device selection (accelerate's "simple" launcher, `distributed_type:
   'NO'`, no `gpu_ids`: the cpu config) runs the stage in this process, with the environment accelerate would
@@ -25,16 +25,18 @@ import os
 import runpy
 import sys
 
+# the params section a stage reads, where it is not the stage's own name
+SECTIONS = {"components.rloo": "ppo"}  # rloo is the ppo section with its rloo: overrides
+
 
 def stage_args(stage_argv: list[str]):
-    """The stage's own arguments this launcher reads: --params, and those that name its outputs (--out, ppo's
-    --mode), parsed as the stage's argparse would (everything else is the stage's business)."""
+    """The stage's own arguments this launcher reads: --params, and --out where a stage names its output with it,
+    parsed as the stage's argparse would (everything else is the stage's business)."""
     import argparse
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out")
-    parser.add_argument("--mode", default="ppo")
     return parser.parse_known_args(stage_argv)[0]
 
 
@@ -50,7 +52,7 @@ def disabled(module: str, stage_argv: list[str]) -> bool:
     """Whether params switch off this stage (its section has `enabled: false`); False when unsure."""
     from components.core.config import ParamsError, load_params
 
-    section = module.rsplit(".", 1)[-1]
+    section = SECTIONS.get(module, module.rsplit(".", 1)[-1])
     try:
         params = load_params(stage_args(stage_argv).params)
     except ParamsError:
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
 
         setup_logging()
         args = stage_args(stage_argv)
-        if not placeholders.write_for(module, args.out, args.mode):
+        if not placeholders.write_for(module, args.out):
             run_module(module, stage_argv)
         return
     launch(argv)

@@ -1,6 +1,6 @@
 """What a stage leaves when its params disable it (`enabled: false`): DVC needs every output it declares.
 
-Each output directory holds disabled.json (evaluate, ppo and register treat a directory without config.json as
+Each output directory holds disabled.json (evaluate, ppo, rloo and register treat a directory without config.json as
 no model), the metrics file says why, the plot is empty. Torch-free: core/ops/launch.py writes a disabled stage's
 placeholders without importing the stage (and torch); the stage's own main() calls the same functions.
 """
@@ -38,9 +38,15 @@ def grpo(out_dir: str = GRPO_OUT, rollouts_dir: str = "artifacts/rollouts", metr
     write("grpo", "grpo.enabled is false in params", [out_dir, rollouts_dir], metrics_path, plots_path)
 
 
-def ppo(mode: str) -> None:
-    write(mode, "ppo.enabled is false in params", [f"models/{mode}", f"artifacts/rollouts_{mode}"],
-          f"metrics/{mode}.json", f"plots/{mode}.csv")
+def ppo(out_dir: str = "models/ppo", rollouts_dir: str = "artifacts/rollouts_ppo",
+        metrics_path: str = "metrics/ppo.json", plots_path: str = "plots/ppo.csv") -> None:
+    write("ppo", "ppo.enabled is false in params", [out_dir, rollouts_dir], metrics_path, plots_path)
+
+
+def rloo(out_dir: str = "models/rloo", rollouts_dir: str = "artifacts/rollouts_rloo",
+         metrics_path: str = "metrics/rloo.json", plots_path: str = "plots/rloo.csv") -> None:
+    """rloo reads the ppo section (with its rloo: overrides): one switch for both."""
+    write("rloo", "ppo.enabled is false in params", [out_dir, rollouts_dir], metrics_path, plots_path)
 
 
 def reward_model(out_dir: str = REWARD_MODEL_OUT, metrics_path: str = "metrics/reward_model.json",
@@ -51,12 +57,12 @@ def reward_model(out_dir: str = REWARD_MODEL_OUT, metrics_path: str = "metrics/r
           {calibration_path: {"bins": []}})
 
 
-def write_for(module: str, out: str | None = None, mode: str = "ppo") -> bool:
-    """Write the placeholders of the disabled stage `module`, given its CLI's output arguments (--out, ppo's
-    --mode); False for a stage that has none."""
+def write_for(module: str, out: str | None = None) -> bool:
+    """Write the placeholders of the disabled stage `module`, given its CLI's output argument (--out); False for
+    a stage that has none."""
     writers = {"components.grpo": lambda: grpo(out or GRPO_OUT),
                "components.reward_model": lambda: reward_model(out or REWARD_MODEL_OUT),
-               "components.ppo": lambda: ppo(mode)}
+               "components.ppo": ppo, "components.rloo": rloo}
     if module not in writers:
         return False
     writers[module]()

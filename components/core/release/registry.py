@@ -31,8 +31,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from components.core.config import EvaluateConfig, GateConfig
 from components.core.ops.lifeline import pid_alive
-from components.core.release.gate import gate_decision
+from components.core.release.gate import Decision, gate_decision
 
 log = logging.getLogger("alignflow.registry")
 
@@ -203,44 +204,20 @@ def score_version(client, name: str, version, prompts: list[tuple[str, list[dict
     return scores
 
 
-def promote(
-    model_name: str,
-    gate: dict,
-    *,
-    version: str | None = None,
-    dry_run: bool = False,
-    pref_eval_path: str = "data/prepared/pref_eval.jsonl",
-    num_prompts: int = 200,
-    judge: str = "synthetic",
-    judge_path: str = "",
-    max_new_tokens: int = 32,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 64,
-    bootstrap_samples: int = 1000,
-    seed: int = 1234,
-) -> dict:
+def promote(model_name: str, gate: GateConfig, evaluate: EvaluateConfig, *, version: str | None = None,
+            dry_run: bool = False, pref_eval_path: str = "data/prepared/pref_eval.jsonl", seed: int = 1234) -> dict:
     """Compare a candidate (alias `challenger`, or `version`) with `champion`; move `champion` if it passes.
 
-    Returns a dict with "decision" in promoted | rejected | noop and the gate's numbers. With dry_run
-    nothing in the registry changes (only the score cache may be written).
+    gate: `register.gate`; evaluate: the `evaluate` section, whose prompts, sampling and judge re-score both
+    models on pref_eval_path's held-out prompts (seed: the sampling seed, as evaluate's). Returns a dict with
+    "decision" in promoted | rejected | noop and the gate's numbers. With dry_run nothing in the registry changes
+    (only the score cache may be written).
     """
-    if gate["primary_metric"] != PRIMARY_METRIC:
-        raise ValueError(f"register.gate.primary_metric={gate['primary_metric']!r}: promotion re-scores prompts "
+    if gate.primary_metric != PRIMARY_METRIC:
+        raise ValueError(f"register.gate.primary_metric={gate.primary_metric!r}: promotion re-scores prompts "
                          f"with the judge, so only {PRIMARY_METRIC!r} is supported")
-    from mlflow.exceptions import MlflowException
-
     client = registry_client()
-    if version is not None:
-        try:
-            candidate = client.get_model_version(model_name, str(version))
-        except MlflowException as e:
-            raise RegistryError(f"{model_name}: no version {version} ({e.message})") from e
-    else:
-        candidate = _by_alias(client, model_name, CHALLENGER)
-        if candidate is None:
-            raise RegistryError(f"{model_name}: no version has alias {CHALLENGER!r}; "
-                                "register one (alignflow register) or pass --version")
+    candidate = _candidate(client, model_name, version)
     champion = _by_alias(client, model_name, CHAMPION)
     result = {"model_name": model_name, "candidate": str(candidate.version),
               "champion": str(champion.version) if champion else None, "dry_run": dry_run,
@@ -251,31 +228,64 @@ def promote(
 
     metrics = version_metrics(candidate)
     if champion is None:
-        decision = gate_decision(None, None, metrics, gate, bootstrap_samples, seed)
+        decision = gate_decision(None, None, metrics, gate.model_dump(), evaluate.bootstrap_samples, seed)
     else:
-        from components.core.eval.judges import eval_prompts, load_judge
-
-        if not Path(pref_eval_path).exists():
-            raise FileNotFoundError(f"{pref_eval_path}: no held-out prompts to compare on (dvc repro prepare)")
-        prompts = eval_prompts(pref_eval_path, num_prompts)
-        if not prompts:
-            raise RegistryError(f"{pref_eval_path}: no held-out prompts")
-        settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-                    "batch_size": batch_size, "seed": seed, "judge": judge, "judge_path": judge_path}
-        digest = eval_set_digest(prompts, settings)
-        judge_fn = load_judge(judge, judge_path)
-        sweep_promote_dirs()
-        with tempfile.TemporaryDirectory(prefix=f"{PROMOTE_DIR_PREFIX}{os.getpid()}-") as work:
-            cand = score_version(client, model_name, candidate, prompts, judge_fn, settings, digest, work)
-            champ = score_version(client, model_name, champion, prompts, judge_fn, settings, digest, work)
-        decision = gate_decision(cand, champ, metrics, gate, bootstrap_samples, seed)
-        result.update(eval_set=digest, num_prompts=len(prompts), candidate_mean=statistics.fmean(cand),
-                      champion_mean=statistics.fmean(champ))
+        rescored = rescore(client, model_name, candidate, champion, evaluate, pref_eval_path, seed)
+        decision = gate_decision(rescored["candidate"], rescored["champion"], metrics, gate.model_dump(),
+                                 evaluate.bootstrap_samples, seed)
+        result.update(eval_set=rescored["eval_set"], num_prompts=rescored["num_prompts"],
+                      candidate_mean=statistics.fmean(rescored["candidate"]),
+                      champion_mean=statistics.fmean(rescored["champion"]))
     result.update(decision="promoted" if decision.passed else "rejected", passed=decision.passed,
                   reasons=decision.reasons, delta=decision.delta, ci_low=decision.ci_low, ci_high=decision.ci_high)
-    if dry_run:
-        return result
+    if not dry_run:
+        _record_decision(client, model_name, candidate, champion, result, decision, gate)
+    return result
 
+
+def _candidate(client, model_name: str, version: str | None):
+    """The version to promote: `version`, or the one holding `challenger`."""
+    from mlflow.exceptions import MlflowException
+
+    if version is not None:
+        try:
+            return client.get_model_version(model_name, str(version))
+        except MlflowException as e:
+            raise RegistryError(f"{model_name}: no version {version} ({e.message})") from e
+    candidate = _by_alias(client, model_name, CHALLENGER)
+    if candidate is None:
+        raise RegistryError(f"{model_name}: no version has alias {CHALLENGER!r}; "
+                            "register one (alignflow register) or pass --version")
+    return candidate
+
+
+def rescore(client, model_name: str, candidate, champion, evaluate: EvaluateConfig, pref_eval_path: str,
+            seed: int) -> dict:
+    """Both versions' per-prompt judge scores on the current held-out prompts (same prompts, same sampling seeds):
+    {candidate, champion: (P,) scores, eval_set: the digest of prompts and settings, num_prompts: P}."""
+    from components.core.eval.judges import eval_prompts, load_judge
+
+    if not Path(pref_eval_path).exists():
+        raise FileNotFoundError(f"{pref_eval_path}: no held-out prompts to compare on (dvc repro prepare)")
+    prompts = eval_prompts(pref_eval_path, evaluate.num_prompts)
+    if not prompts:
+        raise RegistryError(f"{pref_eval_path}: no held-out prompts")
+    settings = {"max_new_tokens": evaluate.max_new_tokens, "temperature": evaluate.temperature,
+                "top_p": evaluate.top_p, "batch_size": evaluate.batch_size, "seed": seed, "judge": evaluate.judge,
+                "judge_path": evaluate.judge_path}
+    digest = eval_set_digest(prompts, settings)
+    judge_fn = load_judge(evaluate.judge, evaluate.judge_path)
+    sweep_promote_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"{PROMOTE_DIR_PREFIX}{os.getpid()}-") as work:
+        cand = score_version(client, model_name, candidate, prompts, judge_fn, settings, digest, work)
+        champ = score_version(client, model_name, champion, prompts, judge_fn, settings, digest, work)
+    return {"candidate": cand, "champion": champ, "eval_set": digest, "num_prompts": len(prompts)}
+
+
+def _record_decision(client, model_name: str, candidate, champion, result: dict, decision: Decision,
+                     gate: GateConfig) -> None:
+    """Move `champion` when the decision passed, and tag the candidate with the decision, under the registry lock
+    and only if the champion is still the one compared against (compare-and-set)."""
     candidate_v = str(candidate.version)
     tags = {
         "promotion/decision": result["decision"],
@@ -285,7 +295,7 @@ def promote(
         "promotion/ci_high": _fmt(decision.ci_high, ".6f"),
         "promotion/compared_to": result["champion"] or "none",
         "promotion/eval_set": result["eval_set"] or "none",
-        "promotion/gate": json.dumps(gate, sort_keys=True),
+        "promotion/gate": json.dumps(gate.model_dump(), sort_keys=True),
         "promotion/at": now(),
     }
     with registry_lock(model_name):
@@ -305,7 +315,6 @@ def promote(
             client.set_model_version_tag(model_name, candidate_v, "promotion/previous_champion", str(champion.version))
         elif "promotion/previous_champion" in candidate.tags:  # stale: from an earlier promotion
             client.delete_model_version_tag(model_name, candidate_v, "promotion/previous_champion")
-    return result
 
 
 def rollback(model_name: str) -> dict:

@@ -131,17 +131,21 @@ def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
-def even_shard(batches: Sequence[list[int]], rank: int, world: int) -> list[tuple[list[int], bool]]:
-    """This rank's batches, round-robin, as (indices, is_padding): every rank gets the same number of
-    batches, short ranks repeat a real batch flagged as padding (run, then left out of every result).
+def equal_passes(n: int, rank: int, world: int) -> list[tuple[int, bool]]:
+    """This rank's share of n passes (batch numbers 0..n-1), round-robin, as (k, is_padding): every rank runs
+    ceil(n / world) of them, a short rank repeats pass 0 flagged as padding (run, then weighed 0 or left out).
 
-    Under FSDP each forward is a collective, so a rank with one forward fewer hangs the others.
+    Every rank must run the same number of forwards and backwards: under FSDP each forward is a collective, and
+    under DDP each synced backward is, so a rank with one pass fewer hangs the others.
     """
-    if not batches:
-        return []
-    per_rank = -(-len(batches) // world)
-    mine = [(list(b), False) for b in batches[rank::world]]
-    return mine + [(list(batches[0]), True)] * (per_rank - len(mine))
+    per_rank = -(-n // world)
+    mine = [(k, False) for k in range(rank, n, world)]
+    return mine + [(0, True)] * (per_rank - len(mine))
+
+
+def even_shard(batches: Sequence[list[int]], rank: int, world: int) -> list[tuple[list[int], bool]]:
+    """This rank's batches as (indices, is_padding), by `equal_passes`."""
+    return [(list(batches[k]), padding) for k, padding in equal_passes(len(batches), rank, world)]
 
 def reduce_sums(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each named scalar summed over all processes, in one all-reduce. Keys are stacked in sorted order, so every

@@ -1,14 +1,15 @@
-"""The online-RL machinery every online stage shares (grpo, ppo in its ppo and rloo modes).
+"""The online-RL machinery every online stage shares (grpo, ppo, rloo).
 
 - prompts: `load_prompts` (one per distinct prompt of a prepared file) and `PromptSampler` (a seeded
   permutation per epoch; its position is the only state, checkpointed);
-- generation: `sample_chunk` (HF generate with KV cache, seeded, the sampler's own log-probs; a prompt's
-  prefix is run once for its G completions, `shared_prompt_cache`) and
-  `generate_groups` (a round's prompts in world-independent chunks over the processes, all-gathered, so
-  N processes sample what one process samples);
-- rewards from code: `score` (the weighted reward functions of core/rewards.py);
+- generation: `Sampling` (what a stage's section says about sampling, typed), `sample_chunk` (HF generate with
+  KV cache, seeded, the sampler's own log-probs; a prompt's prefix is run once for its G completions,
+  `shared_prompt_cache`) and `generate_groups` (a round's prompts in world-independent chunks over the
+  processes, all-gathered, so N processes sample what one process samples);
+- rewards from code: `score` (the weighted reward functions of core/algos/reward_functions.py);
 - `collect_round` (DAPO's dynamic sampling), `policy_hash` (which weights sampled a round);
-- rollout tables: `write_rollouts` (parquet, one row per completion), `log_samples` (MLflow sample tables).
+- rollout tables: `rollout_record` (one row per completion, the same columns in every online stage, ppo and rloo
+  adding theirs), `write_rollouts` (parquet), `log_samples` (MLflow sample tables).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from components.core.config import GRPOConfig, PPOConfig
 from components.core.data.tokens import prompt_ids_for_generation
 from components.core.ops.io import atomic_dir, read_jsonl, write_json
 from components.core.train import loop
@@ -72,20 +74,23 @@ def load_prompts(path: Path, kind: str, tokenizer, max_prompt_length: int) -> li
 
 class PromptSampler:
     """Prompt i of the run = a seeded permutation of the prompts for epoch i // n, at i % n. The position
-    (prompts taken so far) is all the state there is: it goes into every checkpoint."""
+    (prompts taken so far) is all the state there is: it goes into every checkpoint, and a resumed run starts
+    the sampler there."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self._perms = n, seed, {}
+    def __init__(self, n: int, seed: int, position: int = 0):
+        self.n, self.seed, self.position, self._perms = n, seed, position, {}
 
-    def take(self, position: int, k: int) -> list[int]:
+    def take(self, k: int) -> list[int]:
+        """The next k prompts (indices); the position moves past them."""
         out = []
-        for i in range(position, position + k):
+        for i in range(self.position, self.position + k):
             epoch = i // self.n
             if epoch not in self._perms:
                 perm = list(range(self.n))
                 random.Random(self.seed * 1_000_003 + epoch).shuffle(perm)
                 self._perms[epoch] = perm
             out.append(self._perms[epoch][i % self.n])
+        self.position += k
         return out
 
 
@@ -115,6 +120,26 @@ def weights_hash(model) -> str:
 
 
 # ----------------------------------------------------------------------------- generation and scoring
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a stage samples its completions: G per prompt, the length limit, temperature / top-p, prompts per
+    generate() call, and the tokenizer's end and pad ids."""
+
+    num_generations: int  # G: completions per prompt
+    max_completion_length: int
+    temperature: float
+    top_p: float
+    generation_batch_size: int  # prompts per generate() call (x G rows)
+    eos: list[int]  # a completion ends at the first of these (it is kept)
+    pad_id: int
+
+    @classmethod
+    def of(cls, cfg: GRPOConfig | PPOConfig, eos: list[int], pad_id: int, num_generations: int | None = None) -> Sampling:
+        """A section's sampling settings; `num_generations` overrides its G (ppo samples one completion a prompt)."""
+        return cls(cfg.num_generations if num_generations is None else num_generations, cfg.max_completion_length,
+                   cfg.temperature, cfg.top_p, cfg.generation_batch_size, eos, pad_id)
 
 
 @torch.no_grad()
@@ -153,12 +178,11 @@ def shared_prompt_cache(model, input_ids: torch.Tensor, attention: torch.Tensor,
 
 
 @torch.no_grad()
-def sample_chunk(model, tokenizer, prompts: list[Prompt], cfg, seed: int, eos: list[int],
-                 pad_id: int, synced: bool = False) -> list[dict]:
-    """G = cfg.num_generations completions for each prompt in one generate() call (cfg: any stage config with
-    num_generations, max_completion_length, temperature, top_p): ids (up to and including the first end token),
-    the sampler's per-token log-probs (after temperature / top-p), and whether the length limit cut it."""
-    G = cfg.num_generations
+def sample_chunk(model, prompts: list[Prompt], sampling: Sampling, seed: int, synced: bool = False) -> list[dict]:
+    """G = sampling.num_generations completions for each prompt in one generate() call: ids (up to and including
+    the first end token), the sampler's per-token log-probs (after temperature / top-p), and whether the length
+    limit cut it."""
+    G, eos, pad_id = sampling.num_generations, sampling.eos, sampling.pad_id
     width = max(len(p.ids) for p in prompts)
     device = next(model.parameters()).device
     input_ids = torch.tensor([[pad_id] * (width - len(p.ids)) + p.ids for p in prompts], device=device)
@@ -167,8 +191,8 @@ def sample_chunk(model, tokenizer, prompts: list[Prompt], cfg, seed: int, eos: l
     cache = shared_prompt_cache(model, input_ids, attention, G, synced) if G > 1 else None
     out = model.generate(
         input_ids=input_ids.repeat_interleave(G, 0), attention_mask=attention.repeat_interleave(G, 0),
-        past_key_values=cache, max_new_tokens=cfg.max_completion_length, min_new_tokens=0,
-        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=0.0, num_beams=1,
+        past_key_values=cache, max_new_tokens=sampling.max_completion_length, min_new_tokens=0,
+        do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0, num_beams=1,
         repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos, pad_token_id=pad_id, use_cache=True,
         output_scores=True, return_dict_in_generate=True, synced_gpus=synced,
     )
@@ -222,26 +246,25 @@ def collect_round(generate_batch, prompts_per_step: int, dynamic: bool, max_resa
     return groups, kept[:prompts_per_step], first_zero_frac
 
 
-def generate_groups(accelerator, model, tokenizer, prompts: list[Prompt], chosen: list[int], cfg, *, seed: int,
-                    round_: int, attempt: int, eos: list[int], pad_id: int, sharded: bool, scorer, timing: dict) -> list[dict]:
+def generate_groups(accelerator, model, prompts: list[Prompt], chosen: list[int], sampling: Sampling, *, seed: int,
+                    round_: int, attempt: int, sharded: bool, scorer, timing: dict) -> list[dict]:
     """The groups of G completions for prompts[chosen], in a fixed order, on every process.
 
-    The prompts are cut into chunks of `cfg.generation_batch_size` that do not depend on the world size; each
+    The prompts are cut into chunks of `sampling.generation_batch_size` that do not depend on the world size; each
     process samples its chunks (seeded per chunk), `scorer(prompt, completions)` scores them, and the groups are
     all-gathered. Under FSDP every process runs the same generate() calls, each forward a collective: a process
     short of chunks samples chunk 0 again and drops it, and synced_gpus keeps the calls in step.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
-    G = cfg.num_generations
-    chunks = [chosen[i : i + cfg.generation_batch_size] for i in range(0, len(chosen), cfg.generation_batch_size)]
+    G, size = sampling.num_generations, sampling.generation_batch_size
+    chunks = [chosen[i : i + size] for i in range(0, len(chosen), size)]
     mine = []
-    for (c,), padding in loop.even_shard([[c] for c in range(len(chunks))], rank, world):
+    for c, padding in loop.equal_passes(len(chunks), rank, world):
         if padding and not sharded:
             continue
         s = chunk_seed(seed, round_, attempt, c)
         t0 = time.perf_counter()
-        completions = sample_chunk(model, tokenizer, [prompts[i] for i in chunks[c]], cfg, s, eos, pad_id,
-                                   synced=sharded)
+        completions = sample_chunk(model, [prompts[i] for i in chunks[c]], sampling, s, synced=sharded)
         timing["generate"] += time.perf_counter() - t0
         if padding:
             continue
@@ -266,6 +289,45 @@ def gather_rows(accelerator, local: dict[int, list[float]]) -> dict[int, list[fl
     for part in gather_object([local]):
         merged.update(part)
     return merged
+
+
+@dataclass(frozen=True)
+class RLHFColumns:
+    """What a ppo or rloo rollout row holds beyond grpo's (rloo: no values, token advantages or returns)."""
+
+    values: list[float] | None  # the value model's, per token
+    rm_score: float | None  # the reward model's score (None with reward: functions)
+    score: float  # the score trained on: the reward model's or the functions', less the missing-EOS penalty
+    rlhf_reward: float  # score - kl_coef * the sequence KL
+    token_advantages: list[float] | None
+    returns: list[float] | None
+    kl_coef: float
+
+
+def rollout_record(round_: int, step: int, prompt: Prompt, group: dict, completion: dict, old_logps, ref_logps,
+                   policy_hash: str, reward_ids: dict[str, str], rlhf: RLHFColumns | None = None) -> dict:
+    """One completion's row of a round's rollout table: where (round, step), the prompt, the completion as
+    sampled, old / reference log-probs (None when not computed), its rewards and advantage, and what made it
+    (chunk seed, policy weights hash, reward code hashes). ppo and rloo put their columns (`rlhf`) beside the
+    ones they belong with; the column order is the tables' schema, so it stays as it is."""
+    row = {"round": round_, "step": step, "prompt_id": prompt.id, "prompt_index": group["prompt"],
+           "prompt_ids": prompt.ids, "prompt": json.dumps(prompt.messages), "answer": prompt.answer,
+           "completion_ids": completion["ids"], "completion": completion["text"], "truncated": completion["truncated"],
+           "sampler_logps": completion["sampler_logps"], "old_logps": old_logps, "ref_logps": ref_logps}
+    if rlhf is not None:
+        row.update({"values": rlhf.values, "rm_score": rlhf.rm_score, "score": rlhf.score})
+    row["reward"] = completion["reward"]
+    row.update({f"reward/{k}": v for k, v in completion["rewards"].items()})
+    if rlhf is not None:
+        row["rlhf_reward"] = rlhf.rlhf_reward
+    row["advantage"] = completion["advantage"]
+    if rlhf is not None:
+        row.update({"token_advantages": rlhf.token_advantages, "returns": rlhf.returns})
+    row.update({"seed": group["seed"], "policy_hash": policy_hash})
+    if rlhf is not None:
+        row["kl_coef"] = rlhf.kl_coef
+    row["reward_hashes"] = json.dumps(reward_ids, sort_keys=True)
+    return row
 
 
 def write_rollouts(work: Path, round_: int, records: list[dict]) -> None:

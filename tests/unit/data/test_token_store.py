@@ -13,6 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from components import prepare as prepare_stage
+from components.core.config import DataConfig, Runtime
 from components.core.data import token_store
 from components.core.data.formats import conversations
 from components.core.data.tokens import IGNORE_INDEX, encode_chat, pair_token_hash, tokenize_pair
@@ -27,10 +28,10 @@ def prepared(tmp_path, tiny_tokenizer_dir) -> Path:
     pref = [json.loads(line) for line in (FIXTURES / "trl_pref_messages.jsonl").read_text().splitlines()]
     pref[0]["margin"] = 2.5
     (tmp_path / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pref))
-    prepare_stage.run(sources=[{"path": str(tmp_path / "pref.jsonl")}, {"path": str(FIXTURES / "sft_messages.jsonl")}],
-                      out_dir=str(tmp_path / "prepared"), metrics_path=str(tmp_path / "m.json"),
-                      tokenizer_path=tiny_tokenizer_dir, eval_fraction=0.25, max_length=256, max_prompt_length=128,
-                      dedupe=True, seed=0, min_kept_fraction=0.0)
+    cfg = DataConfig(sources=[{"path": str(tmp_path / "pref.jsonl")}, {"path": str(FIXTURES / "sft_messages.jsonl")}],
+                     eval_fraction=0.25, max_length=256, max_prompt_length=128, dedupe=True, min_kept_fraction=0.0)
+    prepare_stage.run(cfg, tokenizer_path=tiny_tokenizer_dir, out_dir=str(tmp_path / "prepared"),
+                      metrics_path=str(tmp_path / "m.json"), runtime=Runtime(seed=0))
     return tmp_path / "prepared"
 
 

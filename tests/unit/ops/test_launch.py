@@ -104,8 +104,27 @@ def test_a_disabled_stage_writes_its_placeholders_without_accelerate(tmp_path):
     assert proc.stdout.strip() == "torch imported: False"  # the stage and torch were never imported
 
 
+@pytest.mark.parametrize("stage", ["ppo", "rloo"])
+def test_ppo_and_rloo_share_the_ppo_switch_and_write_their_placeholders_without_torch(tmp_path, stage):
+    """rloo has no params section of its own: `ppo.enabled: false` switches off both stages, byte-identically."""
+    params = _params(tmp_path, ppo={"enabled": False})
+    assert launch.disabled(f"components.{stage}", ["--params", str(params)])
+    argv = ["--config_file", "no/such.yaml", "-m", f"components.{stage}", "--params", str(params)]
+    cmd = [sys.executable, "-c", "import sys; from components.core.ops import launch; "
+           f"launch.main({argv!r}); print('torch imported:', 'torch' in sys.modules)"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    note = {"enabled": False, "reason": "ppo.enabled is false in params"}
+    for path in (f"models/{stage}/disabled.json", f"artifacts/rollouts_{stage}/disabled.json", f"metrics/{stage}.json"):
+        assert json.loads((tmp_path / path).read_text()) == note, path
+    assert (tmp_path / f"plots/{stage}.csv").exists()
+    assert proc.stdout.strip() == "torch imported: False"
+    assert not launch.disabled(f"components.{stage}", ["--params", str(_params(tmp_path, ppo={"enabled": True}))])
+
+
 @pytest.mark.parametrize("argv, expected", [
-    (["--config_file", "c.yaml", "-m", "components.ppo", "--mode", "rloo"], ("components.ppo", ["--mode", "rloo"])),
+    (["--config_file", "c.yaml", "-m", "components.rloo", "--max-steps", "2"], ("components.rloo", ["--max-steps", "2"])),
     (["--config_file", "c.yaml", "train.py"], (None, [])),
 ])
 def test_stage_module_splits_the_launcher_and_stage_arguments(argv, expected):

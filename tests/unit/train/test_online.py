@@ -43,8 +43,6 @@ def test_dynamic_sampling_gives_up_after_max_rounds_and_without_it_keeps_all():
 def test_sampling_runs_each_prompt_once_for_its_group_and_samples_as_plain_generate(monkeypatch):
     """sample_chunk prefills a prompt once for its G completions (shared_prompt_cache): the same ids and
     sampler log-probs as generate's own prefill of G copies, with prompts of different lengths (left padding)."""
-    from types import SimpleNamespace
-
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from components.core.train import online
@@ -55,7 +53,8 @@ def test_sampling_runs_each_prompt_once_for_its_group_and_samples_as_plain_gener
     model = LlamaForCausalLM(config).eval()
     prompts = [online.Prompt(id=str(i), messages=[], answer="", ids=ids)
                for i, ids in enumerate([[5, 6, 7, 8, 9], [11, 12], [3, 4, 13, 14, 15, 16, 17]])]
-    cfg = SimpleNamespace(num_generations=4, max_completion_length=6, temperature=1.0, top_p=1.0)
+    sampling = online.Sampling(num_generations=4, max_completion_length=6, temperature=1.0, top_p=1.0,
+                               generation_batch_size=3, eos=[1], pad_id=0)
     calls = []
     real = online.shared_prompt_cache
 
@@ -65,11 +64,11 @@ def test_sampling_runs_each_prompt_once_for_its_group_and_samples_as_plain_gener
         return cache
 
     monkeypatch.setattr(online, "shared_prompt_cache", counting)
-    shared = online.sample_chunk(model, None, prompts, cfg, seed=3, eos=[1], pad_id=0)
+    shared = online.sample_chunk(model, prompts, sampling, seed=3)
     # one prefill row per prompt, all but its last token; the cache then holds one row per completion
     assert calls == [((3, 7), 4, 6, 12)]
     monkeypatch.setattr(online, "shared_prompt_cache", lambda *args: None)
-    plain = online.sample_chunk(model, None, prompts, cfg, seed=3, eos=[1], pad_id=0)
+    plain = online.sample_chunk(model, prompts, sampling, seed=3)
     assert len(shared) == len(plain) == 12
     for a, b in zip(shared, plain, strict=True):
         assert a["ids"] == b["ids"] and a["truncated"] == b["truncated"]
