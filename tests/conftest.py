@@ -123,3 +123,22 @@ def tiny_data(tmp_path_factory) -> Path:
                 metrics_path=str(root / "metrics/prepare.json"), runtime=runtime)
     shutil.copy2(TINY_PARAMS, root / "params.yaml")
     return root
+
+
+# ----------------------------------------------------------------------------- parallel runs (pytest-xdist)
+
+# Heaviest first, so that the two workers of `scripts/test.sh` (-n 2 --dist loadgroup) finish together.
+HEAVY_FIRST = ("pipeline", "test_team.py", "test_training.py", "test_rlhf.py", "test_grpo.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test file is one xdist group, so its module and session fixtures are built once, on one worker;
+    test_dvc.py and test_flow.py form one group because they share the tiny pipeline run (`tiny_repo`).
+    Without xdist the marks do nothing and only the order changes (heaviest files first)."""
+    def group(item) -> str:
+        return "pipeline" if item.path.name in ("test_dvc.py", "test_flow.py") else item.path.name
+
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order kept within a group
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))

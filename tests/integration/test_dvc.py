@@ -226,13 +226,15 @@ def test_a_queued_experiment_logs_to_the_project_and_carries_its_metrics(tiny_re
     commit_all(root)
     env = pipeline_env(root)
     env.pop("MLFLOW_TRACKING_URI")  # the default: the project's mlflow.db, whatever the workspace
-    run_cmd(["dvc", "exp", "run", "--queue", "-S", "dpo.beta=0.3", "--name", "beta03"], root, env=env)
+    # an evaluate-only change: the queued workspace runs evaluate and register (a stage that opens an MLflow
+    # run with artifacts), not a training stage again (test_beta_sweep_reuses_sft_and_reference re-trains dpo)
+    run_cmd(["dvc", "exp", "run", "--queue", "-S", "evaluate.temperature=0.7", "--name", "temp07"], root, env=env)
     run_cmd(["dvc", "exp", "run", "--run-all", "-j", "1"], root, env=env, timeout=900)
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     [experiment] = [e for e in client.search_experiments() if e.name == "alignflow"]
-    dpo_runs = client.search_runs([experiment.experiment_id], "tags.`alignflow/stage` = 'dpo'")
-    assert len(dpo_runs) == 2  # the base run and the queued experiment's, in the project's store
-    assert all(not r.info.artifact_uri.startswith(str(root / ".dvc")) for r in dpo_runs)  # artifacts too
+    eval_runs = client.search_runs([experiment.experiment_id], "tags.`alignflow/stage` = 'evaluate'")
+    assert len(eval_runs) == 2  # the base run and the queued experiment's, in the project's store
+    assert all(not r.info.artifact_uri.startswith(str(root / ".dvc")) for r in eval_runs)  # artifacts too
     exps = _experiments(json.loads(run_cmd(["dvc", "exp", "show", "--json"], root, env=env).stdout))
-    swept = [m for p, m in exps if p.get("dpo", {}).get("beta") == 0.3]
+    swept = [m for p, m in exps if p.get("evaluate", {}).get("temperature") == 0.7]
     assert swept and all(isinstance(m.get("eval/reward_mean"), float) for m in swept)  # metrics, not "!"
