@@ -36,11 +36,24 @@ def rollouts(root: Path):
     return {f.name: pq.read_table(f).to_pylist() for f in sorted((root / "artifacts/rollouts").glob("round_*.parquet"))}
 
 
-def test_grpo_resumes_bit_for_bit_and_writes_rollouts(tiny_data, tmp_path):
+# 3 generation chunks a round: under 2 processes one is short of a chunk (DDP: it samples fewer; FSDP: it samples a
+# padding chunk in step)
+UNEVEN = {"grpo__prompts_per_step": 6, "grpo__generation_batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def grpo_whole(tiny_data, tmp_path_factory) -> Path:
+    """An uninterrupted 1-process grpo run (4 steps, mu = 2, beta > 0, UNEVEN), which the resume, DDP and FSDP
+    tests compare against. Read-only."""
+    root = grpo_workdir(tiny_data, tmp_path_factory.mktemp("grpo") / "whole", **UNEVEN)
+    run_cmd(stage("grpo"), root)
+    return root
+
+
+def test_grpo_resumes_bit_for_bit_and_writes_rollouts(tiny_data, grpo_whole, tmp_path):
     """4 steps, mu = 2 (two rounds), beta > 0: uninterrupted == crash at step 3 + resume from step 2."""
-    whole = grpo_workdir(tiny_data, tmp_path / "whole")
-    crashed = grpo_workdir(tiny_data, tmp_path / "crashed")
-    run_cmd(stage("grpo"), whole)
+    whole = grpo_whole
+    crashed = grpo_workdir(tiny_data, tmp_path / "crashed", **UNEVEN)
     env = pipeline_env(crashed) | {"ALIGNFLOW_CRASH_AT_STEP": "3"}
     assert subprocess.run(stage("grpo"), cwd=crashed, env=env, capture_output=True).returncode == 137
     run_cmd(stage("grpo"), crashed)
@@ -52,7 +65,7 @@ def test_grpo_resumes_bit_for_bit_and_writes_rollouts(tiny_data, tmp_path):
     assert list(ra) == ["round_000000.parquet", "round_000001.parquet"] and ra == rb
 
     rows = ra["round_000001.parquet"]
-    assert len(rows) == 4 * 4  # prompts_per_step x num_generations
+    assert len(rows) == 6 * 4  # prompts_per_step x num_generations
     row = rows[0]
     assert row["round"] == 1 and row["step"] == 2 and len(row["policy_hash"]) == 16
     assert len(row["sampler_logps"]) == len(row["completion_ids"]) == len(row["old_logps"]) == len(row["ref_logps"])
@@ -77,12 +90,11 @@ def test_grpo_resumes_bit_for_bit_and_writes_rollouts(tiny_data, tmp_path):
     assert not (whole / "checkpoints/grpo").exists()  # cleared after success
 
 
-def test_grpo_two_processes_follow_one_process(tiny_data, tmp_path):
-    """torchrun x2 (DDP over gloo): the chunks of a round go to both processes, every process trains on the
-    whole round; the first round is sampled identically and the losses follow the 1-process run."""
-    one = grpo_workdir(tiny_data, tmp_path / "one")
-    two = grpo_workdir(tiny_data, tmp_path / "two")
-    run_cmd(stage("grpo"), one)
+def test_grpo_two_processes_follow_one_process(tiny_data, grpo_whole, tmp_path):
+    """torchrun x2 (DDP over gloo): the chunks of a round go to both processes (2 and 1), every process trains on
+    the whole round; the first round is sampled identically and the losses follow the 1-process run."""
+    one = grpo_whole
+    two = grpo_workdir(tiny_data, tmp_path / "two", **UNEVEN)
     run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
              "-m", "components.grpo", "--params", "params.yaml"], two)
     first_one, first_two = rollouts(one)["round_000000.parquet"], rollouts(two)["round_000000.parquet"]
@@ -108,14 +120,12 @@ def test_grpo_disabled_writes_placeholders_that_evaluate_skips(tiny_data, tmp_pa
     assert not (root / "models/grpo/config.json").exists()  # what evaluate checks before loading a policy
 
 
-def test_grpo_under_fsdp_follows_one_process(tiny_data, tmp_path):
+def test_grpo_under_fsdp_follows_one_process(tiny_data, grpo_whole, tmp_path):
     """FSDP2 (torchrun x2, gloo), beta > 0 (a sharded reference) and 3 generation chunks a round: the process
     short of a chunk samples a padding chunk in step (synced_gpus), the round is the 1-process round, the losses
     follow it, and a crash + resume goes through the sharded checkpoint."""
-    overrides = {"grpo__prompts_per_step": 6, "grpo__generation_batch_size": 2}
-    one = grpo_workdir(tiny_data, tmp_path / "one", **overrides)
-    two = grpo_workdir(tiny_data, tmp_path / "two", **overrides)
-    run_cmd(stage("grpo"), one)
+    one = grpo_whole
+    two = grpo_workdir(tiny_data, tmp_path / "two", **UNEVEN)
     env = pipeline_env(two) | {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
                 "-m", "components.grpo", "--params", "params.yaml"]

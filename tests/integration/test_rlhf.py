@@ -96,11 +96,18 @@ def _with_rm(with_reward_model: Path, tiny_data: Path, dst: Path, **overrides) -
     return root
 
 
-def test_ppo_resumes_bit_for_bit_and_writes_rollouts(with_reward_model, tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def ppo_whole(with_reward_model, tiny_data, tmp_path_factory) -> Path:
+    """An uninterrupted 1-process ppo run (4 rounds) on the shared reward model. Read-only."""
+    root = _with_rm(with_reward_model, tiny_data, tmp_path_factory.mktemp("ppo") / "whole")
+    run_cmd(ppo_cmd("ppo"), root)
+    return root
+
+
+def test_ppo_resumes_bit_for_bit_and_writes_rollouts(with_reward_model, ppo_whole, tiny_data, tmp_path):
     """4 rounds, checkpoints every 2: uninterrupted == crash in round 3 + resume from round 2 (weights, rollouts)."""
-    whole = _with_rm(with_reward_model, tiny_data, tmp_path / "whole")
+    whole = ppo_whole
     crashed = _with_rm(with_reward_model, tiny_data, tmp_path / "crashed")
-    run_cmd(ppo_cmd("ppo"), whole)
     env = pipeline_env(crashed) | {"ALIGNFLOW_CRASH_AT_STEP": "3"}
     assert subprocess.run(ppo_cmd("ppo"), cwd=crashed, env=env, capture_output=True).returncode == 137
     run_cmd(ppo_cmd("ppo"), crashed)
@@ -150,22 +157,26 @@ def test_rloo_two_processes_follow_one_process(with_reward_model, tiny_data, tmp
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
 
 
-def test_ppo_two_processes_follow_one_process(with_reward_model, tiny_data, tmp_path):
+def test_ppo_two_processes_follow_one_process(with_reward_model, ppo_whole, tiny_data, tmp_path):
     """ppo over DDP: policy and value model as one module, micro-batches of 3 over 2 minibatches of 2."""
-    one = _with_rm(with_reward_model, tiny_data, tmp_path / "one")
+    one = ppo_whole
     two = _with_rm(with_reward_model, tiny_data, tmp_path / "two")
-    run_cmd(ppo_cmd("ppo") + ["--max-steps", "2"], one)
-    run_cmd(torchrun(29545, "components.ppo", "--max-steps", "2"), two)
+    run_cmd(torchrun(29545, "components.ppo"), two)
     for name in ("loss/policy_avg", "loss/value_avg", "objective/scores", "objective/kl"):
         a, b = column(one / "plots/ppo.csv", name), column(two / "plots/ppo.csv", name)
-        assert len(a) == len(b) == 2, name
+        assert len(a) == len(b) == 4, name
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
 
 
-def test_ppo_needs_a_reward_model_or_reward_functions(tiny_data, tmp_path):
+def test_ppo_needs_a_reward_model_or_reward_functions(tiny_data, tmp_path, monkeypatch):
+    from components import rloo
+    from components.core.config import Runtime, load_params
+
     root = rlhf_workdir(tiny_data, tmp_path / "no_rm")
-    proc = subprocess.run(ppo_cmd("rloo"), cwd=root, env=pipeline_env(root), capture_output=True, text=True)
-    assert proc.returncode != 0 and "no reward model" in proc.stderr and "ppo.reward: functions" in proc.stderr
+    p = load_params(root / "params.yaml")
+    monkeypatch.chdir(root)  # in-process: the refusal comes before any model is loaded, a launch would cost more
+    with pytest.raises(ValueError, match=r"no reward model.*ppo\.reward: functions"):
+        rloo.run(p.ppo.for_mode("rloo"), runtime=Runtime.of(p), track=False)
     fn = rlhf_workdir(tiny_data, tmp_path / "functions", ppo__reward="functions", ppo__max_steps=1)
     run_cmd(ppo_cmd("rloo"), fn)  # the verifiable reward alone: rloo needs no reward model
     [row] = rollouts(fn, "rloo").values()

@@ -67,35 +67,65 @@ def stage(name: str) -> list[str]:
     return [sys.executable, "-m", f"components.{name}", "--params", "params.yaml"]
 
 
-def test_sft_resumes_after_crash_with_identical_weights(tiny_data, tmp_path):
-    whole = workdir(tiny_data, tmp_path / "whole")
-    crashed = workdir(tiny_data, tmp_path / "crashed")
-    run_cmd(stage("sft"), whole)
+def section(root: Path, name: str) -> dict:
+    return yaml.safe_load((root / "params.yaml").read_text())[name]
 
-    env = pipeline_env(crashed)
-    env["ALIGNFLOW_CRASH_AT_STEP"] = "8"  # save_every=3: checkpoints at 3 and 6, hard exit at 8
-    proc = subprocess.run(stage("sft"), cwd=crashed, env=env, capture_output=True, text=True)
-    assert proc.returncode == 137, proc.stderr[-2000:]
+
+# ----------------------------------------------------------------------------- shared runs
+# A stage launch costs seconds of imports and setup, the tiny training itself little: runs that several tests
+# only read are made once per module. A test that writes (resumes, corrupts, changes params) works on a copy.
+
+
+@pytest.fixture(scope="module")
+def sft_whole(tiny_data, tmp_path_factory) -> Path:
+    """An uninterrupted sft run on the tiny params (10 steps, batch 8). Read-only."""
+    root = workdir(tiny_data, tmp_path_factory.mktemp("sft") / "whole")
+    run_cmd(stage("sft"), root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sft_crashed(tiny_data, tmp_path_factory) -> Path:
+    """The same sft run killed at its last step (10) with checkpoints at 3, 6 and 9 (keep_checkpoints is
+    cadence, not identity: this run resumes to the weights of `sft_whole`). Read-only: copy it."""
+    root = workdir(tiny_data, tmp_path_factory.mktemp("sft") / "crashed", sft__keep_checkpoints=3)
+    crash_at(root, 10)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dpo_whole(tiny_data, tmp_path_factory) -> Path:
+    """reference + an uninterrupted dpo run on the tiny params (sigmoid, batch 4 x 2 accumulation, 8 steps), the
+    base standing in for an SFT model. Read-only."""
+    root = workdir(tiny_data, tmp_path_factory.mktemp("dpo") / "whole")
+    shutil.copytree(root / "models/base", root / "models/sft")
+    run_cmd(stage("reference"), root)
+    run_cmd(stage("dpo"), root)
+    return root
+
+
+def test_sft_resumes_after_crash_with_identical_weights(sft_whole, sft_crashed, tmp_path):
+    whole = sft_whole
+    crashed = shutil.copytree(sft_crashed, tmp_path / "crashed")  # save_every=3: checkpoints at 3, 6, 9; exit at 10
     [run_dir] = (crashed / "checkpoints/sft").iterdir()  # one directory per run identity
-    assert (run_dir / "step_0000006/alignflow_state.json").exists()
+    assert (run_dir / "step_0000009/alignflow_state.json").exists()
     assert not (crashed / "models/sft").exists()
 
     set_params(crashed, sft__eval_every=2, sft__log_every=2)  # cadence is not identity: still resumes
     resumed = run_cmd(stage("sft"), crashed, env=pipeline_env(crashed) | {"ALIGNFLOW_LOG_LEVEL": "INFO"})
-    assert f"resuming from checkpoints/sft/{run_dir.name}/step_0000006" in resumed.stderr
+    assert f"resuming from checkpoints/sft/{run_dir.name}/step_0000009" in resumed.stderr
     a, b = weights(whole / "models/sft"), weights(crashed / "models/sft")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert column(whole / "plots/sft.csv", "train/loss")[:6] == column(crashed / "plots/sft.csv", "train/loss")[:6]
+    assert column(whole / "plots/sft.csv", "train/loss")[:9] == column(crashed / "plots/sft.csv", "train/loss")[:9]
     assert not (crashed / "checkpoints/sft").exists()  # cleaned after success
 
 
-def test_sft_packing_follows_one_row_per_example(tiny_data, tmp_path):
+def test_sft_packing_follows_one_row_per_example(tiny_data, sft_whole, tmp_path):
     """sft.packing: the same token-mean loss and updates with examples packed into rows of data.max_length."""
-    rows = workdir(tiny_data, tmp_path / "rows", sft__max_steps=4, sft__eval_every=2)
-    packed = workdir(tiny_data, tmp_path / "packed", sft__max_steps=4, sft__eval_every=2, sft__packing=True)
-    run_cmd(stage("sft"), rows)
+    rows = sft_whole
+    packed = workdir(tiny_data, tmp_path / "packed", sft__packing=True)
     run_cmd(stage("sft"), packed)
     for name in ("train/loss", "eval/loss"):
         a, b = column(rows / "plots/sft.csv", name), column(packed / "plots/sft.csv", name)
@@ -106,11 +136,11 @@ def test_sft_packing_follows_one_row_per_example(tiny_data, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
 
 
-def test_sft_two_processes_follow_one_process_loss(tiny_data, tmp_path):
+def test_sft_two_processes_follow_one_process_loss(tiny_data, sft_whole, tmp_path):
     """torchrun x2 (gloo) at per-device batch 4 == one process at batch 8: same global batches."""
-    one = workdir(tiny_data, tmp_path / "one", sft__batch_size=8)
+    one = sft_whole
+    assert section(one, "sft")["batch_size"] == 8
     two = workdir(tiny_data, tmp_path / "two", sft__batch_size=4)
-    run_cmd(stage("sft"), one)
     run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
              "-m", "components.sft", "--params", "params.yaml"], two)
     assert (two / "metrics/sft.json").read_text().count('"world_size": 2') == 1
@@ -165,13 +195,12 @@ def test_sft_with_lora_saves_a_merged_plain_model(tiny_data, tmp_path, monkeypat
     assert torch.equal(base["model.layers.0.mlp.up_proj.weight"], changed["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_reference_then_dpo_resume_exactly(tiny_data, tmp_path):
+def test_reference_then_dpo_resume_exactly(tiny_data, dpo_whole, tmp_path):
     """The reference artifact is deterministic, and DPO resumes to identical weights after a crash."""
-    whole = workdir(tiny_data, tmp_path / "whole")
+    whole = dpo_whole
     crashed = workdir(tiny_data, tmp_path / "crashed")
-    for root in (whole, crashed):
-        shutil.copytree(root / "models/base", root / "models/sft")  # the base stands in for an SFT model
-        run_cmd(stage("reference"), root)
+    shutil.copytree(crashed / "models/base", crashed / "models/sft")  # the base stands in for an SFT model
+    run_cmd(stage("reference"), crashed)
     for split in ("train", "eval"):
         a = torch.load(whole / f"artifacts/ref_logps/{split}.pt", weights_only=True)
         b = torch.load(crashed / f"artifacts/ref_logps/{split}.pt", weights_only=True)
@@ -179,7 +208,6 @@ def test_reference_then_dpo_resume_exactly(tiny_data, tmp_path):
         assert torch.equal(a["chosen_logps"], b["chosen_logps"])
         assert (a["chosen_tokens"] > 0).all()
 
-    run_cmd(stage("dpo"), whole)
     env = pipeline_env(crashed) | {"ALIGNFLOW_CRASH_AT_STEP": "5"}  # checkpoint at 3, crash at 5
     assert subprocess.run(stage("dpo"), cwd=crashed, env=env, capture_output=True).returncode == 137
     run_cmd(stage("dpo"), crashed)
@@ -191,16 +219,18 @@ def test_reference_then_dpo_resume_exactly(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("loss, port", [("sigmoid", 29518), ("kto", 29519)])
-def test_dpo_two_processes_follow_one_process(tiny_data, tmp_path, loss, port):
+def test_dpo_two_processes_follow_one_process(tiny_data, dpo_whole, tmp_path, loss, port):
     """DPO under torchrun x2 (DDP, shared-prompt rows) follows the 1-process run at the same global batch.
     For KTO that includes its reference point z0, estimated over the whole step on every process."""
-    one = workdir(tiny_data, tmp_path / "one", dpo__batch_size=4, dpo__loss=loss)
+    assert section(dpo_whole, "dpo")["batch_size"] == 4
+    shared = section(dpo_whole, "dpo")["loss"] == loss  # dpo_whole is this 1-process run
+    one = dpo_whole if shared else workdir(tiny_data, tmp_path / "one", dpo__loss=loss)
     two = workdir(tiny_data, tmp_path / "two", dpo__batch_size=2, dpo__loss=loss)
-    shutil.copytree(one / "models/base", one / "models/sft")
-    run_cmd(stage("reference"), one)
-    shutil.copytree(one / "models/sft", two / "models/sft")
-    shutil.copytree(one / "artifacts", two / "artifacts")
-    run_cmd(stage("dpo"), one)
+    for root in (two,) if shared else (one, two):  # the reference never depends on the loss: dpo_whole's
+        for rel in ("models/sft", "artifacts/ref_logps"):
+            shutil.copytree(dpo_whole / rel, root / rel)
+    if not shared:
+        run_cmd(stage("dpo"), one)
     run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
              "-m", "components.dpo", "--params", "params.yaml"], two)
     for name in ("loss", "rewards/margins", "eval/loss"):
@@ -209,14 +239,13 @@ def test_dpo_two_processes_follow_one_process(tiny_data, tmp_path, loss, port):
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
 
 
-def test_crash_change_params_crash_then_resume_never_mixes_runs(tiny_data, tmp_path):
+def test_crash_change_params_crash_then_resume_never_mixes_runs(tiny_data, sft_crashed, tmp_path):
     """Run A crashes; the user changes a param (run B) and B crashes too. B's checkpoints live in B's own
     directory, A's are purged only once B has a complete one, and B resumes to the weights of an
     uninterrupted B: a checkpoint is never resumed under another run's identity."""
     whole_b = workdir(tiny_data, tmp_path / "whole_b", sft__learning_rate=1.0e-3)
     run_cmd(stage("sft"), whole_b)
-    root = workdir(tiny_data, tmp_path / "root")
-    crash_at(root, 4)  # A: checkpoint at step 3
+    root = shutil.copytree(sft_crashed, tmp_path / "root")  # A: checkpoints at 3, 6 and 9
     [run_a] = (root / "checkpoints/sft").iterdir()
     set_params(root, sft__learning_rate=1.0e-3)  # B
     crash_at(root, 7)  # B: checkpoints at 3 and 6
@@ -228,19 +257,20 @@ def test_crash_change_params_crash_then_resume_never_mixes_runs(tiny_data, tmp_p
     assert_same_weights(whole_b / "models/sft", root / "models/sft")
 
 
-def test_corrupt_checkpoints_are_skipped_for_the_next_older_one(tiny_data, tmp_path):
-    whole = workdir(tiny_data, tmp_path / "whole")
-    run_cmd(stage("sft"), whole)
-    for broken in ("alignflow_state.json", "model.safetensors"):
-        root = workdir(tiny_data, tmp_path / broken)
-        crash_at(root, 8)  # checkpoints at 3 and 6
-        [step6] = (root / "checkpoints/sft").glob("*/step_0000006")
-        path = step6 / broken
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by a full disk
-        resumed = run_cmd(stage("sft"), root, env=pipeline_env(root) | {"ALIGNFLOW_LOG_LEVEL": "INFO"})
-        assert f"skipping checkpoint {step6.relative_to(root)}" in resumed.stderr
-        assert "/step_0000003 (step 3 of 10)" in resumed.stderr
-        assert_same_weights(whole / "models/sft", root / "models/sft")
+def test_corrupt_checkpoints_are_skipped_for_the_next_older_one(sft_whole, sft_crashed, tmp_path):
+    """Step 9's state file and step 6's weights are truncated (as by a full disk): both are skipped, in one resume."""
+    root = shutil.copytree(sft_crashed, tmp_path / "corrupt")  # checkpoints at 3, 6 and 9
+    broken = []
+    for path in (*root.glob("checkpoints/sft/*/step_0000009/alignflow_state.json"),
+                 *root.glob("checkpoints/sft/*/step_0000006/model.safetensors")):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        broken.append(path.parent.relative_to(root))
+    assert len(broken) == 2
+    resumed = run_cmd(stage("sft"), root, env=pipeline_env(root) | {"ALIGNFLOW_LOG_LEVEL": "INFO"})
+    for ckpt in broken:
+        assert f"skipping checkpoint {ckpt}" in resumed.stderr
+    assert "/step_0000003 (step 3 of 10)" in resumed.stderr
+    assert_same_weights(sft_whole / "models/sft", root / "models/sft")
 
 
 def test_divergence_without_nan_stops_before_the_update(tiny_data, tmp_path, monkeypatch):
@@ -300,36 +330,33 @@ def test_dpo_refuses_a_reference_computed_on_other_tokens(tiny_data, tmp_path):
     assert not (root / "models/dpo").exists()
 
 
-def test_reference_scores_only_the_pairs_the_dpo_plan_visits(tiny_data, tmp_path):
+def test_reference_scores_only_the_pairs_the_dpo_plan_visits(dpo_whole, tmp_path):
     """reference.pairs: planned (default): a dpo run shorter than an epoch (8 steps x 8 pairs of 133) pays the
-    reference pass for its own pairs and the eval pairs only; a longer run it was not planned for is refused."""
-    root = workdir(tiny_data, tmp_path / "planned")
-    shutil.copytree(root / "models/base", root / "models/sft")
-    run_cmd(stage("reference"), root)
+    reference pass for its own pairs and the eval pairs only (and dpo_whole trained on it); a longer run it was not
+    planned for is refused."""
+    root = shutil.copytree(dpo_whole, tmp_path / "planned")
+    assert (root / "models/dpo/model.safetensors").exists()
     scored = torch.load(root / "artifacts/ref_logps/train.pt")["ids"]
     meta = json.loads((root / "artifacts/ref_logps/meta.json").read_text())
     assert meta["scored"] == "planned" and len(scored) == meta["train/pairs"] < meta["train/pairs_in_data"]
     assert len(scored) <= 8 * 4 * 2
-    run_cmd(stage("dpo"), root)
     set_params(root, dpo__max_steps=30)
     proc = subprocess.run(stage("dpo"), cwd=root, env=pipeline_env(root), capture_output=True, text=True)
     assert proc.returncode == 2 and "pairs this run visits" in proc.stderr and "dvc repro reference" in proc.stderr
 
 
-def test_fsdp_two_processes_follow_one_process_with_uneven_batches(tiny_data, tmp_path):
-    """reference + dpo under FSDP2 (torchrun x2, gloo): 9 reference batches and 3 eval batches go to 2 processes
+def test_fsdp_two_processes_follow_one_process_with_uneven_batches(tiny_data, dpo_whole, tmp_path):
+    """reference + dpo under FSDP2 (torchrun x2, gloo): 3 reference batches and 13 eval batches go to 2 processes
     (padding batches keep the per-forward collectives in step), the run crashes at step 5 and resumes from its
-    sharded checkpoint, and the result follows the 1-process run at the same global batch."""
-    one = workdir(tiny_data, tmp_path / "one", dpo__batch_size=18, reference__batch_size=16)
-    two = workdir(tiny_data, tmp_path / "two", dpo__batch_size=9, reference__batch_size=16)
-    for root in (one, two):
-        shutil.copytree(tiny_data / "models/base", root / "models/sft")
-    run_cmd(stage("reference"), one)
-    run_cmd(stage("dpo"), one)
+    sharded checkpoint, and the result follows the 1-process run (dpo_whole) at the same global batch."""
+    one = dpo_whole
+    assert section(one, "dpo")["batch_size"] == 4
+    two = workdir(tiny_data, tmp_path / "two", dpo__batch_size=2, reference__batch_size=24)
+    shutil.copytree(tiny_data / "models/base", two / "models/sft")
     env = pipeline_env(two) | {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
     n_train, n_eval = (len(torch.load(one / f"artifacts/ref_logps/{s}.pt")["ids"]) for s in ("train", "eval"))
-    assert -(-n_train // 16) % 2 == 1 and -(-n_eval // 9) % 2 == 1  # odd batch counts: one process gets padding
+    assert -(-n_train // 24) % 2 == 1 and -(-n_eval // 2) % 2 == 1  # odd batch counts: one process gets padding
     run_cmd(torchrun + ["-m", "components.reference", "--params", "params.yaml"], two, env=env)
     for split in ("train", "eval"):
         a, b = (torch.load(r / f"artifacts/ref_logps/{split}.pt") for r in (one, two))
