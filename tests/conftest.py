@@ -92,6 +92,16 @@ def make_repo_copy(dst: Path, params: Path = TINY_PARAMS) -> Path:
     return dst
 
 
+def torchrun(nproc: int = 2) -> list[str]:
+    """`python -m torch.distributed.run` on a free port: test files run side by side (xdist), so no fixed ports."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+
+
 def run_cmd(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=env or pipeline_env(cwd), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import pipeline_env, run_cmd
+from conftest import pipeline_env, run_cmd, torchrun
 from test_training import column, stage, weights, workdir
 
 pytestmark = pytest.mark.integration
@@ -95,8 +94,7 @@ def test_grpo_two_processes_follow_one_process(tiny_data, grpo_whole, tmp_path):
     the whole round; the first round is sampled identically and the losses follow the 1-process run."""
     one = grpo_whole
     two = grpo_workdir(tiny_data, tmp_path / "two", **UNEVEN)
-    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-             "-m", "components.grpo", "--params", "params.yaml"], two)
+    run_cmd([*torchrun(), "-m", "components.grpo", "--params", "params.yaml"], two)
     first_one, first_two = rollouts(one)["round_000000.parquet"], rollouts(two)["round_000000.parquet"]
     # same samples and rewards; log-probs agree to float rounding (1 x 2 threads vs 2 x 1 thread matmuls)
     floats = ("old_logps", "ref_logps", "sampler_logps")
@@ -127,13 +125,12 @@ def test_grpo_under_fsdp_follows_one_process(tiny_data, grpo_whole, tmp_path):
     one = grpo_whole
     two = grpo_workdir(tiny_data, tmp_path / "two", **UNEVEN)
     env = pipeline_env(two) | {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
-                "-m", "components.grpo", "--params", "params.yaml"]
-    crashed = subprocess.run(torchrun, cwd=two, env=env | {"ALIGNFLOW_CRASH_AT_STEP": "3"}, capture_output=True,
+    launch = [*torchrun(), "-m", "components.grpo", "--params", "params.yaml"]
+    crashed = subprocess.run(launch, cwd=two, env=env | {"ALIGNFLOW_CRASH_AT_STEP": "3"}, capture_output=True,
                              text=True)
     assert crashed.returncode != 0
     assert list((two / "checkpoints/grpo").glob("*/step_0000002/fsdp"))
-    run_cmd(torchrun, two, env=env)
+    run_cmd(launch, two, env=env)
     first_one, first_two = rollouts(one)["round_000000.parquet"], rollouts(two)["round_000000.parquet"]
     assert first_two[0]["policy_hash"].startswith("fsdp2:")
     skip = ("old_logps", "ref_logps", "sampler_logps", "policy_hash")

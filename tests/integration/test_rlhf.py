@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import pipeline_env, run_cmd
+from conftest import pipeline_env, run_cmd, torchrun
 from test_training import column, weights, workdir
 
 pytestmark = pytest.mark.integration
@@ -32,9 +32,8 @@ def ppo_cmd(stage: str) -> list[str]:
     return [sys.executable, "-m", f"components.{stage}", "--params", "params.yaml"]
 
 
-def torchrun(port: int, module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-            "-m", module, "--params", "params.yaml", *args]
+def two_processes(module: str, *args: str) -> list[str]:
+    return [*torchrun(), "-m", module, "--params", "params.yaml", *args]
 
 
 def rollouts(root: Path, stage: str):
@@ -83,7 +82,7 @@ def test_reward_model_is_a_hub_reward_model_and_resumes_bit_for_bit(with_reward_
 
 def test_reward_model_two_processes_follow_one_process(with_reward_model, tiny_data, tmp_path):
     two = rlhf_workdir(tiny_data, tmp_path / "two", reward_model__batch_size=2)  # per device: the same global batch
-    run_cmd(torchrun(29541, "components.reward_model"), two)
+    run_cmd(two_processes("components.reward_model"), two)
     for name in ("loss", "accuracy", "eval/accuracy", "eval/margin"):
         a, b = column(with_reward_model / "plots/reward_model.csv", name), column(two / "plots/reward_model.csv", name)
         assert len(a) == len(b) > 0, name
@@ -141,7 +140,7 @@ def test_rloo_two_processes_follow_one_process(with_reward_model, tiny_data, tmp
     one = _with_rm(with_reward_model, tiny_data, tmp_path / "one", ppo__rloo=rloo)
     two = _with_rm(with_reward_model, tiny_data, tmp_path / "two", ppo__rloo=rloo)
     run_cmd(ppo_cmd("rloo"), one)
-    run_cmd(torchrun(29543, "components.rloo"), two)
+    run_cmd(two_processes("components.rloo"), two)
     first_one, first_two = rollouts(one, "rloo")["round_000000.parquet"], rollouts(two, "rloo")["round_000000.parquet"]
     floats = ("old_logps", "ref_logps", "sampler_logps", "rm_score", "score", "rlhf_reward", "advantage")
     strip = [{k: v for k, v in r.items() if k not in floats} for r in first_one]
@@ -161,7 +160,7 @@ def test_ppo_two_processes_follow_one_process(with_reward_model, ppo_whole, tiny
     """ppo over DDP: policy and value model as one module, micro-batches of 3 over 2 minibatches of 2."""
     one = ppo_whole
     two = _with_rm(with_reward_model, tiny_data, tmp_path / "two")
-    run_cmd(torchrun(29545, "components.ppo"), two)
+    run_cmd(two_processes("components.ppo"), two)
     for name in ("loss/policy_avg", "loss/value_avg", "objective/scores", "objective/kl"):
         a, b = column(one / "plots/ppo.csv", name), column(two / "plots/ppo.csv", name)
         assert len(a) == len(b) == 4, name

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import pipeline_env, run_cmd
+from conftest import pipeline_env, run_cmd, torchrun
 from safetensors.torch import load_file
 
 from components.core.config import SFTConfig
@@ -141,8 +141,7 @@ def test_sft_two_processes_follow_one_process_loss(tiny_data, sft_whole, tmp_pat
     one = sft_whole
     assert section(one, "sft")["batch_size"] == 8
     two = workdir(tiny_data, tmp_path / "two", sft__batch_size=4)
-    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-             "-m", "components.sft", "--params", "params.yaml"], two)
+    run_cmd([*torchrun(), "-m", "components.sft", "--params", "params.yaml"], two)
     assert (two / "metrics/sft.json").read_text().count('"world_size": 2') == 1
     loss_one, loss_two = column(one / "plots/sft.csv", "train/loss"), column(two / "plots/sft.csv", "train/loss")
     assert len(loss_one) == len(loss_two) == 10
@@ -218,8 +217,8 @@ def test_reference_then_dpo_resume_exactly(tiny_data, dpo_whole, tmp_path):
     assert len(rows) == 8 and all(0.0 <= r <= 1.0 for r in rows)
 
 
-@pytest.mark.parametrize("loss, port", [("sigmoid", 29518), ("kto", 29519)])
-def test_dpo_two_processes_follow_one_process(tiny_data, dpo_whole, tmp_path, loss, port):
+@pytest.mark.parametrize("loss", ["sigmoid", "kto"])
+def test_dpo_two_processes_follow_one_process(tiny_data, dpo_whole, tmp_path, loss):
     """DPO under torchrun x2 (DDP, shared-prompt rows) follows the 1-process run at the same global batch.
     For KTO that includes its reference point z0, estimated over the whole step on every process."""
     assert section(dpo_whole, "dpo")["batch_size"] == 4
@@ -231,8 +230,7 @@ def test_dpo_two_processes_follow_one_process(tiny_data, dpo_whole, tmp_path, lo
             shutil.copytree(dpo_whole / rel, root / rel)
     if not shared:
         run_cmd(stage("dpo"), one)
-    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-             "-m", "components.dpo", "--params", "params.yaml"], two)
+    run_cmd([*torchrun(), "-m", "components.dpo", "--params", "params.yaml"], two)
     for name in ("loss", "rewards/margins", "eval/loss"):
         a, b = column(one / "plots/dpo.csv", name), column(two / "plots/dpo.csv", name)
         assert len(a) == len(b) > 0, name
@@ -354,20 +352,20 @@ def test_fsdp_two_processes_follow_one_process_with_uneven_batches(tiny_data, dp
     two = workdir(tiny_data, tmp_path / "two", dpo__batch_size=2, reference__batch_size=24)
     shutil.copytree(tiny_data / "models/base", two / "models/sft")
     env = pipeline_env(two) | {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    launch = torchrun()
     n_train, n_eval = (len(torch.load(one / f"artifacts/ref_logps/{s}.pt")["ids"]) for s in ("train", "eval"))
     assert -(-n_train // 24) % 2 == 1 and -(-n_eval // 2) % 2 == 1  # odd batch counts: one process gets padding
-    run_cmd(torchrun + ["-m", "components.reference", "--params", "params.yaml"], two, env=env)
+    run_cmd(launch + ["-m", "components.reference", "--params", "params.yaml"], two, env=env)
     for split in ("train", "eval"):
         a, b = (torch.load(r / f"artifacts/ref_logps/{split}.pt") for r in (one, two))
         assert a["ids"] == b["ids"] and a["token_hashes"] == b["token_hashes"]
         torch.testing.assert_close(b["chosen_logps"], a["chosen_logps"], rtol=1e-5, atol=1e-5)
-    crashed = subprocess.run(torchrun + ["-m", "components.dpo", "--params", "params.yaml"], cwd=two,
+    crashed = subprocess.run(launch + ["-m", "components.dpo", "--params", "params.yaml"], cwd=two,
                              env=env | {"ALIGNFLOW_CRASH_AT_STEP": "5"}, capture_output=True, text=True)
     assert crashed.returncode != 0
     [ckpt] = (two / "checkpoints/dpo").glob("*/step_0000003")
     assert (ckpt / "fsdp").is_dir()  # model and optimizer shards, one file per process
-    resumed = run_cmd(torchrun + ["-m", "components.dpo", "--params", "params.yaml"], two,
+    resumed = run_cmd(launch + ["-m", "components.dpo", "--params", "params.yaml"], two,
                       env=env | {"ALIGNFLOW_LOG_LEVEL": "INFO"})
     assert "resuming from" in resumed.stderr and "step 3 of 8" in resumed.stderr
     for name in ("loss", "rewards/margins", "eval/loss", "grad_norm"):
