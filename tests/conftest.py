@@ -137,18 +137,38 @@ def tiny_data(tmp_path_factory) -> Path:
 
 # ----------------------------------------------------------------------------- parallel runs (pytest-xdist)
 
-# Heaviest first, so that the two workers of `scripts/test.sh` (-n 2 --dist loadgroup) finish together.
-HEAVY_FIRST = ("pipeline", "test_team.py", "test_training.py", "test_rlhf.py", "test_grpo.py")
+# Heaviest first, so that the two workers of `scripts/test.sh` finish together: xdist hands each worker two
+# scopes at the start (here pipeline + grpo, team + training), then one at a time.
+HEAVY_FIRST = ("pipeline", "test_team.py", "test_grpo.py", "test_training.py", "test_rlhf.py")
+PIPELINE_FILES = ("test_dvc.py", "test_flow.py")  # they share the tiny `dvc repro` (tiny_repo)
+
+
+def scope_of(path: str) -> str:
+    """The unit a worker takes whole: a test file (so its module and session fixtures are built once), with
+    test_dvc.py and test_flow.py as one."""
+    return "pipeline" if path.endswith(PIPELINE_FILES) else path
 
 
 def pytest_collection_modifyitems(config, items):
-    """Each test file is one xdist group, so its module and session fixtures are built once, on one worker;
-    test_dvc.py and test_flow.py form one group because they share the tiny pipeline run (`tiny_repo`).
-    Without xdist the marks do nothing and only the order changes (heaviest files first)."""
-    def group(item) -> str:
-        return "pipeline" if item.path.name in ("test_dvc.py", "test_flow.py") else item.path.name
-
+    """Heaviest scopes first (the order xdist hands them out); without xdist only the order changes."""
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order kept within a group
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: rank.get(scope_of(item.path.name), len(rank)))  # stable: file order kept
+
+
+try:
+    import xdist  # noqa: F401  (a dev dependency; plain pytest runs without it)
+except ImportError:
+    pass
+else:
+    def pytest_xdist_make_scheduler(config, log):
+        """--dist loadscope with scope_of as the scope. (xdist's loadgroup ignores xdist_group marks under
+        pytest 9 here: it split one file's tests over both workers, building its fixtures twice.)"""
+        if config.getvalue("dist") != "loadscope":
+            return None
+        from xdist.scheduler import LoadScopeScheduling
+
+        class FileScopes(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                return scope_of(nodeid.split("::", 1)[0])
+
+        return FileScopes(config, log)
