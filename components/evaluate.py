@@ -16,6 +16,8 @@ The online policies (models/grpo, models/ppo, models/rloo, those that were train
 on the same prompts and seeds: `eval/<name>/...` (reward with CI, exact solves, win rate vs SFT and vs DPO, KL
 to SFT, length ratio). With a reward model (models/reward_model), every policy's samples also get its score,
 `.../rm_score_mean` beside the judge's reward: a policy that raises the first and not the second is hacking it.
+With `evaluate.base`, the model SFT started from (models/base) is measured too (`eval/base/...`), and
+`eval/sft/reward_delta_vs_base` (with its CI) says what SFT did to the reward.
 Writes metrics/eval.json, plots/eval.csv (one row per prompt, for `dvc plots`), reports/eval/
 (index.html with embedded PNGs, the PNGs, samples.jsonl) and one MLflow run.
 
@@ -58,6 +60,7 @@ from components.core.ops.logs import stage_main
 
 log = logging.getLogger("alignflow.evaluate")
 ONLINE = ("grpo", "ppo", "rloo")  # the online policies evaluated beside DPO, when trained (models/<name>)
+BASE = "base"  # models/base, with evaluate.base: the model SFT started from
 CONFIDENCE = 0.95  # of every bootstrap interval in the metrics and the report
 
 
@@ -207,7 +210,7 @@ def summarise(
         "eval/num_prompts": len(scores["dpo"]),
         "eval/num_pairs": len(ref_chosen),
     }
-    for name in ("dpo", *ONLINE):
+    for name in ("dpo", *ONLINE, BASE):
         if name not in scores:
             continue
         prefix = "eval/" if name == "dpo" else f"eval/{name}/"
@@ -221,6 +224,11 @@ def summarise(
                             prefix + "win_rate_vs_dpo_ci_high": high})
         if perplexity and name in perplexity:
             metrics[prefix + "perplexity"] = perplexity[name]
+    if BASE in scores:  # what SFT did: its reward minus the base model's, paired by prompt
+        p = f"eval/{BASE}/"
+        metrics.update({"eval/sft/reward_delta_vs_base": -metrics[p + "reward_delta"],
+                        "eval/sft/reward_delta_vs_base_ci_low": -metrics[p + "reward_delta_ci_high"],
+                        "eval/sft/reward_delta_vs_base_ci_high": -metrics[p + "reward_delta_ci_low"]})
     if rm_scores:
         metrics["eval/sft/rm_score_mean"] = float(np.mean(rm_scores["sft"]))
     if exact_reward:
@@ -367,7 +375,7 @@ def run(
     runtime: Runtime = Runtime(),
     track: bool = True,
 ) -> dict:
-    """Measure `policies` (name -> model dir: `sft`, `dpo`, and the ONLINE ones that were trained; default
+    """Measure `policies` (name -> model dir: `sft`, `dpo`, the ONLINE ones that were trained, and `base`; default
     models/sft and models/dpo) on the held-out data of data_dir with `cfg` (the `evaluate` params section).
 
     beta: dpo.beta, the scale of DPO's implicit reward; reward_model_dir: also score every sample with this reward
@@ -375,9 +383,10 @@ def run(
     calibration, shown in the report.
     """
     policies = policies or {"sft": "models/sft", "dpo": "models/dpo"}
-    unknown = set(policies) - {"sft", "dpo", *ONLINE}
+    unknown = set(policies) - {"sft", "dpo", *ONLINE, BASE}
     if "sft" not in policies or "dpo" not in policies or unknown:
-        raise ValueError(f"policies: needs sft and dpo, and only {', '.join(ONLINE)} beside them; got {sorted(policies)}")
+        raise ValueError(f"policies: needs sft and dpo, and only {', '.join((*ONLINE, BASE))} beside them; "
+                         f"got {sorted(policies)}")
     policies = {"sft": policies["sft"], "dpo": policies["dpo"], **policies}  # sft, dpo, then the online ones
     online = [n for n in policies if n in ONLINE]
     torch.manual_seed(runtime.seed)
@@ -446,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sft", default="models/sft")
     parser.add_argument("--dpo", default="models/dpo")
     parser.add_argument("--models-dir", default="models", help="the online policies: <dir>/grpo, ppo, rloo when trained")
+    parser.add_argument("--base", default="models/base", help="the model SFT started from (with evaluate.base)")
     parser.add_argument("--reward-model", default="models/reward_model", help="also score samples with it ('' = none)")
     parser.add_argument("--data-dir", default="data/prepared")
     parser.add_argument("--reference", default="artifacts/ref_logps/eval.pt")
@@ -457,6 +467,10 @@ def main(argv: list[str] | None = None) -> None:
     p = load_params(args.params)
     online = {n: f"{args.models_dir}/{n}" for n in ONLINE
               if (Path(args.models_dir) / n / "config.json").exists()}  # trained, not disabled placeholders
+    if p.evaluate.base:
+        from components.core.ops.io import resolve_model_path
+
+        online[BASE] = resolve_model_path(args.base)
     trained_rm = args.reward_model and (Path(args.reward_model) / "config.json").exists()
     result = run(p.evaluate, beta=p.dpo.beta, policies={"sft": args.sft, "dpo": args.dpo, **online},
                  reward_model_dir=args.reward_model if trained_rm else None, data_dir=args.data_dir,

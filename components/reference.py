@@ -36,8 +36,10 @@ SPLITS = ("train", "eval")
 
 
 @torch.no_grad()
-def score_pairs(model, accelerator, pairs: list[dict], batch_size: int, pad_id: int, desc: str) -> dict:
-    """Reference log-probs of all pairs, sharded over processes and gathered, in input order."""
+def score_pairs(model, accelerator, pairs: list[dict], batch_size: int, pad_id: int, desc: str,
+                padding_free: bool = False) -> dict:
+    """Reference log-probs of all pairs, sharded over processes and gathered, in input order. padding_free: each
+    batch's pairs end to end without padding (`pair_logps`), the same numbers up to float rounding."""
     from accelerate.utils import gather_object
 
     batches = loop.sorted_batches([pair_length(p) for p in pairs], batch_size)
@@ -47,7 +49,8 @@ def score_pairs(model, accelerator, pairs: list[dict], batch_size: int, pad_id: 
     bar = logs.progress(len(mine), 0, desc, accelerator.is_local_main_process)
     for idx, padding in mine:
         with accelerator.autocast():
-            c, r, ct, rt = pair_logps(model, [pairs[i] for i in idx], pad_id, accelerator.device)
+            c, r, ct, rt = pair_logps(model, [pairs[i] for i in idx], pad_id, accelerator.device,
+                                      padding_free=padding_free)
         if not padding:
             results += zip(idx, c.tolist(), r.tolist(), ct.tolist(), rt.tolist(), strict=True)
         bar.update(1)
@@ -105,7 +108,7 @@ def run(
             summary["train/pairs_in_data"] = len(pairs)
             pairs = [pairs[i] for i in loop.planned_indices(steps)]
         results[split] = score_pairs(model, accelerator, pairs, cfg.batch_size, tokenizer.pad_token_id,
-                                     f"reference {split}")
+                                     f"reference {split}", cfg.padding_free)
         n = len(pairs)
         tokens += sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
         summary[f"{split}/pairs"] = n

@@ -69,7 +69,8 @@ def load_training(cfg: SFTConfig, model_path: str, accelerator, total_steps: int
         log.warning("sft.packing: this model's attention cannot take a custom 4D mask (sliding windows, or not "
                     "sdpa/eager); training one row per example")
         pack = False
-    model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
+    model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay,
+                                             cfg.optimizer_in_backward)
     lr_schedule = loop.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(lr_schedule)  # not prepared: it would step once per process
     return model, optimizer, lr_schedule, pack
@@ -174,11 +175,15 @@ def run(
             tokens_seen += seen
             loss = step_loss[0] / step_loss[1]
             loop.guard_finite(loss, step + 1, ckpt_dir)
-            grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
-            guard.check(step + 1, loss.item(), grad_norm)
-            optimizer.step()
+            if cfg.optimizer_in_backward:  # every parameter was stepped in backward (train/in_backward.py)
+                grad_norm = optimizer.grad_norm()  # summed in the hooks: the norm clipping would measure
+                guard.check(step + 1, loss.item(), grad_norm)
+            else:
+                grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
+                guard.check(step + 1, loss.item(), grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
             faults.maybe_crash(step + 1)
             window += step_loss
             bar.update(1)

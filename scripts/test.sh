@@ -13,4 +13,4 @@ export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DA
 ruff check .
 # two workers, one per core: most of the suite is stage processes starting (imports are single-threaded); each test
 # file runs on one worker (tests/conftest.py: test_dvc + test_flow together), so its fixtures are built once
-pytest -q -n 2 --dist loadscope --no-loadscope-reorder --durations=15 "$@"
+pytest -q -rs -n 2 --dist loadscope --no-loadscope-reorder --durations=15 "$@"

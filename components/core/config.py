@@ -33,6 +33,10 @@ class ComputeConfig(Strict):
 class ModelConfig(Strict):
     name_or_path: str = EMBEDDED
     trust_remote_code: bool = False
+    # a .gguf name_or_path (a file, or package:file.gguf): the dtype its dequantised weights are saved in, and the
+    # file's expected sha256 ("" = not pinned; the stage records the hash either way)
+    gguf_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gguf_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
     hidden_size: int = Field(128, gt=0)
     num_layers: int = Field(4, gt=0)
     num_heads: int = Field(4, gt=0)
@@ -136,10 +140,30 @@ class TrainLoopConfig(Strict):
     lora: LoraConfig = LoraConfig()
 
 
+def _check_in_backward(cfg: TrainLoopConfig, enabled: bool) -> None:
+    """The fused step sees one backward's gradient of one parameter at a time: no accumulation over
+    micro-batches, no global-norm clipping (it needs every gradient before any update); as torchtune's."""
+    if enabled and cfg.grad_accum != 1:
+        raise ValueError(f"optimizer_in_backward needs grad_accum: 1, not {cfg.grad_accum}: each parameter "
+                         "is stepped in the backward of every micro-batch")
+    if enabled and cfg.max_grad_norm != 0:
+        raise ValueError(f"optimizer_in_backward needs max_grad_norm: 0 (no clipping), not "
+                         f"{cfg.max_grad_norm}: clipping to a global norm needs every gradient before any update")
+
+
 class SFTConfig(TrainLoopConfig):
     # several examples per row up to data.max_length, each with its own positions and a block-diagonal mask
     # (padding-free, core/data/packing.py); the loss is the same token mean as without it
     packing: bool = False
+    # step each parameter's AdamW inside backward as soon as its gradient is complete, then drop that gradient
+    # (core/train/in_backward.py): no whole-model gradient buffer, the same update; needs grad_accum 1,
+    # max_grad_norm 0 and one process
+    optimizer_in_backward: bool = False
+
+    @model_validator(mode="after")
+    def _in_backward(self) -> SFTConfig:
+        _check_in_backward(self, self.optimizer_in_backward)
+        return self
 
 
 class ReferenceConfig(Strict):
@@ -147,6 +171,9 @@ class ReferenceConfig(Strict):
     # planned: score the training pairs the dpo run's plan visits (dpo.max_steps/batch_size/grad_accum/epochs,
     # seed) and every eval pair; a run shorter than an epoch pays only for what it uses. all: every pair.
     pairs: Literal["planned", "all"] = "planned"
+    # score the pairs end to end in rows without padding (core/data/pair_packing.py): the same log-probs, less
+    # compute on pairs of mixed lengths; models that cannot take a custom 4D mask score as without it
+    padding_free: bool = False
 
 
 # The preference losses `dpo.loss` accepts; core/algos/losses.py implements each (and imports this list).
@@ -163,6 +190,10 @@ class DPOConfig(TrainLoopConfig):
     kto_desirable_weight: float = Field(1.0, gt=0.0)
     kto_undesirable_weight: float = Field(1.0, gt=0.0)
     rpo_alpha: float = Field(0.0, ge=0.0)
+    optimizer_in_backward: bool = False  # as sft's
+    # the micro-batch's pairs end to end in rows without padding, each with its own positions and a block mask
+    # (core/data/pair_packing.py): the same log-probs and gradients, less compute on pairs of mixed lengths
+    padding_free: bool = False
 
     @model_validator(mode="after")
     def _per_loss(self) -> DPOConfig:
@@ -173,6 +204,11 @@ class DPOConfig(TrainLoopConfig):
             )
         if self.loss in ("cdpo", "robust") and self.label_smoothing == 0:
             raise ValueError(f"loss {self.loss!r} needs label_smoothing > 0 (with 0 it is plain sigmoid DPO)")
+        return self
+
+    @model_validator(mode="after")
+    def _in_backward(self) -> DPOConfig:
+        _check_in_backward(self, self.optimizer_in_backward)
         return self
 
 
@@ -317,6 +353,7 @@ class EvaluateConfig(Strict):
     judge_path: str = ""
     bootstrap_samples: int = Field(1000, ge=100)
     num_samples_in_report: int = Field(12, ge=0)
+    base: bool = False  # also measure models/base: what SFT did to the reward, with a CI
 
     @model_validator(mode="after")
     def _judge_path(self) -> EvaluateConfig:
@@ -361,6 +398,16 @@ class Params(Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     # "register" would shadow a pydantic attribute; the params file still says `register:`.
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")
+
+    @model_validator(mode="after")
+    def _in_backward_one_process(self) -> Params:
+        launch = self.compute.accelerate_config
+        for name in ("sft", "dpo"):
+            if getattr(self, name).optimizer_in_backward and launch in ("multi_gpu", "fsdp"):
+                raise ValueError(f"{name}.optimizer_in_backward needs one process, not "
+                                 f"compute.accelerate_config: {launch} (each parameter would be stepped on "
+                                 "its local gradient, before DDP / FSDP reduce it over processes)")
+        return self
 
 
 class Runtime(Strict):

@@ -122,6 +122,25 @@ def test_sft_resumes_after_crash_with_identical_weights(sft_whole, sft_crashed, 
     assert not (crashed / "checkpoints/sft").exists()  # cleaned after success
 
 
+def test_sft_optimizer_in_backward_resumes_exactly(tiny_data, tmp_path):
+    """sft.optimizer_in_backward: every per-parameter optimizer state and the schedule are in the checkpoints,
+    so a run killed at step 8 resumes (from step 6) to the weights of an uninterrupted run; the gradient norm
+    summed in the hooks is logged."""
+    fused = {"sft__optimizer_in_backward": True, "sft__max_grad_norm": 0.0, "sft__eval_every": 10}
+    whole = workdir(tiny_data, tmp_path / "whole", **fused)
+    run_cmd(stage("sft"), whole)
+    crashed = workdir(tiny_data, tmp_path / "crashed", **fused)
+    crash_at(crashed, 8)
+    [ckpt] = crashed.glob("checkpoints/sft/*/step_0000006")
+    assert (ckpt / "custom_checkpoint_0.pkl").exists() and not (ckpt / "optimizer.bin").exists()
+    resumed = run_cmd(stage("sft"), crashed, env=pipeline_env(crashed) | {"ALIGNFLOW_LOG_LEVEL": "INFO"})
+    assert f"resuming from {ckpt.relative_to(crashed)}" in resumed.stderr and "skipping" not in resumed.stderr
+    assert_same_weights(whole / "models/sft", crashed / "models/sft")
+    norms = column(whole / "plots/sft.csv", "grad_norm")
+    assert len(norms) == 10 and all(0 < n < float("inf") for n in norms)
+    assert column(crashed / "plots/sft.csv", "grad_norm") == norms
+
+
 def test_sft_packing_follows_one_row_per_example(tiny_data, sft_whole, tmp_path):
     """sft.packing: the same token-mean loss and updates with examples packed into rows of data.max_length."""
     rows = sft_whole
@@ -215,6 +234,29 @@ def test_reference_then_dpo_resume_exactly(tiny_data, dpo_whole, tmp_path):
         assert torch.equal(a[key], b[key]), key
     rows = column(whole / "plots/dpo.csv", "rewards/accuracies")
     assert len(rows) == 8 and all(0.0 <= r <= 1.0 for r in rows)
+
+
+def test_padding_free_reference_and_dpo_follow_padded_rows(tiny_data, dpo_whole, tmp_path):
+    """reference.padding_free + dpo.padding_free: pairs end to end without padding score the reference log-probs
+    of the padded rows, and dpo trains to the same losses and weights (dpo_whole: the padded run)."""
+    padded = dpo_whole
+    free = workdir(tiny_data, tmp_path / "free", reference__padding_free=True, dpo__padding_free=True)
+    shutil.copytree(free / "models/base", free / "models/sft")
+    run_cmd(stage("reference"), free)
+    for split in ("train", "eval"):
+        a, b = (torch.load(root / f"artifacts/ref_logps/{split}.pt") for root in (padded, free))
+        assert a["ids"] == b["ids"] and a["token_hashes"] == b["token_hashes"]
+        assert torch.equal(a["chosen_tokens"], b["chosen_tokens"]) and torch.equal(a["rejected_tokens"], b["rejected_tokens"])
+        for key in ("chosen_logps", "rejected_logps"):
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
+    run_cmd(stage("dpo"), free)
+    for name in ("loss", "eval/loss", "logps/chosen"):
+        a, b = column(padded / "plots/dpo.csv", name), column(free / "plots/dpo.csv", name)
+        assert len(a) == len(b) > 0, name
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-4)
+    wa, wb = weights(padded / "models/dpo"), weights(free / "models/dpo")
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "kto"])

@@ -44,6 +44,12 @@ def _write(tmp_path, mutate) -> Path:
         (lambda r: r["ppo"].update(adaptive_kl=True, kl_coef=0.0), r"start it above 0"),
         (lambda r: r["ppo"]["rloo"].update(num_ppo_epochz=1), r"rloo: .*num_ppo_epochz"),
         (lambda r: r["ppo"].update(reward="functions", rewards=[]), r"at least one entry in rewards"),
+        (lambda r: r["sft"].update(optimizer_in_backward=True), r"sft: .*optimizer_in_backward needs max_grad_norm: 0"),
+        (lambda r: r["dpo"].update(optimizer_in_backward=True, max_grad_norm=0, grad_accum=2),
+         r"dpo: .*optimizer_in_backward needs grad_accum: 1, not 2"),
+        (lambda r: (r["sft"].update(optimizer_in_backward=True, max_grad_norm=0),
+                    r["compute"].update(accelerate_config="fsdp")),
+         r"sft\.optimizer_in_backward needs one process, not compute\.accelerate_config: fsdp"),
     ],
 )
 def test_bad_params_fail_naming_the_key(tmp_path, mutate, expected):
@@ -58,3 +64,32 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("sft: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
+
+
+def _dvc_param_keys() -> set[str]:
+    """Every params.yaml key dvc.yaml names (stage `params:` lists and `${...}` interpolations)."""
+    import re
+
+    text = (REPO / "dvc.yaml").read_text()
+    keys = set(re.findall(r"\$\{([a-z_][\w.]*)\}", text)) - {"key"}
+    for stage in yaml.safe_load(text)["stages"].values():
+        keys |= {k for k in stage.get("params", []) if isinstance(k, str)}
+    return {k for k in keys if not k.startswith("item.")}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_params_file_has_what_dvc_reads(path):
+    """`cp configs/params/X.yaml params.yaml && dvc repro` must not stop at a key dvc.yaml reads from the file
+    itself (DVC reads params.yaml, not the validated config with its defaults)."""
+    raw = yaml.safe_load(path.read_text())
+
+    def present(key: str) -> bool:
+        node = raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    missing = sorted(k for k in _dvc_param_keys() if not present(k))
+    assert not missing, f"{path.name} lacks {missing}"

@@ -66,6 +66,29 @@ def test_summarise_reports_grpo_beside_dpo_by_hand():
     assert m["eval/grpo/win_rate_vs_dpo_ci_low"] <= 0.5 <= m["eval/grpo/win_rate_vs_dpo_ci_high"]
 
 
+def test_summarise_reports_what_sft_did_to_the_base_model_by_hand():
+    m = summarise_example(
+        scores={"sft": [0.5, 1.0, 0.0], "dpo": [1.0, 1.0, 0.5], "base": [0.0, 0.5, 0.0]},
+        lengths={"sft": [2, 4, 6], "dpo": [3, 3, 6], "base": [8, 8, 8]},
+        logps={"sft": (torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])),
+               "dpo": (torch.tensor([-0.5, -1.0]), torch.tensor([-4.0, -3.0])),
+               "base": (torch.tensor([-3.0, -3.0]), torch.tensor([-2.0, -2.0]))},
+        kl_terms={"dpo": torch.tensor([0.2, 0.4, 0.0]), "base": torch.tensor([1.0, 1.0, 1.0])},
+    )
+    expected = {
+        "eval/base/reward_mean": 0.5 / 3, "eval/base/reward_delta": -1 / 3,  # base minus SFT: -0.5, -0.5, 0
+        "eval/sft/reward_delta_vs_base": 1 / 3,  # what SFT did: the same, the other way round
+        "eval/base/win_rate_vs_sft": 0.5 / 3,  # loss, loss, tie
+        "eval/base/length_ratio": 2.0, "eval/base/logp_accuracy": 0.0,
+        "eval/reward_mean": 2.5 / 3,  # DPO's keys unchanged
+    }
+    assert {k: m[k] for k in expected} == pytest.approx(expected)
+    # the CI flips with the sign: SFT's gain over base is the base's loss against SFT
+    assert m["eval/sft/reward_delta_vs_base_ci_low"] == pytest.approx(-m["eval/base/reward_delta_ci_high"])
+    assert m["eval/sft/reward_delta_vs_base_ci_high"] == pytest.approx(-m["eval/base/reward_delta_ci_low"])
+    assert m["eval/sft/reward_delta_vs_base_ci_low"] <= 1 / 3 <= m["eval/sft/reward_delta_vs_base_ci_high"]
+
+
 def test_summarise_reports_ppo_with_the_reward_models_score_beside_the_judges():
     """The reward-hacking view: every policy's mean reward-model score next to its judge reward."""
     m = summarise_example(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-PALETTE = {"sft": "#8c96a8", "dpo": "#3b6fd9", "grpo": "#e08a2c", "ppo": "#8e5bd0", "rloo": "#c2477f",
+PALETTE = {"base": "#4a4f5c", "sft": "#8c96a8", "dpo": "#3b6fd9", "grpo": "#e08a2c", "ppo": "#8e5bd0", "rloo": "#c2477f",
            "win": "#2e9e6b", "tie": "#c9cdd6", "loss": "#d9534f"}
 ONLINE = ("grpo", "ppo", "rloo")
 

@@ -38,7 +38,7 @@ def methods_table(m: dict) -> str:
             f'{cell("eval/sft/reward_eq_1", "{:.1%}")}<td class="num">–</td><td class="num">–</td>'
             f'<td class="num">0</td>{cell("eval/sft/length_mean", "{:.1f}")}'
             + (cell("eval/sft/rm_score_mean") if rm else "") + "</tr>"]
-    for name in ("dpo", *ONLINE):
+    for name in ("base", "dpo", *ONLINE):
         p = "eval/" if name == "dpo" else f"eval/{name}/"
         if p + "reward_mean" not in m:
             continue
@@ -145,7 +145,7 @@ def render_html(metrics: dict, samples: list[dict], images: dict[str, bytes], se
     )
 
     rows = []
-    online = [n for n in ONLINE if samples and f"{n}_response" in samples[0]]
+    online = [n for n in (*ONLINE, "base") if samples and f"{n}_response" in samples[0]]
     for s in samples:
         outcome = {1.0: ("win", "DPO"), 0.5: ("tie", "tie"), 0.0: ("loss", "SFT")}[s["win"]]
         grpo_cells = "".join(f'<td class="text">{esc(s[n + "_response"])}</td><td class="num">{s[n + "_score"]:.3f}</td>'

@@ -1,8 +1,8 @@
 """Log-probs of responses under a model: the one scoring path of every stage.
 
 reference and dpo score preference pairs with `pair_logps` (one shared-prompt row per pair where the
-model allows it), sft and evaluate take token NLLs with `batch_nll`, evaluate scores its own samples with
-`response_logps`. Every function returns per-sequence sums and token counts, so callers normalise as their
+model allows it, or padding-free rows of pairs end to end), sft and evaluate take token NLLs with `batch_nll`,
+evaluate scores its own samples with `response_logps`. Every function returns per-sequence sums and token counts, so callers normalise as their
 objective needs. Inputs are the token lists of `core/data/tokens.py`.
 
 Memory: the model runs with `logits_to_keep=1` and its final hidden states are taken from the decoder;
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from components.core.data.pair_packing import collate_packed_pairs
 from components.core.data.tokens import (
     IGNORE_INDEX,
     collate_groups,
@@ -166,17 +167,42 @@ def _shared_prompt_logps(model, pairs: list[dict], pad_id: int, device):
     return ((token_logps * chosen).sum(-1), (token_logps * rejected).sum(-1), chosen.sum(-1), rejected.sum(-1))
 
 
-def pair_logps(model, pairs: list[dict], pad_id: int, device, share_prompt: bool | None = None):
+def _packed_pair_logps(model, pairs: list[dict], pad_id: int, device, max_tokens: int | None):
+    """`_shared_prompt_logps` on the padding-free layout (`core/data/pair_packing.py`): the same slots, read
+    from the hidden states of all rows flattened, so the per-pair sums are the padded ones up to rounding."""
+    batch = collate_packed_pairs(pairs, pad_id, max_tokens)
+    inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
+              "attention_mask": attention_mask_for(model, batch.attention_mask.to(device))}
+    targets, source, segment = batch.targets.to(device), batch.source.to(device), batch.segment.to(device)
+    chosen, rejected = segment == 1, segment == 2
+    if hidden_path_supported(model):
+        hidden = final_hidden(model, **inputs)  # (R, T, H)
+        flat = hidden.reshape(1, -1, hidden.shape[-1]).expand(len(pairs), -1, -1)  # a view: (B, R * T, H)
+        token_logps, _ = slot_logps(model, flat, source, targets, chosen | rejected)
+    else:
+        logits = model(**inputs).logits  # (R, T, V): this path has no logits_to_keep to narrow it
+        picked = logits.reshape(-1, logits.shape[-1])[source].float()  # (B, K, V)
+        token_logps = (picked.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
+                       - torch.logsumexp(picked, dim=-1))  # (B, K)
+    return ((token_logps * chosen).sum(-1), (token_logps * rejected).sum(-1), chosen.sum(-1), rejected.sum(-1))
+
+
+def pair_logps(model, pairs: list[dict], pad_id: int, device, share_prompt: bool | None = None,
+               padding_free: bool = False, max_tokens: int | None = None):
     """Summed response log-probs and token counts of chosen and rejected, in one forward pass.
 
     Returns (chosen_logps (B,), rejected_logps (B,), chosen_tokens (B,), rejected_tokens (B,)).
     With `share_prompt` (default: when the model supports it) each pair is one row whose prompt is
     computed once and the LM head runs on response positions only; otherwise chosen and rejected are
-    stacked as 2B padded rows (DPO reference implementation's `concatenated_inputs`). Same numbers
-    either way, up to float rounding (tested).
+    stacked as 2B padded rows (DPO reference implementation's `concatenated_inputs`). `padding_free` (with
+    share_prompt) lays the pairs end to end instead, without padding between them, in rows of at most
+    `max_tokens` (default: the longest pair's length; `core/data/pair_packing.py`). Same numbers every way, up
+    to float rounding (tested).
     """
     if share_prompt is None:
         share_prompt = shared_prompt_supported(model)
+    if share_prompt and padding_free:
+        return _packed_pair_logps(model, pairs, pad_id, device, max_tokens)
     if share_prompt:
         return _shared_prompt_logps(model, pairs, pad_id, device)
     batch = collate_pairs(pairs, pad_id).to(device)

@@ -20,6 +20,7 @@ from components.core.data.tokens import bucketed_batches
 from components.core.model.loading import resolve_mixed_precision
 from components.core.model.sharding import active, gradient_sync, is_sharded, shard_model
 from components.core.ops.io import atomic_dir
+from components.core.train.in_backward import InBackwardOptimizer, check_launch
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,18 @@ def make_accelerator(mixed_precision: str):
         if saved is not None:
             os.environ["ACCELERATE_USE_FSDP"] = saved
 
-def prepare_training(accelerator, model, learning_rate: float, weight_decay: float):
+def prepare_training(accelerator, model, learning_rate: float, weight_decay: float,
+                     in_backward: bool = False):
     """(model, optimizer) ready for the loop: DDP / single device through accelerate, or FSDP2 shards
-    (the optimizer is built over the sharded parameters, as FSDP2 requires)."""
+    (the optimizer is built over the sharded parameters, as FSDP2 requires). in_backward: per-parameter
+    optimizers stepped in backward (train/in_backward.py), one process; registered for checkpointing, since
+    accelerate saves only the optimizers it prepared."""
+    if in_backward:
+        check_launch(accelerator)
+        model = accelerator.prepare(model)
+        optimizer = make_optimizer(model, learning_rate, weight_decay, in_backward=True)
+        accelerator.register_for_checkpointing(optimizer)
+        return model, optimizer
     if active(accelerator):
         if hasattr(model, "peft_config"):
             raise ValueError("LoRA under FSDP is not supported: a LoRA run keeps the frozen base whole on each "
@@ -68,14 +78,24 @@ def prepare_training(accelerator, model, learning_rate: float, weight_decay: flo
     optimizer = make_optimizer(model, learning_rate, weight_decay)
     return accelerator.prepare(model, optimizer)
 
-def make_optimizer(model, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(model, learning_rate: float, weight_decay: float,
+                   in_backward: bool = False) -> torch.optim.Optimizer:
+    """AdamW; in_backward: one AdamW per parameter (same settings, same update), each stepped in backward."""
     # no decay on norms and biases (standard practice since GPT-2)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append((name, p))
+
+    def adamw(groups: list[dict]) -> torch.optim.AdamW:
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
+
+    if in_backward:
+        groups = ((decay, weight_decay), (no_decay, 0.0))
+        return InBackwardOptimizer({name: adamw([{"params": [p], "weight_decay": wd}])
+                                    for members, wd in groups for name, p in members})
+    return adamw([{"params": [p for _, p in decay], "weight_decay": weight_decay},
+                  {"params": [p for _, p in no_decay], "weight_decay": 0.0}])
 
 def make_scheduler(optimizer, scheduler: str, warmup_steps: int, total_steps: int):
     def factor(step: int) -> float:

@@ -139,3 +139,57 @@ def test_a_pair_whose_prompt_tokens_differ_is_refused(tiny, monkeypatch):
               "rejected": [{"role": "assistant", "content": "b"}]}
     with pytest.raises(ValueError, match="record x: .*must share the prompt"):
         tokens.tokenize_pair(tok, record, 64, 48)
+
+
+def spread_pairs(tok) -> list[dict]:
+    """Pairs of very different lengths (15 to 91 tokens; a 3-token prompt, a 1-token and an empty response)."""
+    _, prefs = sorting.generate(0, 6, 3, 6, 9, 0.0, seed=7)
+    pairs = [tokens.tokenize_pair(tok, {"id": str(i), **r}, 64, 48) for i, r in enumerate(prefs)]
+    pairs[1]["chosen_ids"] = pairs[1]["chosen_ids"] * 12
+    pairs[2]["rejected_ids"] = pairs[2]["rejected_ids"][:1]
+    pairs[3]["prompt_ids"] = pairs[3]["prompt_ids"][-3:]
+    pairs[4]["rejected_ids"] = pairs[4]["rejected_ids"] * 5
+    pairs[5]["chosen_ids"] = []
+    return pairs
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padding_free_pairs_equal_padded_rows_values_and_gradients(tiny, attn):
+    """dpo/reference.padding_free: the pairs end to end (one row, or rows of at most the longest pair) give the
+    padded shared-prompt layout's per-pair log-probs, token counts and parameter gradients."""
+    import copy
+
+    tok, model = tiny
+    model = copy.deepcopy(model)
+    model.set_attn_implementation(attn)
+    pairs = spread_pairs(tok)
+    one_row = sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+    results = []
+    for layout in ({"padding_free": False}, {"padding_free": True}, {"padding_free": True, "max_tokens": one_row}):
+        model.zero_grad()
+        c, r, nc, nr = logprobs.pair_logps(model, pairs, tok.pad_token_id, "cpu", share_prompt=True, **layout)
+        (c - 0.5 * r).sum().backward()
+        grads = [model.model.layers[0].self_attn.q_proj.weight.grad.clone(),
+                 model.model.embed_tokens.weight.grad.clone()]
+        results.append(([c.detach(), r.detach()], [nc, nr], grads))
+    padded = results[0]
+    assert padded[1][0].tolist() == [len(p["chosen_ids"]) for p in pairs]
+    for logps, counts, grads in results[1:]:
+        for a, b in zip(logps, padded[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for a, b in zip(counts, padded[1], strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(grads, padded[2], strict=True):  # summed over many more terms: rtol as the shared-prompt test
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_free_plain_logits_path_equals_hidden_path(tiny, monkeypatch):
+    """Models whose decoder cannot be reached score the packed rows through their logits: the same numbers."""
+    tok, model = tiny
+    pairs = spread_pairs(tok)
+    with torch.no_grad():
+        hidden = logprobs.pair_logps(model, pairs, tok.pad_token_id, "cpu", padding_free=True)
+        monkeypatch.setattr(logprobs, "hidden_path_supported", lambda m: False)
+        plain = logprobs.pair_logps(model, pairs, tok.pad_token_id, "cpu", padding_free=True)
+    for a, b in zip(hidden, plain, strict=True):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-5)
