@@ -258,13 +258,17 @@ def child_ours(spec: dict, timer: RegionTimer | None) -> dict:
 
     cfg = DPOConfig(loss="sigmoid", beta=spec["beta"], rpo_alpha=0.0, max_steps=spec["steps"],
                     batch_size=spec["batch_size"], grad_accum=1, learning_rate=spec["lr"], weight_decay=0.0,
-                    warmup_ratio=0.1, scheduler="cosine", max_grad_norm=1.0, eval_every=10**9, save_every=10**9,
-                    log_every=spec["steps"], gradient_checkpointing=spec["gradient_checkpointing"])
+                    warmup_ratio=0.1, scheduler="cosine", eval_every=10**9, save_every=10**9,
+                    log_every=spec["steps"], gradient_checkpointing=spec["gradient_checkpointing"],
+                    padding_free=spec.get("padding_free", False),
+                    optimizer_in_backward=spec.get("optimizer_in_backward", False),
+                    # fused steps cannot clip by the global norm (every gradient is gone by then)
+                    max_grad_norm=0.0 if spec.get("optimizer_in_backward") else 1.0)
     runtime = Runtime(seed=spec["seed"], mixed_precision=mp, max_length=spec["max_length"],
                       max_prompt_length=spec["max_prompt_length"])
     # reference.pairs: planned, as the pipeline runs it (the training pairs of dpo's plan, and every eval pair);
     # its metrics file aside, to keep the pipeline's metrics/ untouched
-    ref = reference.run(ReferenceConfig(batch_size=spec["ref_batch_size"]), dpo=cfg, model_path=spec["model"],
+    ref = reference.run(ReferenceConfig(batch_size=spec["ref_batch_size"], padding_free=cfg.padding_free), dpo=cfg, model_path=spec["model"],
                         data_dir=str(data_dir), out_dir=str(work / "ref_logps"),
                         metrics_path=str(work / "reference_metrics.json"), runtime=runtime)
     t1 = time.perf_counter()
@@ -691,6 +695,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gradient-checkpointing", choices=("off", "on"), default="off",
                         help="both sides: TRL's DPOConfig(gradient_checkpointing=), ours' dpo.run(gradient_"
                              "checkpointing=) where it exists")
+    parser.add_argument("--padding-free", action="store_true",
+                        help="ours: dpo.padding_free and reference.padding_free (pairs end to end, no padding)")
+    parser.add_argument("--optimizer-in-backward", action="store_true",
+                        help="ours: dpo.optimizer_in_backward (each parameter's AdamW step in backward, its "
+                             "gradient freed; clipping off on our side)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model-size", choices=("default", "qwen0.5b", "0.5b"), default="default",
                         help="qwen0.5b: Qwen2.5-0.5B's config and 151,936 vocab, random weights; 0.5b: older, "
@@ -738,7 +747,8 @@ def main(argv: list[str] | None = None) -> None:
         inputs = prepare_inputs(args, work)
         spec = {**inputs, "work": str(work), "device": args.device, "batch_size": args.batch_size,
                 "pairs": args.pairs, "ref_batch_size": args.ref_batch_size, "lr": args.lr, "beta": args.beta,
-                "threads": args.threads, "gradient_checkpointing": gc_on}
+                "threads": args.threads, "gradient_checkpointing": gc_on, "padding_free": args.padding_free,
+                "optimizer_in_backward": args.optimizer_in_backward}
         spec_paths = {}
         for job in jobs:
             spec_paths[job] = work / f"spec_{job}.json"

@@ -1,6 +1,8 @@
 """Wall time of each default pipeline stage, in a fresh copy of the repo, one `dvc repro --single-item` each.
 
     python benchmarks/pipeline_stages.py [--params configs/params/tiny.yaml] [--out benchmarks/results/pipeline_stages.json]
+    python benchmarks/pipeline_stages.py --params configs/params/smollm2-135m.yaml \
+        --out benchmarks/results/pipeline_stages_smollm2.json          # the real SmolLM2-135M-Instruct
     python benchmarks/pipeline_stages.py --set reward_model.enabled=true --set ppo.enabled=true \
         --out benchmarks/results/pipeline_stages_rlhf.json          # all five policies (classic RLHF on)
 
@@ -24,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["bootstrap", "synthesize", "sources", "prepare", "sft", "reference", "dpo", "grpo", "reward_model",
           "ppo", "rloo", "evaluate", "register"]
-POLICIES = ("eval/", "eval/grpo/", "eval/ppo/", "eval/rloo/")
+POLICIES = ("eval/", "eval/grpo/", "eval/ppo/", "eval/rloo/", "eval/base/")
 HEADLINE = ("reward_mean", "reward_delta", "reward_delta_ci_low", "reward_delta_ci_high", "reward_eq_1",
             "win_rate_vs_sft", "win_rate_vs_dpo", "kl_to_reference", "length_ratio", "rm_score_mean")
 
@@ -91,6 +93,8 @@ def main() -> None:
         "sft": {k: metrics["sft"][k] for k in ("eval/loss_first", "eval/loss", "train/loss")},
         "dpo": {k: metrics["dpo"][k] for k in ("eval/rewards/accuracies", "eval/rewards/accuracies_first")},
         "eval": {"eval/sft/reward_mean": metrics["eval"]["eval/sft/reward_mean"],
+                 **{k: v for k, v in metrics["eval"].items()
+                    if k.startswith(("eval/sft/reward_mean_ci", "eval/sft/reward_delta_vs_base"))},
                  "eval/sft/reward_eq_1": metrics["eval"].get("eval/sft/reward_eq_1"),
                  "eval/sft/rm_score_mean": metrics["eval"].get("eval/sft/rm_score_mean"),
                  **{p + k: metrics["eval"][p + k] for p in POLICIES for k in HEADLINE if p + k in metrics["eval"]}},

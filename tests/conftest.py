@@ -139,7 +139,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 # Heaviest first, so that the two workers of `scripts/test.sh` finish together: xdist hands each worker two
 # scopes at the start (here pipeline + grpo, team + training), then one at a time.
-HEAVY_FIRST = ("pipeline", "test_team.py", "test_grpo.py", "test_training.py", "test_rlhf.py")
+HEAVY_FIRST = ("pipeline", "test_team.py", "test_grpo.py", "test_training.py", "test_real_model.py", "test_rlhf.py")
 PIPELINE_FILES = ("test_dvc.py", "test_flow.py")  # they share the tiny `dvc repro` (tiny_repo)
 
 

@@ -93,10 +93,12 @@ def test_token_ids_carry_the_real_template(smol_repo):
     text = tokenizer.decode(ids)
     assert text.startswith(SYSTEM + "<|im_start|>user\n"), text  # SmolLM2's default system prompt, its ChatML
     trained = tokenizer.decode([t for t in labels if t != -100])
-    assert trained.endswith("<|im_end|>") and "<|im_start|>" not in trained  # loss on the answer and its stop
+    # loss on the answer and its stop (and the template's newline after it), never on the prompt
+    assert trained.rstrip("\n").endswith("<|im_end|>") and "<|im_start|>" not in trained, trained
     pair = token_store.load_pairs(smol_repo / "data/prepared/pref_eval.jsonl", tokenizer, 128, 96)[0]
     assert tokenizer.decode(pair["prompt_ids"]).startswith(SYSTEM)
-    assert pair["chosen_ids"][-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.eos_token_id == eos and tokenizer.decode(pair["chosen_ids"]).rstrip("\n").endswith("<|im_end|>")
 
 
 def test_trained_models_reload_to_their_logits(smol_repo):
