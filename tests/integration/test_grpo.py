@@ -141,3 +141,20 @@ def test_grpo_under_fsdp_follows_one_process(tiny_data, grpo_whole, tmp_path):
         a, b = column(one / "plots/grpo.csv", name), column(two / "plots/grpo.csv", name)
         assert len(a) == len(b) == 4, name
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+
+
+def test_grpo_optimizer_in_backward_follows_the_usual_step(tiny_data, tmp_path):
+    """The fused step (each parameter's AdamW in its grad hook) on one round of mu = 2 steps, beta > 0: the
+    weights of the usual step without clipping, and the same gradient norms logged (summed in the hooks)."""
+    same = {"grpo__max_steps": 2, "grpo__micro_batch_size": 16, "grpo__log_every": 1}
+    # a clip threshold never reached: the usual path measures the norm and scales by exactly 1
+    usual = grpo_workdir(tiny_data, tmp_path / "usual", **same, grpo__max_grad_norm=1e9)
+    fused = grpo_workdir(tiny_data, tmp_path / "fused", **same, grpo__max_grad_norm=0.0,
+                         grpo__optimizer_in_backward=True)
+    for root in (usual, fused):
+        run_cmd(stage("grpo"), root)
+    a, b = weights(usual / "models/grpo"), weights(fused / "models/grpo")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert column(fused / "plots/grpo.csv", "grad_norm") == pytest.approx(
+        column(usual / "plots/grpo.csv", "grad_norm"), rel=1e-4)

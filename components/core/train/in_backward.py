@@ -1,4 +1,4 @@
-"""The optimizer step fused into backward (`sft/dpo.optimizer_in_backward`; torchtune's `optimizer_in_bwd`):
+"""The optimizer step fused into backward (`sft/dpo/grpo.optimizer_in_backward`; torchtune's `optimizer_in_bwd`):
 one optimizer per parameter, stepped by that parameter's post-accumulate-grad hook as soon as backward has its
 whole gradient, which is then dropped.
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from components.core.data.tokens import bucketed_batches
 from components.core.model.loading import resolve_mixed_precision
-from components.core.model.sharding import active, gradient_sync, is_sharded, shard_model
+from components.core.model.sharding import active, clip_grad_norm, gradient_sync, is_sharded, shard_model
 from components.core.ops.io import atomic_dir
 from components.core.train.in_backward import InBackwardOptimizer, check_launch
 
@@ -173,6 +173,21 @@ def reduce_sums(accelerator, sums: dict[str, torch.Tensor]) -> dict[str, torch.T
     keys = sorted(sums)
     stacked = accelerator.reduce(torch.stack([sums[k].float() for k in keys]), reduction="sum")
     return dict(zip(keys, stacked, strict=True))
+
+
+def update(accelerator, model, optimizer, max_grad_norm: float, check: Callable[[float | None], None]) -> float | None:
+    """The end of an optimizer step, after its backward passes: the gradient norm (clipped to max_grad_norm), then
+    `check(norm)` (the divergence guard), then the update. An optimizer that stepped in backward
+    (train/in_backward.py) has updated already: its norm is the one its hooks summed, and nothing is left to do."""
+    if isinstance(optimizer, InBackwardOptimizer):
+        grad_norm = optimizer.grad_norm()
+        check(grad_norm)
+        return grad_norm
+    grad_norm = clip_grad_norm(accelerator, model, max_grad_norm)
+    check(grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 # ----------------------------------------------------------------------------- guards

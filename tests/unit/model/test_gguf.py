@@ -97,3 +97,15 @@ def test_gguf_params_are_validated():
         ModelConfig(gguf_sha256="abc")
     with pytest.raises(Exception, match="gguf_dtype"):
         ModelConfig(gguf_dtype="int8")
+
+
+def test_an_unreachable_model_is_an_input_error_naming_the_key(tmp_path, monkeypatch):
+    """Offline (as the tests run), a hub id cannot be fetched: one line naming the key, no 96-line traceback,
+    and the input-error class the flow does not retry."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ParamsError, match=r"^model.name_or_path: no-such-org/no-such-model: not a local model "
+                                          r"directory, and not loadable from the hub \("):
+        bootstrap.run(ModelConfig(name_or_path="no-such-org/no-such-model"), out_dir=str(tmp_path / "base"))
+    with pytest.raises(ParamsError, match=r"^model.name_or_path: /nonexistent/model does not exist$"):
+        bootstrap.run(ModelConfig(name_or_path="/nonexistent/model"), out_dir=str(tmp_path / "base"))
+    assert not (tmp_path / "base").exists()
