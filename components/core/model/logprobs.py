@@ -149,12 +149,22 @@ def uses_sliding_window(config) -> bool:
     return bool(getattr(config, "sliding_window", None)) and bool(getattr(config, "use_sliding_window", True))
 
 
-def _shared_prompt_logps(model, pairs: list[dict], pad_id: int, device):
-    batch = collate_shared_prompt(pairs, pad_id)
+def _slot_inputs(model, batch, device) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(model inputs, targets, source, chosen, rejected) of a batch in the slot layout (`SharedPromptBatch` or
+    `PackedPairBatch`): response slot k of pair b is token targets[b, k], predicted at position source[b, k]."""
     inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
               "attention_mask": attention_mask_for(model, batch.attention_mask.to(device))}
-    targets, source, segment = batch.targets.to(device), batch.source.to(device), batch.segment.to(device)
-    chosen, rejected = segment == 1, segment == 2
+    segment = batch.segment.to(device)
+    return inputs, batch.targets.to(device), batch.source.to(device), segment == 1, segment == 2
+
+
+def _pair_sums(token_logps: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> tuple:
+    return ((token_logps * chosen).sum(-1), (token_logps * rejected).sum(-1), chosen.sum(-1), rejected.sum(-1))
+
+
+def _shared_prompt_logps(model, pairs: list[dict], pad_id: int, device):
+    batch = collate_shared_prompt(pairs, pad_id)
+    inputs, targets, source, chosen, rejected = _slot_inputs(model, batch, device)
     if hidden_path_supported(model):
         hidden = final_hidden(model, **inputs)  # (B, T, H)
         # kept logit j of the logits_to_keep layout sits at position T - keep + j
@@ -164,17 +174,14 @@ def _shared_prompt_logps(model, pairs: list[dict], pad_id: int, device):
         log_z = torch.logsumexp(logits, dim=-1)  # (B, K + 1)
         rows = torch.arange(len(pairs), device=device)[:, None]
         token_logps = logits[rows, source, targets.clamp_min(0)] - log_z[rows, source]  # (B, K)
-    return ((token_logps * chosen).sum(-1), (token_logps * rejected).sum(-1), chosen.sum(-1), rejected.sum(-1))
+    return _pair_sums(token_logps, chosen, rejected)
 
 
 def _packed_pair_logps(model, pairs: list[dict], pad_id: int, device, max_tokens: int | None):
     """`_shared_prompt_logps` on the padding-free layout (`core/data/pair_packing.py`): the same slots, read
     from the hidden states of all rows flattened, so the per-pair sums are the padded ones up to rounding."""
     batch = collate_packed_pairs(pairs, pad_id, max_tokens)
-    inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
-              "attention_mask": attention_mask_for(model, batch.attention_mask.to(device))}
-    targets, source, segment = batch.targets.to(device), batch.source.to(device), batch.segment.to(device)
-    chosen, rejected = segment == 1, segment == 2
+    inputs, targets, source, chosen, rejected = _slot_inputs(model, batch, device)
     if hidden_path_supported(model):
         hidden = final_hidden(model, **inputs)  # (R, T, H)
         flat = hidden.reshape(1, -1, hidden.shape[-1]).expand(len(pairs), -1, -1)  # a view: (B, R * T, H)
@@ -184,7 +191,7 @@ def _packed_pair_logps(model, pairs: list[dict], pad_id: int, device, max_tokens
         picked = logits.reshape(-1, logits.shape[-1])[source].float()  # (B, K, V)
         token_logps = (picked.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
                        - torch.logsumexp(picked, dim=-1))  # (B, K)
-    return ((token_logps * chosen).sum(-1), (token_logps * rejected).sum(-1), chosen.sum(-1), rejected.sum(-1))
+    return _pair_sums(token_logps, chosen, rejected)
 
 
 def pair_logps(model, pairs: list[dict], pad_id: int, device, share_prompt: bool | None = None,
