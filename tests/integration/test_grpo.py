@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import pipeline_env, run_cmd, torchrun
-from test_training import column, stage, weights, workdir
+from test_training import assert_weights_close, column, stage, weights, workdir
 
 pytestmark = pytest.mark.integration
 
@@ -153,8 +153,6 @@ def test_grpo_optimizer_in_backward_follows_the_usual_step(tiny_data, tmp_path):
                          grpo__optimizer_in_backward=True)
     for root in (usual, fused):
         run_cmd(stage("grpo"), root)
-    a, b = weights(usual / "models/grpo"), weights(fused / "models/grpo")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert_weights_close(usual / "models/grpo", fused / "models/grpo", 1e-5, 1e-6)
     assert column(fused / "plots/grpo.csv", "grad_norm") == pytest.approx(
         column(usual / "plots/grpo.csv", "grad_norm"), rel=1e-4)

@@ -42,6 +42,20 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
 
 
+def assert_curves_close(a: Path, b: Path, names: tuple[str, ...], rtol: float, atol: float) -> None:
+    """The named columns of two runs' plots CSVs: the same rows, each value of b within tolerance of a's."""
+    for name in names:
+        ca, cb = column(a, name), column(b, name)
+        assert len(ca) == len(cb) > 0, name
+        torch.testing.assert_close(torch.tensor(cb), torch.tensor(ca), rtol=rtol, atol=atol)
+
+
+def assert_weights_close(a: Path, b: Path, rtol: float, atol: float) -> None:
+    wa, wb = weights(a), weights(b)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=rtol, atol=atol, msg=key)
+
+
 def workdir(tiny_data: Path, dst: Path, **overrides) -> Path:
     """models/base + data/prepared + params.yaml (with section overrides) in a fresh directory."""
     for rel in ("models/base", "data/prepared"):
@@ -146,13 +160,8 @@ def test_sft_packing_follows_one_row_per_example(tiny_data, sft_whole, tmp_path)
     rows = sft_whole
     packed = workdir(tiny_data, tmp_path / "packed", sft__packing=True)
     run_cmd(stage("sft"), packed)
-    for name in ("train/loss", "eval/loss"):
-        a, b = column(rows / "plots/sft.csv", name), column(packed / "plots/sft.csv", name)
-        assert len(a) == len(b) > 0, name
-        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
-    a, b = weights(rows / "models/sft"), weights(packed / "models/sft")
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
+    assert_curves_close(rows / "plots/sft.csv", packed / "plots/sft.csv", ("train/loss", "eval/loss"), 1e-4, 1e-5)
+    assert_weights_close(rows / "models/sft", packed / "models/sft", 1e-3, 1e-5)
 
 
 def test_sft_two_processes_follow_one_process_loss(tiny_data, sft_whole, tmp_path):
@@ -250,13 +259,9 @@ def test_padding_free_reference_and_dpo_follow_padded_rows(tiny_data, dpo_whole,
         for key in ("chosen_logps", "rejected_logps"):
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
     run_cmd(stage("dpo"), free)
-    for name in ("loss", "eval/loss", "logps/chosen"):
-        a, b = column(padded / "plots/dpo.csv", name), column(free / "plots/dpo.csv", name)
-        assert len(a) == len(b) > 0, name
-        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-4)
-    wa, wb = weights(padded / "models/dpo"), weights(free / "models/dpo")
-    for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], rtol=1e-3, atol=1e-5)
+    assert_curves_close(padded / "plots/dpo.csv", free / "plots/dpo.csv", ("loss", "eval/loss", "logps/chosen"),
+                        1e-4, 1e-4)
+    assert_weights_close(padded / "models/dpo", free / "models/dpo", 1e-3, 1e-5)
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "kto"])
