@@ -204,7 +204,7 @@ def run(
              "mixed_precision": runtime.mixed_precision, "seed": runtime.seed,
              "trust_remote_code": runtime.trust_remote_code}
     loss_kwargs = loss_settings(cfg)
-    accelerator = loop.make_accelerator(runtime.mixed_precision)
+    accelerator = loop.make_accelerator(runtime.mixed_precision, runtime.deterministic)
     world = accelerator.num_processes
     torch.manual_seed(runtime.seed)
 

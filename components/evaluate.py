@@ -55,6 +55,7 @@ from components.core.eval.judges import eval_prompts, load_judge
 from components.core.model.generation import eos_ids, generate_tokens, load_eval_model, response_length
 from components.core.model.loading import autocast, load_tokenizer
 from components.core.model.logprobs import StaleReferenceError, batch_nll, preference_logps, response_logps
+from components.core.ops import determinism
 from components.core.ops.io import read_jsonl, write_csv, write_json
 from components.core.ops.logs import stage_main
 
@@ -389,6 +390,7 @@ def run(
                          f"got {sorted(policies)}")
     policies = {"sft": policies["sft"], "dpo": policies["dpo"], **policies}  # sft, dpo, then the online ones
     online = [n for n in policies if n in ONLINE]
+    determinism.apply(runtime.deterministic)
     torch.manual_seed(runtime.seed)
     judge_fn = load_judge(cfg.judge, cfg.judge_path)  # fail before any model work when the judge is broken
 

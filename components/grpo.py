@@ -96,7 +96,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
         out_dir: str = "models/grpo", rollouts_dir: str = "artifacts/rollouts", metrics_path: str = "metrics/grpo.json",
         plots_path: str = "plots/grpo.csv", checkpoint_dir: str = "checkpoints/grpo", runtime: Runtime = Runtime(),
         track: bool = True) -> dict:
-    accelerator = loop.make_accelerator(runtime.mixed_precision)
+    accelerator = loop.make_accelerator(runtime.mixed_precision, runtime.deterministic)
     world, seed = accelerator.num_processes, runtime.seed
     torch.manual_seed(seed)
 

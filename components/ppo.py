@@ -123,7 +123,7 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
         data_dir: str = "data/prepared", out_dir: str = "models/ppo", rollouts_dir: str = "artifacts/rollouts_ppo",
         metrics_path: str = "metrics/ppo.json", plots_path: str = "plots/ppo.csv",
         checkpoint_dir: str = "checkpoints/ppo", runtime: Runtime = Runtime(), track: bool = True) -> dict:
-    accelerator = loop.make_accelerator(runtime.mixed_precision)
+    accelerator = loop.make_accelerator(runtime.mixed_precision, runtime.deterministic)
     world, seed = accelerator.num_processes, runtime.seed
     if sharding.active(accelerator):
         raise ValueError("ppo under FSDP is not supported yet (policy and value model in one module); use "

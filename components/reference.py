@@ -92,7 +92,7 @@ def run(
     whose step plan (batch_size, grad_accum, max_steps, epochs, and the seed) picks the training pairs to score
     when cfg.pairs is planned; beta and the loss never matter here."""
     plan = dpo_plan(cfg, dpo, runtime.seed)
-    accelerator = loop.make_accelerator(runtime.mixed_precision)
+    accelerator = loop.make_accelerator(runtime.mixed_precision, runtime.deterministic)
     tokenizer = loading.load_tokenizer(model_path, runtime.trust_remote_code)
     model = loading.load_model(model_path, runtime.trust_remote_code, frozen=True, mixed_precision=runtime.mixed_precision)
     model = sharding.prepare_frozen(accelerator, model)

@@ -159,7 +159,7 @@ def run(cfg: RewardModelConfig, *, model_path: str = "models/sft", data_dir: str
              "trust_remote_code": runtime.trust_remote_code}
     if cfg.lora.enabled:
         raise ValueError("reward_model.lora: not supported (the score head is trained whole); set enabled: false")
-    accelerator = loop.make_accelerator(runtime.mixed_precision)
+    accelerator = loop.make_accelerator(runtime.mixed_precision, runtime.deterministic)
     world = accelerator.num_processes
 
     # ---------------------------------------------------------------- data

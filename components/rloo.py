@@ -106,7 +106,7 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
         metrics_path: str = "metrics/rloo.json", plots_path: str = "plots/rloo.csv",
         checkpoint_dir: str = "checkpoints/rloo", runtime: Runtime = Runtime(), track: bool = True) -> dict:
     """`cfg`: the ppo section as the rloo stage reads it (`PPOConfig.for_mode("rloo")`)."""
-    accelerator = loop.make_accelerator(runtime.mixed_precision)
+    accelerator = loop.make_accelerator(runtime.mixed_precision, runtime.deterministic)
     world, seed = accelerator.num_processes, runtime.seed
     torch.manual_seed(seed)
     G = cfg.num_generations

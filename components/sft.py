@@ -134,7 +134,7 @@ def run(
     # the run's identity (checkpoint fingerprint, tracked params): its section plus the settings it reads
     hyper = {**cfg.model_dump(), "max_length": runtime.max_length, "mixed_precision": runtime.mixed_precision,
              "seed": runtime.seed, "trust_remote_code": runtime.trust_remote_code}
-    accelerator = loop.make_accelerator(runtime.mixed_precision)
+    accelerator = loop.make_accelerator(runtime.mixed_precision, runtime.deterministic)
     world = accelerator.num_processes
     torch.manual_seed(runtime.seed)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -100,6 +101,19 @@ def torchrun(nproc: int = 2) -> list[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+
+
+@contextlib.contextmanager
+def competing_load(processes: int = 2):
+    """Busy loops beside a stage, as on a machine shared with other jobs: under such load GRPO's weights differed
+    run to run before the stages switched on deterministic kernels (components/core/ops/determinism.py)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def run_cmd(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

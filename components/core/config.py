@@ -26,8 +26,10 @@ class Strict(BaseModel):
 
 
 class ComputeConfig(Strict):
-    accelerate_config: Literal["cpu", "single_gpu", "multi_gpu", "fsdp"] = "cpu"
+    # configs/accelerate/<name>.yaml; the launcher checks that the file exists (core/ops/launch.py)
+    accelerate_config: str = Field("cpu", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    deterministic: bool = True  # deterministic kernels, recorded with each run (core/ops/determinism.py)
 
 
 class ModelConfig(Strict):
@@ -434,11 +436,13 @@ class Runtime(Strict):
     trust_remote_code: bool = False
     max_length: int = Field(128, gt=0)
     max_prompt_length: int = Field(96, gt=0)
+    deterministic: bool = True
 
     @classmethod
     def of(cls, p: Params) -> Runtime:
         return cls(seed=p.seed, mixed_precision=p.compute.mixed_precision, trust_remote_code=p.model.trust_remote_code,
-                   max_length=p.data.max_length, max_prompt_length=p.data.max_prompt_length)
+                   max_length=p.data.max_length, max_prompt_length=p.data.max_prompt_length,
+                   deterministic=p.compute.deterministic)
 
 
 class ParamsError(ValueError):

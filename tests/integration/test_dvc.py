@@ -177,26 +177,32 @@ def commit_all(root: Path) -> None:
 
 
 def test_a_failed_stage_loses_nothing(tiny_repo, tmp_path):
-    """dvc repro removes a stage's outputs before running it; when the stage fails, the previous ones come
-    back: models from the DVC cache (`dvc checkout`), metrics and plots from git (committed, DVC's way)."""
+    """dvc repro removes a stage's outputs before running it; when the stage fails they come back by themselves, as
+    dvc.lock records them: the model from the DVC cache, metrics and plots (uncached, and not committed here) from
+    the copy the stage kept when it last succeeded. Leftovers of a killed write are swept when the stage starts."""
     import subprocess
 
     from conftest import pipeline_env
 
     root = tmp_path / "repo"
     shutil.copytree(tiny_repo, root, symlinks=True)
-    commit_all(root)
-    model_before = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["dpo"]["outs"]
-    metrics_before = (root / "metrics/dpo.json").read_bytes()
+    outs = ["models/dpo/model.safetensors", "models/dpo/config.json", "metrics/dpo.json", "plots/dpo.csv"]
+    before = {p: (root / p).read_bytes() for p in outs}
+    lock_before = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["dpo"]
+    leftover = root / "models/.dpo.tmp-killed"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half a model")
+    params_before = (root / "params.yaml").read_text()
     set_param(root, "dpo", "learning_rate", 1000.0)  # diverges within a few steps (no NaN needed)
     proc = subprocess.run(["dvc", "repro", "dpo"], cwd=root, env=pipeline_env(root), capture_output=True, text=True)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and ("training diverged" in output or "non-finite loss" in output), output[-2000:]
-    assert yaml.safe_load((root / "dvc.lock").read_text())["stages"]["dpo"]["outs"] == model_before  # lock kept
-    run_cmd(["git", "checkout", "--", "params.yaml", "metrics", "plots"], root)
-    run_cmd(["dvc", "checkout", "dpo"], root)
-    assert (root / "metrics/dpo.json").read_bytes() == metrics_before
-    assert (root / "models/dpo/model.safetensors").exists()
+    assert ("dpo: failed; put back its last good outputs (as dvc.lock records them): "
+            "models/dpo, metrics/dpo.json, plots/dpo.csv") in output, output[-2000:]
+    assert {p: (root / p).read_bytes() for p in outs} == before
+    assert yaml.safe_load((root / "dvc.lock").read_text())["stages"]["dpo"] == lock_before  # lock kept
+    assert not leftover.exists()
+    (root / "params.yaml").write_text(params_before)
     assert stages_run(run_cmd(["dvc", "repro", "--dry"], root).stdout) == []  # everything as before
 
 

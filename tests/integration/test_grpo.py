@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import pipeline_env, run_cmd, torchrun
+from conftest import competing_load, pipeline_env, run_cmd, torchrun
 from test_training import assert_weights_close, column, stage, weights, workdir
 
 pytestmark = pytest.mark.integration
@@ -50,18 +50,22 @@ def grpo_whole(tiny_data, tmp_path_factory) -> Path:
 
 
 def test_grpo_resumes_bit_for_bit_and_writes_rollouts(tiny_data, grpo_whole, tmp_path):
-    """4 steps, mu = 2 (two rounds), beta > 0: uninterrupted == crash at step 3 + resume from step 2."""
+    """4 steps, mu = 2 (two rounds), beta > 0: uninterrupted == crash at step 3 + resume from step 2, the crashed
+    run and its resume with busy loops beside them (the uninterrupted one ran without)."""
     whole = grpo_whole
     crashed = grpo_workdir(tiny_data, tmp_path / "crashed", **UNEVEN)
     env = pipeline_env(crashed) | {"ALIGNFLOW_CRASH_AT_STEP": "3"}
-    assert subprocess.run(stage("grpo"), cwd=crashed, env=env, capture_output=True).returncode == 137
-    run_cmd(stage("grpo"), crashed)
+    with competing_load():
+        assert subprocess.run(stage("grpo"), cwd=crashed, env=env, capture_output=True).returncode == 137
+        run_cmd(stage("grpo"), crashed)
 
     a, b = weights(whole / "models/grpo"), weights(crashed / "models/grpo")
     for key in a:
         assert torch.equal(a[key], b[key]), key
     ra, rb = rollouts(whole), rollouts(crashed)
     assert list(ra) == ["round_000000.parquet", "round_000001.parquet"] and ra == rb
+    recorded = json.loads((crashed / "artifacts/rollouts/config.json").read_text())["determinism"]
+    assert recorded["deterministic"] is True and recorded["threads"] >= 1 and recorded["torch"] == torch.__version__
 
     rows = ra["round_000001.parquet"]
     assert len(rows) == 6 * 4  # prompts_per_step x num_generations

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import pipeline_env, run_cmd, torchrun
+from conftest import competing_load, pipeline_env, run_cmd, torchrun
 from test_training import column, weights, workdir
 
 pytestmark = pytest.mark.integration
@@ -104,12 +104,14 @@ def ppo_whole(with_reward_model, tiny_data, tmp_path_factory) -> Path:
 
 
 def test_ppo_resumes_bit_for_bit_and_writes_rollouts(with_reward_model, ppo_whole, tiny_data, tmp_path):
-    """4 rounds, checkpoints every 2: uninterrupted == crash in round 3 + resume from round 2 (weights, rollouts)."""
+    """4 rounds, checkpoints every 2: uninterrupted == crash in round 3 + resume from round 2 (weights, rollouts),
+    the crashed run and its resume with busy loops beside them."""
     whole = ppo_whole
     crashed = _with_rm(with_reward_model, tiny_data, tmp_path / "crashed")
     env = pipeline_env(crashed) | {"ALIGNFLOW_CRASH_AT_STEP": "3"}
-    assert subprocess.run(ppo_cmd("ppo"), cwd=crashed, env=env, capture_output=True).returncode == 137
-    run_cmd(ppo_cmd("ppo"), crashed)
+    with competing_load():
+        assert subprocess.run(ppo_cmd("ppo"), cwd=crashed, env=env, capture_output=True).returncode == 137
+        run_cmd(ppo_cmd("ppo"), crashed)
     a, b = weights(whole / "models/ppo"), weights(crashed / "models/ppo")
     assert "lm_head.weight" in a or "model.embed_tokens.weight" in a  # the policy, not the value model
     for key in a:

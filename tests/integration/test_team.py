@@ -3,9 +3,11 @@ else SQLite) with a local artifact root, a Prefect server, the project's work po
 flows/prefect.yaml, a process worker, and a local DVC remote. The README's "Team set-up" section gives the
 same commands. Every service is started and stopped inside the test.
 
-Checks: the triggered deployment ran every stage; their MLflow runs are on the server, nested under the
-flow's run; the registry moved as the gate decided; and a second checkout restores the artifacts with
-`dvc pull` instead of recomputing them.
+Both servers require credentials (MLflow's basic-auth app, Prefect's auth string), given to every client through
+the environment. Checks: requests without credentials are refused; the triggered deployment ran every stage;
+their MLflow runs are on the server, nested under the flow's run; the registry moved as the gate decided; two
+promotions racing from two "machines" move the champion exactly once (the Prefect server's concurrency slot);
+and a second checkout restores the artifacts with `dvc pull` instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -97,37 +100,107 @@ def postgres(services: list, cleanup: list) -> str | None:
         return None
 
 
+MLFLOW_PASSWORD = "alignflow-Team-Secret-1"
+PREFECT_AUTH = "admin:alignflow-prefect-secret"
+
+RACE = """
+import sys
+from components.core.config import GateConfig
+from components.core.release import registry
+from components.core.release.gate import Decision
+
+name, candidate = sys.argv[1], sys.argv[2]
+client = registry.registry_client()
+result = {"decision": "promoted", "champion": "1", "eval_set": "race"}
+decision = Decision(passed=True, delta=0.1, ci_low=0.05, ci_high=0.15, reasons=["race test"])
+try:
+    registry._record_decision(client, name, client.get_model_version(name, candidate),
+                              client.get_model_version(name, "1"), result, decision, GateConfig())
+    print("moved")
+except registry.RegistryError as e:
+    print("refused:", e)
+"""
+
+
+def refused(url: str, data: bytes | None = None) -> bool:
+    """Whether the server answers 401 to a request without credentials."""
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=10)
+    except urllib.error.HTTPError as e:
+        return e.code == 401
+    return False
+
+
+def race_two_promotions(ml, name: str, repo: Path, env: dict, root: Path) -> None:
+    """Two processes, as on two machines (each its own lock directory), move `champion` off v1 at once against one
+    tracking server. Each waits 3 s inside the registry lock before its compare-and-set, so per-machine file locks
+    alone would let both read v1 and both move; the Prefect server's concurrency slot lets exactly one move, and
+    the other finds the champion moved and changes nothing."""
+    v1 = ml.get_model_version(name, "1")
+    for _ in range(2):  # v2, v3: the same model under new versions, enough for an alias move
+        ml.create_model_version(name, v1.source, run_id=v1.run_id)
+    ml.set_registered_model_alias(name, "champion", "1")
+    procs = []
+    for candidate in ("2", "3"):
+        machine = root / f"machine-{candidate}"
+        machine.mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", RACE, name, candidate], cwd=repo, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env={**env, "XDG_CACHE_HOME": str(machine), "ALIGNFLOW_REGISTRY_LOCK_HOLD_S": "3"}))
+    outcomes = [p.communicate(timeout=300) for p in procs]
+    said = [out.strip().splitlines()[-1] if out.strip() else err[-2000:] for out, err in outcomes]
+    assert sorted(s.split(":")[0] for s in said) == ["moved", "refused"], said
+    winner = ("2", "3")[[s.split(":")[0] for s in said].index("moved")]
+    assert "champion moved from v1" in next(s for s in said if s.startswith("refused"))
+    assert str(ml.get_registered_model(name).aliases["champion"]) == winner
+    tagged = [v for v in ("2", "3") if ml.get_model_version(name, v).tags.get("promotion/decision")]
+    assert tagged == [winner]  # the refused one recorded nothing
+
+
 def test_team_setup_end_to_end(tmp_path):
     from mlflow import MlflowClient
 
     services: list[subprocess.Popen] = []
     cleanup: list[Path] = []
+    cleanup_env: list[str] = []
     root = tmp_path / "team"
     root.mkdir()
     try:
         # ---------------------------------------------------------------- MLflow tracking server
+        # with MLflow's basic-auth app: the admin's password comes from the environment, as the README's
         backend = postgres(services, cleanup) or f"sqlite:///{root / 'mlflow-server.db'}"
         print(f"MLflow backend store: {backend.split(':')[0]}")
         mlflow_port = free_port()
         base_env = pipeline_env(root)
         base_env.pop("MLFLOW_TRACKING_URI")
-        server = start([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+        (root / "mlflow-auth.ini").write_text(
+            f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'mlflow-auth.db'}\n"
+            "admin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        server_env = {**base_env, "MLFLOW_AUTH_CONFIG_PATH": str(root / "mlflow-auth.ini"),
+                      "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_PASSWORD}
+        server = start([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+                        "--backend-store-uri", backend,
                         "--artifacts-destination", str(root / "mlartifacts"), "--serve-artifacts",
                         "--host", "127.0.0.1", "--port", str(mlflow_port)],
-                       base_env, root / "mlflow.log")
+                       server_env, root / "mlflow.log")
         services.append(server)
         wait_http(f"http://127.0.0.1:{mlflow_port}/health", 180, server, root / "mlflow.log")
         tracking = f"http://127.0.0.1:{mlflow_port}"
+        assert refused(f"{tracking}/api/2.0/mlflow/experiments/search?max_results=1")
 
-        # ---------------------------------------------------------------- Prefect server
+        # ---------------------------------------------------------------- Prefect server, with an auth string
         prefect_port = free_port()
         prefect_env = {**base_env, "PREFECT_HOME": str(root / "prefect-home"),
                        "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
         prefect = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                         "--port", str(prefect_port)], prefect_env, root / "prefect.log")
+                         "--port", str(prefect_port)],
+                        {**prefect_env, "PREFECT_SERVER_API_AUTH_STRING": PREFECT_AUTH}, root / "prefect.log")
         services.append(prefect)
         wait_http(f"http://127.0.0.1:{prefect_port}/api/health", 180, prefect, root / "prefect.log")
+        assert refused(f"http://127.0.0.1:{prefect_port}/api/flows/filter", data=b"{}")
+        prefect_env["PREFECT_API_AUTH_STRING"] = PREFECT_AUTH  # every client below: CLI, worker, flow, stages
 
         # ---------------------------------------------------------------- the checkout, with a DVC remote
         repo = make_repo_copy(root / "repo")
@@ -143,7 +216,8 @@ def test_team_setup_end_to_end(tmp_path):
 
         # ---------------------------------------------------------------- pools, deployment, worker
         env = {**prefect_env, "MLFLOW_TRACKING_URI": tracking, "ALIGNFLOW_REPO_DIR": str(repo),
-               "ALIGNFLOW_DVC_REMOTE": "storage"}
+               "ALIGNFLOW_DVC_REMOTE": "storage", "MLFLOW_TRACKING_USERNAME": "admin",
+               "MLFLOW_TRACKING_PASSWORD": MLFLOW_PASSWORD}
         run_cmd([sys.executable, "-m", "flows.pipeline", "setup-pools", "--gpu-pool-type", "process"], repo, env=env)
         run_cmd([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", "flows/prefect.yaml",
                  "--name", "box"], repo, env=env, timeout=300)
@@ -156,10 +230,11 @@ def test_team_setup_end_to_end(tmp_path):
                       env=env).stdout
         flow_run_id = next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
         from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
         deadline = time.time() + 900
-        with temporary_settings({PREFECT_API_URL: prefect_env["PREFECT_API_URL"]}):
+        with temporary_settings({PREFECT_API_URL: prefect_env["PREFECT_API_URL"],
+                                 PREFECT_API_AUTH_STRING: PREFECT_AUTH}):
             with get_client(sync_client=True) as client:
                 while True:
                     state = client.read_flow_run(flow_run_id).state
@@ -170,6 +245,8 @@ def test_team_setup_end_to_end(tmp_path):
         assert state.is_completed(), (root / "worker.log").read_text()[-6000:]
 
         # ---------------------------------------------------------------- MLflow: nested runs, registry
+        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=MLFLOW_PASSWORD)
+        cleanup_env.extend(["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"])
         ml = MlflowClient(tracking)
         [experiment] = [e for e in ml.search_experiments() if e.name == "alignflow"]
         [parent] = ml.search_runs([experiment.experiment_id],
@@ -188,6 +265,9 @@ def test_team_setup_end_to_end(tmp_path):
         assert (aliases.get("champion") == int(version.version)) == (decision == "promoted")  # as the gate decided
         assert parent.data.tags["alignflow/promotion"] == decision
 
+        # ---------------------------------------------------------------- two machines promote at once
+        race_two_promotions(ml, name, repo, env, root)
+
         # ---------------------------------------------------------------- a second checkout pulls, not recomputes
         run_cmd(["git", "add", "dvc.lock", "metrics", "plots"], repo)
         run_cmd(["git", "commit", "-qm", "pipeline run"], repo)
@@ -198,6 +278,8 @@ def test_team_setup_end_to_end(tmp_path):
         status = run_cmd(["dvc", "status", "--json"], second, env=pipeline_env(second)).stdout
         assert json.loads(status or "{}") == {}  # everything up to date: nothing to recompute
     finally:
+        for key in cleanup_env:
+            os.environ.pop(key, None)
         for proc in reversed(services):
             stop(proc)
         for d in cleanup:

@@ -35,7 +35,7 @@ def _write(tmp_path, mutate) -> Path:
         (lambda r: r["dpo"].update(loss="dpo++"), r"dpo\.loss: Input should be 'sigmoid'"),
         (lambda r: r["dpo"].update(label_smoothing=0.1), r"label_smoothing=0.1 only applies to loss cdpo"),
         (lambda r: r["dpo"].update(loss="robust"), r"needs label_smoothing > 0"),
-        (lambda r: r["compute"].update(accelerate_config="tpu"), r"compute\.accelerate_config"),
+        (lambda r: r["compute"].update(accelerate_config="../tpu"), r"compute\.accelerate_config"),
         (lambda r: r["model"].update(num_heads=3), r"divisible by num_heads"),
         (lambda r: r["evaluate"].update(judge="function", judge_path="nocolon"), r"package\.module:function"),
         (lambda r: r.update(extra_section={}), r"extra_section: unknown key"),

@@ -1,4 +1,5 @@
-"""Fault injection for the resume and retry tests: a hard exit at a chosen training step."""
+"""Fault injection for the resume, retry and registry tests: a hard exit at a chosen training step; a pause
+inside the registry lock."""
 
 from __future__ import annotations
 
@@ -24,3 +25,14 @@ def maybe_crash(step: int) -> None:
         Path(marker).write_text(str(step))
     log.error("ALIGNFLOW_CRASH_AT_STEP=%d: simulated crash", step)
     os._exit(137)
+
+
+def hold_in_registry_lock() -> None:
+    """ALIGNFLOW_REGISTRY_LOCK_HOLD_S=S: wait S seconds after taking the registry lock, before reading the alias
+    it is about to move, so that a test can race two promotions (only the lock can keep them apart)."""
+    import os
+    import time
+
+    hold = os.environ.get("ALIGNFLOW_REGISTRY_LOCK_HOLD_S")
+    if hold:
+        time.sleep(float(hold))

@@ -16,7 +16,10 @@ must be set before CUDA starts) go through accelerate's launchers unchanged, in 
 This module is a code dependency of every stage it launches (dvc.yaml): it decides the stage's environment.
 Not the `accelerate` command either: it imports every other subcommand first (~0.8 s).
 
-Params that cannot be read or validated here are left to the stage, which reports them as usual.
+The params are validated here first, and the accelerate config file checked, so a wrong
+`compute.accelerate_config` (or any other params error) is one line naming the key, exit 2 with the input-error
+mark, not accelerate's traceback about a missing file. (dvc.yaml depends on the configs/accelerate directory, not
+on the file the params name, so that DVC does not fail on a missing file before this check runs.)
 """
 
 from __future__ import annotations
@@ -48,16 +51,36 @@ def stage_module(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, []
 
 
-def disabled(module: str, stage_argv: list[str]) -> bool:
-    """Whether params switch off this stage (its section has `enabled: false`); False when unsure."""
-    from components.core.config import ParamsError, load_params
-
+def disabled(module: str, params) -> bool:
+    """Whether params switch off this stage (its section has `enabled: false`)."""
     section = SECTIONS.get(module, module.rsplit(".", 1)[-1])
-    try:
-        params = load_params(stage_args(stage_argv).params)
-    except ParamsError:
-        return False  # the stage says what is wrong with them
     return getattr(getattr(params, section, None), "enabled", True) is False
+
+
+def config_file(argv: list[str]) -> str | None:
+    """The launcher's --config_file (accelerate's own argument, before the module)."""
+    for i, arg in enumerate(argv):
+        if arg in ("-m", "--module"):
+            break
+        if arg == "--config_file" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config_file="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def check_config_file(argv: list[str], params_path: str, params) -> None:
+    """ParamsError naming `compute.accelerate_config` (or --config_file) when the accelerate config is missing."""
+    from components.core.config import ParamsError
+
+    path = config_file(argv)
+    if path and not os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        have = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
+        key = ("compute.accelerate_config" if os.path.basename(path) == f"{params.compute.accelerate_config}.yaml"
+               else "--config_file")
+        raise ParamsError(f"{params_path}: {key}: {path} does not exist"
+                          + (f" (configs there: {', '.join(have)})" if have else ""))
 
 
 def run_module(module: str, stage_argv: list[str]) -> None:
@@ -100,15 +123,24 @@ def launch(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     module, stage_argv = stage_module(argv)
-    if module and module.startswith("components.") and disabled(module, stage_argv):
-        from components.core.ops import placeholders
-        from components.core.ops.logs import setup_logging
+    if module and module.startswith("components."):
+        from components.core.config import ParamsError, load_params
+        from components.core.ops.logs import exit_input_error, setup_logging
 
-        setup_logging()
         args = stage_args(stage_argv)
-        if not placeholders.write_for(module, args.out):
-            run_module(module, stage_argv)
-        return
+        try:
+            params = load_params(args.params)
+            if disabled(module, params):  # no accelerate: its config is not needed
+                from components.core.ops import placeholders
+
+                setup_logging()
+                if not placeholders.write_for(module, args.out):
+                    run_module(module, stage_argv)
+                return
+            check_config_file(argv, args.params, params)
+        except ParamsError as e:
+            setup_logging()
+            exit_input_error(module.rsplit(".", 1)[-1], e)
     launch(argv)
 
 

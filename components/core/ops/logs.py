@@ -37,26 +37,60 @@ def is_input_error(e: BaseException) -> bool:
     return bool({c.__name__ for c in type(e).__mro__} & _INPUT_ERRORS)
 
 
+def put_back(stage: str, absent: list[str]) -> None:
+    """After a failed run: the stage's last good outputs back in the workspace, said on stderr."""
+    from components.core.ops import outputs
+
+    restored, failed = outputs.restore(stage, absent)
+    if restored:
+        print(f"{stage}: failed; put back its last good outputs (as dvc.lock records them): {', '.join(restored)}",
+              file=sys.stderr)
+    for path, why in failed.items():
+        print(f"{stage}: failed; could not put back {path} ({why}): `dvc checkout {stage}` or `dvc pull {stage}`",
+              file=sys.stderr)
+
+
+def exit_input_error(stage: str, e: BaseException, then: Callable[[], None] | None = None) -> None:
+    """Exit 2 with the error on one line and INPUT_ERROR_MARK (no traceback: there is no bug to debug); `then`
+    runs between the two (its own lines follow the error)."""
+    print(f"{stage}: error: {e}", file=sys.stderr)
+    if then is not None:
+        then()
+    print(f"{INPUT_ERROR_MARK} ({type(e).__name__}): fix the params or data; retrying cannot help", file=sys.stderr)
+    sys.exit(2)
+
+
 def stage_main(stage: str):
-    """Decorate a stage's `main(argv)`: logging set up once; an input error exits 2 with one clear line and
-    INPUT_ERROR_MARK (so orchestration knows a retry cannot help); anything else propagates as a traceback."""
+    """Decorate a stage's `main(argv)`: logging set up once; the leftovers of killed writes of its outputs swept;
+    an input error exits 2 with one clear line and INPUT_ERROR_MARK (so orchestration knows a retry cannot help),
+    anything else propagates as a traceback; after any failure the outputs `dvc repro` removed are put back as
+    dvc.lock records them (ops/outputs.py), and the message says which."""
 
     def wrap(fn):
         @functools.wraps(fn)
         def main(argv: list[str] | None = None):
-            from components.core.ops import lifeline
+            from components.core.ops import lifeline, outputs
 
             setup_logging()
             lifeline.watch_launcher()  # under `dvc repro`: exit when that dvc process is killed
+            main_process = os.environ.get("RANK", "0") == "0"  # one process of a distributed launch does files
+            absent = []
+            if main_process:
+                outputs.sweep(stage)
+                absent = outputs.absent(stage)
             try:
-                return fn(argv)
-            except Exception as e:
-                if not is_input_error(e):
-                    raise
-                print(f"{stage}: error: {e}", file=sys.stderr)
-                print(f"{INPUT_ERROR_MARK} ({type(e).__name__}): fix the params or data; retrying cannot help",
-                      file=sys.stderr)
-                sys.exit(2)
+                result = fn(argv)
+            except BaseException as e:
+                failed = main_process and absent and not (isinstance(e, SystemExit) and e.code in (0, None))
+                restore = functools.partial(put_back, stage, absent) if failed else None
+                if isinstance(e, Exception) and is_input_error(e):
+                    exit_input_error(stage, e, then=restore)
+                if restore is not None:
+                    restore()
+                raise
+            if main_process:
+                outputs.stash_uncached(stage)
+            return result
 
         return main
 

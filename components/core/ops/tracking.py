@@ -126,7 +126,7 @@ def stage_run(stage: str, params: dict, inputs: list[str], params_digest: str, e
     mlflow.set_tracking_uri(uri)
     close_dead_runs(uri, ensure_experiment(uri), stage)
     mlflow.set_experiment(EXPERIMENT)
-    tags = {**lineage_tags(stage, inputs, params_digest), "alignflow/host": socket.gethostname(),
+    tags = {**lineage_tags(stage, inputs, params_digest), **determinism_tags(), "alignflow/host": socket.gethostname(),
             "alignflow/pid": str(os.getpid())}
     parent = os.environ.get("ALIGNFLOW_PARENT_RUN_ID")
     if parent:
@@ -134,6 +134,19 @@ def stage_run(stage: str, params: dict, inputs: list[str], params_digest: str, e
     with mlflow.start_run(run_name=stage, tags=tags) as run:
         mlflow.log_params(_flatten(params))
         yield run
+
+
+def determinism_tags() -> dict[str, str]:
+    """`alignflow/determinism/<key>` for what decides the run's bits (threads, deterministic kernels, versions,
+    device); nothing for a stage that never loaded torch (it has no kernels to decide)."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return {}
+    from components.core.ops import determinism
+
+    return {f"alignflow/determinism/{k}": json.dumps(v) if isinstance(v, dict) else str(v)
+            for k, v in determinism.settings().items()}
 
 
 def close_dead_runs(uri: str, experiment_id: str, stage: str) -> list[str]:

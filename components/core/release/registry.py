@@ -12,8 +12,10 @@ Transactions: every alias move (promote, rollback, register's `challenger`) happ
 command moved it meanwhile (compare-and-set), and writes its tags only after the move. So two promotions at
 once cannot both win, a rollback during a promotion is never undone, and the previous-champion chain that
 rollback walks stays consistent. The lock is a file lock on this machine (next to a SQLite store, else under
-~/.cache/alignflow/locks); on a shared tracking server run promotions from one place (the flow's promote
-task: one run at a time per work pool).
+~/.cache/alignflow/locks) and, when the tracking URI is a server and a Prefect API is configured (the team
+set-up), also a slot of a Prefect global concurrency limit (`alignflow-registry-<digest>`, limit 1, created on
+first use): server-side, so it holds across machines, and leased (a holder that dies frees it when its lease
+runs out). Against a tracking server without a Prefect API the lock is per machine, and a warning says so.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ PRIMARY_METRIC = "eval/reward_mean"  # the only primary metric that can be re-sc
 SCORES_DIR = "promotion_scores"  # run artifact folder: cached per-prompt scores of a version
 TAG_VALUE_LIMIT = 4000  # MLflow caps tag values (5000 chars on SQL stores)
 LOCK_TIMEOUT_S = 600.0
+LEASE_S = 120.0  # the server-side slot's lease (renewed while held): how long a dead holder blocks the registry
 PROMOTE_DIR_PREFIX = "alignflow-promote-"  # + pid: the versions a promotion downloads to re-score
 
 
@@ -92,7 +95,66 @@ def _lock_path(model_name: str) -> Path:
 
 @contextlib.contextmanager
 def registry_lock(model_name: str, timeout_s: float = LOCK_TIMEOUT_S):
-    """Exclusive lock for moving the aliases of `model_name` (released when the process dies)."""
+    """Exclusive lock for moving the aliases of `model_name`: this machine's file lock, then the team's
+    server-side slot when there is one (both released when the process dies)."""
+    from components.core.ops import faults
+
+    with _file_lock(model_name, timeout_s), _server_lock(model_name, timeout_s):
+        faults.hold_in_registry_lock()
+        yield
+
+
+def _prefect_api_url() -> str | None:
+    """The configured Prefect API (env or profile), or None; without importing Prefect when the env says none."""
+    if os.environ.get("PREFECT_API_URL") == "":
+        return None
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+@contextlib.contextmanager
+def _server_lock(model_name: str, timeout_s: float):
+    """A slot of the Prefect global concurrency limit for this tracking server + model, when the tracking URI is
+    a server and a Prefect API is configured; nothing otherwise (a warning against a server)."""
+    from components.core.ops import tracking
+
+    uri = tracking.tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        yield  # a local store: one machine, the file lock covers it
+        return
+    api = _prefect_api_url()
+    if api is None:
+        log.warning("%s: tracking server %s but no Prefect API (PREFECT_API_URL): alias moves are locked on this "
+                    "machine only; promote from one machine, or configure the team's Prefect server", model_name, uri)
+        yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    name = "alignflow-registry-" + hashlib.sha256(f"{uri}\0{model_name}".encode()).hexdigest()[:16]
+    try:
+        with get_client(sync_client=True) as client:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    except ObjectAlreadyExists:
+        pass
+    except Exception as e:
+        raise RegistryError(f"{model_name}: cannot reach the Prefect server at {api} for the registry lock "
+                            f"({type(e).__name__}: {e}); nothing changed") from e
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True,
+                                           lease_duration=LEASE_S))
+        except TimeoutError:
+            raise RegistryError(f"{model_name}: another registry command on the team's server holds {name} for "
+                                f"over {timeout_s:g}s; nothing changed") from None
+        yield
+
+
+@contextlib.contextmanager
+def _file_lock(model_name: str, timeout_s: float):
     import fcntl
 
     path = _lock_path(model_name)

@@ -22,7 +22,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from components.core.ops import code_identity
+from components.core.ops import code_identity, determinism
 from components.core.ops.io import replace_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,10 @@ def resume(accelerator, ckpt_dir: Path, fingerprint_: str, total_steps: int, mod
             log.warning("skipping checkpoint %s: cannot load it (%s: %s)", path, type(e).__name__, e)
             continue
         log.info("resuming from %s (step %d of %d)", path, state["step"], total_steps)
+        changed = determinism.differences(state.get("determinism"), determinism.settings())
+        if changed:
+            log.warning("resuming %s under other settings than it was saved with (%s): the result is correct "
+                        "but not bit-identical to an uninterrupted run", path, "; ".join(changed))
         return state["step"], state["history"], state
     others = [p.name for p in Path(ckpt_dir).iterdir() if p.is_dir() and p.name != fingerprint_] \
         if Path(ckpt_dir).is_dir() else []
@@ -179,7 +183,8 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: i
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {str(f.relative_to(partial)): f.stat().st_size for f in sorted(partial.rglob("*")) if f.is_file()}
-        write_json(partial / STATE_FILE, {**state, "step": step, "files": files})
+        write_json(partial / STATE_FILE, {**state, "step": step, "files": files,
+                                          "determinism": determinism.settings()})
         replace_dir(partial, final)
         kept = {p for p, _ in find_checkpoints(ckpt_dir, state["fingerprint"])[:keep]}
         for old in run_dir.iterdir():  # older, corrupt or partial leftovers of this run (not its other files)

@@ -19,6 +19,7 @@ import torch
 from components.core.data.tokens import bucketed_batches
 from components.core.model.loading import resolve_mixed_precision
 from components.core.model.sharding import active, clip_grad_norm, gradient_sync, is_sharded, shard_model
+from components.core.ops import determinism
 from components.core.ops.io import atomic_dir
 from components.core.train.in_backward import InBackwardOptimizer, check_launch
 
@@ -30,8 +31,9 @@ class NonFiniteLossError(RuntimeError):
 class DivergenceError(RuntimeError):
     """The loss or gradient norm exploded without going NaN; no update was applied, the last checkpoint is kept."""
 
-def make_accelerator(mixed_precision: str):
-    """The Accelerator of a stage: process group, device, autocast, RNG/scheduler state in checkpoints.
+def make_accelerator(mixed_precision: str, deterministic: bool = True):
+    """The Accelerator of a stage: process group, device, autocast, RNG/scheduler state in checkpoints, with
+    deterministic kernels on unless `compute.deterministic: false` (ops/determinism.py).
 
     Under an FSDP launch config alignflow shards the model itself with torch's FSDP2 `fully_shard`
     (`prepare_training`), the same code on GPUs (NCCL) and on CPU (gloo; accelerate ignores FSDP on CPU),
@@ -41,6 +43,7 @@ def make_accelerator(mixed_precision: str):
 
     from accelerate import Accelerator
 
+    determinism.apply(deterministic)
     mp = resolve_mixed_precision(mixed_precision)
     if mp != "no" and not torch.cuda.is_available():
         log.warning("mixed_precision=%s requested without a GPU; training in fp32", mp)

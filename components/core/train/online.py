@@ -27,6 +27,7 @@ import torch
 
 from components.core.config import GRPOConfig, PPOConfig
 from components.core.data.tokens import prompt_ids_for_generation
+from components.core.ops import determinism
 from components.core.ops.io import atomic_dir, read_jsonl, write_json
 from components.core.train import loop
 
@@ -351,13 +352,14 @@ def log_samples(mlrun, rows: list[dict], step: int) -> None:
 
 def publish_rollouts(accelerator, work: Path, rollouts_dir: str, config: dict, mlrun) -> None:
     """The run's rollout tables (kept beside its checkpoints while it trained) into the DVC out, with the
-    config that made them, swapped in complete; logged to MLflow."""
+    config that made them and the settings that decide their bits (ops/determinism.py), swapped in complete;
+    logged to MLflow."""
     if not accelerator.is_main_process:
         return
     with atomic_dir(rollouts_dir) as tmp:
         for f in sorted(work.glob("round_*.parquet")):
             shutil.copy2(f, Path(tmp) / f.name)
-        write_json(Path(tmp) / "config.json", config)
+        write_json(Path(tmp) / "config.json", {**config, "determinism": determinism.settings()})
     if mlrun is not None:
         import mlflow
 

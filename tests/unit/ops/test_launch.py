@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from components.core.config import load_params
 from components.core.ops import launch
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -78,11 +79,37 @@ def test_more_than_one_local_process_or_a_chosen_gpu_gets_accelerates_child_proc
     assert accelerate_launch.simple_launcher is child_process  # launch() restored what it patched
 
 
-def test_unreadable_params_are_left_to_the_stage(tmp_path, monkeypatch):
+def test_invalid_params_are_an_input_error_before_accelerate_starts(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "params.yaml"
     bad.write_text("grpo: {enabled: false, no_such_key: 1}\n")
-    assert not launch.disabled("components.grpo", ["--params", str(bad)])
-    assert not launch.disabled("components.sft", ["--params", str(_params(tmp_path))])  # no enabled flag
+    monkeypatch.setattr(launch, "launch", lambda argv: pytest.fail("accelerate started"))
+    with pytest.raises(SystemExit) as exit_:
+        launch.main(["--config_file", str(ROOT / "configs/accelerate/cpu.yaml"), "-m", "components.grpo",
+                     "--params", str(bad)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "grpo.no_such_key: unknown key" in err and "[alignflow] input error" in err
+
+
+def test_a_missing_accelerate_config_names_the_key(tmp_path, monkeypatch, capsys):
+    """DVC depends on the configs/accelerate folder, so the launcher is what meets a wrong name: one line naming
+    compute.accelerate_config and the configs that exist, exit 2 with the input-error mark (the flow does not
+    retry it), before accelerate reads the file."""
+    params = _params(tmp_path, compute={"accelerate_config": "nosuch"})
+    monkeypatch.setattr(launch, "launch", lambda argv: pytest.fail("accelerate started"))
+    with pytest.raises(SystemExit) as exit_:
+        launch.main(["--config_file", str(ROOT / "configs/accelerate/nosuch.yaml"), "-m", "components.sft",
+                     "--params", str(params)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2
+    assert err[0].startswith("sft: error: ") and "compute.accelerate_config: " in err[0]
+    assert "nosuch.yaml does not exist (configs there: cpu, fsdp, multi_gpu, single_gpu" in err[0]
+    assert err[1].startswith("[alignflow] input error (ParamsError)")
+
+
+def test_the_stage_section_decides_disabled(tmp_path):
+    assert not launch.disabled("components.grpo", load_params(_params(tmp_path, grpo={"enabled": True})))
+    assert launch.disabled("components.grpo", load_params(_params(tmp_path, grpo={"enabled": False})))
+    assert not launch.disabled("components.sft", load_params(_params(tmp_path)))  # no enabled flag
 
 
 def test_a_disabled_stage_writes_its_placeholders_without_accelerate(tmp_path):
@@ -108,7 +135,7 @@ def test_a_disabled_stage_writes_its_placeholders_without_accelerate(tmp_path):
 def test_ppo_and_rloo_share_the_ppo_switch_and_write_their_placeholders_without_torch(tmp_path, stage):
     """rloo has no params section of its own: `ppo.enabled: false` switches off both stages, byte-identically."""
     params = _params(tmp_path, ppo={"enabled": False})
-    assert launch.disabled(f"components.{stage}", ["--params", str(params)])
+    assert launch.disabled(f"components.{stage}", load_params(params))
     argv = ["--config_file", "no/such.yaml", "-m", f"components.{stage}", "--params", str(params)]
     cmd = [sys.executable, "-c", "import sys; from components.core.ops import launch; "
            f"launch.main({argv!r}); print('torch imported:', 'torch' in sys.modules)"]
@@ -120,7 +147,7 @@ def test_ppo_and_rloo_share_the_ppo_switch_and_write_their_placeholders_without_
         assert json.loads((tmp_path / path).read_text()) == note, path
     assert (tmp_path / f"plots/{stage}.csv").exists()
     assert proc.stdout.strip() == "torch imported: False"
-    assert not launch.disabled(f"components.{stage}", ["--params", str(_params(tmp_path, ppo={"enabled": True}))])
+    assert not launch.disabled(f"components.{stage}", load_params(_params(tmp_path, ppo={"enabled": True})))
 
 
 @pytest.mark.parametrize("argv, expected", [
