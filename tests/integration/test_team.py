@@ -139,7 +139,8 @@ def race_two_promotions(ml, name: str, repo: Path, env: dict, root: Path) -> Non
     the other finds the champion moved and changes nothing."""
     v1 = ml.get_model_version(name, "1")
     for _ in range(2):  # v2, v3: the same model under new versions, enough for an alias move
-        ml.create_model_version(name, v1.source, run_id=v1.run_id)
+        model_id = v1.model_id or v1.source.removeprefix("models:/").split("/")[0]  # MLflow 3: models:/<model id>
+        ml.create_model_version(name, v1.source, run_id=v1.run_id, model_id=model_id)
     ml.set_registered_model_alias(name, "champion", "1")
     procs = []
     for candidate in ("2", "3"):
@@ -178,7 +179,7 @@ def test_team_setup_end_to_end(tmp_path):
             f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'mlflow-auth.db'}\n"
             "admin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         server_env = {**base_env, "MLFLOW_AUTH_CONFIG_PATH": str(root / "mlflow-auth.ini"),
-                      "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_PASSWORD}
+                      "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_PASSWORD, "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key"}
         server = start([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
                         "--backend-store-uri", backend,
                         "--artifacts-destination", str(root / "mlartifacts"), "--serve-artifacts",

@@ -1,0 +1,74 @@
+"""What `compute.deterministic: true` costs: the grpo stage of the default pipeline with deterministic kernels on
+and off, alternated (on, off / off, on) so that drift in the machine's speed falls on both sides.
+
+    python benchmarks/determinism_cost.py [--rounds 2] [--out benchmarks/results/determinism_cost_cpu.json]
+
+Needs the default pipeline's SFT model and prepared data (`dvc repro sft`). Each run is the real stage, started
+as dvc.yaml starts it, in a scratch directory beside them; its own `seconds` (metrics/grpo.json) is the figure, and
+the final weights' hash says whether the two settings trained the same bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import OFFLINE_ENV  # noqa: E402
+
+
+def run_stage(work: Path, deterministic: bool) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["compute"]["deterministic"] = deterministic
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
+    cmd = [sys.executable, "-m", "components.core.ops.launch", "--config_file",
+           str(ROOT / "configs/accelerate/cpu.yaml"), "-m", "components.grpo", "--params", "params.yaml"]
+    subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
+    weights = hashlib.sha256((work / "models/grpo/model.safetensors").read_bytes()).hexdigest()[:16]
+    return {"deterministic": deterministic, "seconds": json.loads((work / "metrics/grpo.json").read_text())["seconds"],
+            "weights": weights}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/determinism_cost_cpu.json"))
+    args = parser.parse_args()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="alignflow-determinism-") as tmp:
+        work = Path(tmp)
+        (work / "models").mkdir()
+        (work / "data").mkdir()
+        (work / "models/sft").symlink_to(ROOT / "models/sft")
+        (work / "data/prepared").symlink_to(ROOT / "data/prepared")
+        for r in range(args.rounds):
+            for deterministic in ((True, False) if r % 2 == 0 else (False, True)):
+                runs.append({"round": r, **run_stage(work, deterministic)})
+                print(json.dumps(runs[-1]), flush=True)
+    on = [x["seconds"] for x in runs if x["deterministic"]]
+    off = [x["seconds"] for x in runs if not x["deterministic"]]
+    summary = {"median_seconds_on": statistics.median(on), "median_seconds_off": statistics.median(off),
+               "time_ratio_on_over_off": round(statistics.median(on) / statistics.median(off), 3),
+               "same_weights_on_runs": len({x["weights"] for x in runs if x["deterministic"]}) == 1}
+    print(json.dumps(summary, indent=2))
+    out = {"benchmark": "determinism_cost", "device": "cpu", "stage": "grpo (default params)", "runs": runs,
+           "summary": summary, "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
+           "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
