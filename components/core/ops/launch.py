@@ -139,8 +139,15 @@ def main(argv: list[str] | None = None) -> None:
                 return
             check_config_file(argv, args.params, params)
         except ParamsError as e:
+            import functools
+
+            from components.core.ops import outputs
+            from components.core.ops.logs import put_back
+
             setup_logging()
-            exit_input_error(module.rsplit(".", 1)[-1], e)
+            stage = module.rsplit(".", 1)[-1]
+            absent = outputs.absent(stage)  # what `dvc repro` removed before this command: put it back
+            exit_input_error(stage, e, then=functools.partial(put_back, stage, absent) if absent else None)
     launch(argv)
 
 

@@ -140,3 +140,22 @@ def test_stage_outs_reads_outs_metrics_and_plots_and_the_cache_setting(tmp_path)
     (tmp_path / ".dvc").mkdir()
     (tmp_path / ".dvc/config").write_text("[cache]\n    dir = ../../shared-cache\n")
     assert outputs.cache_dir(tmp_path) == (tmp_path / "../shared-cache").resolve()
+
+
+def test_the_launchers_own_input_errors_put_back_too(tmp_path, monkeypatch, capsys):
+    """A wrong accelerate config fails in the launcher, before the stage's entry point: same put-back, same lines."""
+    from components.core.ops import launch
+
+    files = _project(tmp_path)
+    root = Path(__file__).resolve().parents[3]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["compute"]["accelerate_config"] = "nosuch"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        launch.main(["--config_file", "configs/accelerate/nosuch.yaml", "-m", "components.dpo", "--params",
+                     "params.yaml"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and "compute.accelerate_config" in err[0]
+    assert err[1].startswith("dpo: failed; put back its last good outputs") and err[2].startswith("[alignflow]")
+    assert {p: (tmp_path / p).read_bytes() for p in files} == files
