@@ -82,6 +82,7 @@ def test_more_than_one_local_process_or_a_chosen_gpu_gets_accelerates_child_proc
 def test_invalid_params_are_an_input_error_before_accelerate_starts(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "params.yaml"
     bad.write_text("grpo: {enabled: false, no_such_key: 1}\n")
+    monkeypatch.chdir(tmp_path)  # no dvc.yaml here: nothing of the project's to put back
     monkeypatch.setattr(launch, "launch", lambda argv: pytest.fail("accelerate started"))
     with pytest.raises(SystemExit) as exit_:
         launch.main(["--config_file", str(ROOT / "configs/accelerate/cpu.yaml"), "-m", "components.grpo",
@@ -95,6 +96,7 @@ def test_a_missing_accelerate_config_names_the_key(tmp_path, monkeypatch, capsys
     compute.accelerate_config and the configs that exist, exit 2 with the input-error mark (the flow does not
     retry it), before accelerate reads the file."""
     params = _params(tmp_path, compute={"accelerate_config": "nosuch"})
+    monkeypatch.chdir(tmp_path)  # no dvc.yaml here: nothing of the project's to put back
     monkeypatch.setattr(launch, "launch", lambda argv: pytest.fail("accelerate started"))
     with pytest.raises(SystemExit) as exit_:
         launch.main(["--config_file", str(ROOT / "configs/accelerate/nosuch.yaml"), "-m", "components.sft",
