@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
 
             setup_logging()
             stage = module.rsplit(".", 1)[-1]
-            absent = outputs.absent(stage)  # what `dvc repro` removed before this command: put it back
-            exit_input_error(stage, e, then=functools.partial(put_back, stage, absent) if absent else None)
+            absent = outputs.absent(outputs.stage_outs(stage))  # what `dvc repro` removed before this command
+            exit_input_error(stage, e, then=functools.partial(put_back, stage, absent))
     launch(argv)
 
 

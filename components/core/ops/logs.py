@@ -38,8 +38,12 @@ def is_input_error(e: BaseException) -> bool:
 
 
 def put_back(stage: str, absent: list[str]) -> None:
-    """After a failed run: the stage's last good outputs back in the workspace, said on stderr."""
+    """After a failed run: the stage's last good outputs back in the workspace, said on stderr (nothing to do
+    when none was absent at the start)."""
     from components.core.ops import outputs
+
+    if not absent:
+        return
 
     restored, failed = outputs.restore(stage, absent)
     if restored:
@@ -74,22 +78,19 @@ def stage_main(stage: str):
             setup_logging()
             lifeline.watch_launcher()  # under `dvc repro`: exit when that dvc process is killed
             main_process = os.environ.get("RANK", "0") == "0"  # one process of a distributed launch does files
-            absent = []
-            if main_process:
-                outputs.sweep(stage)
-                absent = outputs.absent(stage)
+            outs = outputs.stage_outs(stage) if main_process else []
+            outputs.sweep(outs)
+            absent = outputs.absent(outs)
             try:
                 result = fn(argv)
             except BaseException as e:
-                failed = main_process and absent and not (isinstance(e, SystemExit) and e.code in (0, None))
-                restore = functools.partial(put_back, stage, absent) if failed else None
+                if isinstance(e, SystemExit) and e.code in (0, None):
+                    raise
                 if isinstance(e, Exception) and is_input_error(e):
-                    exit_input_error(stage, e, then=restore)
-                if restore is not None:
-                    restore()
+                    exit_input_error(stage, e, then=functools.partial(put_back, stage, absent))
+                put_back(stage, absent)
                 raise
-            if main_process:
-                outputs.stash_uncached(stage)
+            outputs.stash_uncached(outs)
             return result
 
         return main

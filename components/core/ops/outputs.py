@@ -64,15 +64,15 @@ def stage_outs(stage: str, root: str | Path = ".") -> list[Out]:
     return found
 
 
-def sweep(stage: str, root: str | Path = ".") -> None:
-    """Remove the temp / backup siblings a killed writer left beside any output of the stage."""
-    for out in stage_outs(stage, root):
+def sweep(outs: list[Out], root: str | Path = ".") -> None:
+    """Remove the temp / backup siblings a killed writer left beside any of a stage's outputs (`stage_outs`)."""
+    for out in outs:
         sweep_leftovers(Path(root) / out.path)
 
 
-def absent(stage: str, root: str | Path = ".") -> list[str]:
-    """The stage's (non-persisted) outputs missing from the workspace: those `restore` may put back."""
-    return [o.path for o in stage_outs(stage, root) if not o.persist and not (Path(root) / o.path).exists()]
+def absent(outs: list[Out], root: str | Path = ".") -> list[str]:
+    """A stage's (non-persisted) outputs missing from the workspace: those `restore` may put back."""
+    return [o.path for o in outs if not o.persist and not (Path(root) / o.path).exists()]
 
 
 def cache_dir(root: str | Path = ".") -> Path:
@@ -88,13 +88,13 @@ def _object(cache: Path, md5: str) -> Path:
     return cache / "files" / "md5" / md5[:2] / md5[2:]
 
 
-def stash_uncached(stage: str, root: str | Path = ".") -> None:
+def stash_uncached(outs: list[Out], root: str | Path = ".") -> None:
     """After a successful run: the stage's `cache: false` files, into the DVC cache by md5, so that a later failed
     run can put back exactly the bytes dvc.lock will name."""
     cache = cache_dir(root)
     if not cache.parent.is_dir():
         return
-    for out in stage_outs(stage, root):
+    for out in outs:
         path = Path(root) / out.path
         if out.cached or not path.is_file():
             continue

@@ -28,11 +28,16 @@ class RegistryError(RuntimeError):
     """A registry state the command cannot act on (no challenger, nothing to roll back to, ...)."""
 
 
+def _digest(uri: str, model_name: str) -> str:
+    """One name per tracking store and model, shared by the file lock and the server's concurrency limit."""
+    return hashlib.sha256(f"{uri}\0{model_name}".encode()).hexdigest()[:16]
+
+
 def _lock_path(model_name: str) -> Path:
     from components.core.ops import tracking
 
     uri = tracking.tracking_uri()
-    digest = hashlib.sha256(f"{uri}\0{model_name}".encode()).hexdigest()[:16]
+    digest = _digest(uri, model_name)
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         return db.parent / f".{db.name}.{digest}.lock"
@@ -82,7 +87,7 @@ def _server_lock(model_name: str, timeout_s: float):
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists
 
-    name = "alignflow-registry-" + hashlib.sha256(f"{uri}\0{model_name}".encode()).hexdigest()[:16]
+    name = "alignflow-registry-" + _digest(uri, model_name)
     try:
         with get_client(sync_client=True) as client:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
