@@ -5,10 +5,14 @@
     alignflow rollback
     alignflow status   [--json]
     alignflow summary  [--json]                          # headline results of the last pipeline run
+    alignflow serve-check VERSION|ALIAS [--json]         # does the version serve as it was evaluated? (recorded)
+    alignflow serve    [--alias champion] [--host 127.0.0.1] [--port 5000]   # mlflow models serve, OpenAI chat
+    alignflow export   VERSION|ALIAS --out DIR           # a plain Hugging Face directory + alignflow_lineage.json
 
 Exit codes: 0 success (promote: promoted, already champion, or --dry-run whatever the decision);
 1 error (bad params, no challenger, nothing to roll back to, MLflow failure, bad arguments);
-2 promote: the gate rejected the candidate (champion unchanged, decision recorded on the candidate).
+2 promote: the gate rejected the candidate (champion unchanged, decision recorded on the candidate);
+  serve-check: the version does not serve as it was evaluated (recorded on it).
 The tracking/registry store is MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
 """
 
@@ -58,6 +62,28 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="headline results of the last pipeline run, read from its outputs")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("serve-check", help="serving parity of a version: served greedy answers = the pipeline's")
+    p.add_argument("ref", metavar="VERSION|ALIAS", help="a version number (3, v3) or an alias (champion)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--data-dir", default="data/prepared", help="held-out prompts: <data-dir>/pref_eval.jsonl")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("serve", help="serve a version as an OpenAI-style chat model (mlflow models serve)")
+    p.add_argument("--alias", default="champion", help="alias or version number to serve (default: champion)")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv", "conda"],
+                   help="local: this environment (default); the others build one from the model's requirements")
+    p.add_argument("--workers", type=int, default=None, help="server processes (each loads the model)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--print-command", action="store_true", help="print the mlflow command instead of running it")
+
+    p = sub.add_parser("export", help="a version or alias as a plain Hugging Face directory (vLLM, TGI, transformers)")
+    p.add_argument("ref", metavar="VERSION|ALIAS")
+    p.add_argument("--out", required=True, help="directory to write (must be empty unless --force)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--params", default="params.yaml")
     return parser
 
 
@@ -192,6 +218,33 @@ def _run(args) -> int:
     if args.command == "status":
         result = registry.status(name)
         print(json.dumps(result, indent=2) if args.json else format_status(result))
+        return EXIT_OK
+    return _run_serving(args, p)
+
+
+def _run_serving(args, p) -> int:
+    from components.core.release import deploy
+
+    name = p.registry.model_name
+    if args.command == "serve-check":
+        result = deploy.serve_check(name, args.ref, os.path.join(args.data_dir, "pref_eval.jsonl"),
+                                    p.registry.parity_prompts, p.evaluate.max_new_tokens, p.model.trust_remote_code)
+        verdict = "PASS" if result["passed"] else "FAIL"
+        print(json.dumps(result, indent=2) if args.json else f"{name} v{result['version']}: serving parity {verdict}: "
+              + result["detail"] + "".join(f"\n  {m}" for m in result["mismatches"][1:5]))
+        return EXIT_OK if result["passed"] else EXIT_REJECTED
+    if args.command == "serve":
+        cmd = deploy.serve_command(name, args.alias, args.host, args.port, args.env_manager, args.workers)
+        if args.print_command:
+            print(" ".join(cmd))
+            return EXIT_OK
+        os.environ.setdefault("MLFLOW_TRACKING_URI", deploy.registry_uri())  # the server reads the same registry
+        print(f"alignflow serve: {name}@{args.alias} on http://{args.host}:{args.port}/invocations "
+              "(OpenAI-style chat; Ctrl-C stops)", file=sys.stderr, flush=True)
+        os.execv(cmd[0], cmd)  # the server replaces this process: signals and exit code are mlflow's
+    if args.command == "export":
+        result = deploy.export(name, args.ref, args.out, force=args.force)
+        print(f"{name} v{result['version']} -> {result['out']} (lineage: {deploy.LINEAGE_FILE})")
         return EXIT_OK
     raise AssertionError(args.command)
 

@@ -5,12 +5,14 @@
 `register.candidate` picks the policy: `dpo` (models/dpo), `grpo`, `ppo` or `rloo` (models/<candidate>). The version carries
 that policy's held-out metrics under the gate's names (`eval/reward_mean`, `eval/kl_to_reference`, ...:
 an online policy's `eval/<candidate>/*` are mapped onto them), so `alignflow promote` gates any of them the same way.
-Logs the candidate's directory as an MLflow transformers model (weights + tokenizer + chat template) in a run tagged
-with its lineage (git commit and dirty flag, DVC hashes of the prepared data, SFT model, reference
-log-probs and DPO model, params hash, Prefect flow run, eval metrics), registers a new version of
-`register.model_name` carrying the same tags, and points the `challenger` alias at it (the last registry
-write: a failure before it leaves the aliases where they were). Promotion, rollback and status are
-`alignflow promote | rollback | status` (components/cli.py over components/core/release/registry.py).
+Logs the candidate's directory as an MLflow chat model (core/release/serving.py: OpenAI-style messages in, the
+model's own chat template applied, generation stopping at the end of the turn) in a run tagged with its lineage
+(git commit and dirty flag, DVC hashes of the prepared data, SFT model, reference log-probs and DPO model, params
+hash, Prefect flow run, eval metrics), checks that the logged model serves as evaluate generated (serving parity:
+prompt tokens and greedy answers, `serving/parity`), registers a new version of `register.model_name` carrying the
+same tags, and points the `challenger` alias at it when parity passed (the last registry write: a failure before it
+leaves the aliases where they were). Promotion, rollback, status, serving and export are
+`alignflow promote | rollback | status | serve-check | serve | export` (components/cli.py over core/release/).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import hashlib
 import json
 import logging
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from components.core.config import RegisterConfig, Runtime, params_hash
+from components.core.config import EvaluateConfig, RegisterConfig, Runtime, params_hash
 from components.core.ops.logs import stage_main
+from components.core.release import deploy, serving
 from components.core.release.registry import (
     CHALLENGER,
     RegistryError,
@@ -62,19 +66,24 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
-def _model_card(model_name: str, tags: dict[str, str], metrics: dict[str, float], candidate: str = "dpo"):
-    from huggingface_hub import ModelCard
-
+def _model_card(model_name: str, tags: dict[str, str], metrics: dict[str, float], candidate: str = "dpo") -> str:
+    """The version's README.md (Hugging Face model card): what it is, how to call it, where it came from."""
     shown = ["eval/reward_mean", "eval/sft/reward_mean", "eval/win_rate_vs_sft", "eval/kl_to_reference",
              "eval/length_ratio"]
     lines = [f"- `{k}`: {metrics[k]:.4f}" for k in shown if k in metrics]
-    return ModelCard(
+    return (
         "---\nlicense: other\nlibrary_name: transformers\npipeline_tag: text-generation\n"
-        f"tags: [alignflow, {candidate}]\n---\n"
+        f"tags: [alignflow, {candidate}, conversational]\n---\n"
         f"# {model_name}\n\n"
-        "Causal LM trained by the alignflow pipeline: SFT, then "
-        + METHOD[candidate]
-        + ".\n\n"
+        "Causal LM trained by the alignflow pipeline: SFT, then " + METHOD[candidate] + ".\n\n"
+        "## Use\n\n"
+        "A chat model: OpenAI-style `messages` in, a chat completion out. The chat template in this directory "
+        "is the one it was trained and evaluated with; a turn ends at the generation config's `eos_token_id`.\n"
+        "Served by `alignflow serve` (MLflow) as `POST /invocations` with "
+        '`{"messages": [{"role": "user", "content": "..."}], "max_tokens": 32, "temperature": 0}` '
+        "(`temperature` 0 = greedy; `top_p`, `stop`, `n` as OpenAI). Request defaults, and this generation "
+        "config's sampling, are the ones evaluate used.\n\n"
+        "## Lineage\n\n"
         f"- git commit: `{tags.get('git/commit', 'unknown')}` (dirty: {tags.get('git/dirty', 'unknown')})\n"
         f"- params hash: `{tags.get('params/hash', '')}`\n"
         f"- data (DVC md5): `{tags.get('dvc/data/prepared', 'not run under DVC')}`\n\n"
@@ -84,10 +93,11 @@ def _model_card(model_name: str, tags: dict[str, str], metrics: dict[str, float]
 
 
 def registration_key(identity: str, lineage: dict[str, str], metrics: dict[str, float]) -> str:
-    """What makes a registration the same one: the model's bytes, its inputs' DVC hashes and params, and
-    its metrics (the git commit, run ids and times are left out)."""
+    """What makes a registration the same one: the model's bytes, its inputs' DVC hashes and params, its metrics
+    and the serving code (the git commit, run ids and times are left out)."""
     stable = {k: v for k, v in lineage.items() if k.startswith(("dvc/", "params/"))}
-    blob = json.dumps({"model": identity, "lineage": stable, "metrics": metrics}, sort_keys=True)
+    served = {"format": serving.SERVING_FORMAT, "code": hashlib.sha256(serving.CHAT_MODEL_FILE.read_bytes()).hexdigest()}
+    blob = json.dumps({"model": identity, "lineage": stable, "metrics": metrics, "served": served}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -149,26 +159,29 @@ def run(
     cfg: RegisterConfig,
     *,
     params: dict,
+    evaluate: EvaluateConfig = EvaluateConfig(),
     model_dir: str | None = None,
     metrics_path: str = "metrics/eval.json",
     eval_report_dir: str = "reports/eval",
+    pref_eval_path: str = "data/prepared/pref_eval.jsonl",
     out_path: str = "reports/registration.json",
     extra_artifacts: Sequence[str] = ("params.yaml", "dvc.lock"),
     runtime: Runtime = Runtime(),
 ) -> dict:
-    """Log the candidate (`cfg.candidate`: models/<candidate>, or model_dir) to MLflow, register it as a new version of
-    `cfg.model_name` and alias it `challenger` (cfg: the `register` params section).
+    """Log the candidate (`cfg.candidate`: models/<candidate>, or model_dir) to MLflow as a chat model, check that it
+    serves as evaluate generated (serving parity), register it as a new version of `cfg.model_name` and alias it
+    `challenger` (cfg: the `register` params section; evaluate: its sampling is the served defaults, its
+    max_new_tokens the parity answers' length).
 
     params: every params section that shaped the model or its metrics (all but `register`: the gate does not make a
     different model), logged as the run's params; their hash is the lineage tag on run and version. The stage is
-    its MLflow run, so there is no `track` switch. Returns (and writes to out_path) name, version, run_id,
-    model_uri, tags.
+    its MLflow run, so there is no `track` switch. A version whose parity fails is registered (tagged
+    `serving/parity: fail`, for inspection) but gets no alias, and the stage fails saying what differs. Returns (and
+    writes to out_path) name, version, run_id, model_uri, tags.
     """
     import mlflow
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from components.core.ops import tracking
-    from components.core.ops.io import write_json
     from components.core.train.checkpoints import model_identity
 
     model_name, candidate = cfg.model_name, cfg.candidate
@@ -182,34 +195,33 @@ def run(
     _check_evaluated(model_dir, identity, candidate, metrics_path, eval_report_dir)
     lineage_now = tracking.lineage_tags("register", inputs, params_digest)
     key = registration_key(identity, lineage_now, metrics)
+
+    def check(model_uri: str) -> dict:  # served vs the evaluated directory
+        return serving.parity(model_uri, model_dir, pref_eval_path, cfg.parity_prompts, evaluate.max_new_tokens,
+                              runtime.trust_remote_code)
+
     existing = _registered(model_name, key)
-    if existing is not None:  # idempotent: the same artifact, lineage and metrics are one version
+    if existing is not None:  # idempotent: the same artifact, lineage, metrics and served code are one version
         log.info("%s: %s with this lineage is already version %s; not registering it again", model_name,
                  model_dir, existing.version)
-        result = {"name": model_name, "version": str(existing.version), "run_id": existing.run_id,
-                  "model_uri": f"models:/{model_name}/{existing.version}", "logged_model_uri": existing.source,
-                  "alias": _move_challenger(model_name, str(existing.version)), "tags": dict(existing.tags)}
-        write_json(out_path, result)
-        return result
-    # An absolute path as name_or_path: MLflow asks the hub for a license file under that name, and
-    # an absolute path fails the hub's repo-id check at once instead of retrying DNS for ~25 s offline.
-    source = str(Path(model_dir).resolve())
-    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=runtime.trust_remote_code, dtype="auto")
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=runtime.trust_remote_code)
-    model.config.use_cache = True  # training saves with it off; serving wants the KV cache
+        tags = dict(existing.tags)
+        if tags.get(serving.PARITY_TAG) != serving.PASS:  # an earlier attempt failed it: check again
+            tags.update(deploy.record_parity(model_name, str(existing.version), existing.run_id,
+                                             check(f"models:/{model_name}/{existing.version}")))
+        return _finish(model_name, str(existing.version), existing.run_id, existing.source, tags, out_path)
 
-    with tracking.stage_run("register", {**params, "candidate": candidate}, inputs, params_digest) as mlrun:
+    sampling = serving.sampling_defaults(evaluate.max_new_tokens, evaluate.temperature, evaluate.top_p)
+    with tracking.stage_run("register", {**params, "candidate": candidate}, inputs, params_digest) as mlrun, \
+            tempfile.TemporaryDirectory(prefix="alignflow-register-") as staging:
         run_id = mlrun.info.run_id
         tracking.log_metrics(mlrun, metrics)
         lineage = {k: v for k, v in mlflow.get_run(run_id).data.tags.items() if not k.startswith("mlflow.")}
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer},
-            task="text-generation",
-            save_pretrained=True,
-            model_card=_model_card(model_name, lineage, metrics, candidate),
-            pip_requirements=_pip_requirements(),
-            name="model",
-        )
+        hf_dir = serving.stage_hf_dir(model_dir, Path(staging) / serving.HF_ARTIFACT, sampling,
+                                      _model_card(model_name, lineage, metrics, candidate), runtime.trust_remote_code)
+        info = serving.log_chat_model(hf_dir, model_name, sampling, _pip_requirements())
+        result = check(info.model_uri)
+        mlflow.log_metric(serving.PARITY_TAG, result["fraction"])
+        mlflow.set_tags(serving.parity_tags(result))
         if Path(eval_report_dir).is_dir():
             mlflow.log_artifacts(eval_report_dir, artifact_path="eval_report")
         for path in [metrics_path, *extra_artifacts]:
@@ -219,15 +231,27 @@ def run(
     # After the run closed (FINISHED): a version never points at a failed run.
     tags = {**lineage, **{k: repr(v) for k, v in metrics.items()}, "alignflow/run_id": run_id,
             "alignflow/registered_at": now(), KEY_TAG: key, "alignflow/model_identity": identity,
-            "alignflow/candidate": candidate}
+            "alignflow/candidate": candidate, **serving.parity_tags(result)}
     registry_client()
     version = mlflow.register_model(info.model_uri, model_name, tags=tags)
-    alias = _move_challenger(model_name, str(version.version))  # last registry write
-    result = {"name": model_name, "version": str(version.version), "run_id": run_id,
-              "model_uri": f"models:/{model_name}/{version.version}", "logged_model_uri": info.model_uri,
-              "alias": alias, "tags": tags}
+    return _finish(model_name, str(version.version), run_id, info.model_uri, tags, out_path)
+
+
+def _finish(model_name: str, version: str, run_id: str, logged_uri: str, tags: dict, out_path: str) -> dict:
+    """Alias the version `challenger` when it passed serving parity (the last registry write), write out_path.
+    A failed parity raises after out_path is written: the version stays, tagged, without an alias."""
+    from components.core.ops.io import write_json
+
+    passed = tags.get(serving.PARITY_TAG) == serving.PASS
+    alias = _move_challenger(model_name, version) if passed else None
+    result = {"name": model_name, "version": version, "run_id": run_id, "model_uri": f"models:/{model_name}/{version}",
+              "logged_model_uri": logged_uri, "alias": alias, "serving_parity": tags.get(serving.PARITY_DETAIL_TAG),
+              "tags": tags}
     write_json(out_path, result)
-    log.info("registered %s version %s (run %s) as %s", model_name, version.version, run_id, CHALLENGER)
+    if not passed:
+        raise RegistryError(f"{model_name} version {version} does not serve as it was evaluated, so it is not "
+                            f"{CHALLENGER}: {tags.get(serving.PARITY_DETAIL_TAG)}")
+    log.info("registered %s version %s (run %s) as %s", model_name, version, run_id, CHALLENGER)
     return result
 
 
@@ -244,8 +268,9 @@ def register_from_params(params_path: str = "params.yaml", model_dir: str | None
     # The version's lineage hash: every section that shaped the model or its metrics. `register`
     # itself (name, gate) is left out: changing the gate does not make a different model.
     params = p.model_dump(by_alias=True, exclude={"registry"})
-    return run(p.registry, params=params, model_dir=model_dir, metrics_path=metrics_path,
-               eval_report_dir=eval_report_dir, out_path=out_path, runtime=Runtime.of(p))
+    return run(p.registry, params=params, evaluate=p.evaluate, model_dir=model_dir, metrics_path=metrics_path,
+               eval_report_dir=eval_report_dir, pref_eval_path="data/prepared/pref_eval.jsonl",
+               out_path=out_path, runtime=Runtime.of(p))
 
 
 def add_register_arguments(parser: argparse.ArgumentParser) -> None:

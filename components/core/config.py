@@ -394,6 +394,8 @@ class GateConfig(Strict):
 class RegisterConfig(Strict):
     model_name: str = Field("alignflow-default", min_length=1)
     candidate: Literal["dpo", "grpo", "ppo", "rloo"] = "dpo"  # which trained policy register proposes (models/<candidate>)
+    # held-out prompts whose served greedy answers must equal the pipeline's (serving parity, required by the gate)
+    parity_prompts: int = Field(8, ge=1)
     gate: GateConfig = GateConfig()
 
 

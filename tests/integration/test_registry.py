@@ -26,18 +26,25 @@ GOOD_METRICS = {"eval/kl_to_reference": 3.0, "eval/length_ratio": 1.1, "eval/num
 
 # ----------------------------------------------------------------------------- gate_decision (unit)
 
+PARITY_PASS = ("pass", "4/4 held-out prompts identical")
+
+
+def decide(*args, parity=PARITY_PASS):
+    return gate_decision(*args, serving_parity=parity)
+
+
 
 def test_gate_passes_on_a_clear_paired_improvement():
     # every prompt improves by exactly 0.5: each resample's mean is 0.5, so the interval is [0.5, 0.5]
-    d = gate_decision([0.75, 1.0, 0.5, 0.5], [0.25, 0.5, 0.0, 0.0], GOOD_METRICS, GATE, 200, 0)
+    d = decide([0.75, 1.0, 0.5, 0.5], [0.25, 0.5, 0.0, 0.0], GOOD_METRICS, GATE, 200, 0)
     assert d.passed, d.reasons
     assert (d.delta, d.ci_low, d.ci_high) == (0.5, 0.5, 0.5)
-    assert len(d.reasons) == 5 and all(r.startswith("PASS") for r in d.reasons)
+    assert len(d.reasons) == 6 and all(r.startswith("PASS") for r in d.reasons)
 
 
 def test_gate_rejects_when_the_interval_includes_zero():
     # differences +1, -1, +1, -1, +0.5: mean 0.1 > min_delta 0, but resamples of 5 values straddle 0
-    d = gate_decision([1, 0, 1, 0, 0.5], [0, 1, 0, 1, 0], GOOD_METRICS, GATE, 1000, 0)
+    d = decide([1, 0, 1, 0, 0.5], [0, 1, 0, 1, 0], GOOD_METRICS, GATE, 1000, 0)
     assert not d.passed
     assert d.delta == pytest.approx(0.1)
     assert d.ci_low < 0 < d.ci_high
@@ -45,11 +52,11 @@ def test_gate_rejects_when_the_interval_includes_zero():
 
 
 def test_gate_rejects_a_tie_and_a_too_small_gain():
-    tie = gate_decision([0.5, 0.5], [0.5, 0.5], GOOD_METRICS, GATE, 200, 0)
+    tie = decide([0.5, 0.5], [0.5, 0.5], GOOD_METRICS, GATE, 200, 0)
     assert not tie.passed and (tie.delta, tie.ci_low) == (0.0, 0.0)  # [0, 0] does not exclude zero
-    small = gate_decision([0.75, 0.75], [0.5, 0.5], GOOD_METRICS, {**GATE, "min_delta": 0.5}, 200, 0)
+    small = decide([0.75, 0.75], [0.5, 0.5], GOOD_METRICS, {**GATE, "min_delta": 0.5}, 200, 0)
     assert not small.passed
-    assert [r.split()[0] for r in small.reasons] == ["FAIL", "PASS", "PASS", "PASS", "PASS"]  # CI fine, delta short
+    assert [r.split()[0] for r in small.reasons] == ["FAIL", "PASS", "PASS", "PASS", "PASS", "PASS"]  # CI fine, delta short
 
 
 @pytest.mark.parametrize("metrics, failing", [
@@ -61,30 +68,43 @@ def test_gate_rejects_a_tie_and_a_too_small_gain():
 ])
 def test_guardrails_veto_an_improvement(metrics, failing):
     gate = {**GATE, "min_prompts": 3} if failing == "compared on" else GATE
-    d = gate_decision([1.0, 1.0], [0.0, 0.0], metrics, gate, 200, 0)
+    d = decide([1.0, 1.0], [0.0, 0.0], metrics, gate, 200, 0)
     assert not d.passed
     assert [r for r in d.reasons if r.startswith("FAIL")] == [next(r for r in d.reasons if failing in r)]
 
 
 def test_no_champion_passes_but_guardrails_still_apply():
-    d = gate_decision(None, None, GOOD_METRICS, GATE, 200, 0)
+    d = decide(None, None, GOOD_METRICS, GATE, 200, 0)
     assert d.passed and "no champion" in d.reasons[0] and d.delta is None
-    assert not gate_decision(None, None, {**GOOD_METRICS, "eval/kl_to_reference": 99.0}, GATE, 200, 0).passed
+    assert not decide(None, None, {**GOOD_METRICS, "eval/kl_to_reference": 99.0}, GATE, 200, 0).passed
 
 
 def test_too_few_prompts_never_promote_and_a_ci_below_zero_says_so():
-    one = gate_decision([0.9], [0.1], GOOD_METRICS, {**GATE, "min_prompts": 50}, 200, 0)
+    one = decide([0.9], [0.1], GOOD_METRICS, {**GATE, "min_prompts": 50}, 200, 0)
     assert not one.passed and (one.ci_low, one.ci_high) == pytest.approx((0.8, 0.8))  # a "CI" of one prompt
     assert "FAIL compared on 1 prompts < gate.min_prompts 50" in one.reasons
-    first = gate_decision(None, None, {**GOOD_METRICS, "eval/num_prompts": 4}, {**GATE, "min_prompts": 50}, 200, 0)
+    first = decide(None, None, {**GOOD_METRICS, "eval/num_prompts": 4}, {**GATE, "min_prompts": 50}, 200, 0)
     assert not first.passed and "FAIL evaluated on 4 held-out prompts < gate.min_prompts 50" in first.reasons
-    worse = gate_decision([0.0] * 10, [1.0] * 10, GOOD_METRICS, GATE, 200, 0)
+    worse = decide([0.0] * 10, [1.0] * 10, GOOD_METRICS, GATE, 200, 0)
     assert any(r.endswith("lies below 0") for r in worse.reasons)
+
+
+@pytest.mark.parametrize("parity, reason", [
+    (None, "FAIL serving parity never checked on this version (alignflow serve-check VERSION)"),
+    (("", ""), "FAIL serving parity never checked on this version (alignflow serve-check VERSION)"),
+    (("fail", "3/4 held-out prompts identical; first difference: ..."),
+     "FAIL serving parity: 3/4 held-out prompts identical; first difference: ..."),
+])
+def test_a_version_that_does_not_serve_as_evaluated_is_never_promoted(parity, reason):
+    first = decide(None, None, GOOD_METRICS, GATE, 200, 0, parity=parity)
+    better = decide([1.0, 1.0], [0.0, 0.0], GOOD_METRICS, GATE, 200, 0, parity=parity)
+    for d in (first, better):
+        assert not d.passed and [r for r in d.reasons if r.startswith("FAIL")] == [reason]
 
 
 def test_unpaired_scores_are_an_error():
     with pytest.raises(ValueError, match="paired"):
-        gate_decision([1.0, 0.0], [0.0], GOOD_METRICS, GATE, 200, 0)
+        decide([1.0, 0.0], [0.0], GOOD_METRICS, GATE, 200, 0)
 
 
 # ----------------------------------------------------------------------------- workspace
@@ -144,16 +164,16 @@ def stage_candidate(model_dir: Path, reward_mean: float, kl: float = 3.0) -> Non
     Path("reports/eval/evaluated_models.json").write_text(json.dumps({"dpo": model_identity("models/dpo")}))
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch, empty_store):
+def make_workspace(root: Path, store: Path, mp: pytest.MonkeyPatch) -> Path:
+    """A project directory for `register`: params, held-out prompts, a dvc.lock, its own copy of the store (cwd)."""
     from components.core import sorting as synthetic
 
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(empty_store, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("ALIGNFLOW_FLOW_RUN_ID", "flow-run-42")
-    monkeypatch.delenv("ALIGNFLOW_PARENT_RUN_ID", raising=False)
+    mp.chdir(root)
+    shutil.copy(store, root / "mlflow.db")
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("ALIGNFLOW_FLOW_RUN_ID", "flow-run-42")
+    mp.delenv("ALIGNFLOW_PARENT_RUN_ID", raising=False)
     write_params()
     _, pairs = synthetic.generate(0, 8, 3, 4, 9, 0.0, seed=11)
     Path("data/prepared").mkdir(parents=True)
@@ -166,7 +186,12 @@ def workspace(tmp_path, monkeypatch, empty_store):
         "dpo": {"outs": [{"path": "models/dpo", "md5": "d90d.dir"}]},
     }}
     Path("dvc.lock").write_text(yaml.safe_dump(lock))
-    return tmp_path
+    return root
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, empty_store):
+    return make_workspace(tmp_path, empty_store, monkeypatch)
 
 
 def aliases() -> dict[str, str]:
@@ -267,14 +292,14 @@ def test_register_promote_rollback(workspace, tiny_models, monkeypatch, capsys):
     rows = out.splitlines()
     assert "champion=v1" in rows[0] and "promoted" in rows[2] and "0.550" in rows[2]  # newest (v2) first
 
-    # -- the champion, loaded back through the registry, generates text
+    # -- the champion, loaded back through the registry, answers chat messages
     import mlflow
 
-    pipe = mlflow.transformers.load_model(f"models:/{NAME}@champion")
-    prompt = pipe.tokenizer.apply_chat_template([{"role": "user", "content": "Sort ascending: 3 1 2"}],
-                                                tokenize=False, add_generation_prompt=True)
-    out = pipe(prompt, max_new_tokens=5, do_sample=False)[0]["generated_text"]
-    assert out.startswith(prompt) and len(out) > len(prompt)
+    chat = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    out = chat.predict({"messages": [{"role": "user", "content": "Sort ascending: 3 1 2"}], "max_tokens": 5,
+                        "temperature": 0})
+    assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
+    assert 0 < out["usage"]["completion_tokens"] <= 5
 
 
 @pytest.mark.integration
@@ -290,8 +315,8 @@ def test_failed_registration_leaves_aliases(workspace, tiny_models, monkeypatch)
         raise RuntimeError("artifact store unavailable")
 
     stage_candidate(tiny_models["b"], reward_mean=0.6)
-    for target in (mlflow.transformers, mlflow):  # fails while logging the model / while registering it
-        attr = "log_model" if target is mlflow.transformers else "register_model"
+    for target in (mlflow.pyfunc, mlflow):  # fails while logging the model / while registering it
+        attr = "log_model" if target is mlflow.pyfunc else "register_model"
         with monkeypatch.context() as m:
             m.setattr(target, attr, broken)
             assert cli.main(["register"]) == 1

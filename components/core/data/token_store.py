@@ -232,3 +232,8 @@ def load_sft(jsonl_path: str | Path, tokenizer, max_length: int) -> list[tuple[l
         ids, mask = r["input_ids"][:max_length], r["assistant_mask"][:max_length]
         out.append((ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]))
     return out
+
+
+def stored_prompt_ids(jsonl_path: str | Path, tokenizer) -> dict[str, list[int]]:
+    """Record id -> the prompt ids prepare stored for a preference split (uncut): what serving must reproduce."""
+    return {str(r["id"]): list(r["prompt_ids"]) for r in _read(jsonl_path, tokenizer)}

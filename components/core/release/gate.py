@@ -31,6 +31,7 @@ def gate_decision(
     gate: dict,
     n_resamples: int,
     seed: int,
+    serving_parity: tuple[str, str] | None = None,
 ) -> Decision:
     """Does the candidate replace the champion? Pure: scores and metrics in, decision out.
 
@@ -42,7 +43,9 @@ def gate_decision(
       difficulty cancels out, so far fewer prompts are needed than comparing two means);
     - guardrails: candidate_metrics["eval/kl_to_reference"] <= gate["max_kl"] and
       candidate_metrics["eval/length_ratio"] <= gate["max_length_ratio"]. A missing or NaN guardrail
-      metric fails: a guardrail that cannot be checked does not hold.
+      metric fails: a guardrail that cannot be checked does not hold;
+    - serving: serving_parity = (the version's `serving/parity` tag, its detail) must be ("pass", ...): a version
+      that does not serve as it was evaluated, or was never checked (None), is not promoted.
     """
     reasons: list[str] = []
     delta = ci_low = ci_high = None
@@ -77,8 +80,16 @@ def gate_decision(
             reasons.append(f"FAIL {metric} missing (guardrail {key} {limit})")
         else:
             reasons.append(f"{'PASS' if value <= limit else 'FAIL'} {metric} {value:.4f} <= {key} {limit}")
+    reasons.append(_parity_reason(serving_parity))
     passed = all(r.startswith("PASS") for r in reasons)
     return Decision(passed, reasons, delta, ci_low, ci_high)
+
+
+def _parity_reason(serving_parity: tuple[str, str] | None) -> str:
+    if serving_parity is None or not serving_parity[0]:
+        return "FAIL serving parity never checked on this version (alignflow serve-check VERSION)"
+    status, detail = serving_parity
+    return f"{'PASS' if status == 'pass' else 'FAIL'} serving parity: {detail}"
 
 
 def _n(value: float | None) -> str:

@@ -32,6 +32,7 @@ from components.core.config import EvaluateConfig, GateConfig
 from components.core.ops.lifeline import pid_alive
 from components.core.release.gate import Decision, gate_decision
 from components.core.release.locking import RegistryError, registry_lock
+from components.core.release.serving import PARITY_DETAIL_TAG, PARITY_TAG, hf_dir_of
 
 log = logging.getLogger("alignflow.registry")
 
@@ -102,22 +103,11 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 
 
 def download_version(name: str, version: str, dst: str | Path) -> str:
-    """A Hugging Face directory (weights + tokenizer) of a registered version: what evaluate loads.
-
-    The transformers flavor stores weights under `model/` and the tokenizer under
-    `components/tokenizer/`; copy the tokenizer next to the weights.
-    """
+    """A Hugging Face directory (weights, tokenizer, chat template) of a registered version: what evaluate loads."""
     import mlflow
-    import yaml
 
     root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
-    flavor = yaml.safe_load((root / "MLmodel").read_text())["flavors"]["transformers"]
-    model_dir = root / flavor.get("model_binary", "model")
-    for component in flavor.get("components", []):
-        for f in (root / "components" / component).iterdir():
-            if f.is_file() and not (model_dir / f.name).exists():
-                shutil.copy2(f, model_dir / f.name)
-    return str(model_dir)
+    return str(hf_dir_of(root))
 
 
 def eval_set_digest(prompts: list[tuple[str, list[dict]]], settings: dict) -> str:
@@ -184,12 +174,14 @@ def promote(model_name: str, gate: GateConfig, evaluate: EvaluateConfig, *, vers
                 "reasons": [f"PASS version {candidate.version} is already {CHAMPION}"]}
 
     metrics = version_metrics(candidate)
+    parity = (candidate.tags.get(PARITY_TAG, ""), candidate.tags.get(PARITY_DETAIL_TAG, ""))
     if champion is None:
-        decision = gate_decision(None, None, metrics, gate.model_dump(), evaluate.bootstrap_samples, seed)
+        decision = gate_decision(None, None, metrics, gate.model_dump(), evaluate.bootstrap_samples, seed,
+                                 serving_parity=parity)
     else:
         rescored = rescore(client, model_name, candidate, champion, evaluate, pref_eval_path, seed)
         decision = gate_decision(rescored["candidate"], rescored["champion"], metrics, gate.model_dump(),
-                                 evaluate.bootstrap_samples, seed)
+                                 evaluate.bootstrap_samples, seed, serving_parity=parity)
         result.update(eval_set=rescored["eval_set"], num_prompts=rescored["num_prompts"],
                       candidate_mean=statistics.fmean(rescored["candidate"]),
                       champion_mean=statistics.fmean(rescored["champion"]))
