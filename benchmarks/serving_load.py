@@ -7,8 +7,9 @@ and malformed requests answered 4xx with the server still up.
 Serves a version of the project's registered model (`alignflow serve --alias ...`, which runs `mlflow models
 serve`) on 127.0.0.1, as a user would after `./scripts/run.sh` (the default pipeline registers a challenger), and
 sends held-out prompts as OpenAI-style chat requests (greedy, evaluate's max_new_tokens), `--concurrency` at a time,
-with a malformed body every 10th request. The peer, on the same machine in the same run, is the answer itself:
-each well-formed answer is compared with the pipeline's own greedy generation (`--check`, the default).
+with a malformed body every 10th request. The peer, on the same machine in the same run, is the pipeline's own
+greedy generation of the same prompts in process, one at a time (unless `--no-check`): every served answer must
+equal it, and the served throughput is quoted as a ratio of its prompts per second.
 
 Stdlib only at import (tests/integration/test_serving.py imports `load_test` and `MALFORMED`).
 """
@@ -159,14 +160,19 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(30)
-    mismatched = None
+    mismatched = in_process_s = None
     if not args.no_check:
+        start = time.perf_counter()
         want = pipeline_answers(str(ROOT / f"models/{p.registry.candidate}"), requests, max_tokens)
+        in_process_s = time.perf_counter() - start
         got = [a["choices"][0]["message"]["content"] for a in result["answers"]]
         mismatched = sum(g != w for g, w in zip(got, want, strict=True))
     summary = {k: v for k, v in result.items() if k != "answers"}
     summary.update(startup_s=up_s, first_answer_s=first_answer_s, server_alive_after=alive,
-                   answers_differing_from_pipeline=mismatched)
+                   answers_differing_from_pipeline=mismatched, in_process_s=in_process_s,
+                   # the peer: the same answers generated in process, one prompt at a time (load included)
+                   served_vs_in_process=(result["requests_per_s"] / (len(requests) / in_process_s)
+                                         if in_process_s else None))
     record = {"benchmark": "serving_load", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "spec": {"alias": args.alias, "requests": args.requests, "concurrency": args.concurrency,
@@ -178,7 +184,8 @@ def main() -> int:
           f"({summary['malformed']} malformed) at concurrency {args.concurrency}: p50 {summary['p50_s'] * 1000:.0f} ms, "
           f"p95 {summary['p95_s'] * 1000:.0f} ms, {summary['requests_per_s']:.1f} req/s, "
           f"{summary['completion_tokens_per_s']:.0f} tokens/s; failures {len(summary['failures'])}; "
-          f"answers differing from the pipeline's: {mismatched}; server up after: {alive}")
+          f"answers differing from the pipeline's: {mismatched}; server up after: {alive}; served throughput "
+          f"{summary['served_vs_in_process'] or float('nan'):.2f}x the pipeline's in-process generation")
     for f in summary["failures"][:10]:
         print("  " + f)
     return 0 if not summary["failures"] and alive and not mismatched else 1

@@ -50,6 +50,9 @@ def test_full_repro_writes_every_artifact(tiny_repo):
     page = (tiny_repo / "reports/eval/index.html").read_text()
     assert "GRPO response" in page and "PPO response" in page and "RLOO response" in page
     assert "Methods side by side" in page and "reward-model score" in page
+    registration = json.loads((tiny_repo / "reports/registration.json").read_text())  # the version serves as evaluated
+    assert registration["tags"]["serving/parity"] == "pass" and registration["alias"] == "challenger"
+    assert registration["serving_parity"].startswith("4/4 held-out prompts identical (prompt tokens vs the token")
 
 
 def test_register_candidate_grpo_registers_the_grpo_model_under_the_gates_names(tiny_repo, tmp_path):
@@ -63,6 +66,7 @@ def test_register_candidate_grpo_registers_the_grpo_model_under_the_gates_names(
     assert tags["alignflow/candidate"] == "grpo"
     assert float(tags["eval/reward_mean"]) == pytest.approx(evaluated["eval/grpo/reward_mean"])
     assert float(tags["eval/kl_to_reference"]) == pytest.approx(evaluated["eval/grpo/kl_to_reference"])
+    assert tags["serving/parity"] == "pass"  # an online policy serves as evaluated too
 
 
 def test_second_repro_does_nothing(tiny_repo):

@@ -41,6 +41,7 @@ def tiny_budgets(params: dict) -> dict:
                           micro_batch_size=4, max_completion_length=8, save_every=100, log_every=1)
     params["evaluate"].update(num_prompts=4, max_new_tokens=8, batch_size=4, bootstrap_samples=100,
                               num_samples_in_report=2, base=True)
+    params["register"]["parity_prompts"] = 4
     return params
 
 
@@ -136,3 +137,7 @@ def test_every_metric_is_finite_and_the_model_is_registered(smol_repo):
     client = mlflow.MlflowClient(f"sqlite:///{smol_repo}/mlflow.db")
     versions = client.search_model_versions("name='alignflow-smollm2'")
     assert len(versions) == 1, versions
+    # the real template (with its default system prompt) and the real end-of-turn token serve as evaluated
+    tags = versions[0].tags
+    assert tags["serving/parity"] == "pass", tags.get("serving/parity_detail")
+    assert tags["serving/parity_detail"].startswith("4/4 held-out prompts identical (prompt tokens vs the token artifact")
