@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import time
 from collections import defaultdict
@@ -30,7 +29,7 @@ from components.core.model import loading
 from components.core.model.logprobs import StaleReferenceError, load_reference_logps, pair_logps
 from components.core.ops import faults, logs, tracking
 from components.core.ops.io import write_csv, write_json
-from components.core.ops.logs import stage_main
+from components.core.ops.logs import result_line, stage_main
 from components.core.train import checkpoints, loop
 
 log = logging.getLogger("alignflow.dpo")
@@ -293,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     p = load_params(args.params)
     result = run(p.dpo, model_path=args.model, data_dir=args.data_dir, reference_dir=args.reference_dir,
                  out_dir=args.out, runtime=Runtime.of(p))
-    log.info("dpo done: %s", json.dumps(result))
+    log.info(result_line("dpo", result, ("loss", "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "steps"),
+                         "metrics/dpo.json"))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ scoring from the metrics it feeds would scatter that one contract over files.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -57,7 +56,7 @@ from components.core.model.loading import autocast, load_tokenizer
 from components.core.model.logprobs import StaleReferenceError, batch_nll, preference_logps, response_logps
 from components.core.ops import determinism
 from components.core.ops.io import read_jsonl, write_csv, write_json
-from components.core.ops.logs import stage_main
+from components.core.ops.logs import result_line, stage_main
 
 log = logging.getLogger("alignflow.evaluate")
 ONLINE = ("grpo", "ppo", "rloo")  # the online policies evaluated beside DPO, when trained (models/<name>)
@@ -478,7 +477,8 @@ def main(argv: list[str] | None = None) -> None:
                  reward_model_dir=args.reward_model if trained_rm else None, data_dir=args.data_dir,
                  reference_path=args.reference, metrics_path=args.metrics, plots_path=args.plots,
                  report_dir=args.report, runtime=Runtime.of(p), track=not args.no_track)
-    log.info("evaluate done: %s", json.dumps(result))
+    log.info(result_line("evaluate", result, ("eval/reward_mean", "eval/win_rate_vs_sft", "eval/grpo/reward_mean", "eval/ppo/reward_mean", "eval/rloo/reward_mean", "eval/num_prompts"),
+                         "metrics/eval.json, reports/eval/index.html"))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import time
 from collections import defaultdict
@@ -37,7 +36,7 @@ from components.core.model import loading, logprobs, sharding
 from components.core.model.generation import eos_ids
 from components.core.ops import faults, logs, placeholders, tracking
 from components.core.ops.io import write_csv, write_json
-from components.core.ops.logs import stage_main
+from components.core.ops.logs import result_line, stage_main
 from components.core.train import checkpoints, loop, online
 
 log = logging.getLogger("alignflow.grpo")
@@ -392,7 +391,8 @@ def main(argv: list[str] | None = None) -> None:
         placeholders.grpo(args.out)
         return
     result = run(p.grpo, model_path=args.model, data_dir=args.data_dir, out_dir=args.out, runtime=Runtime.of(p))
-    log.info("grpo done: %s", json.dumps({k: v for k, v in result.items() if not k.startswith("config/")}))
+    log.info(result_line("grpo", result, ("reward_first", "reward_last_window", "loss", "steps", "generated_tokens_per_second"),
+                         "metrics/grpo.json"))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import random
 import time
@@ -44,7 +43,7 @@ from components.core.model import heads, loading, logprobs, sharding
 from components.core.model.generation import eos_ids
 from components.core.ops import faults, logs, placeholders, tracking
 from components.core.ops.io import write_csv, write_json
-from components.core.ops.logs import stage_main
+from components.core.ops.logs import result_line, stage_main
 from components.core.train import checkpoints, loop, online
 
 log = logging.getLogger("alignflow.ppo")
@@ -480,7 +479,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = cfg.model_copy(update={"max_steps": args.max_steps})
     result = run(cfg, model_path=args.model, reward_model_path=args.reward_model, data_dir=args.data_dir,
                  runtime=Runtime.of(p))
-    log.info("ppo done: %s", json.dumps({k: v for k, v in result.items() if not k.startswith("config/")}))
+    log.info(result_line("ppo", result, ("reward_first", "reward_last_window", "kl", "steps"),
+                         "metrics/ppo.json"))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from components.core.model import loading, sharding
 from components.core.model.logprobs import pair_logps
 from components.core.ops import logs
 from components.core.ops.io import atomic_dir, write_json
-from components.core.ops.logs import stage_main
+from components.core.ops.logs import result_line, stage_main
 from components.core.train import loop
 
 log = logging.getLogger("alignflow.reference")
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     p = load_params(args.params)
     result = run(p.reference, dpo=p.dpo, model_path=args.model, data_dir=args.data_dir, out_dir=args.out,
                  runtime=Runtime.of(p))
-    log.info("reference done: %s", json.dumps(result))
+    log.info(result_line("reference", result, ("train/pairs", "eval/pairs", "tokens_per_second"),
+                         "metrics/reference.json"))
 
 
 if __name__ == "__main__":

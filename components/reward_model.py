@@ -16,7 +16,6 @@ Writes models/reward_model/ (loads in TRL, OpenRLHF, `evaluate.judge: reward_mod
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections import defaultdict
@@ -31,7 +30,7 @@ from components.core.model import heads, loading, sharding
 from components.core.model.generation import generation_eos
 from components.core.ops import faults, logs, placeholders, tracking
 from components.core.ops.io import write_csv, write_json
-from components.core.ops.logs import stage_main
+from components.core.ops.logs import result_line, stage_main
 from components.core.train import checkpoints, loop
 
 log = logging.getLogger("alignflow.reward_model")
@@ -259,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     result = run(p.reward_model, model_path=args.model, data_dir=args.data_dir, out_dir=args.out,
                  runtime=Runtime.of(p))
-    log.info("reward_model done: %s", json.dumps(result))
+    log.info(result_line("reward_model", result, ("eval/accuracy", "eval/loss", "steps"),
+                         "metrics/reward_model.json"))
 
 
 if __name__ == "__main__":

@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
-from components.core.config import Runtime, SFTConfig, params_hash
+from components.core.config import Runtime, SFTConfig
 from components.core.data import packing, token_store
 from components.core.data.tokens import IGNORE_INDEX, collate_sequences
 from components.core.model import loading, logprobs
 from components.core.model.logprobs import batch_nll
 from components.core.ops import faults, logs, tracking
 from components.core.ops.io import write_csv, write_json
-from components.core.ops.logs import stage_main
+from components.core.ops.logs import result_line, stage_main
 from components.core.train import checkpoints, loop
 
 log = logging.getLogger("alignflow.sft")
@@ -234,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     result = run(p.sft, model_path=args.model or resolve_model_path("models/base"),
                  train_path=f"{args.data_dir}/sft_train.jsonl", eval_path=f"{args.data_dir}/sft_eval.jsonl",
                  out_dir=args.out, runtime=Runtime.of(p))
-    log.info("sft done: %s (params hash %s)", json.dumps(result), params_hash(p.sft))
+    log.info(result_line("sft", result, ("train/loss", "eval/loss_first", "eval/loss", "steps", "tokens_per_second"),
+                         "metrics/sft.json"))
 
 
 if __name__ == "__main__":

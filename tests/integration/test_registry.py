@@ -110,33 +110,6 @@ def test_unpaired_scores_are_an_error():
 # ----------------------------------------------------------------------------- workspace
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """Two real tiny Llamas sharing one tokenizer (with the ChatML template): different seeds."""
-    from components.bootstrap import build_model, build_tokenizer
-    from components.core import sorting as synthetic
-
-    root = tmp_path_factory.mktemp("models")
-    tok = build_tokenizer(synthetic.corpus(3, 4, 9, 0), 300)
-    dirs = {}
-    for label, seed in (("a", 1), ("b", 2)):
-        model = build_model(tok, 32, 2, 2, 1, 64, 128, seed)
-        dirs[label] = root / label
-        model.save_pretrained(dirs[label])
-        tok.save_pretrained(dirs[label])
-    return dirs
-
-
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory) -> Path:
-    """An MLflow SQLite file with the schema created (migrations take seconds: do them once)."""
-    import mlflow
-
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 def write_params(gate: dict | None = None, **evaluate) -> None:
     params = {
         "seed": 7,

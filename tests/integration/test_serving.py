@@ -14,15 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_registry import NAME, make_workspace, stage_candidate  # tests/integration is on sys.path
 
 from components import cli
-from test_registry import (  # noqa: F401  (fixtures; tests/integration is on sys.path, as for every test file)
-    NAME,
-    empty_store,
-    make_workspace,
-    stage_candidate,
-    tiny_models,
-)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import serving_load  # noqa: E402
@@ -32,7 +26,7 @@ MAX_TOKENS = 6  # evaluate.max_new_tokens of the workspace's params
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory, tiny_models, empty_store):  # noqa: F811
+def registry(tmp_path_factory, tiny_models, empty_store):
     """A project whose `champion` is tiny model a, registered by the register stage and promoted through the gate."""
     from components.core.data import token_store
     from components.core.model.loading import load_tokenizer

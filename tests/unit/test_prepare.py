@@ -351,6 +351,15 @@ def test_missing_field_names_file_line_and_field(tmp_path, tiny_tokenizer_dir):
     "lines, kind, message",
     [
         ([{"question": "Q?", "answer": "A."}], "auto", ":1: record matches no known format"),
+        (  # a typo'd field: the fix, not the 15 formats
+            [{"prompt": "Q?", "choosen": "A.", "rejected": "B."}],
+            "auto",
+            ":1: field 'choosen': did you mean 'chosen'? (fields: choosen, prompt, rejected; format 'preference', "
+            "TRL standard / conversational, expects prompt/chosen/rejected; rename it in the file or map it in "
+            "params: data.sources[].columns: {chosen: choosen})",
+        ),
+        ([{"Messages": [{"role": "user", "content": "Q?"}]}], "sft", ":1: field 'Messages': did you mean 'messages'?"),
+        ([{"prompt": "Q?", "completion": "A.", "lable": True}], "unpaired", ":1: field 'lable': did you mean 'label'?"),
         ([PAIR, [1, 2]], "auto", ":2: record is a list, expected an object"),
         (
             [{"prompt": "Q?", "completion": "A."}, {"prompt": "Q?", "completion": "A.", "label": True}],

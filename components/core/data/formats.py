@@ -62,6 +62,9 @@ FORMATS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "sft_prompt_completion": ("sft", ("prompt", "completion"), "TRL prompt-completion"),
 }
 
+# every field name some format uses: a record's field that is one of them is not a typo of another
+FIELD_NAMES = frozenset(f for _, fields, _ in FORMATS.values() for f in fields) | set(LABEL_FIELDS)
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # HH-RLHF transcripts: "\n\nHuman: ...\n\nAssistant: ..." and the single-newline variant some copies use
 _HH_MARKER = re.compile(r"(?:^|\n)(Human|Assistant):")
@@ -92,12 +95,41 @@ def _expected(kind: str) -> str:
                      if kind in ("auto", k))
 
 
+def near_miss(record: dict, kind: str = "auto") -> tuple[str, dict[str, str]] | None:
+    """(format, {expected field: the record's field that looks like a typo of it}) for the first format whose
+    fields the record has, but for near-misses (`choosen` for `chosen`, `Prompt` for `prompt`); None if none."""
+    import difflib
+
+    keys = [str(k) for k in record]
+    for name, (format_kind, fields, _) in FORMATS.items():
+        if kind not in ("auto", format_kind):
+            continue
+        typos = {}
+        for field in (f for f in fields if not _has(record, f)):
+            wanted = LABEL_FIELDS if field == "label" else (field,)
+            close = [c for w in wanted for c in difflib.get_close_matches(w, keys, n=1, cutoff=0.75)
+                     if c.lower() not in FIELD_NAMES or c.lower() == w]
+            if not close:
+                break
+            typos[field] = close[0]
+        else:
+            if typos:
+                return name, typos
+    return None
+
+
 def file_format(record: dict, kind: str, loc: str) -> str:
     """The format of a file, from its first record (and the source's kind)."""
     keys = ", ".join(sorted(map(str, record))) or "none"
     name = _guess_format(record, kind)
     if name is not None:
         return name
+    if (near := near_miss(record, kind)) is not None:
+        fmt, typos = near
+        field, found = next(iter(typos.items()))
+        raise DataError(f"{loc}: field '{found}': did you mean '{field}'? (fields: {keys}; format '{fmt}', "
+                        f"{FORMATS[fmt][2]}, expects {'/'.join(FORMATS[fmt][1])}; rename it in the file or map it "
+                        f"in params: data.sources[].columns: {{{field}: {found}}})")
     if kind == "auto":
         raise DataError(f"{loc}: record matches no known format (fields: {keys}); expected one of: {_expected(kind)}")
     other = _guess_format(record)

@@ -56,7 +56,7 @@ def load_model(path: str, trust_remote_code: bool = False, lora: dict | None = N
     if lora_on:
         from peft import LoraConfig, get_peft_model
 
-        if getattr(model, "is_gradient_checkpointing", False):
+        if checkpointing(model):
             model.enable_input_require_grads()
         model = get_peft_model(
             model,
@@ -70,8 +70,18 @@ def enable_gradient_checkpointing(model, setting: bool | str) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     if setting is True or (setting == "auto" and n_params > 100e6):
         # non-reentrant: works with DDP/FSDP and with inputs that do not require grad
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         log.info("gradient checkpointing on (%.0fM parameters)", n_params / 1e6)
+
+def checkpointing(model) -> bool:
+    """Whether activation (gradient) checkpointing is on, by the name this transformers has (the old one warns)."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
 
 def stored_dtype(path: str) -> torch.dtype | None:
     """The dtype a model's weights were stored in (config.json `dtype` / `torch_dtype`), if it says."""

@@ -114,6 +114,9 @@ def launch(argv: list[str]) -> None:
         run_module(args.training_script, list(args.training_script_args))
 
     accelerate_launch.simple_launcher = in_this_process
+    from components.core.ops.logs import quiet_third_party
+
+    quiet_third_party()  # accelerate's notice that it chose the CPU thread count: the launcher decides threads
     try:
         accelerate_launch.launch_command(accelerate_launch.launch_command_parser().parse_args(argv))
     finally:

@@ -16,6 +16,44 @@ from collections.abc import Callable
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_LOGGERS = ("accelerate", "accelerate.accelerator", "accelerate.checkpointing")
+# Third-party warnings that say nothing a user can act on here, dropped at their logger (by message start):
+# - accelerate warns at every save of a model with tied embeddings that it dropped the tied copy (expected: the
+#   weights are tied again on load);
+# - `accelerate launch` warns that it chose --num_cpu_threads_per_process itself (the launcher sets the threads).
+DROPPED = {
+    "accelerate.utils.other": ("Removed shared tensor",),
+    "accelerate.commands.launch": ("The following values were not passed to `accelerate launch` and had defaults "
+                                   "used instead:\n\t`--num_cpu_threads_per_process` was set",),
+}
+RESULT_LINE_CHARS = 200  # a stage's closing line; the full result is its metrics file
+
+
+class _Drop(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        # the launch notice: dropped only when the thread count is all it lists (other defaults still warn)
+        if message.startswith("The following values were not passed") and message.count("\t") > 1:
+            return True
+        return not message.startswith(self.starts)
+
+
+def quiet_third_party() -> None:
+    """Drop the DROPPED warnings and the progress bars of model loading and artifact downloads (transformers'
+    "Loading weights", MLflow's "Downloading artifacts"): lines that redraw in a log file and bury the stage's own."""
+    for name, starts in DROPPED.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) for f in logger.filters):
+            logger.addFilter(_Drop(starts))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers / huggingface_hub import
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def setup_logging(level: str | None = None) -> None:
@@ -24,6 +62,24 @@ def setup_logging(level: str | None = None) -> None:
     if level != "DEBUG":
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+        quiet_third_party()
+
+
+def result_line(stage: str, result: dict, keys: tuple[str, ...], where: str) -> str:
+    """A stage's closing line: a few headline numbers (those of `keys` it has) and the file that holds them all,
+    at most RESULT_LINE_CHARS."""
+    def fmt(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    parts = [f"{k} {fmt(result[k])}" for k in keys if k in result]
+    seconds = result.get("seconds")
+    head = f"{stage} done" + (f" in {seconds:.1f} s" if isinstance(seconds, int | float) else "")
+    tail = f" (all: {where})"
+    body = ", ".join(parts)
+    room = RESULT_LINE_CHARS - len(head) - len(tail) - 2
+    if len(body) > room:
+        body = body[: room - 1].rsplit(", ", 1)[0] + ", …"
+    return f"{head}: {body}{tail}" if body else head + tail
 
 
 # Printed by a stage that fails on its inputs (params, data, a diverging run): the flow does not retry it.

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from components.core.release import serving
-from components.core.release.registry import CHAMPION, RegistryError, now, registry_client
+from components.core.release.registry import RegistryError, now, registry_client
 
 log = logging.getLogger("alignflow.registry")
 

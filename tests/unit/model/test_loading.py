@@ -39,8 +39,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model_dir):
     path, tok = model_dir
     plain = loading.load_model(str(path), gradient_checkpointing=False)
     checkpointed = loading.load_model(str(path), gradient_checkpointing=True)
-    assert not plain.is_gradient_checkpointing and checkpointed.is_gradient_checkpointing
-    assert not loading.load_model(str(path), gradient_checkpointing="auto").is_gradient_checkpointing  # 100M+
+    assert not loading.checkpointing(plain) and loading.checkpointing(checkpointed)
+    assert not loading.checkpointing(loading.load_model(str(path), gradient_checkpointing="auto"))  # 100M+
     (loss_a, grads_a), (loss_b, grads_b) = nll_grads(plain, tok), nll_grads(checkpointed, tok)
     torch.testing.assert_close(loss_b, loss_a)
     for key, g in grads_a.items():

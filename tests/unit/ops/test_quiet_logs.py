@@ -1,0 +1,36 @@
+"""What a stage prints: one short closing line, and none of the third-party notices a user cannot act on."""
+
+from __future__ import annotations
+
+import logging
+
+from components.core.ops import logs
+
+
+def test_the_closing_line_is_short_and_names_the_file_with_everything():
+    result = {"train/loss": 0.5488559603691101, "eval/loss": 0.61234, "steps": 500, "seconds": 31.64,
+              **{f"other/{i}": float(i) for i in range(200)}}
+    line = logs.result_line("sft", result, ("train/loss", "eval/loss", "steps", "missing"), "metrics/sft.json")
+    assert line == "sft done in 31.6 s: train/loss 0.5489, eval/loss 0.6123, steps 500 (all: metrics/sft.json)"
+    long = logs.result_line("evaluate", {f"eval/k{i}": 0.1 * i for i in range(60)}, tuple(f"eval/k{i}" for i in range(60)),
+                            "metrics/eval.json")
+    assert len(long) <= logs.RESULT_LINE_CHARS and long.endswith(", … (all: metrics/eval.json)")
+
+
+def test_accelerates_expected_notices_are_dropped_and_its_other_warnings_kept(caplog):
+    logs.quiet_third_party()
+    other = logging.getLogger("accelerate.utils.other")
+    launch = logging.getLogger("accelerate.commands.launch")
+    with caplog.at_level(logging.WARNING):
+        other.warning("Removed shared tensor {'lm_head.weight'} while saving. This should be OK")
+        launch.warning("The following values were not passed to `accelerate launch` and had defaults used instead:\n"
+                       "\t`--num_cpu_threads_per_process` was set to `2` to improve out-of-box performance")
+        launch.warning("The following values were not passed to `accelerate launch` and had defaults used instead:\n"
+                       "\t`--dynamo_backend` was set to a value of `'no'`\n"
+                       "\t`--num_cpu_threads_per_process` was set to `2` to improve out-of-box performance")
+        other.warning("Detected kernel version 4.0, which is below the recommended minimum")
+    kept = [r.getMessage().splitlines()[0] for r in caplog.records]
+    assert kept == ["The following values were not passed to `accelerate launch` and had defaults used instead:",
+                    "Detected kernel version 4.0, which is below the recommended minimum"]
+    logs.quiet_third_party()  # idempotent: one filter per logger
+    assert sum(isinstance(f, logs._Drop) for f in other.filters) == 1
