@@ -16,7 +16,7 @@ Formats: core/formats.FORMATS (TRL, HH-RLHF, UltraFeedback, OpenAI chat and pref
 ShareGPT, LLaMA-Factory, Alpaca, xtuner), detected per file from its first record or narrowed with `kind`;
 `columns` renames a file's fields first. The README's format table has an example of each.
 
-The file is broken -> DataError, the run stops, nothing is written. The message is one line,
+The file is broken -> DataError, the run stops, nothing is written but reports/prepare.json (with the error). The message is one line,
 `file:line: field 'x': problem`: missing file or empty directory, unsupported extension, invalid JSON
 (unless data.skip_invalid_json), a CSV row with the wrong number of cells, a record that is not an object,
 a first record matching no format (of the `kind` asked for), a later record of another format.
@@ -258,15 +258,17 @@ def _inputs(cfg: DataConfig):
 Kept = tuple[str, dict, str, dict | None]
 
 
-def read_sources(cfg: DataConfig, tokenizer) -> tuple[list[Kept], list[_FileReport]]:
+def read_sources(cfg: DataConfig, tokenizer, reports: list[_FileReport] | None = None
+                 ) -> tuple[list[Kept], list[_FileReport]]:
     """Read, validate, normalise, dedupe (across sources) and tokenise every record of every source, in order:
-    the records kept, and one report per file (every drop counted under its reason)."""
+    the records kept, and one report per file (every drop counted under its reason), appended to `reports` as
+    each file starts (so a caller holds the files read so far when a record stops the stage)."""
     markers = chat_markers(tokenizer)
     tools_ok = template_supports_tools(tokenizer)
     dedupe, max_length, max_prompt_length = cfg.dedupe, cfg.max_length, cfg.max_prompt_length
     kept: list[Kept] = []
     seen: set[str] = set()
-    reports: list[_FileReport] = []
+    reports = [] if reports is None else reports
     for source, kind, columns, label, records, provenance in _inputs(cfg):
         report = _FileReport(source=source, file=label, hub=provenance)
         reports.append(report)
@@ -411,7 +413,14 @@ def run(
                 "max_prompt_length": cfg.max_prompt_length, "dedupe": cfg.dedupe, "seed": runtime.seed,
                 "min_kept_fraction": cfg.min_kept_fraction, "skip_invalid_json": cfg.skip_invalid_json}
 
-    kept, reports = read_sources(cfg, tokenizer)
+    reports: list[_FileReport] = []
+    try:
+        kept, reports = read_sources(cfg, tokenizer, reports)
+    except DataError as e:  # a record that stops the stage: the report says so too, with the files read until then
+        if report_path:
+            failed = {"settings": settings, "files": [r.as_dict() for r in reports], "error": str(e)}
+            write_text(report_path, json.dumps(failed, indent=2, ensure_ascii=False) + "\n")
+        raise
     files_report = check_kept(kept, reports, settings, cfg.min_kept_fraction, report_path)
     files, token_rows, prompts = split_records(kept, cfg.eval_fraction, runtime.seed)
     metrics = prepare_metrics(files, reports, len(kept), prompts)
@@ -443,9 +452,46 @@ def main(argv: list[str] | None = None) -> int:
     from components.core.ops.io import resolve_model_path
 
     params = load_params(args.params)  # a ParamsError / DataError: one line + the input-error mark, exit 2
-    run(params.data, tokenizer_path=resolve_model_path("models/base"), out_dir="data/prepared",
-        metrics_path="metrics/prepare.json", report_path="reports/prepare.json", runtime=Runtime.of(params))
+    for path in stale_fingerprints(FINGERPRINTS, len(params.data.sources)):
+        path.unlink()
+        log.info("removed %s: data.sources has no source %s any more", path, path.stem)
+    metrics = run(params.data, tokenizer_path=resolve_model_path("models/base"), out_dir="data/prepared",
+                  metrics_path="metrics/prepare.json", report_path="reports/prepare.json", runtime=Runtime.of(params))
+    evaluated = held_out_prompts("data/prepared/pref_eval.jsonl", params.evaluate.num_prompts)
+    for warning in data_warnings(metrics, evaluated, params.registry.gate.min_prompts):
+        log.warning(warning)
     return 0
+
+
+FINGERPRINTS = "data/fingerprints"  # the `sources` stages' outputs: src<i>.json for data.sources[i]
+
+
+def stale_fingerprints(directory: str, num_sources: int) -> list[Path]:
+    """Fingerprint files of sources that params no longer list (DVC leaves a removed matrix item's output)."""
+    current = {f"src{i}.json" for i in range(num_sources)}
+    root = Path(directory)
+    return sorted(p for p in root.glob("*.json") if p.name not in current) if root.is_dir() else []
+
+
+def held_out_prompts(pref_eval_path: str, num_prompts: int) -> int:
+    """How many held-out prompts evaluate will score (distinct prompts of pref_eval, at most evaluate.num_prompts)."""
+    distinct = {json.dumps(json.loads(line)["prompt"], sort_keys=True)
+                for line in Path(pref_eval_path).read_text().splitlines() if line.strip()}
+    return len(distinct) if num_prompts == 0 else min(len(distinct), num_prompts)
+
+
+def data_warnings(metrics: dict, evaluated: int, min_prompts: int) -> list[str]:
+    """What the kept data means for the stages after prepare, said before they run (evaluated: held_out_prompts)."""
+    out = []
+    if metrics.get("sft/train", 0) == 0:
+        out.append("no SFT records kept: sft has nothing to train on (add SFT data to data.sources)")
+    if metrics.get("preference/train", 0) == 0 and metrics.get("unpaired/train", 0) == 0:
+        out.append("no preference or unpaired records kept: reference and dpo have nothing to train on")
+    if evaluated < min_prompts:
+        out.append(f"evaluate will score {evaluated} held-out prompts < register.gate.min_prompts {min_prompts}: "
+                   "alignflow promote will refuse every version (add preference data, raise data.eval_fraction, or "
+                   "lower the gate's min_prompts)")
+    return out
 
 
 if __name__ == "__main__":

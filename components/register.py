@@ -31,6 +31,7 @@ from components.core.ops.logs import stage_main
 from components.core.release import deploy, serving
 from components.core.release.registry import (
     CHALLENGER,
+    CHAMPION,
     RegistryError,
     now,
     registry_client,
@@ -113,9 +114,13 @@ def _registered(model_name: str, key: str):
 
 
 def _move_challenger(model_name: str, version: str) -> str | None:
-    """Point `challenger` at version unless a newer version holds it already (parallel registrations)."""
+    """Point `challenger` at version unless a newer version holds it already (parallel registrations) or the version
+    is the champion (registered again: nothing to challenge). Returns the alias the version holds after it."""
     client = registry_client()
     with registry_lock(model_name):
+        if version_of(client, model_name, CHAMPION) == version:
+            log.info("%s: v%s is %s already; %s not moved", model_name, version, CHAMPION, CHALLENGER)
+            return CHAMPION
         current = version_of(client, model_name, CHALLENGER)
         if current is not None and int(current) > int(version):
             log.warning("%s: challenger is v%s, newer than v%s; left there", model_name, current, version)

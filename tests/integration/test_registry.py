@@ -199,7 +199,7 @@ def test_register_promote_rollback(workspace, tiny_models, monkeypatch, capsys):
     assert aliases() == {"challenger": "1"}
 
     assert cli.main(["promote"]) == 0
-    assert aliases() == {"challenger": "1", "champion": "1"}
+    assert aliases() == {"champion": "1"}  # no longer a challenger once champion
     tags = version_tags("1")
     assert tags["promotion/decision"] == "promoted" and "no champion" in tags["promotion/reasons"]
     assert tags["promotion/compared_to"] == "none" and "promotion/previous_champion" not in tags
@@ -245,13 +245,13 @@ def test_register_promote_rollback(workspace, tiny_models, monkeypatch, capsys):
     assert cli.main(["promote", "--json"]) == 0
     decision = json.loads(capsys.readouterr().out)
     assert decision["decision"] == "promoted" and decision["delta"] == pytest.approx(0.4)
-    assert aliases() == {"challenger": "2", "champion": "2"}
+    assert aliases() == {"champion": "2"}
     tags = version_tags("2")
     assert tags["promotion/decision"] == "promoted" and tags["promotion/previous_champion"] == "1"
     assert float(tags["promotion/delta"]) == pytest.approx(0.4) and float(tags["promotion/ci_low"]) > 0
-    assert cli.main(["promote"]) == 0  # already champion: nothing to do
+    assert cli.main(["promote", "--version", "2"]) == 0  # already champion: nothing to do
 
-    # -- rollback: champion back to v1; the demoted challenger cannot be re-promoted by accident
+    # -- rollback: champion back to v1; the demoted version holds no alias to be re-promoted by accident
     assert cli.main(["rollback"]) == 0
     assert aliases() == {"champion": "1"}
     assert version_tags("2")["rollback/restored_version"] == "1"
@@ -431,6 +431,11 @@ def test_register_is_idempotent_and_checks_whose_metrics_it_records(workspace, t
     assert cli.main(["register"]) == 0 and aliases()["challenger"] == "2"
     assert _move_challenger(NAME, "1") is None  # a slower parallel registration of an older version ...
     assert aliases()["challenger"] == "2"  # ... leaves challenger on the newest
+
+    write_params(gate={"min_delta": -1.0})  # (any decision will do: only the aliases matter here)
+    assert cli.main(["promote"]) == 0 and aliases() == {"champion": "2"}  # no longer a challenger once champion
+    assert cli.main(["register"]) == 0 and aliases() == {"champion": "2"}  # registered again: still champion only
+    assert json.loads(Path("reports/registration.json").read_text())["alias"] == "champion"
 
 
 @pytest.mark.integration

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from components import prepare as prepare_stage
-from components.core.config import DataConfig, Runtime
+from components.core.config import DataConfig, Runtime, SourceConfig
 from components.core.data.formats import REASONS
 from components.core.data.readers import DataError
 
@@ -564,3 +564,36 @@ def test_cli_data_error_is_one_line_and_marked_not_worth_retrying(cli, capsys):
     first, mark = capsys.readouterr().err.strip().splitlines()
     assert first.startswith("prepare: error: ") and "broken_json.jsonl:3: invalid JSON" in first
     assert mark.startswith(INPUT_ERROR_MARK)  # the flow does not retry it (tests/integration/test_flow.py)
+
+
+def test_a_format_error_still_writes_the_report_with_the_files_read(tmp_path, tiny_tokenizer_dir):
+    good = write(tmp_path, "good.jsonl", [PAIR])
+    bad = write(tmp_path, "bad.jsonl", [{"question": "Q?", "answer": "A."}])
+    report = tmp_path / "reports" / "prepare.json"
+    report.parent.mkdir()
+    report.write_text('{"stale": "the previous run"}')
+    cfg = DataConfig(sources=[SourceConfig(path=good), SourceConfig(path=bad)])
+    with pytest.raises(DataError, match="record matches no known format"):
+        prepare_stage.run(cfg, tokenizer_path=tiny_tokenizer_dir, out_dir=str(tmp_path / "out"),
+                  metrics_path=str(tmp_path / "m.json"), report_path=str(report))
+    written = json.loads(report.read_text())
+    assert "record matches no known format" in written["error"]
+    assert [f["file"] for f in written["files"]] == [good, bad] and written["files"][0]["kept"] == 1
+
+
+def test_what_the_kept_data_means_is_said_before_the_stages_run(tmp_path):
+    metrics = {"sft/train": 0, "preference/train": 30, "unpaired/train": 0}
+    assert prepare_stage.data_warnings(metrics, 1, 50) == [
+        "no SFT records kept: sft has nothing to train on (add SFT data to data.sources)",
+        "evaluate will score 1 held-out prompts < register.gate.min_prompts 50: alignflow promote will refuse every "
+        "version (add preference data, raise data.eval_fraction, or lower the gate's min_prompts)"]
+    assert prepare_stage.data_warnings({"sft/train": 5, "preference/train": 5}, 50, 50) == []
+    (tmp_path / "pref_eval.jsonl").write_text("".join(json.dumps({"prompt": [{"role": "user", "content": c}]}) + "\n"
+                                                      for c in "aab"))
+    assert prepare_stage.held_out_prompts(str(tmp_path / "pref_eval.jsonl"), 0) == 2  # distinct prompts
+    assert prepare_stage.held_out_prompts(str(tmp_path / "pref_eval.jsonl"), 1) == 1  # evaluate.num_prompts caps it
+    fingerprints = tmp_path / "fp"
+    fingerprints.mkdir()
+    for name in ("src0.json", "src1.json", "src2.json"):
+        (fingerprints / name).write_text("{}")
+    assert prepare_stage.stale_fingerprints(str(fingerprints), 2) == [fingerprints / "src2.json"]

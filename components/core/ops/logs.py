@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -25,6 +26,7 @@ DROPPED = {
     "accelerate.commands.launch": ("The following values were not passed to `accelerate launch` and had defaults "
                                    "used instead:\n\t`--num_cpu_threads_per_process` was set",),
 }
+_RANK = re.compile(r"^\[RANK \d+\] ")
 RESULT_LINE_CHARS = 200  # a stage's closing line; the full result is its metrics file
 
 
@@ -34,7 +36,7 @@ class _Drop(logging.Filter):
         self.starts = starts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        message = _RANK.sub("", record.getMessage(), count=1)  # accelerate's multi-process logger adds "[RANK n] "
         # the launch notice: dropped only when the thread count is all it lists (other defaults still warn)
         if message.startswith("The following values were not passed") and message.count("\t") > 1:
             return True

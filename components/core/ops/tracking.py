@@ -46,7 +46,13 @@ def tracking_uri() -> str:
     return tracking_uri_for(".")
 
 
+# Tracked files the pipeline itself rewrites (DVC's lock, the uncached metrics and plots): a run changing them is
+# not the user's tree being dirty.
+PIPELINE_WRITTEN = ("dvc.lock", "metrics", "plots")
+
+
 def git_state(cwd: str | Path = ".") -> dict[str, str]:
+    """git/commit, and git/dirty: whether tracked files differ from that commit, PIPELINE_WRITTEN aside."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -54,7 +60,8 @@ def git_state(cwd: str | Path = ".") -> dict[str, str]:
             return ""
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    mine = [f":(exclude,top){p}" for p in PIPELINE_WRITTEN]
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", *mine))
     return {"git/commit": commit, "git/dirty": str(dirty).lower()}
 
 

@@ -257,6 +257,8 @@ def _record_decision(client, model_name: str, candidate, champion, result: dict,
                                 "alignflow promote to compare against the new champion")
         if decision.passed:
             client.set_registered_model_alias(model_name, CHAMPION, candidate_v)  # the move, then its record
+            if version_of(client, model_name, CHALLENGER) == candidate_v:  # it is no longer challenging
+                client.delete_registered_model_alias(model_name, CHALLENGER)
             log.info("%s: champion %s -> %s", model_name, result["champion"], candidate_v)
         for key, value in tags.items():
             client.set_model_version_tag(model_name, candidate_v, key, value)

@@ -1,4 +1,5 @@
-"""What a stage prints: one short closing line, and none of the third-party notices a user cannot act on."""
+"""What a stage prints and records about its run: one short closing line, none of the third-party notices a user
+cannot act on, and a git/dirty that means the user's tree."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def test_accelerates_expected_notices_are_dropped_and_its_other_warnings_kept(ca
     launch = logging.getLogger("accelerate.commands.launch")
     with caplog.at_level(logging.WARNING):
         other.warning("Removed shared tensor {'lm_head.weight'} while saving. This should be OK")
+        other.warning("[RANK 0] Removed shared tensor {'lm_head.weight'} while saving.")  # accelerate's adapter
         launch.warning("The following values were not passed to `accelerate launch` and had defaults used instead:\n"
                        "\t`--num_cpu_threads_per_process` was set to `2` to improve out-of-box performance")
         launch.warning("The following values were not passed to `accelerate launch` and had defaults used instead:\n"
@@ -34,3 +36,24 @@ def test_accelerates_expected_notices_are_dropped_and_its_other_warnings_kept(ca
                     "Detected kernel version 4.0, which is below the recommended minimum"]
     logs.quiet_third_party()  # idempotent: one filter per logger
     assert sum(isinstance(f, logs._Drop) for f in other.filters) == 1
+
+
+def test_git_dirty_is_the_users_tree_not_what_the_pipeline_rewrites(tmp_path):
+    import subprocess
+
+    from components.core.ops.tracking import git_state
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    for rel in ("dvc.lock", "metrics/sft.json", "plots/sft.csv", "params.yaml"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text("v1\n")
+    git("add", "-A")
+    git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "init")
+    for rel in ("dvc.lock", "metrics/sft.json", "plots/sft.csv"):  # what a stage run rewrites
+        (tmp_path / rel).write_text("v2\n")
+    assert git_state(tmp_path)["git/dirty"] == "false"
+    (tmp_path / "params.yaml").write_text("v2\n")  # what the user changed
+    assert git_state(tmp_path)["git/dirty"] == "true"
