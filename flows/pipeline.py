@@ -122,6 +122,45 @@ def select_stages(all_stages: list[Stage], requested: list[str] | None) -> list[
     return [s for s in all_stages if names(s) & set(requested)]
 
 
+def changed_stages(repo_dir: str | Path, timeout_s: float = 300) -> set[str] | None:
+    """The stages `dvc status` reports changed, in one call (None if it could not say: then every task runs and
+    `dvc repro` decides)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(_dvc("status", "--json"), cwd=repo_dir, env=_stage_env({}), capture_output=True,
+                             text=True, timeout=timeout_s)
+        return set(json.loads(out.stdout or "{}")) if out.returncode == 0 else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
+def stages_to_run(plan: list[Stage], changed: set[str] | None) -> set[str]:
+    """The stages of plan that will run: those DVC reports changed, and everything downstream of them (a stage
+    whose inputs an upstream run will rewrite is up to date only until then). All of plan when changed is None."""
+    if changed is None:
+        return {s.name for s in plan}
+    run: set[str] = set()
+    for stage in plan:  # dependency order: upstream first
+        if stage.name in changed or any(u in run or u in changed for u in stage.upstream):
+            run.add(stage.name)
+    return run
+
+
+def one_line(summary: dict) -> str:
+    """The flow's result in one line: how many stages ran, were restored or up to date, and the promotion."""
+    stages = {k: v for k, v in summary.items() if isinstance(v, dict) and "status" in v}
+    counts = collections.Counter(v["status"] for v in stages.values())
+    ran = [k for k, v in stages.items() if v["status"] != "up-to-date"]
+    line = (f"alignflow-pipeline: {len(stages)} stages: {counts.get('ran', 0)} ran, {counts.get('restored', 0)} "
+            f"restored from the run-cache, {counts.get('up-to-date', 0)} up to date")
+    if ran:
+        line += f" ({', '.join(ran)})"
+    if "promotion" in summary:
+        line += f"; promotion: {summary['promotion']}"
+    return line
+
+
 def _dvc(*args: str) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
@@ -274,13 +313,17 @@ def alignflow_pipeline(
     flow_run_id = str(current_flow_run.get_id() or "")
     logger.info("stages in order: %s", " -> ".join(s.name for s in plan))
     limited = _limited_tags({DVC_TAG, GPU_TAG})
+    # one `dvc status` for the whole plan: an up-to-date stage costs no task (nor its `dvc repro` start-up)
+    will_run = stages_to_run(plan, None if force or remote else changed_stages(repo))
+    if len(will_run) < len(plan):
+        logger.info("up to date (dvc status): %s", ", ".join(s.name for s in plan if s.name not in will_run) or "-")
 
     uri = tracking.tracking_uri_for(repo)
     extra_env = {"MLFLOW_TRACKING_URI": uri}
     if flow_run_id:
         extra_env["ALIGNFLOW_FLOW_RUN_ID"] = flow_run_id
     parent_run_id = experiment_id = None
-    if track:  # before any stage, so the tracking DB has one writer at a time
+    if track and (will_run or promote):  # before any stage, so the tracking DB has one writer at a time
         if _tracking_warm_up is not None:
             _tracking_warm_up.join()
         parent_run_id, experiment_id = tracking.start_pipeline_run(
@@ -293,6 +336,9 @@ def alignflow_pipeline(
         if remote:
             pull_artifacts(str(repo), remote)
         for stage in plan:
+            if stage.name not in will_run:
+                summary[stage.short_name] = {"status": "up-to-date", "seconds": 0.0, "attempts": 0}
+                continue
             stage_task = run_stage.with_options(
                 name=f"stage-{stage.short_name}",
                 task_run_name=f"dvc repro {stage.name}",
@@ -336,28 +382,36 @@ def _parse_timeouts(items: list[str]) -> dict[str, float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        argv = ["run", *argv]
+def _parser() -> argparse.ArgumentParser:
+    """The command line of `python -m flows.pipeline` (a bare `--promote` etc. means `run --promote`)."""
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    helps = {"run": "run the pipeline once (Prefect's ephemeral server unless PREFECT_API_URL is set)",
+             "serve": "serve the flow on a cron schedule (needs `prefect server start` and PREFECT_API_URL)"}
     for name in ("run", "serve"):
-        p = sub.add_parser(name)
+        p = sub.add_parser(name, help=helps[name], description=helps[name])
         p.add_argument("--stages", nargs="+", default=None, help="stages to run (default: all in dvc.yaml)")
         p.add_argument("--force", action="store_true", help="re-run stages even when up to date")
         p.add_argument("--dvc-remote", default=None)
         p.add_argument("--repo-dir", default=".")
         p.add_argument("--timeout", action="append", default=[], metavar="STAGE=SECONDS")
-    sub.choices["run"].add_argument(
-        "--promote", action="store_true", help="apply the promotion gate at the end"
-    )
+        p.add_argument("--promote", action=argparse.BooleanOptionalAction, default=False,
+                       help="finish with `alignflow promote` (the gate; a rejection is a result, not a failure)")
+    sub.choices["run"].add_argument("--json", action="store_true", help="print the per-stage summary as JSON")
     serve = sub.choices["serve"]
-    serve.add_argument("--cron", default="0 2 * * *")
-    serve.add_argument("--name", default="nightly")
-    serve.add_argument("--no-promote", dest="promote", action="store_false")
-    pools = sub.add_parser("setup-pools", help="create the cpu/gpu work pools and concurrency limits")
+    serve.add_argument("--cron", default="0 2 * * *", help="the schedule (cron syntax, the server's time zone)")
+    serve.add_argument("--name", default="nightly", help="the deployment's name")
+    pools = sub.add_parser("setup-pools", help="create the cpu/gpu work pools and concurrency limits",
+                           description="create the cpu/gpu work pools and concurrency limits")
     pools.add_argument("--gpu-pool-type", default="kubernetes", choices=["kubernetes", "docker", "process"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]
+    parser = _parser()
     args = parser.parse_args(argv)
 
     if args.command == "setup-pools":
@@ -376,7 +430,8 @@ def main(argv: list[str] | None = None) -> None:
         _tracking_warm_up = threading.Thread(
             target=tracking.warm_up, args=(tracking.tracking_uri_for(args.repo_dir), args.repo_dir), daemon=True)
         _tracking_warm_up.start()
-        print(json.dumps(alignflow_pipeline(**params), indent=2))
+        summary = alignflow_pipeline(**params)
+        print(json.dumps(summary, indent=2) if args.json else one_line(summary))
         return
     from prefect.settings import PREFECT_API_URL
 

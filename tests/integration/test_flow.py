@@ -203,6 +203,21 @@ def repro_run(tiny_repo):
 # ----------------------------------------------------------------------------- runner + ordering (fast)
 
 
+def test_only_changed_stages_and_their_downstream_run_and_the_result_is_one_line():
+    from flows.pipeline import Stage, one_line, stages_to_run
+
+    plan = [Stage("prepare", "", False), Stage("sft", "", True, ("prepare",)), Stage("dpo", "", True, ("sft",)),
+            Stage("other", "", False)]
+    assert stages_to_run(plan, {"sft"}) == {"sft", "dpo"}  # dpo's inputs are about to change
+    assert stages_to_run(plan, set()) == set()
+    assert stages_to_run(plan, None) == {"prepare", "sft", "dpo", "other"}  # dvc status failed: DVC decides each
+    summary = {"prepare": {"status": "up-to-date"}, "sft": {"status": "ran"}, "dpo": {"status": "restored"},
+               "promotion": "rejected"}
+    assert one_line(summary) == ("alignflow-pipeline: 3 stages: 1 ran, 1 restored from the run-cache, 1 up to date "
+                                 "(sft, dpo); promotion: rejected")
+
+
+
 def test_a_stage_that_failed_on_its_inputs_is_not_retried():
     from prefect.states import Failed
 
@@ -399,14 +414,22 @@ def test_flow_nests_and_cross_links_stage_runs_in_mlflow(flow_run, sft_retry):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_flow_rerun_with_nothing_changed_skips_every_stage(flow_run):
+    from mlflow import MlflowClient
+
+    from components.core.ops import tracking
     from flows.pipeline import alignflow_pipeline
 
     repo, _, _, _ = flow_run
     before = (repo / "dvc.lock").read_text()
-    summary = alignflow_pipeline(repo_dir=str(repo), track=False)
+    client = MlflowClient(tracking.tracking_uri_for(repo))
+    runs = {r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
+    summary = alignflow_pipeline(repo_dir=str(repo))
     assert {r["status"] for r in summary.values()} == {"up-to-date"}
+    assert {r["attempts"] for r in summary.values()} == {0}  # one `dvc status`, no stage task
     assert "promotion" not in summary
     assert (repo / "dvc.lock").read_text() == before
+    after = {r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id])}
+    assert after == runs  # nothing ran: no empty parent run either
 
 
 @pytest.mark.integration

@@ -54,6 +54,17 @@ def pipeline_greedy(model_dir: Path, prompts: list[list[dict]], max_tokens: int 
     return [(ids, tokenizer.decode(ids, skip_special_tokens=True).strip()) for ids in answers]
 
 
+def readme_curl_body() -> dict:
+    """The JSON body of the README's `curl` to the served champion."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    command = re.search(r"^curl .*?(?=\n[^ ])", readme, re.M | re.S).group(0).replace("\\\n", " ")
+    args = shlex.split(command)
+    return json.loads(args[args.index("-d") + 1])
+
+
 def version_tags(version: str) -> dict[str, str]:
     import mlflow
 
@@ -100,6 +111,8 @@ def test_the_served_champion_answers_as_the_pipeline_over_http(registry, tiny_mo
             status, out, _ = serving_load.post(f"{base}/invocations", body)
             assert status == 400 and reason.lower() in str(out).lower(), (name, status, out)
         assert serving_load.post(f"{base}/invocations", requests[0])[0] == 200
+        status, out, _ = serving_load.post(f"{base}/invocations", readme_curl_body())  # the README's example
+        assert status == 200 and out["choices"][0]["message"]["role"] == "assistant", out
     finally:
         server.terminate()
         _, err = server.communicate(timeout=30)

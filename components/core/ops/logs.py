@@ -161,7 +161,30 @@ def progress(iterable_total: int, initial: int, desc: str, enabled: bool) -> Cal
 
     from tqdm.auto import tqdm
 
-    # in logs (dvc repro, Prefect) a bar redrawn 20 times a second is noise: redraw every 10 s there
-    interval = 0.1 if sys.stderr.isatty() else 10.0
-    return tqdm(total=iterable_total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
-                mininterval=interval)
+    # in logs (dvc repro, Prefect) a bar redrawn 20 times a second is noise: redraw every 10 s there, each redraw
+    # on its own line (a terminal's carriage returns would glue them into one line of a log file)
+    tty = sys.stderr.isatty()
+    return tqdm(total=iterable_total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=tty,
+                ncols=None if tty else 100, mininterval=0.1 if tty else 10.0,
+                file=sys.stderr if tty else _Lines(sys.stderr))
+
+
+class _Lines:
+    """A stream for tqdm outside a terminal: every redraw becomes a line of its own."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.line_start = True  # nothing on the current line yet: a redraw needs no newline first
+
+    def write(self, text: str) -> int:
+        text = text.replace("\r", "\n")
+        while "\n\n" in text:
+            text = text.replace("\n\n", "\n")
+        if self.line_start:
+            text = text.lstrip("\n")
+        if text:
+            self.line_start = text.endswith("\n")
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()

@@ -57,3 +57,15 @@ def test_git_dirty_is_the_users_tree_not_what_the_pipeline_rewrites(tmp_path):
     assert git_state(tmp_path)["git/dirty"] == "false"
     (tmp_path / "params.yaml").write_text("v2\n")  # what the user changed
     assert git_state(tmp_path)["git/dirty"] == "true"
+
+
+def test_a_progress_bar_in_a_log_file_redraws_on_lines_of_its_own():
+    import io
+
+    out = io.StringIO()
+    lines = logs._Lines(out)
+    for chunk in ("\rsft:   0%| | 0/500", "\rsft:  16%| | 79/500 [loss=1.18]", "\rsft: 100%| | 500/500", "\n"):
+        lines.write(chunk)
+    lines.write("2026-12-02 INFO sft done\n")
+    assert out.getvalue().splitlines() == ["sft:   0%| | 0/500", "sft:  16%| | 79/500 [loss=1.18]",
+                                           "sft: 100%| | 500/500", "2026-12-02 INFO sft done"]
