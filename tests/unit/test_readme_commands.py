@@ -144,3 +144,14 @@ def test_the_checks_catch_what_was_wrong_before():
     with pytest.raises(AssertionError, match="no check for `frobnicate`"):
         check("frobnicate --now")
     assert len(ALL) > 20  # the blocks were found
+
+
+def test_the_readme_results_table_is_the_recorded_run():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results_table", ROOT / "scripts/results_table.py")
+    results_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results_table)
+    recorded = json.loads(results_table.RECORD.read_text())
+    assert results_table.render(recorded) in (ROOT / "README.md").read_text(), \
+        "README's results table: paste `python scripts/results_table.py` after `--record`ing a fresh run"
