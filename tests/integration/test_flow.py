@@ -434,6 +434,27 @@ def test_flow_rerun_with_nothing_changed_skips_every_stage(flow_run):
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_the_readme_quick_start_on_an_up_to_date_checkout_says_so_in_one_line(flow_run, prefect_server):
+    """`python -m flows.pipeline` as the README writes it, against a running server, on the flow's checkout: every
+    stage up to date after one `dvc status`, one summary line."""
+    from conftest import pipeline_env
+
+    repo = flow_run[0]
+    env = {**pipeline_env(repo), "PREFECT_API_URL": prefect_server}
+    env.pop("MLFLOW_TRACKING_URI")  # the project's own store, as for a user
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    seconds = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = proc.stdout.strip().splitlines()
+    n = len(pipeline_stages(repo))
+    assert line == f"alignflow-pipeline: {n} stages: 0 ran, 0 restored from the run-cache, {n} up to date", line
+    print(f"no-op flow run through the CLI: {seconds:.1f} s")  # measured in benchmarks/orchestration_overhead.py
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_crashed_training_stage_is_retried_and_resumes_to_the_same_weights(sft_retry):
     """The flow executing sft (not restoring it) crashes once, retries, resumes from the step-3 checkpoint and
     ends on the weights `dvc repro` trained: the flow's way of running a stage changes no bit."""

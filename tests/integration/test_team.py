@@ -1,7 +1,7 @@
 """The team set-up, run for real: an MLflow tracking server (PostgreSQL backend when this machine has it,
 else SQLite) with a local artifact root, a Prefect server, the project's work pools, a deployment from
-flows/prefect.yaml, a process worker, and a local DVC remote. The README's "Team set-up" section gives the
-same commands. Every service is started and stopped inside the test.
+flows/prefect.yaml, a process worker, and a local DVC remote. flows/README.md ("One box with a worker") and
+docs/design.md ("Team set-up") give the same commands. Every service is started and stopped inside the test.
 
 Both servers require credentials (MLflow's basic-auth app, Prefect's auth string), given to every client through
 the environment. Checks: requests without credentials are refused; the triggered deployment ran every stage;
