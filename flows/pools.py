@@ -6,31 +6,32 @@ concurrency limits that keep two stages off one GPU and one DVC checkout.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 # Task tags that server-side concurrency limits key on (`setup-pools` creates both with limit 1):
 # every stage holds the checkout's DVC lock; training stages also hold the GPU. The flow's tasks carry them.
 DVC_TAG = "alignflow-dvc"
 GPU_TAG = "alignflow-gpu"
 
 
+K8S_TEMPLATE = Path(__file__).with_name("k8s_job_template.json")
+
+
 def job_template(pool_type: str) -> dict:
-    """Prefect's default base job template for `pool_type`, with a `gpu_count` variable wired into the
-    Kubernetes job's `nvidia.com/gpu` limit (the stock template has no GPU field)."""
+    """The base job template of a work pool of `pool_type`. Kubernetes: the repo's flows/k8s_job_template.json
+    (prefect-kubernetes' default plus the GPU request and limit, the credentials Secret, the DVC cache volume and
+    /dev/shm; tests/unit/test_work_pools.py renders it with prefect-kubernetes' own code). Others: Prefect's
+    default for the type (process; docker with prefect-docker installed)."""
     import asyncio
 
+    if pool_type == "kubernetes":
+        return json.loads(K8S_TEMPLATE.read_text())
     from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
 
     template = asyncio.run(get_default_base_job_template_for_infrastructure_type(pool_type))
     if template is None:
-        raise RuntimeError(f"no default job template for work pool type {pool_type!r}")
-    if pool_type == "kubernetes":
-        template["variables"]["properties"]["gpu_count"] = {
-            "title": "GPUs",
-            "type": "integer",
-            "default": 1,
-            "description": "nvidia.com/gpu per flow-run pod",
-        }
-        container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
-        container.setdefault("resources", {}).setdefault("limits", {})["nvidia.com/gpu"] = "{{ gpu_count }}"
+        raise RuntimeError(f"no default job template for work pool type {pool_type!r} (pip install prefect-{pool_type})")
     return template
 
 

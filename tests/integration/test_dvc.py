@@ -271,8 +271,9 @@ def test_dvc_plots_render_offline_with_titled_axes(tiny_repo, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if chromium is None:
         pytest.skip("no headless Chromium on this machine")
+    curves = ["sft_loss", "dpo_loss", "dpo_rewards", "grpo_reward", "eval_reward_sft_vs_dpo"]  # the images aside
     out = tmp_path / "plots"
-    run_cmd(["dvc", "plots", "show", "-o", str(out)], tiny_repo)
+    run_cmd(["dvc", "plots", "show", "-o", str(out), *curves], tiny_repo)
     page = (out / "index.html").read_text()
     assert "cdn.jsdelivr" not in page and 'src="http' not in page
     specs = json.loads(run_cmd(["dvc", "plots", "show", "--json"], tiny_repo).stdout)["data"]
@@ -286,6 +287,7 @@ def test_dvc_plots_render_offline_with_titled_axes(tiny_repo, tmp_path):
 
     (tmp_path / "stock.html").write_text(PAGE_HTML)
     stock = tmp_path / "stock"
-    run_cmd(["dvc", "plots", "show", "-o", str(stock), "--html-template", str(tmp_path / "stock.html")], tiny_repo)
+    run_cmd(["dvc", "plots", "show", "-o", str(stock), "--html-template", str(tmp_path / "stock.html"), *curves],
+            tiny_repo)
     assert _screenshot_purple(chromium, stock / "index.html", tmp_path / "stock.png") < 200
 

@@ -270,12 +270,13 @@ def test_team_setup_end_to_end(tmp_path):
         race_two_promotions(ml, name, repo, env, root)
 
         # ---------------------------------------------------------------- a second checkout pulls, not recomputes
-        run_cmd(["git", "add", "dvc.lock", "metrics", "plots"], repo)
+        run_cmd(["git", "add", "dvc.lock"], repo)  # metrics and plots travel with the models, through the remote
         run_cmd(["git", "commit", "-qm", "pipeline run"], repo)
         second = root / "second"
         run_cmd(["git", "clone", "-q", str(repo), str(second)], root)
         run_cmd(["dvc", "pull"], second, env=pipeline_env(second))
         assert (second / "models/dpo/model.safetensors").exists()
+        assert json.loads((second / "metrics/eval.json").read_text()) == json.loads((repo / "metrics/eval.json").read_text())
         status = run_cmd(["dvc", "status", "--json"], second, env=pipeline_env(second)).stdout
         assert json.loads(status or "{}") == {}  # everything up to date: nothing to recompute
     finally:

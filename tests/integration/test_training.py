@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -282,6 +283,51 @@ def test_dpo_two_processes_follow_one_process(tiny_data, dpo_whole, tmp_path, lo
         a, b = column(one / "plots/dpo.csv", name), column(two / "plots/dpo.csv", name)
         assert len(a) == len(b) > 0, name
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+
+
+def two_machines(module: str, root: Path, env: dict | None = None, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """A stage on 2 "machines" x 1 process: two torchrun launchers with node ranks 0 and 1 meeting at 127.0.0.1
+    (static rendezvous, gloo), in one checkout (the shared filesystem configs/accelerate/multi_node.yaml asks for).
+    On GPUs `accelerate launch` with multi_node.yaml starts exactly this (torch's elastic launch with nnodes,
+    node_rank, master address and port); on CPUs accelerate's multi-machine path is MPI's, so the test drives
+    torchrun itself."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+         "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+         "-m", module, "--params", "params.yaml"],
+        cwd=root, env={**pipeline_env(root), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, "") for p, out in zip(procs, outs, strict=True)]
+
+
+def test_two_machines_follow_one_process_and_resume_across_both_ranks(tiny_data, dpo_whole, tmp_path):
+    """reference + dpo on 2 machines x 1 process (multi_node.yaml, gloo on 127.0.0.1) at per-device batch 2 follow
+    the 1-process run at batch 4; dpo killed at step 5 on both machines resumes, on both, from the step-3 checkpoint."""
+    root = workdir(tiny_data, tmp_path / "nodes", dpo__batch_size=2)
+    shutil.copytree(dpo_whole / "models/sft", root / "models/sft")
+    for run in two_machines("components.reference", root):
+        assert run.returncode == 0, run.stdout[-3000:]
+    for split in ("train", "eval"):
+        a = torch.load(dpo_whole / f"artifacts/ref_logps/{split}.pt", weights_only=True)
+        b = torch.load(root / f"artifacts/ref_logps/{split}.pt", weights_only=True)
+        assert a["ids"] == b["ids"]
+        torch.testing.assert_close(b["chosen_logps"], a["chosen_logps"], rtol=1e-5, atol=1e-5)
+    crashed = two_machines("components.dpo", root, {"ALIGNFLOW_CRASH_AT_STEP": "5"})
+    assert all(run.returncode != 0 for run in crashed), [run.stdout[-1500:] for run in crashed]
+    assert not (root / "models/dpo").exists() and any((root / "checkpoints").rglob("*")), "no checkpoint kept"
+    resumed = two_machines("components.dpo", root, {"ALIGNFLOW_LOG_LEVEL": "INFO"})
+    for run in resumed:  # every rank loads the checkpoint (the shared filesystem), not only the one that wrote it
+        assert run.returncode == 0, run.stdout[-3000:]
+        assert re.search(r"resuming from \S+ \(step 3 of 8\)", run.stdout), run.stdout[-3000:]
+    assert_curves_close(dpo_whole / "plots/dpo.csv", root / "plots/dpo.csv", ("loss", "rewards/margins", "eval/loss"),
+                        1e-4, 1e-5)
+    assert_weights_close(dpo_whole / "models/dpo", root / "models/dpo", 1e-3, 1e-5)
 
 
 def test_crash_change_params_crash_then_resume_never_mixes_runs(tiny_data, sft_crashed, tmp_path):
