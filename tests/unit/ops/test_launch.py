@@ -104,7 +104,7 @@ def test_a_missing_accelerate_config_names_the_key(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2
     assert err[0].startswith("sft: error: ") and "compute.accelerate_config: " in err[0]
-    assert "nosuch.yaml does not exist (configs there: cpu, fsdp, multi_gpu, single_gpu" in err[0]
+    assert "nosuch.yaml does not exist (configs there: cpu, fsdp, multi_gpu, multi_node, single_gpu" in err[0]
     assert err[1].startswith("[alignflow] input error (ParamsError)")
 
 
