@@ -1,6 +1,7 @@
-"""The team set-up, run for real: an MLflow tracking server (PostgreSQL backend when this machine has it,
-else SQLite) with a local artifact root, a Prefect server, the project's work pools, a deployment from
-flows/prefect.yaml, a process worker, and a local DVC remote. flows/README.md ("One box with a worker") and
+"""The team set-up, run for real: an S3-compatible object store (moto's server on 127.0.0.1) holding the DVC remote
+and MLflow's artifacts, an MLflow tracking server (PostgreSQL backend when this machine has it, else SQLite) proxying
+those artifacts, a Prefect server, the project's work pools, a deployment from flows/prefect.yaml and a process
+worker. flows/README.md ("One box with a worker") and
 docs/design.md ("Team set-up") give the same commands. Every service is started and stopped inside the test.
 
 Both servers require credentials (MLflow's basic-auth app, Prefect's auth string), given to every client through
@@ -28,6 +29,7 @@ import yaml
 from conftest import make_repo_copy, pipeline_env, run_cmd
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+BUCKET = "alignflow-team"
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None) if Path("/usr/lib/postgresql").exists() else None
 
 
@@ -168,6 +170,22 @@ def test_team_setup_end_to_end(tmp_path):
     root = tmp_path / "team"
     root.mkdir()
     try:
+        # ---------------------------------------------------------------- S3-compatible object storage
+        # moto's server on 127.0.0.1: the DVC remote and MLflow's artifact store, as a team's bucket would be
+        s3_port = free_port()
+        s3_url = f"http://127.0.0.1:{s3_port}"
+        s3_env = {"AWS_ACCESS_KEY_ID": "alignflow-test", "AWS_SECRET_ACCESS_KEY": "alignflow-test-secret",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+        os.environ.update(s3_env)  # every client below (dvc, the stages, this process's boto3)
+        cleanup_env.extend(s3_env)
+        s3 = start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)], dict(os.environ),
+                   root / "s3.log")
+        services.append(s3)
+        wait_http(f"{s3_url}/moto-api/", 120, s3, root / "s3.log")
+        import boto3
+
+        boto3.client("s3", endpoint_url=s3_url).create_bucket(Bucket=BUCKET)
+
         # ---------------------------------------------------------------- MLflow tracking server
         # with MLflow's basic-auth app: the admin's password comes from the environment, as the README's
         backend = postgres(services, cleanup) or f"sqlite:///{root / 'mlflow-server.db'}"
@@ -178,11 +196,11 @@ def test_team_setup_end_to_end(tmp_path):
         (root / "mlflow-auth.ini").write_text(
             f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root / 'mlflow-auth.db'}\n"
             "admin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-        server_env = {**base_env, "MLFLOW_AUTH_CONFIG_PATH": str(root / "mlflow-auth.ini"),
+        server_env = {**base_env, "MLFLOW_AUTH_CONFIG_PATH": str(root / "mlflow-auth.ini"), "MLFLOW_S3_ENDPOINT_URL": s3_url,
                       "MLFLOW_AUTH_ADMIN_PASSWORD": MLFLOW_PASSWORD, "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key"}
         server = start([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
                         "--backend-store-uri", backend,
-                        "--artifacts-destination", str(root / "mlartifacts"), "--serve-artifacts",
+                        "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--serve-artifacts",
                         "--host", "127.0.0.1", "--port", str(mlflow_port)],
                        server_env, root / "mlflow.log")
         services.append(server)
@@ -211,8 +229,8 @@ def test_team_setup_end_to_end(tmp_path):
         for section in ("grpo", "reward_model", "ppo"):
             params[section]["enabled"] = False
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        remote = root / "dvc-remote"
-        run_cmd(["dvc", "remote", "add", "-d", "storage", str(remote)], repo)
+        run_cmd(["dvc", "remote", "add", "-d", "storage", f"s3://{BUCKET}/dvc"], repo)
+        run_cmd(["dvc", "remote", "modify", "storage", "endpointurl", s3_url], repo)
         run_cmd(["git", "commit", "-qam", "dvc remote"], repo)
 
         # ---------------------------------------------------------------- pools, deployment, worker
@@ -277,6 +295,16 @@ def test_team_setup_end_to_end(tmp_path):
         run_cmd(["dvc", "pull"], second, env=pipeline_env(second))
         assert (second / "models/dpo/model.safetensors").exists()
         assert json.loads((second / "metrics/eval.json").read_text()) == json.loads((repo / "metrics/eval.json").read_text())
+        listed = boto3.client("s3", endpoint_url=s3_url).list_objects_v2(Bucket=BUCKET)["Contents"]
+        assert {o["Key"].split("/")[0] for o in listed} == {"dvc", "mlflow"}  # both stores are in the bucket
+        # the registered model, loaded through the tracking server (its artifacts proxied from the bucket), answers
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking)
+        chat = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
+        answer = chat.predict({"messages": [{"role": "user", "content": "Sort ascending: 3 1 2"}], "temperature": 0,
+                               "max_tokens": 8})
+        assert answer["choices"][0]["message"]["role"] == "assistant"
         status = run_cmd(["dvc", "status", "--json"], second, env=pipeline_env(second)).stdout
         assert json.loads(status or "{}") == {}  # everything up to date: nothing to recompute
     finally:
