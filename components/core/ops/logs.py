@@ -17,39 +17,38 @@ from collections.abc import Callable
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_LOGGERS = ("accelerate", "accelerate.accelerator", "accelerate.checkpointing")
-# Third-party warnings that say nothing a user can act on here, dropped at their logger (by message start):
+# Third-party warnings that say nothing a user can act on here, dropped at their logger (whole message matched):
 # - accelerate warns at every save of a model with tied embeddings that it dropped the tied copy (expected: the
 #   weights are tied again on load);
-# - `accelerate launch` warns that it chose --num_cpu_threads_per_process itself (the launcher sets the threads).
+# - `accelerate launch` warns that it chose --num_cpu_threads_per_process itself (the launcher sets the threads),
+#   dropped only when that is all it lists: a notice about other defaults still shows.
 DROPPED = {
-    "accelerate.utils.other": ("Removed shared tensor",),
-    "accelerate.commands.launch": ("The following values were not passed to `accelerate launch` and had defaults "
-                                   "used instead:\n\t`--num_cpu_threads_per_process` was set",),
+    "accelerate.utils.other": (re.compile(r"Removed shared tensor .*", re.S),),
+    "accelerate.commands.launch": (re.compile(
+        r"The following values were not passed to `accelerate launch` and had defaults used instead:\n"
+        r"\t`--num_cpu_threads_per_process` was set [^\t]*"),),
 }
 _RANK = re.compile(r"^\[RANK \d+\] ")
 RESULT_LINE_CHARS = 200  # a stage's closing line; the full result is its metrics file
 
 
 class _Drop(logging.Filter):
-    def __init__(self, starts: tuple[str, ...]):
+    def __init__(self, patterns: tuple[re.Pattern, ...]):
         super().__init__()
-        self.starts = starts
+        self.patterns = patterns
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = _RANK.sub("", record.getMessage(), count=1)  # accelerate's multi-process logger adds "[RANK n] "
-        # the launch notice: dropped only when the thread count is all it lists (other defaults still warn)
-        if message.startswith("The following values were not passed") and message.count("\t") > 1:
-            return True
-        return not message.startswith(self.starts)
+        return not any(p.fullmatch(message) for p in self.patterns)
 
 
 def quiet_third_party() -> None:
     """Drop the DROPPED warnings and the progress bars of model loading and artifact downloads (transformers'
     "Loading weights", MLflow's "Downloading artifacts"): lines that redraw in a log file and bury the stage's own."""
-    for name, starts in DROPPED.items():
+    for name, patterns in DROPPED.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Drop) for f in logger.filters):
-            logger.addFilter(_Drop(starts))
+            logger.addFilter(_Drop(patterns))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers / huggingface_hub import
     if "transformers" in sys.modules:

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from components.core.release import serving
-from components.core.release.registry import RegistryError, now, registry_client
+from components.core.release.registry import RegistryError, download_version, now, registry_client
 
 log = logging.getLogger("alignflow.registry")
 
@@ -91,15 +91,12 @@ def serve_command(name: str, ref: str, host: str, port: int, env_manager: str, w
 
 def export(name: str, ref: str, out_dir: str | Path, force: bool = False) -> dict:
     """Write version `ref` of `name` to out_dir as a plain Hugging Face directory with alignflow_lineage.json."""
-    import mlflow
-
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise RegistryError(f"{out}: exists and is not empty; choose another --out or pass --force")
     version = resolve(name, ref)
     with tempfile.TemporaryDirectory(prefix="alignflow-export-") as work:
-        root = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=work))
-        hf_dir = serving.hf_dir_of(root)
+        hf_dir = Path(download_version(name, str(version.version), work))
         staged = Path(work) / "export"
         if (hf_dir / "adapter_config.json").exists():
             _merge_adapter(hf_dir, staged)

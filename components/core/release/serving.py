@@ -16,7 +16,6 @@ the gate refuses a version without a pass.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -187,7 +186,3 @@ def parity(model_uri: str, pipeline_dir: str, pref_eval_path: str, num_prompts: 
 def parity_tags(result: dict) -> dict[str, str]:
     return {PARITY_TAG: PASS if result["passed"] else FAIL, PARITY_DETAIL_TAG: result["detail"][:4000],
             PARITY_PROMPTS_TAG: str(result["prompts"])}
-
-
-def write_lineage(path: str | Path, record: dict) -> None:
-    Path(path).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
