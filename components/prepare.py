@@ -45,100 +45,30 @@ eval opening when it has >= 2. Line numbers are physical lines (jsonl, json, csv
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
+import pickle
 import sys
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.core.config import DataConfig, Runtime
+from components.core.data import records as records_mod
 from components.core.data import token_store
-from components.core.data.formats import (
-    FORMATS,
-    KINDS,
-    REASONS,
-    Drop,
-    apply_columns,
-    check_format,
-    conversations,
-    file_format,
-    normalise,
-    uses_tools,
-    validate,
-)
+from components.core.data.formats import FORMATS, KINDS, REASONS, apply_columns, file_format
 from components.core.data.readers import UNDECODABLE, DataError, InvalidJSON, open_hub, open_source
-from components.core.data.tokens import chat_markers, holds_template, parse_rendered, template_supports_tools
-from components.core.ops.io import atomic_dir, write_jsonl, write_text
+from components.core.data.tokens import chat_markers, template_supports_tools
+from components.core.ops.io import atomic_dir, write_text
 from components.core.ops.logs import stage_main
+from components.core.ops.parallel import ordered_map, resolve_workers
 
 log = logging.getLogger(__name__)
 
 OUTPUT_PREFIX = {"sft": "sft", "preference": "pref", "unpaired": "unpaired"}
 
 MAX_EXAMPLES = 5  # dropped-record locations kept per reason and file in report.json
-
-
-# ----------------------------------------------------------------------------- lengths and identity
-
-
-def _check_lengths(encoded: list[tuple[list[int], list[bool]]], kind: str, max_length: int,
-                   max_prompt_length: int) -> None:
-    prompts: set[tuple[int, ...]] = set()
-    for ids, trained in encoded:
-        prompt_tokens = trained.index(True) if True in trained else len(ids)
-        prompts.add(tuple(ids[:prompt_tokens]))
-        if kind == "preference" and len(prompts) > 1:  # scored as one shared prompt for both responses
-            raise Drop("prompt_mismatch", "the chat template renders the prompt into other tokens before the "
-                       "rejected response than before the chosen one")
-        if prompt_tokens > max_prompt_length:
-            raise Drop(
-                "prompt_too_long",
-                f"prompt has {prompt_tokens} tokens > max_prompt_length {max_prompt_length}",
-            )
-        if len(ids) > max_length:
-            raise Drop("too_long", f"prompt+response has {len(ids)} tokens > max_length {max_length}")
-
-
-def _canonical(obj: object) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-
-
-def record_id(content: dict) -> str:
-    """First 16 hex digits of sha256 of the canonical JSON of a record's content (no id/source)."""
-    return hashlib.sha256(_canonical(content).encode()).hexdigest()[:16]
-
-
-def opening(kind: str, content: dict) -> list[dict]:
-    """The turns that decide a record's split: leading system turns and the first user turn."""
-    messages = content["messages"] if kind == "sft" else content["prompt"]
-    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages) - 1)
-    return [
-        {"role": m["role"], "content": " ".join(m["content"].split())} for m in messages[: first_user + 1]
-    ]
-
-
-# ----------------------------------------------------------------------------- split
-
-
-def split_unit(key: str, seed: int) -> float:
-    """Position of a prompt key in [0, 1): eval when below eval_fraction."""
-    return int(hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest()[:16], 16) / 2**64
-
-
-def eval_keys(kinds_by_key: dict[str, set[str]], eval_fraction: float, seed: int) -> set[str]:
-    """The prompt keys held out. Each kind gets at least one train key, and one eval key when it has >= 2."""
-    unit = {key: split_unit(key, seed) for key in kinds_by_key}
-    held_out = {key for key, u in unit.items() if u < eval_fraction}
-    for guarantee_eval in (False, True):  # eval last: it is the guarantee that must hold
-        for kind in KINDS:
-            keys = sorted((k for k, kinds in kinds_by_key.items() if kind in kinds), key=unit.__getitem__)
-            if guarantee_eval and len(keys) >= 2 and not any(k in held_out for k in keys):
-                held_out.add(keys[0])
-            if not guarantee_eval and keys and all(k in held_out for k in keys):
-                held_out.discard(keys[-1])
-    return held_out
 
 
 # ----------------------------------------------------------------------------- run
@@ -190,47 +120,6 @@ class _FileReport:
         return out
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    write_jsonl(path, records, ensure_ascii=False)
-
-
-def _write_outputs(out_dir: Path, files: dict[str, list[dict]], token_rows: dict[str, list[dict]], tokens: dict,
-                   report: dict, metrics_path: Path, metrics: dict) -> None:
-    """data/prepared (records, their tokens, the report) as one atomic directory, then the metrics file: a
-    failure leaves the previous outputs."""
-    with atomic_dir(out_dir) as tmp:
-        for name, records in files.items():
-            _write_jsonl(tmp / name, records)
-        token_store.write(tmp, token_rows, **tokens)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
-
-
-def _untemplate(kind: str, content: dict, markers: dict | None) -> bool:
-    """Turns whose text already holds this tokenizer's chat template are parsed back into turns, so they are
-    never templated twice. Returns whether any was; raises Drop("pretemplated") when one cannot be parsed."""
-    changed = False
-    for key in ("messages", "prompt", "chosen", "rejected", "completion"):
-        turns = content.get(key)
-        if not isinstance(turns, list) or not any(holds_template(t["content"], markers) for t in turns):
-            continue
-        parsed: list[dict] = []
-        for turn in turns:
-            if not holds_template(turn["content"], markers):
-                parsed.append(turn)
-                continue
-            try:
-                parsed += parse_rendered(turn["content"], markers, turn["role"])
-            except ValueError as e:
-                raise Drop("pretemplated", f"field '{key}': text already rendered with a chat template ({e}); "
-                                           "give plain text or messages instead") from None
-        content[key] = parsed
-        changed = True
-    if changed:
-        validate(kind, content)
-    return changed
-
-
 def _fail_loud(reports: list[_FileReport], min_kept_fraction: float) -> list[str]:
     """One line per file that lost too much: kept 0, or a kept share below min_kept_fraction."""
     problems = []
@@ -254,75 +143,113 @@ def _inputs(cfg: DataConfig):
         yield hub.name, hub.kind, hub.columns, label, records, provenance
 
 
-# (kind, record as written, prompt key, token ids row) of every record kept
-Kept = tuple[str, dict, str, dict | None]
+BATCH = 256  # records per job sent to a worker
 
 
-def read_sources(cfg: DataConfig, tokenizer, reports: list[_FileReport] | None = None
-                 ) -> tuple[list[Kept], list[_FileReport]]:
-    """Read, validate, normalise, dedupe (across sources) and tokenise every record of every source, in order:
-    the records kept, and one report per file (every drop counted under its reason), appended to `reports` as
-    each file starts (so a caller holds the files read so far when a record stops the stage)."""
-    markers = chat_markers(tokenizer)
-    tools_ok = template_supports_tools(tokenizer)
-    dedupe, max_length, max_prompt_length = cfg.dedupe, cfg.max_length, cfg.max_prompt_length
-    kept: list[Kept] = []
-    seen: set[str] = set()
-    reports = [] if reports is None else reports
-    for source, kind, columns, label, records, provenance in _inputs(cfg):
+def _jobs(cfg: DataConfig, reports: list[_FileReport]):
+    """((report, locs), ((schema, first_loc, columns), items)) per batch of read items, file after file; a file's
+    format is set by its first record here, so the workers check the others against it. A file that cannot be
+    read on (or a first record of no format) becomes a failing item in its place, and reading stops there."""
+    inputs = _inputs(cfg)
+    while True:
+        try:
+            source, kind, columns, label, records, provenance = next(inputs)
+        except StopIteration:
+            return
+        except DataError as e:  # a source that cannot be opened: the stage stops there, after the files before it
+            yield (None, [None]), ((None, "", {}), [(None, records_mod.ERROR, str(e))])
+            return
         report = _FileReport(source=source, file=label, hub=provenance)
         reports.append(report)
-        schema, first_loc = None, ""
-        for line, record in records:
-            loc = f"{label}:{line}"
+        ctx, batch = (None, "", columns), []
+        try:
+            for line, value in records:
+                loc = f"{label}:{line}"
+                if value is UNDECODABLE:
+                    item = (loc, records_mod.UNDECODABLE, None)
+                elif isinstance(value, InvalidJSON):
+                    item = (loc, records_mod.INVALID_JSON, value.message)
+                else:
+                    item = (loc, records_mod.RECORD, value)
+                    if ctx[0] is None:
+                        try:
+                            schema = file_format(apply_columns(records_mod.as_record(value, loc), columns), kind, loc)
+                        except DataError as e:
+                            item = (loc, records_mod.ERROR, str(e))
+                        else:
+                            if batch:
+                                yield (report, [i[0] for i in batch]), (ctx, batch)
+                                batch = []
+                            ctx = (schema, loc, columns)
+                            report.format, report.kind = schema, FORMATS[schema][0]
+                batch.append(item)
+                if item[1] == records_mod.ERROR:
+                    break
+                if len(batch) >= BATCH:
+                    yield (report, [i[0] for i in batch]), (ctx, batch)
+                    batch = []
+        except DataError as e:  # the reader's: the file cannot be read on (not a record: not counted as read)
+            batch.append((None, records_mod.ERROR, str(e)))
+        if batch:
+            yield (report, [i[0] for i in batch]), (ctx, batch)
+        if batch and batch[-1][1] == records_mod.ERROR:
+            return
+
+
+@dataclass
+class Pass1:
+    """What read_sources keeps in memory: the kept count and each kept record's prompt key and kind (9 bytes a
+    record); the records themselves wait in the spill file, in order."""
+
+    kept: int = 0
+    keys: array = field(default_factory=lambda: array("Q"))
+    kinds: array = field(default_factory=lambda: array("B"))
+
+
+def read_sources(cfg: DataConfig, tokenizer, reports: list[_FileReport], spill, seed: int, workers: int = 1) -> Pass1:
+    """Read, validate, normalise, dedupe (across sources) and tokenise every record of every source, in order,
+    tokenising on `workers` processes: each kept record goes to `spill` (pickled batches of `Outcome.kept`), each
+    file gets a report (every drop counted under its reason), appended to `reports` as it starts (so a caller
+    holds the files read so far when a record stops the stage). The outcome is the same for any `workers`."""
+    settings = {"markers": chat_markers(tokenizer), "tools_ok": template_supports_tools(tokenizer),
+                "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "seed": seed}
+    seen = records_mod.IdSet() if cfg.dedupe else None
+    out = Pass1()
+    results = ordered_map(records_mod.process_batch, _jobs(cfg, reports), workers,
+                          initializer=records_mod.init_worker, initargs=(tokenizer, settings))
+    for (report, locs), outcomes in results:
+        kept = []
+        for loc, o in zip(locs, outcomes, strict=True):
+            if o.status == records_mod.FAILED:
+                if loc is not None:  # a record that stops the stage (not a file that cannot be read on)
+                    report.read += 1
+                raise DataError(o.detail)
             report.read += 1
-            if record is UNDECODABLE:
-                report.drop("bad_utf8", loc, "line is not valid UTF-8")
-                continue
-            if isinstance(record, InvalidJSON):
-                report.drop("invalid_json", loc, record.message)
-                continue
-            if isinstance(record, list) and record and all(isinstance(m, dict) for m in record):
-                record = {"messages": record}  # a line that is a bare list of messages
-            if not isinstance(record, dict):
-                raise DataError(f"{loc}: record is a {type(record).__name__}, expected an object")
-            record = apply_columns(record, columns)
-            if schema is None:
-                schema, first_loc = file_format(record, kind, loc), loc
-                report.format, report.kind = schema, FORMATS[schema][0]
+            report.untemplated += o.untemplated
+            if o.status == records_mod.CHECKED and seen is not None and o.rid in seen:
+                report.drop("duplicate", loc, f"same content as an earlier record (id {o.rid})")
+            elif o.reason:
+                report.drop(o.reason, loc, o.detail)
             else:
-                check_format(record, schema, loc, first_loc)
-            try:
-                record_kind, content = normalise(schema, record)
-                if _untemplate(record_kind, content, markers):
-                    report.untemplated += 1
-                if uses_tools(content) and not tools_ok:
-                    raise Drop("tools_unsupported", "tool calls, tool results or tool definitions, and this "
-                                                    "tokenizer's chat template does not render tools")
-                rid = record_id(content)
-                if dedupe and rid in seen:
-                    raise Drop("duplicate", f"same content as an earlier record (id {rid})")
-                encoded = token_store.encode(tokenizer, conversations(record_kind, content), content.get("tools"),
-                                           prompt_turns=len(content.get("prompt", [])))
-                _check_lengths(encoded, record_kind, max_length, max_prompt_length)
-            except Drop as d:
-                report.drop(d.reason, loc, d.detail)
-                continue
-            seen.add(rid)
-            report.kept += 1
-            out = {"id": rid, **content, "source": loc}
-            kept.append((record_kind, out, _canonical(opening(record_kind, content)),
-                         token_store.row(record_kind, rid, encoded, content)))
-        if report.read == 0:
-            log.warning("%s: no records", label)
-        if report.untemplated:
+                if seen is not None:
+                    seen.add(o.rid)
+                report.kept += 1
+                out.keys.append(o.kept[1])
+                out.kinds.append(KINDS.index(o.kept[0]))
+                kept.append(o.kept)
+        if kept:
+            pickle.dump(kept, spill, protocol=pickle.HIGHEST_PROTOCOL)
+    out.kept = len(out.keys)
+    for r in reports:
+        if r.read == 0:
+            log.warning("%s: no records", r.file)
+        if r.untemplated:
             log.warning("%s: %d records held text already rendered with the chat template (%s); parsed back "
-                        "into messages so it is not templated twice", label, report.untemplated,
-                        ", ".join((markers or {}).get("special", [])[:3]))
-    return kept, reports
+                        "into messages so it is not templated twice", r.file, r.untemplated,
+                        ", ".join((settings["markers"] or {}).get("special", [])[:3]))
+    return out
 
-
-def check_kept(kept: list[Kept], reports: list[_FileReport], settings: dict, min_kept_fraction: float,
+def check_kept(kept: int, reports: list[_FileReport], settings: dict, min_kept_fraction: float,
                report_path: str | None) -> dict:
     """The files' report ({settings, files}), written to report_path first (failure included); raises DataError
     when a file lost too much or nothing is left."""
@@ -345,27 +272,47 @@ def check_kept(kept: list[Kept], reports: list[_FileReport], settings: dict, min
     return files_report
 
 
-def split_records(kept: list[Kept], eval_fraction: float, seed: int):
-    """(records per output file, token rows per split, prompt keys per side): each record on the side of its
-    conversation opening."""
-    kinds_by_key: dict[str, set[str]] = {}
-    for record_kind, _, key, _ in kept:
-        kinds_by_key.setdefault(key, set()).add(record_kind)
-    held_out = eval_keys(kinds_by_key, eval_fraction, seed)
-    files: dict[str, list[dict]] = {
-        f"{OUTPUT_PREFIX[k]}_{s}.jsonl": [] for k in KINDS for s in ("train", "eval")
-    }
-    token_rows: dict[str, list[dict]] = {name: [] for name in token_store.SPLITS}
-    for record_kind, out, key, token_row in kept:
-        name = f"{OUTPUT_PREFIX[record_kind]}_{'eval' if key in held_out else 'train'}"
-        files[f"{name}.jsonl"].append(out)
-        if token_row is not None:
-            token_rows[name].append(token_row)
-    prompts = {"train": len(kinds_by_key) - len(held_out), "eval": len(held_out)}
-    return files, token_rows, prompts
+def _open_output(path: Path):
+    return open(path, "w", encoding="utf-8")
 
 
-def prepare_metrics(files: dict[str, list[dict]], reports: list[_FileReport], kept: int, prompts: dict) -> dict:
+def write_split(spill_path: Path, out_dir: Path, pass1: Pass1, eval_fraction: float, tokens: dict
+                ) -> tuple[dict[str, int], dict]:
+    """Pass 2: the spilled records, in order, each to the .jsonl and token file of its side (its conversation
+    opening's, `records.eval_sides`). Returns (records per output file, prompts per side)."""
+    import numpy as np
+
+    flipped, prompts = records_mod.eval_sides(np.frombuffer(pass1.keys, dtype=np.uint64),
+                                              np.frombuffer(pass1.kinds, dtype=np.uint8), KINDS, eval_fraction)
+    names = [f"{OUTPUT_PREFIX[k]}_{s}" for k in KINDS for s in ("train", "eval")]
+    counts = dict.fromkeys((f"{n}.jsonl" for n in names), 0)
+    token_writer = token_store.TokenWriter(out_dir, **tokens)
+    outputs = {}
+    try:
+        for name in names:
+            outputs[name] = _open_output(out_dir / f"{name}.jsonl")
+        with open(spill_path, "rb") as spill:
+            while batch := _next_batch(spill):
+                for record_kind, key, line, token_row in batch:
+                    name = f"{OUTPUT_PREFIX[record_kind]}_{'eval' if records_mod.is_eval(key, eval_fraction, flipped) else 'train'}"
+                    outputs[name].write(line)
+                    counts[f"{name}.jsonl"] += 1
+                    if token_row is not None:
+                        token_writer.add(name, token_row)
+    finally:
+        for f in outputs.values():
+            f.close()
+    token_writer.close()
+    return counts, prompts
+
+
+def _next_batch(spill) -> list | None:
+    try:
+        return pickle.load(spill)
+    except EOFError:
+        return None
+
+def prepare_metrics(files: dict[str, int], reports: list[_FileReport], kept: int, prompts: dict) -> dict:
     """metrics/prepare.json: records per kind and side, prompts per side, totals, drops per reason, per file."""
     dropped = Counter()
     for r in reports:
@@ -373,7 +320,7 @@ def prepare_metrics(files: dict[str, list[dict]], reports: list[_FileReport], ke
     metrics: dict = {}
     for k in KINDS:
         for s in ("train", "eval"):
-            metrics[f"{k}/{s}"] = len(files[f"{OUTPUT_PREFIX[k]}_{s}.jsonl"])
+            metrics[f"{k}/{s}"] = files[f"{OUTPUT_PREFIX[k]}_{s}.jsonl"]
     metrics["prompts/train"] = prompts["train"]
     metrics["prompts/eval"] = prompts["eval"]
     metrics["files/total"] = len(reports)
@@ -413,29 +360,37 @@ def run(
                 "max_prompt_length": cfg.max_prompt_length, "dedupe": cfg.dedupe, "seed": runtime.seed,
                 "min_kept_fraction": cfg.min_kept_fraction, "skip_invalid_json": cfg.skip_invalid_json}
 
+    workers = resolve_workers(cfg.num_proc)
     reports: list[_FileReport] = []
-    try:
-        kept, reports = read_sources(cfg, tokenizer, reports)
-    except DataError as e:  # a record that stops the stage: the report says so too, with the files read until then
-        if report_path:
-            failed = {"settings": settings, "files": [r.as_dict() for r in reports], "error": str(e)}
-            write_text(report_path, json.dumps(failed, indent=2, ensure_ascii=False) + "\n")
-        raise
-    files_report = check_kept(kept, reports, settings, cfg.min_kept_fraction, report_path)
-    files, token_rows, prompts = split_records(kept, cfg.eval_fraction, runtime.seed)
-    metrics = prepare_metrics(files, reports, len(kept), prompts)
-
-    report = {**files_report, "totals": metrics}
     tokens = {"tokenizer": tokenizer, "tokenizer_path": tokenizer_path, "max_length": cfg.max_length,
               "max_prompt_length": cfg.max_prompt_length}
-    _write_outputs(Path(out_dir), files, token_rows, tokens, report, Path(metrics_path), metrics)
+    # data/prepared is written as one atomic directory (records, their tokens, the report), then the metrics
+    # file: a failure leaves the previous outputs. The kept records wait in a spill file inside it until the split
+    # is known; a killed run's temp directory is swept by the next.
+    with atomic_dir(out_dir) as tmp:
+        spill_path = tmp / ".kept.spill"
+        try:
+            with open(spill_path, "wb") as spill:
+                pass1 = read_sources(cfg, tokenizer, reports, spill, runtime.seed, workers)
+        except DataError as e:  # a record that stops the stage: the report says so too, with the files read so far
+            if report_path:
+                failed = {"settings": settings, "files": [r.as_dict() for r in reports], "error": str(e)}
+                write_text(report_path, json.dumps(failed, indent=2, ensure_ascii=False) + "\n")
+            raise
+        files_report = check_kept(pass1.kept, reports, settings, cfg.min_kept_fraction, report_path)
+        files, prompts = write_split(spill_path, tmp, pass1, cfg.eval_fraction, tokens)
+        spill_path.unlink()
+        metrics = prepare_metrics(files, reports, pass1.kept, prompts)
+        report = {**files_report, "totals": metrics}
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
 
     for r in reports:
         drops = ", ".join(f"{k}={v}" for k, v in sorted(r.dropped.items()))
         log.info("%s [%s]: read %d, kept %d%s", r.file, r.format, r.read, r.kept, f", dropped {drops}" if drops else "")
     log.info(
         "prepare: kept %d of %d (sft %d/%d, preference %d/%d, unpaired %d/%d train/eval) -> %s",
-        len(kept),
+        pass1.kept,
         metrics["read/total"],
         *(metrics[f"{k}/{s}"] for k in KINDS for s in ("train", "eval")),
         out_dir,

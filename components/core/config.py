@@ -100,6 +100,7 @@ class DataConfig(Strict):
     dedupe: bool = True
     min_kept_fraction: float = Field(0.5, ge=0.0, le=1.0)
     skip_invalid_json: bool = False
+    num_proc: int = Field(0, ge=0)  # prepare's tokenising processes; 0 = every available core. Same output for any
 
     @model_validator(mode="after")
     def _lengths(self) -> DataConfig:

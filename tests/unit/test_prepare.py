@@ -497,13 +497,13 @@ def test_failed_run_leaves_previous_outputs_intact(tmp_path, tiny_tokenizer_dir,
 
     calls = []
 
-    def failing_write(path, rows):  # dies half-way through writing the new outputs
+    def failing_open(path):  # dies half-way through writing the new outputs
         calls.append(path)
         if len(calls) == 3:
             raise OSError("disk full")
-        path.write_text("partial")
+        return open(path, "w", encoding="utf-8")
 
-    monkeypatch.setattr(prepare_stage, "_write_jsonl", failing_write)
+    monkeypatch.setattr(prepare_stage, "_open_output", failing_open)
     with pytest.raises(OSError, match="disk full"):
         prepare(tmp_path, tiny_tokenizer_dir, fixture("sft_messages.jsonl"))
     assert snapshot(tmp_path) == before
@@ -597,3 +597,39 @@ def test_what_the_kept_data_means_is_said_before_the_stages_run(tmp_path):
     for name in ("src0.json", "src1.json", "src2.json"):
         (fingerprints / name).write_text("{}")
     assert prepare_stage.stale_fingerprints(str(fingerprints), 2) == [fingerprints / "src2.json"]
+
+
+def test_any_number_of_workers_writes_the_same_bytes(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """Records cross to the workers in batches of 2 here, so a file spans many batches and a duplicate is found
+    across them; every output, the report and the metrics are the same bytes for 1, 2 and 3 processes, and a
+    run that stops on a broken file says the same, with the same files read."""
+    monkeypatch.setattr(prepare_stage, "BATCH", 2)
+    sources = [fixture(name) for name in CASES]
+    outputs, failures = {}, {}
+    for workers in (1, 2, 3):
+        root = tmp_path / f"workers{workers}"
+        prepare(root, tiny_tokenizer_dir, *sources, num_proc=workers)
+        outputs[workers] = snapshot(root)
+        failed = root / "failed.json"
+        with pytest.raises(DataError, match="broken_json.jsonl:3"):
+            prepare(root, tiny_tokenizer_dir, *sources, fixture("broken_json.jsonl"), num_proc=workers,
+                    report_path=str(failed))
+        failures[workers] = failed.read_bytes()
+        assert snapshot(root) == outputs[workers]  # the failed run left the outputs as they were
+    assert outputs[1] == outputs[2] == outputs[3]
+    assert failures[1] == failures[2] == failures[3]
+    assert json.loads(failures[1])["files"][-1]["read"] == 2  # broken_json.jsonl: 2 records before line 3
+
+
+def test_a_parquet_source_is_read_in_batches_with_its_row_numbers(tmp_path, tiny_tokenizer_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Yes {i}.", "rejected": f"No {i}." if i != 2500 else f"Yes {i}."}
+            for i in range(3000)]
+    path = tmp_path / "many.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=700)  # 5 row groups, > 2 read batches
+    prepare(tmp_path, tiny_tokenizer_dir, str(path))
+    report = json.loads((tmp_path / "prepared" / "report.json").read_text())["files"][0]
+    assert (report["read"], report["kept"]) == (3000, 2999)
+    assert report["dropped_examples"]["identical_pair"][0].startswith(f"{path}:2501: ")

@@ -13,7 +13,7 @@ import codecs
 import csv
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
@@ -34,9 +34,10 @@ class DataError(ValueError):
     """A broken input file or schema; the message names file:line and field."""
 
 
-def _read_jsonl(data: bytes, label: str, lenient: bool = False) -> Iterator[tuple[int, object]]:
-    for line_no, raw in enumerate(data.split(b"\n"), 1):
-        raw = raw.rstrip(b"\r")
+def _read_jsonl(lines: Iterable[bytes], label: str, lenient: bool = False) -> Iterator[tuple[int, object]]:
+    """lines: a file opened in binary (read line by line: memory flat in the file's size) or bytes split on \\n."""
+    for line_no, raw in enumerate(lines, 1):
+        raw = raw.removesuffix(b"\n").rstrip(b"\r")
         if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
             raw = raw[len(codecs.BOM_UTF8) :]
         if not raw.strip():
@@ -96,7 +97,7 @@ def _read_json(data: bytes, label: str, lenient: bool = False) -> Iterator[tuple
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON lines in a .json file
-            yield from _read_jsonl(data, label, lenient)
+            yield from _read_jsonl(data.split(b"\n"), label, lenient)
             return
         raise DataError(f"{label}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -152,11 +153,15 @@ def _read_csv(path: Path, label: str) -> Iterator[tuple[int, object]]:
 def _read_parquet(path: Path, label: str) -> Iterator[tuple[int, object]]:
     import pyarrow.parquet as pq
 
+    row = 0
     try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow raises several types for a bad file
-        raise DataError(f"{label}: not a readable parquet file: {e}") from None
-    yield from enumerate(rows, 1)
+        parquet = pq.ParquetFile(path)
+        for batch in parquet.iter_batches(batch_size=1024):  # a row group at a time, not the whole file
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    except (OSError, ValueError, TypeError) as e:  # pyarrow's errors for a bad file (ArrowException subclasses)
+        raise DataError(f"{label}: not a readable parquet file (row {row + 1}): {e}") from None
 
 
 def _read_file(path: Path, lenient: bool = False) -> Iterator[tuple[int, object]]:
@@ -168,7 +173,8 @@ def _read_file(path: Path, lenient: bool = False) -> Iterator[tuple[int, object]
     elif path.suffix == ".json":
         yield from _read_json(path.read_bytes(), label, lenient)
     else:
-        yield from _read_jsonl(path.read_bytes(), label, lenient)
+        with open(path, "rb") as f:
+            yield from _read_jsonl(f, label, lenient)
 
 
 def open_hub(name: str, split: str | None, revision: str | None) -> tuple[str, Iterator[tuple[int, object]], dict]:

@@ -96,8 +96,8 @@ def encode(tokenizer, conversations: Sequence[Sequence[dict]], tools: list[dict]
 
 
 def row(kind: str, record_id: str, encoded: list[tuple[list[int], list[bool]]], content: dict) -> dict | None:
-    """The tokens row of one kept record (None for kinds no stage reads as tokens). Ids are held as int32
-    arrays until written: prepare keeps every row of the data set in memory, and a Python int list costs
+    """The tokens row of one kept record (None for kinds no stage reads as tokens). Ids are int32 arrays: they
+    cross from prepare's workers and wait in its spill file and row-group buffers, and a Python int list costs
     ~9x more."""
     import numpy as np
 
@@ -128,31 +128,72 @@ def _schema(kind: str):
                       ("token_hash", pa.string()), ("margin", pa.float64())])
 
 
+ROW_GROUP_ROWS, ROW_GROUP_TOKENS = 16384, 4_000_000  # a row group is cut at whichever comes first
+
+
+class TokenWriter:
+    """Writes `<out_dir>/tokens/` row by row (inside a directory being written atomically, e.g. prepare's): the
+    rows of a split are buffered up to a row group (ROW_GROUP_ROWS rows or ROW_GROUP_TOKENS ids), so memory is
+    flat in the number of records. The row groups depend on the rows only, never on how they arrived."""
+
+    def __init__(self, out_dir: Path, tokenizer, tokenizer_path: str, max_length: int, max_prompt_length: int):
+        import pyarrow.parquet as pq
+
+        self._target = Path(out_dir) / DIRNAME
+        self._target.mkdir(parents=True, exist_ok=True)
+        self._fp = fingerprint(tokenizer)
+        # each file carries what its reader checks (format, tokenizer), so a stage depends on its own files only
+        identity = {"alignflow.format": str(FORMAT), "alignflow.tokenizer": self._fp,
+                    "alignflow.tokenizer_path": str(tokenizer_path)}
+        self._schemas = {name: _schema(name.split("_")[0]).with_metadata(identity) for name in SPLITS}
+        self._writers = {name: pq.ParquetWriter(self._target / f"{name}.parquet", self._schemas[name],
+                                                compression="zstd") for name in SPLITS}
+        self._buffers: dict[str, list[dict]] = {name: [] for name in SPLITS}
+        self._buffered_tokens = dict.fromkeys(SPLITS, 0)
+        self._flushed = dict.fromkeys(SPLITS, False)
+        self.rows, self.tokens = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+        self._meta = {"max_length": max_length, "max_prompt_length": max_prompt_length,
+                      "tokenizer_path": str(tokenizer_path)}
+
+    def add(self, split: str, token_row: dict) -> None:
+        n = sum(len(token_row[k]) for k in token_row if k.endswith("_ids"))
+        self._buffers[split].append(token_row)
+        self.rows[split] += 1
+        self.tokens[split] += n
+        self._buffered_tokens[split] += n
+        if len(self._buffers[split]) >= ROW_GROUP_ROWS or self._buffered_tokens[split] >= ROW_GROUP_TOKENS:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        import pyarrow as pa
+
+        rows = self._buffers[split]
+        if rows or not self._flushed[split]:  # an empty split is written as one empty table, as write_table does
+            self._writers[split].write_table(pa.Table.from_pylist(rows, schema=self._schemas[split]))
+        self._buffers[split], self._buffered_tokens[split], self._flushed[split] = [], 0, True
+
+    def close(self) -> dict:
+        """Flush, close, write meta.json. Returns the meta written."""
+        for name in SPLITS:
+            if self._buffers[name] or not self._flushed[name]:
+                self._flush(name)
+            self._writers[name].close()
+        meta = {"format": FORMAT, "tokenizer": self._fp, "tokenizer_path": self._meta["tokenizer_path"],
+                "max_length": self._meta["max_length"], "max_prompt_length": self._meta["max_prompt_length"],
+                "rows": dict(self.rows), "tokens": {name: int(self.tokens[name]) for name in SPLITS}}
+        (self._target / META).write_text(json.dumps(meta, indent=2) + "\n")
+        return meta
+
+
 def write(out_dir: Path, rows: dict[str, list[dict]], tokenizer, tokenizer_path: str, max_length: int,
           max_prompt_length: int) -> dict:
-    """Write `<out_dir>/tokens/` (inside a directory being written atomically, e.g. prepare's). rows: split name
-    (SPLITS) -> rows in the order of that split's .jsonl. Returns the meta written."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    target = Path(out_dir) / DIRNAME
-    target.mkdir(parents=True, exist_ok=True)
-    table_tokens = {name: sum(len(r[k]) for r in rows.get(name, []) for k in r if k.endswith("_ids"))
-                    for name in SPLITS}
-    fp = fingerprint(tokenizer)
-    # each file carries what its reader checks (format, tokenizer), so a stage depends on its own files only
-    identity = {"alignflow.format": str(FORMAT), "alignflow.tokenizer": fp,
-                "alignflow.tokenizer_path": str(tokenizer_path)}
+    """Write `<out_dir>/tokens/` from rows held in memory: split name (SPLITS) -> rows in the order of that split's
+    .jsonl. Returns the meta written."""
+    writer = TokenWriter(out_dir, tokenizer, tokenizer_path, max_length, max_prompt_length)
     for name in SPLITS:
-        schema = _schema(name.split("_")[0]).with_metadata(identity)
-        table = pa.Table.from_pylist(rows.get(name, []), schema=schema)
-        pq.write_table(table, target / f"{name}.parquet", compression="zstd")
-    meta = {"format": FORMAT, "tokenizer": fp, "tokenizer_path": str(tokenizer_path),
-            "max_length": max_length, "max_prompt_length": max_prompt_length,
-            "rows": {name: len(rows.get(name, [])) for name in SPLITS},
-            "tokens": {name: int(table_tokens[name]) for name in SPLITS}}
-    (target / META).write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
+        for token_row in rows.get(name, []):
+            writer.add(name, token_row)
+    return writer.close()
 
 
 def write_for(data_dir: str | Path, tokenizer, max_length: int = 10**9, max_prompt_length: int = 10**9) -> dict:
