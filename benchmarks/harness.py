@@ -80,6 +80,8 @@ def child_main(kind: str, spec_path: str, out_path: str, *, ours: Callable[[dict
     result = ours(spec, work) if kind == "ours" else trl(spec, work)
     result["wall_s"] = time.perf_counter() - started
     result["peak_rss_bytes"] = peak_rss_bytes()
+    if torch.cuda.is_available() and spec.get("device") == "cuda":
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     Path(out_path).write_text(json.dumps(result))
     if cleanup:
         shutil.rmtree(work, ignore_errors=True)
@@ -196,6 +198,12 @@ def summarize(rounds: list[dict], rate: str, *, absolute: bool = True, rate_rati
     and `peak_memory_ratio` (ours' least peak RSS / TRL's). The scripts add their own keys (targets, ...)."""
     best = best_rounds(rounds)
     peak = {k: min(x[k]["peak_rss_bytes"] for x in rounds) for k in KINDS}
+    if all("peak_cuda_bytes" in x[k] for x in rounds for k in KINDS):  # on a GPU the GPU's memory is what counts
+        cuda = {k: min(x[k]["peak_cuda_bytes"] for x in rounds) for k in KINDS}
+        summary_cuda = {"ours_peak_cuda_mib": cuda["ours"] / 2**20, "trl_peak_cuda_mib": cuda["trl"] / 2**20,
+                        "peak_cuda_memory_ratio": cuda["ours"] / cuda["trl"]}
+    else:
+        summary_cuda = {}
     summary = {}
     if absolute:
         summary |= {"ours_wall_s": best["ours"]["wall_s"], "trl_wall_s": best["trl"]["wall_s"],
@@ -205,14 +213,14 @@ def summarize(rounds: list[dict], rate: str, *, absolute: bool = True, rate_rati
     if rate_ratio:
         summary[f"{rate}_ratio"] = best["ours"][rate] / best["trl"][rate]
     summary["peak_memory_ratio"] = peak["ours"] / peak["trl"]
-    return summary
+    return summary | summary_cuda
 
 
 def write_results(out: str | Path, benchmark: str, spec: dict, rounds: list[dict], summary: dict, *,
                   job: dict | None = None, head: dict | None = None) -> None:
-    """Write the results JSON: benchmark, device "cpu", `head`'s keys (if any), job (the spec without its records,
+    """Write the results JSON: benchmark, device (the spec's, else "cpu"), `head`'s keys (if any), job (the spec without its records,
     `job` over it), rounds, summary, host (cpus, python) and measured_at (UTC); then print the summary."""
-    result = {"benchmark": benchmark, "device": "cpu", **(head or {}),
+    result = {"benchmark": benchmark, "device": spec.get("device", "cpu"), **(head or {}),
               "job": {k: v for k, v in spec.items() if k != "records"} | (job or {}),
               "rounds": rounds, "summary": summary,
               "host": {"cpus": os.cpu_count(), "python": platform.python_version()},

@@ -2,6 +2,7 @@
 prepare of another git revision (the in-memory, one-core prepare before streaming) in the same run.
 
     .venv/bin/python benchmarks/prepare_scale.py                                  # 40k, 400k, 2M; baseline HEAD~
+    # (1 process and the baseline up to 400k: their time grows as expected, and 2M takes ~10 min a run on 2 cores)
     .venv/bin/python benchmarks/prepare_scale.py --records 40000 --baseline ''    # no baseline
 
 Data: the embedded sorting task (core/sorting.generate, params.yaml's synthetic settings), two SFT records to one
@@ -114,10 +115,45 @@ def measure(code_root: Path, spec: dict) -> dict:
 
 
 def digest(directory: Path) -> str:
+    """The outputs' identity: every file's bytes, but a parquet file's content (schema with its metadata, and rows):
+    the row groups of a token file are cut at 16,384 rows now, where the baseline wrote one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     h = hashlib.sha256()
     for f in sorted(p for p in directory.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(directory)).encode() + b"\0" + f.read_bytes())
+        h.update(str(f.relative_to(directory)).encode() + b"\0")
+        if f.suffix == ".parquet":
+            table = pq.read_table(f).combine_chunks()
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, table.schema) as stream:
+                stream.write_table(table)
+            h.update(sink.getvalue().to_pybytes())
+        else:
+            h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _burn(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def cpu_ceiling(workers: int, n: int = 15_000_000) -> float:
+    """The machine's own parallel speed-up on `workers` processes of pure Python arithmetic (no I/O, no sharing):
+    the most any process pool can get here (shared or oversubscribed virtual cores give less than `workers`)."""
+    import multiprocessing as mp
+
+    t0 = time.perf_counter()
+    for _ in range(workers):
+        _burn(n)
+    serial = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with mp.get_context("fork").Pool(workers) as pool:
+        pool.map(_burn, [n] * workers)
+    return round(serial / (time.perf_counter() - t0), 2)
 
 
 def baseline_tree(rev: str, work: Path) -> Path:
@@ -133,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=None, help="default: 1 and every available core")
     parser.add_argument("--baseline", default="HEAD~", help="git revision of the prepare to compare ('' for none)")
     parser.add_argument("--baseline-max", type=int, default=400_000, help="largest size the baseline runs on")
+    parser.add_argument("--one-worker-max", type=int, default=400_000,
+                        help="largest size the 1-process run is measured on (the speed-up is measured below it)")
     parser.add_argument("--tokenizer", default=str(ROOT / "models/base"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/prepare_scale.json"))
     args = parser.parse_args(argv)
@@ -148,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             sources = write_sources(work, n, seed=0)
             data = {"sources": [{"path": p} for p in sources], "eval_fraction": 0.1, "max_length": 128,
                     "max_prompt_length": 96, "min_kept_fraction": 0.0}
-            runs = [("ours", w) for w in workers] + ([("baseline", 1)] if base and n <= args.baseline_max else [])
+            runs = [("ours", w) for w in workers if w > 1 or n <= args.one_worker_max or len(workers) == 1] + ([("baseline", 1)] if base and n <= args.baseline_max else [])
             digests = set()
             for side, w in runs:
                 out = work / f"out-{side}-{w}"
@@ -166,10 +204,13 @@ def main(argv: list[str] | None = None) -> None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], capture_output=True)
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
+    ceiling = {str(w): cpu_ceiling(w) for w in workers if w > 1}
     summary = {"machine": {"cores": available_cores(), "python": platform.python_version(),
-                           "processor": platform.processor() or platform.machine()},
+                           "processor": platform.processor() or platform.machine(),
+                           "cpu_speedup_ceiling": ceiling},
                "baseline": args.baseline, "date": time.strftime("%Y-%m-%d"), "runs": results}
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"the machine's own speed-up on pure Python arithmetic (the ceiling for any pool): {ceiling}")
     print(f"{'records':>9} {'side':>9} {'workers':>7} {'seconds':>8} {'rec/s':>8} {'peak PSS GB':>11}")
     for r in results:
         print(f"{r['records']:>9} {r['side']:>9} {r['workers']:>7} {r['seconds']:>8.1f} "

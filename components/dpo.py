@@ -219,6 +219,7 @@ def run(
                                  str(token_store.tokens_path(Path(data_dir) / "pref_train.jsonl")),
                                  str(Path(reference_dir) / "train.pt"), code, world)
     start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
+    best = loop.KeepBest(cfg.best_metric if cfg.keep_best else None, cfg.best_mode, ckpt_dir / fp, history, start_step)
     guard = loop.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
     # KTO's reference point z0: the previous step's mean log-ratio over all its pairs on all processes
     kto_kl = torch.tensor(float(saved.get("kto_kl", 0.0)), device=accelerator.device)
@@ -258,6 +259,7 @@ def run(
             if evals and (done % cfg.eval_every == 0 or done == total_steps):
                 row = row or {"step": done}
                 row.update(evaluate_pairs(model, accelerator, evals, cfg.batch_size, pad_id, loss_kwargs, kto_kl))
+                best.update(accelerator, model, tokenizer, row, loading.stored_dtype(model_path))
             if row:
                 history.append(row)
                 tracking.log_step_metrics(mlrun, row, done)
@@ -268,8 +270,8 @@ def run(
         bar.close()
 
         # ------------------------------------------------------------ outputs
-        loop.save_model_atomic(accelerator, model, tokenizer, out_dir, loading.stored_dtype(model_path))
-        final = final_metrics(history, total_steps, world, len(train), cfg.beta)
+        kept = best.publish(accelerator, model, tokenizer, out_dir, loading.stored_dtype(model_path))
+        final = final_metrics(history, total_steps, world, len(train), cfg.beta) | kept
         if accelerator.is_main_process:
             write_csv(plots_path, history)
             write_json(metrics_path, final)

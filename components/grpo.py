@@ -103,9 +103,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     tokenizer = loading.load_tokenizer(model_path, runtime.trust_remote_code)
     prompt_file = Path(data_dir) / f"{cfg.prompts}_train.jsonl"
     prompts = online.load_prompts(prompt_file, cfg.prompts, tokenizer, runtime.max_prompt_length)
-    reward_fns = {r.name: reward_functions.load_reward_function(r.name) for r in cfg.rewards}
-    reward_weights = {r.name: r.weight for r in cfg.rewards}
-    reward_ids = {name: reward_functions.reward_identity(name) for name in reward_fns}
+    reward_fns, reward_weights, reward_ids = reward_functions.load_rewards(cfg.rewards, tokenizer)
 
     # ---------------------------------------------------------------- models, optimizer, schedule
     model, ref_model = load_models(cfg, model_path, accelerator, runtime)
@@ -126,6 +124,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     work = ckpt_dir / fp / "rollouts"  # this run's rounds; survives a crash, unlike the DVC out
     if accelerator.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
+    reward_functions.seed_caches(reward_fns, work)  # remote rewards: scores already in this run's rollouts
     setup = Setup(cfg, accelerator, model, ref_model, optimizer, schedule, prompts,
                   online.PromptSampler(len(prompts), seed, int(saved.get("sampler_position", 0))),
                   online.Sampling.of(cfg, eos_ids(accelerator.unwrap_model(model), tokenizer), tokenizer.pad_token_id),
@@ -332,8 +331,8 @@ def optimizer_step(setup: Setup, batch: Batch, guard: loop.DivergenceGuard, step
         adv = batch.advantages[batch.micro_batches[k]].to(accelerator.device)
         with loop.maybe_no_sync(accelerator, model, n == len(batch.passes) - 1):
             logps, mask, entropy = micro_batch_logps(setup, batch, model, k, with_entropy=True)
-            out = rl.clipped_surrogate(logps, batch.old.get(k, logps.detach()), adv, cfg.epsilon_low,
-                                       cfg.epsilon_high, cfg.beta, batch.ref.get(k))
+            out = rl.policy_surrogate(logps, batch.old.get(k, logps.detach()), adv, mask, rl.Objective.of(cfg),
+                                      batch.ref.get(k))
             share = rl.aggregate(out.per_token_loss, mask, cfg.loss_type, batch.totals)
             accelerator.backward(share * weight * world)  # * world undoes DDP's averaging
         m = mask.float() * weight
@@ -342,7 +341,8 @@ def optimizer_step(setup: Setup, batch: Batch, guard: loop.DivergenceGuard, step
         sums["entropy"] += (entropy * m).sum()
         if out.per_token_kl is not None:
             sums["kl"] += (out.per_token_kl.detach() * m).sum()
-        for key, v in rl.clip_fractions(out.ratio.detach(), adv, mask, cfg.epsilon_low, cfg.epsilon_high).items():
+        for key, v in rl.clip_fractions(out.ratio.detach(), adv, mask, cfg.epsilon_low, cfg.epsilon_high,
+                                                   cfg.loss_type == "cispo").items():
             sums[key] += v * weight
     reduced = {key: v.item() for key, v in loop.reduce_sums(accelerator, sums).items()}
     loop.guard_finite(torch.tensor(reduced["loss"]), step + 1, setup.ckpt_dir)

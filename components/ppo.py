@@ -133,9 +133,7 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
     tokenizer = loading.load_tokenizer(model_path, runtime.trust_remote_code)
     prompt_file = Path(data_dir) / "pref_train.jsonl"
     prompts = online.load_prompts(prompt_file, "pref", tokenizer, runtime.max_prompt_length)
-    reward_fns = {r.name: reward_functions.load_reward_function(r.name) for r in cfg.rewards}
-    reward_weights = {r.name: r.weight for r in cfg.rewards}
-    reward_ids = {name: reward_functions.reward_identity(name) for name in reward_fns}
+    reward_fns, reward_weights, reward_ids = reward_functions.load_rewards(cfg.rewards, tokenizer)
     use_rm = cfg.reward == "reward_model"
     needs_rm = use_rm or cfg.value_init == "reward_model"
     if needs_rm and not (Path(reward_model_path) / "config.json").exists():
@@ -166,6 +164,7 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
     work = ckpt_dir / fp / "rollouts"
     if accelerator.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
+    reward_functions.seed_caches(reward_fns, work)  # remote rewards: scores already in this run's rollouts
     setup = Setup(cfg, accelerator, model, ref_model, reward_model, optimizer, schedule, prompts,
                   online.PromptSampler(len(prompts), seed, int(saved.get("sampler_position", 0))),
                   online.Sampling.of(cfg, eos_ids(_policy(accelerator, model), tokenizer), tokenizer.pad_token_id,

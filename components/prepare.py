@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import pickle
 import sys
 from array import array
 from collections import Counter
@@ -236,9 +235,9 @@ def read_sources(cfg: DataConfig, tokenizer, reports: list[_FileReport], spill, 
                 report.kept += 1
                 out.keys.append(o.kept[1])
                 out.kinds.append(KINDS.index(o.kept[0]))
-                kept.append(o.kept)
+                kept.append(o.kept[2])
         if kept:
-            pickle.dump(kept, spill, protocol=pickle.HIGHEST_PROTOCOL)
+            records_mod.spill_kept(kept, spill)
     out.kept = len(out.keys)
     for r in reports:
         if r.read == 0:
@@ -292,25 +291,19 @@ def write_split(spill_path: Path, out_dir: Path, pass1: Pass1, eval_fraction: fl
         for name in names:
             outputs[name] = _open_output(out_dir / f"{name}.jsonl")
         with open(spill_path, "rb") as spill:
-            while batch := _next_batch(spill):
-                for record_kind, key, line, token_row in batch:
-                    name = f"{OUTPUT_PREFIX[record_kind]}_{'eval' if records_mod.is_eval(key, eval_fraction, flipped) else 'train'}"
-                    outputs[name].write(line)
-                    counts[f"{name}.jsonl"] += 1
-                    if token_row is not None:
-                        token_writer.add(name, token_row)
+            for record_kind, key, line, token_row in records_mod.read_kept(spill):
+                side = "eval" if records_mod.is_eval(key, eval_fraction, flipped) else "train"
+                name = f"{OUTPUT_PREFIX[record_kind]}_{side}"
+                outputs[name].write(line)
+                counts[f"{name}.jsonl"] += 1
+                if token_row is not None:
+                    token_writer.add(name, token_row)
     finally:
         for f in outputs.values():
             f.close()
     token_writer.close()
     return counts, prompts
 
-
-def _next_batch(spill) -> list | None:
-    try:
-        return pickle.load(spill)
-    except EOFError:
-        return None
 
 def prepare_metrics(files: dict[str, int], reports: list[_FileReport], kept: int, prompts: dict) -> dict:
     """metrics/prepare.json: records per kind and side, prompts per side, totals, drops per reason, per file."""

@@ -152,6 +152,7 @@ def run(
     fp = checkpoints.fingerprint(checkpoints.math_params(hyper), checkpoints.model_identity(model_path),
                                  str(token_store.tokens_path(train_path)), world, code)
     start_step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, total_steps, model, optimizer)
+    best = loop.KeepBest(cfg.best_metric if cfg.keep_best else None, cfg.best_mode, ckpt_dir / fp, history, start_step)
     guard = loop.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
 
     # ---------------------------------------------------------------- train
@@ -198,6 +199,7 @@ def run(
             if evals and (done % cfg.eval_every == 0 or done == total_steps):
                 row = row or {"step": done}
                 row["eval/loss"] = evaluate_loss(model, accelerator, evals, cfg.batch_size, pad_id)
+                best.update(accelerator, model, tokenizer, row, loading.stored_dtype(model_path))
             if row:
                 history.append(row)
                 tracking.log_step_metrics(mlrun, row, done)
@@ -208,8 +210,8 @@ def run(
         bar.close()
 
         # ------------------------------------------------------------ outputs
-        loop.save_model_atomic(accelerator, model, tokenizer, out_dir, loading.stored_dtype(model_path))
-        final = final_metrics(history, total_steps, world, len(train))
+        kept = best.publish(accelerator, model, tokenizer, out_dir, loading.stored_dtype(model_path))
+        final = final_metrics(history, total_steps, world, len(train)) | kept
         if accelerator.is_main_process:
             write_csv(plots_path, history)
             write_json(metrics_path, final)

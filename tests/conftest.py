@@ -167,6 +167,13 @@ def pytest_collection_modifyitems(config, items):
     """Heaviest scopes first (the order xdist hands them out); without xdist only the order changes."""
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(scope_of(item.path.name), len(rank)))  # stable: file order kept
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (benchmarks/gpu_check.sh runs it when one is lent)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
 
 
 try:

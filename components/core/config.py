@@ -141,6 +141,16 @@ class TrainLoopConfig(Strict):
     # recompute activations in backward (memory for ~30% more compute); auto = on above 100M parameters, like TRL
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     lora: LoraConfig = LoraConfig()
+    # the output is the model of the best held-out row (every eval_every steps) instead of the last step's
+    keep_best: bool = False
+    best_metric: str = Field("eval/loss", pattern=r"^eval/")  # a held-out metric of the stage's plots
+    best_mode: Literal["min", "max"] = "min"
+
+    @model_validator(mode="after")
+    def _keep_best(self) -> TrainLoopConfig:
+        if self.keep_best and self.lora.enabled:
+            raise ValueError("keep_best with lora.enabled is not supported: saving a LoRA model merges its adapter")
+        return self
 
 
 def _check_in_backward(cfg: TrainLoopConfig, enabled: bool) -> None:
@@ -218,6 +228,11 @@ class DPOConfig(TrainLoopConfig):
 class RewardSpec(Strict):
     name: str = Field(min_length=1)  # components/core/algos/reward_functions.py REWARD_FUNCTIONS, or "package.module:function"
     weight: float = 1.0
+    # a remote reward (core/algos/remote_reward.py): `name` labels it, the service at `url` scores batches over HTTP
+    url: str | None = Field(None, pattern=r"^https?://")
+    timeout_s: float = Field(30.0, gt=0.0)  # per request
+    retries: int = Field(3, ge=0)  # after the first attempt, with exponential backoff from 0.5 s
+    batch_size: int = Field(64, gt=0)  # items per request
 
 
 class GRPOConfig(Strict):
@@ -242,7 +257,12 @@ class GRPOConfig(Strict):
     epsilon_high: float = Field(0.2, ge=0.0)  # above 1; DAPO's clip-higher uses 0.28
     num_iterations: int = Field(1, gt=0)  # mu: optimizer steps per generation round (old log-probs kept when > 1)
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"  # TRL 1.16's default
+    # TRL 1.16's names: dapo (its default), grpo, bnpo, dr_grpo; cispo (MiniMax-M1: set epsilon_high 5.0, the
+    # paper's), sapo (soft gate), luspo (needs importance_sampling_level: sequence). core/algos/rl.py has each
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"] = "dapo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO's one weight per completion
+    sapo_temperature_pos: float = Field(1.0, gt=0.0)  # sapo's gate temperature for A > 0 (TRL's default)
+    sapo_temperature_neg: float = Field(1.05, gt=0.0)  # and for A <= 0
     mask_truncated_completions: bool = False  # DAPO: completions without an end-of-turn carry no loss
     dynamic_sampling: bool = False  # DAPO: drop zero-std groups and generate more prompts to refill
     max_resample_rounds: int = Field(3, ge=0)  # dynamic sampling: extra generation rounds before giving up
@@ -277,6 +297,9 @@ class GRPOConfig(Strict):
                              f"({self.num_iterations}): checkpoints fall between generation rounds")
         if not self.rewards:
             raise ValueError("rewards: at least one reward function")
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            raise ValueError("loss_type luspo is GSPO's sequence loss scaled by length: it needs "
+                             "importance_sampling_level: sequence")
         return self
 
 
@@ -288,6 +311,13 @@ class RewardModelConfig(TrainLoopConfig):
     use_margin: bool = True  # use a pair's `margin` field when the data has one: -log σ(r_c - r_r - margin)
     calibration_bins: int = Field(10, ge=2)
     init_seed: int | None = None  # seed of the new score head (None: the global seed)
+
+    @model_validator(mode="after")
+    def _no_keep_best(self) -> RewardModelConfig:
+        if self.keep_best:
+            raise ValueError("keep_best is sft's and dpo's: the reward model's calibration and held-out scores are "
+                             "of its last step")
+        return self
 
 
 class PPOConfig(Strict):

@@ -160,3 +160,62 @@ def test_grpo_optimizer_in_backward_follows_the_usual_step(tiny_data, tmp_path):
     assert_weights_close(usual / "models/grpo", fused / "models/grpo", 1e-5, 1e-6)
     assert column(fused / "plots/grpo.csv", "grad_norm") == pytest.approx(
         column(usual / "plots/grpo.csv", "grad_norm"), rel=1e-4)
+
+
+@pytest.mark.parametrize(("loss_type", "level"), [("luspo", "sequence"), ("cispo", "token")])
+def test_newer_objectives_train_through_the_stage(tiny_data, tmp_path, loss_type, level):
+    """GSPO's sequence-level weight with LUSPO's length-scaled loss, and CISPO's clipped weight: one round of
+    mu = 2 steps (the second step's weights differ from the sampler's, so the weights and clips are exercised)
+    through the stage; the objective is recorded, the loss finite and the weights move. The math against TRL 1.16
+    is tests/unit/algos/test_rl.py's."""
+    root = grpo_workdir(tiny_data, tmp_path / loss_type, grpo__max_steps=2, grpo__num_iterations=2,
+                        grpo__save_every=2, grpo__log_every=1, grpo__loss_type=loss_type,
+                        grpo__importance_sampling_level=level,
+                        grpo__epsilon_high=5.0 if loss_type == "cispo" else 0.2)
+    run_cmd(stage("grpo"), root)
+    metrics = json.loads((root / "metrics/grpo.json").read_text())
+    assert metrics["config/loss_type"] == loss_type
+    assert all(torch.isfinite(torch.tensor(column(root / "plots/grpo.csv", "loss"))))
+    before, after = weights(root / "models/sft"), weights(root / "models/grpo")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_remote_reward_is_asked_once_per_completion_across_a_crash(tiny_data, tmp_path):
+    """A reward served on 127.0.0.1 (scoring a completion by its length) beside the sorting reward: a run killed
+    at step 3 and resumed asks the service for each (prompt, completion) once, the resumed round's scores come
+    back from the run's journal, and the rollout tables hold the service's scores."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            asked.extend(json.dumps([m, c]) for m, c in zip(body["messages"], body["completions"], strict=True))
+            out = json.dumps({"rewards": [min(len(c), 20) / 20 for c in body["completions"]]}).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(out)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/score"
+    try:
+        root = workdir(tiny_data, tmp_path / "remote", **UNEVEN,
+                       grpo__rewards=[{"name": "sorting", "weight": 1.0}, {"name": "rm", "url": url, "weight": 0.5}])
+        shutil.copytree(root / "models/base", root / "models/sft")
+        env = pipeline_env(root) | {"ALIGNFLOW_CRASH_AT_STEP": "3"}
+        assert subprocess.run(stage("grpo"), cwd=root, env=env, capture_output=True).returncode == 137
+        before_resume = len(asked)
+        run_cmd(stage("grpo"), root)
+    finally:
+        httpd.shutdown()
+    assert before_resume > 0 and len(asked) == len(set(asked))  # nothing asked twice, the resume included
+    rows = [r for table in rollouts(root).values() for r in table]
+    assert len(rows) == 2 * 6 * 4
+    assert all(r["reward/rm"] == min(len(r["completion"]), 20) / 20 for r in rows)
+    assert set(asked) == {json.dumps([json.loads(r["prompt"]), r["completion"]]) for r in rows}

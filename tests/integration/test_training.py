@@ -137,6 +137,31 @@ def test_sft_resumes_after_crash_with_identical_weights(sft_whole, sft_crashed, 
     assert not (crashed / "checkpoints/sft").exists()  # cleaned after success
 
 
+def test_keep_best_outputs_the_best_held_out_model_and_resumes_to_it(tiny_data, sft_whole, tmp_path):
+    """sft.keep_best judged by the *highest* held-out loss (so that the kept model is not the last one): training is
+    the same as without it, the output is the model of that eval step and the metrics say which, and a run killed
+    after it (step 8, resumed from the step-6 checkpoint) ends with the same output."""
+    over = {"sft__keep_best": True, "sft__best_mode": "max"}
+    whole = workdir(tiny_data, tmp_path / "whole", **over)
+    run_cmd(stage("sft"), whole)
+    with open(whole / "plots/sft.csv") as f:
+        evals = {int(r["step"]): float(r["eval/loss"]) for r in csv.DictReader(f) if r.get("eval/loss")}
+    assert sorted(evals) == [0, 5, 10]  # the base model's row (0) is never kept
+    best = max((5, 10), key=evals.get)
+    assert best == 5, evals  # training lowers the held-out loss: the highest is the earlier model
+    metrics = json.loads((whole / "metrics/sft.json").read_text())
+    assert metrics["best/step"] == 5 and metrics["best/eval/loss"] == pytest.approx(evals[5])
+    assert column(whole / "plots/sft.csv", "train/loss") == column(sft_whole / "plots/sft.csv", "train/loss")
+    last, kept = weights(sft_whole / "models/sft"), weights(whole / "models/sft")
+    assert any(not torch.equal(last[k], kept[k]) for k in last)  # not the last step's model
+
+    crashed = workdir(tiny_data, tmp_path / "crashed", **over)
+    crash_at(crashed, 8)
+    run_cmd(stage("sft"), crashed)
+    assert_same_weights(whole / "models/sft", crashed / "models/sft")
+    assert json.loads((crashed / "metrics/sft.json").read_text())["best/step"] == 5
+
+
 def test_sft_optimizer_in_backward_resumes_exactly(tiny_data, tmp_path):
     """sft.optimizer_in_backward: every per-parameter optimizer state and the schedule are in the checkpoints,
     so a run killed at step 8 resumes (from step 6) to the weights of an uninterrupted run; the gradient norm

@@ -87,3 +87,31 @@ def reward_identity(name: str) -> str:
 
         h.update(inspect.getsource(sys.modules[sorting.__name__]).encode())
     return h.hexdigest()[:16]
+
+
+def load_rewards(specs, tokenizer=None) -> tuple[dict[str, RewardFn], dict[str, float], dict[str, str]]:
+    """(functions, weights, identities) of a stage's `rewards` entries: a registered or `package.module:function`
+    reward by name, or a remote one where the entry has a `url` (core/algos/remote_reward.py; `tokenizer` renders
+    its prompts for the OpenRLHF request fields)."""
+    from components.core.algos.remote_reward import RemoteReward
+    from components.core.data.tokens import render
+
+    fns: dict[str, RewardFn] = {}
+    ids: dict[str, str] = {}
+    for spec in specs:
+        if getattr(spec, "url", None):
+            fn = RemoteReward(spec.name, spec.url, spec.timeout_s, spec.retries, spec.batch_size)
+            if tokenizer is not None:
+                fn.render = lambda prompt: render(tokenizer, prompt, add_generation_prompt=True)
+            fns[spec.name], ids[spec.name] = fn, fn.identity
+        else:
+            fns[spec.name], ids[spec.name] = load_reward_function(spec.name), reward_identity(spec.name)
+    return fns, {spec.name: spec.weight for spec in specs}, ids
+
+
+def seed_caches(reward_fns: dict[str, RewardFn], work_dir) -> None:
+    """Remote rewards: keep their scores in this run's rollouts dir and read back what is there (a resume asks
+    nothing twice)."""
+    for fn in reward_fns.values():
+        if hasattr(fn, "attach"):
+            fn.attach(work_dir)

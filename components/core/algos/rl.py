@@ -10,7 +10,13 @@ number here means what it means there (parity tested in tests/unit/algos/test_rl
 - the k3 estimator of KL(pi || ref) per token, exp(ref - logp) - (ref - logp) - 1 (Schulman, 2020);
 - loss aggregation: `grpo` (mean over sequences of each one's token mean), `bnpo` (token mean of each
   micro-batch), `dr_grpo` (token sum / (sequences x max_completion_length)), `dapo` (token sum / tokens
-  of the whole accumulated global batch).
+  of the whole accumulated global batch);
+- TRL 1.16's newer objectives (`policy_surrogate`): `cispo` (MiniMax-M1, arXiv:2506.13585: the importance weight
+  clipped at epsilon_high and detached, times A times the log-prob; aggregated as dapo), `sapo` (arXiv:2511.20347:
+  a sigmoid gate 4/tau * sigmoid(tau (w - 1)) instead of the hard clip, tau by the advantage's sign; aggregated as
+  grpo), `luspo` (arXiv:2602.05261: GSPO's sequence loss times the sequence's length: token sum / sequences);
+  and GSPO's sequence-level importance weight (arXiv:2507.18071, `importance_sampling_level="sequence"`):
+  w = exp(mean over the sequence's tokens of log pi - log pi_old), one weight per sequence.
 
 The aggregations are written as each micro-batch's *share* of the global step's loss (`Totals` holds the
 global counts), so summing the shares over micro-batches and processes gives the global loss exactly,
@@ -25,7 +31,8 @@ from typing import Literal
 import torch
 
 ScaleRewards = Literal["group", "batch", "none"]
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+ImportanceLevel = Literal["token", "sequence"]
 STD_EPS = 1e-4  # TRL's: advantages / (std + 1e-4)
 
 
@@ -113,28 +120,85 @@ def clipped_surrogate(
     return SurrogateOutput(per_token_loss, ratio, per_token_kl)
 
 
+@dataclass(frozen=True)
+class Objective:
+    """The policy loss of the GRPO family, as grpo's params choose it (`Objective.of(cfg)`)."""
+
+    loss_type: LossType = "dapo"
+    level: ImportanceLevel = "token"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.0
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05)  # (positive advantage, non-positive advantage)
+
+    @classmethod
+    def of(cls, cfg) -> Objective:
+        return cls(cfg.loss_type, cfg.importance_sampling_level, cfg.epsilon_low, cfg.epsilon_high, cfg.beta,
+                   (cfg.sapo_temperature_pos, cfg.sapo_temperature_neg))
+
+
+def importance_weights(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor,
+                       level: ImportanceLevel) -> torch.Tensor:
+    """pi / pi_old per token (B, T), or GSPO's per sequence (B, 1): exp of the mean log-ratio over its tokens."""
+    log_ratio = logps - old_logps
+    if level == "token":
+        return torch.exp(log_ratio)
+    if level == "sequence":
+        m = mask.to(log_ratio.dtype)
+        return torch.exp((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    raise ValueError(f"importance_sampling_level={level!r}: expected token or sequence")
+
+
+def policy_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                     objective: Objective, ref_logps: torch.Tensor | None = None) -> SurrogateOutput:
+    """The per-token policy loss (B, T) of `objective` (before masking and aggregation), as TRL 1.16's
+    GRPOTrainer._compute_loss computes it, plus beta * k3 KL; `ratio` is the importance weight per token (a
+    sequence-level weight repeated over the sequence's tokens)."""
+    o = objective
+    coef = importance_weights(logps, old_logps, mask, o.level)
+    adv = advantages.unsqueeze(1)
+    if o.loss_type == "cispo":
+        per_token_loss = -torch.clamp(coef, max=o.epsilon_high).detach() * adv * logps
+    elif o.loss_type == "sapo":
+        tau = torch.where(adv > 0, o.sapo_temperatures[0], o.sapo_temperatures[1])
+        per_token_loss = -(torch.sigmoid(tau * (coef - 1)) * 4 / tau) * adv
+    else:
+        per_token_loss = -torch.min(coef * adv, torch.clamp(coef, 1 - o.epsilon_low, 1 + o.epsilon_high) * adv)
+    per_token_loss = per_token_loss.expand_as(logps)
+    per_token_kl = None
+    if o.beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs the reference log-probs")
+        per_token_kl = k3_kl(logps, ref_logps)
+        per_token_loss = per_token_loss + o.beta * per_token_kl
+    return SurrogateOutput(per_token_loss, coef.expand_as(logps), per_token_kl)
+
+
 def aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: LossType, totals: Totals) -> torch.Tensor:
     """This micro-batch's share of the step's loss (a scalar); the shares of all micro-batches sum to it."""
     mask = mask.to(per_token_loss.dtype)
     masked = per_token_loss * mask
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / totals.sequences
+    if loss_type == "luspo":
+        return masked.sum() / totals.sequences
     if loss_type == "bnpo":
         return masked.sum() / mask.sum().clamp(min=1.0) / totals.micro_batches
     if loss_type == "dr_grpo":
         return masked.sum() / (totals.sequences * totals.max_completion_length)
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         return masked.sum() / max(totals.tokens, 1)
-    raise ValueError(f"loss_type={loss_type!r}: expected grpo, bnpo, dr_grpo or dapo")
+    raise ValueError(f"loss_type={loss_type!r}: expected grpo, bnpo, dr_grpo, dapo, cispo, sapo or luspo")
 
 
 def clip_fractions(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon_low: float,
-                   epsilon_high: float) -> dict[str, torch.Tensor]:
+                   epsilon_high: float, cispo: bool = False) -> dict[str, torch.Tensor]:
     """Token counts (sums over the mask) where the clip was active, as TRL counts them: low when the ratio fell
-    below 1 - eps_low with A < 0, high when it rose above 1 + eps_high with A > 0."""
+    below 1 - eps_low with A < 0, high when it rose above 1 + eps_high with A > 0 (cispo: above eps_high itself,
+    its only clip)."""
     adv = advantages.unsqueeze(1)
-    low = (ratio < 1 - epsilon_low) & (adv < 0)
-    high = (ratio > 1 + epsilon_high) & (adv > 0)
+    low = (ratio < 1 - epsilon_low) & (adv < 0) & (not cispo)
+    high = (ratio > (epsilon_high if cispo else 1 + epsilon_high)) & (adv > 0)
     m = mask.bool()
     return {"clip_ratio/low": (low & m).sum().float(), "clip_ratio/high": (high & m).sum().float(),
             "clip_ratio/region": ((low | high) & m).sum().float()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from typing import NamedTuple
 
 from components.core.data import token_store
@@ -36,8 +37,9 @@ DROPPED, CHECKED, FAILED = range(3)
 
 class Outcome(NamedTuple):
     """DROPPED: reason/detail (before dedupe). FAILED: detail is the DataError's message (the stage stops).
-    CHECKED: rid is the content id for dedupe; reason/detail a length drop, or `kept` = (kind, split hash,
-    the .jsonl line, the token row)."""
+    CHECKED: rid is the content id for dedupe; reason/detail a length drop, or `kept` = (kind, split hash, blob):
+    the blob is the pickled (kind, split hash, .jsonl line, token row), made here so the parent only moves bytes
+    (spill_kept / read_kept)."""
 
     status: int
     untemplated: bool = False
@@ -177,8 +179,25 @@ def process_item(schema: str | None, first_loc: str, columns: dict, loc: str, wh
         return Outcome(CHECKED, untemplated, d.reason, d.detail, rid)
     key = split_hash(canonical(opening(record_kind, content)), _STATE["seed"])
     line = json.dumps({"id": rid, **content, "source": loc}, ensure_ascii=False) + "\n"
-    return Outcome(CHECKED, untemplated, rid=rid,
-                   kept=(record_kind, key, line, token_store.row(record_kind, rid, encoded, content)))
+    blob = pickle.dumps((record_kind, key, line, token_store.row(record_kind, rid, encoded, content)),
+                        protocol=pickle.HIGHEST_PROTOCOL)
+    return Outcome(CHECKED, untemplated, rid=rid, kept=(record_kind, key, blob))
+
+
+def spill_kept(blobs: list[bytes], spill) -> None:
+    """Append kept records (their blobs, in order) to an open spill file."""
+    pickle.dump(blobs, spill, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def read_kept(spill):
+    """The kept records of a spill file, in order: (kind, split hash, .jsonl line, token row or None)."""
+    while True:
+        try:
+            blobs = pickle.load(spill)
+        except EOFError:
+            return
+        for blob in blobs:
+            yield pickle.loads(blob)
 
 
 # ----------------------------------------------------------------------------- per-record state while streaming

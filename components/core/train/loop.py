@@ -9,8 +9,10 @@ Functions, not a Trainer class: each stage's loop stays explicit and readable to
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -282,3 +284,54 @@ def maybe_no_sync(accelerator, model, sync: bool):
     if sync or accelerator.num_processes == 1:
         return contextlib.nullcontext()
     return gradient_sync(model, False) if is_sharded(model) else accelerator.no_sync(model)
+
+
+class KeepBest:
+    """`<stage>.keep_best` (OpenRLHF's `--ckpt.best_metric_key`): the model at the best held-out value of `metric` so
+    far is kept in `<run_dir>/best/` (the run's checkpoint dir `checkpoints/<stage>/<fingerprint>`; a plain HF dir, written atomically when a held-out row improves on it), and
+    becomes the stage's output instead of the last step's; `best/step` and `best/<metric>` go to its metrics.
+
+    Resume: the best so far is read from the checkpoint's history; a `best/` saved after the checkpoint resumed
+    from (by the run that crashed) is dropped, since this run will reach, and judge, those steps again."""
+
+    META = "alignflow_best.json"
+
+    def __init__(self, metric: str | None, mode: str, run_dir: Path, history: list[dict], start_step: int):
+        """metric None: off (publish saves the last model)."""
+        self.metric, self.sign, self.dir = metric, (1.0 if mode == "min" else -1.0), Path(run_dir) / "best"
+        # step 0 (sft's row of the base model) is the input, not something training made: never kept
+        rows = [r for r in history if metric and metric in r and 0 < r["step"] <= start_step]
+        self.best = min(rows, key=lambda r: self.sign * r[metric]) if rows else None
+        meta = self.dir / self.META
+        saved = json.loads(meta.read_text()) if meta.exists() else None
+        if saved and (saved["step"] > start_step or self.best is None or saved["step"] != self.best["step"]):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def update(self, accelerator, model, tokenizer, row: dict, dtype) -> None:
+        """Every rank calls it with the same row (held-out metrics are reduced over ranks)."""
+        if not self.metric or self.metric not in row:
+            return
+        if self.best is not None and self.sign * row[self.metric] >= self.sign * self.best[self.metric]:
+            return
+        self.best = {"step": row["step"], self.metric: row[self.metric]}
+        config = accelerator.unwrap_model(model).config
+        use_cache = config.use_cache
+        save_model_atomic(accelerator, model, tokenizer, str(self.dir), dtype)
+        config.use_cache = use_cache  # save_model_atomic sets it for inference; training goes on
+        if accelerator.is_main_process:
+            (self.dir / self.META).write_text(json.dumps({"step": row["step"], "metric": self.metric,
+                                                          "value": row[self.metric]}))
+
+    def publish(self, accelerator, model, tokenizer, out_dir: str, dtype) -> dict:
+        """The stage's output: the best model when there is one, else the last. Returns its metrics."""
+        if not self.metric or self.best is None or not (self.dir / self.META).exists():
+            save_model_atomic(accelerator, model, tokenizer, out_dir, dtype)
+            return {}
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with atomic_dir(out_dir) as tmp:
+                for f in self.dir.iterdir():
+                    if f.name != self.META:
+                        shutil.copy2(f, tmp / f.name)
+        log.info("output: the model of step %d, best %s %.6g", self.best["step"], self.metric, self.best[self.metric])
+        return {"best/step": self.best["step"], f"best/{self.metric}": self.best[self.metric]}

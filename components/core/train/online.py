@@ -210,9 +210,20 @@ def sample_chunk(model, prompts: list[Prompt], sampling: Sampling, seed: int, sy
 
 
 def score(prompt: Prompt, completions: list[dict], tokenizer, reward_fns: dict, weights: dict[str, float]) -> None:
+    """Text and rewards onto each completion of a group; a reward with `score_batch` (a remote one) gets the
+    group in one call."""
     for c in completions:
         c["text"] = tokenizer.decode(c["ids"], skip_special_tokens=True).strip()
-        c["rewards"] = {name: float(fn(prompt.messages, c["text"], prompt.answer)) for name, fn in reward_fns.items()}
+        c["rewards"] = {}
+    texts, n = [c["text"] for c in completions], len(completions)
+    for name, fn in reward_fns.items():
+        if hasattr(fn, "score_batch"):
+            values = fn.score_batch([prompt.messages] * n, texts, [prompt.answer] * n)
+        else:
+            values = [fn(prompt.messages, t, prompt.answer) for t in texts]
+        for c, v in zip(completions, values, strict=True):
+            c["rewards"][name] = float(v)
+    for c in completions:
         c["reward"] = sum(weights[name] * v for name, v in c["rewards"].items())
 
 

@@ -64,7 +64,7 @@ def test_each_loss_aggregation_by_hand():
     assert rl.aggregate(loss, mask, "dapo", totals).item() == pytest.approx(10.0 / 4)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])
 def test_micro_batch_shares_sum_to_the_global_loss(loss_type):
     """Split one batch in two micro-batches: the shares add up to the loss of the whole (bnpo is per
     micro-batch by definition and is excluded)."""
@@ -78,9 +78,13 @@ def test_micro_batch_shares_sum_to_the_global_loss(loss_type):
     torch.testing.assert_close(parts, rl.aggregate(loss, mask, loss_type, whole))
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+OBJECTIVES = [("grpo", "token"), ("bnpo", "token"), ("dr_grpo", "token"), ("dapo", "token"), ("cispo", "token"),
+              ("sapo", "token"), ("grpo", "sequence"), ("luspo", "sequence"), ("sapo", "sequence")]
+
+
+@pytest.mark.parametrize(("loss_type", "level"), OBJECTIVES)
 @pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_loss_matches_trl_grpo_trainer(loss_type, beta):
+def test_loss_matches_trl_grpo_trainer(loss_type, level, beta):
     """TRL 1.16's GRPOTrainer._compute_loss on a stub model that returns fixed per-token log-probs."""
     pytest.importorskip("trl")
     from types import SimpleNamespace
@@ -96,17 +100,19 @@ def test_loss_matches_trl_grpo_trainer(loss_type, beta):
     mask = torch.ones(B, T, dtype=torch.long)
     mask[1, 3:] = 0
     mask[3, 1:] = 0
+    eps_high = 5.0 if loss_type == "cispo" else 0.28  # cispo: the ScaleRL paper's eps_max
 
     trainer = GRPOTrainer.__new__(GRPOTrainer)
     trainer.__dict__.update(
-        beta=beta, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=T,
-        importance_sampling_level="token", top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        beta=beta, epsilon_low=0.2, epsilon_high=eps_high, loss_type=loss_type, max_completion_length=T,
+        importance_sampling_level=level, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
         use_vllm=False, vllm_importance_sampling_correction=False, aux_loss_enabled=False,
         _entropy_bonus_enabled=False, current_gradient_accumulation_steps=1,
         accelerator=SimpleNamespace(num_processes=1, gather=lambda t: t.reshape(-1), reduce=lambda t, reduction=None: t,
                                     gather_for_metrics=lambda t: t.reshape(-1)),
         model=SimpleNamespace(training=True), _metrics={"train": __import__("collections").defaultdict(list)},
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1,
+                             sapo_temperature_pos=1.0, sapo_temperature_neg=1.05),
     )
     trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logps, torch.zeros(B, T), None)
     inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
@@ -117,9 +123,57 @@ def test_loss_matches_trl_grpo_trainer(loss_type, beta):
         expected = trainer._compute_loss(None, inputs)
     except (AttributeError, KeyError, TypeError) as e:  # a private API: name the drift instead of a false pass
         pytest.fail(f"TRL's _compute_loss changed shape ({type(e).__name__}: {e}); update this test")
-    out = rl.clipped_surrogate(logps, old, adv, 0.2, 0.28, beta, ref if beta else None)
+    objective = rl.Objective(loss_type, level, 0.2, eps_high, beta, (1.0, 1.05))
+    out = rl.policy_surrogate(logps, old, adv, mask, objective, ref if beta else None)
     totals = rl.Totals(sequences=B, tokens=int(mask.sum()), micro_batches=1, max_completion_length=T)
     torch.testing.assert_close(rl.aggregate(out.per_token_loss, mask, loss_type, totals), expected)
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo") and level == "token":  # the older entry point agrees
+        old_api = rl.clipped_surrogate(logps, old, adv, 0.2, eps_high, beta, ref if beta else None)
+        torch.testing.assert_close(old_api.per_token_loss, out.per_token_loss)
+
+
+def test_gspo_weight_is_one_per_sequence_by_hand():
+    logps = torch.tensor([[0.0, 0.0, 0.0]])
+    old = torch.tensor([[-0.2, 0.4, 9.0]])  # log-ratios 0.2, -0.4 and a masked token
+    mask = torch.tensor([[1, 1, 0]])
+    w = rl.importance_weights(logps, old, mask, "sequence")
+    torch.testing.assert_close(w, torch.tensor([[math.exp(-0.1)]]))  # exp(mean(0.2, -0.4))
+    out = rl.policy_surrogate(logps, old, torch.tensor([1.0]), mask, rl.Objective("grpo", "sequence", 0.2, 0.2))
+    # w = 0.905 inside [0.8, 1.2]: loss -w * A on every token of the sequence
+    torch.testing.assert_close(out.per_token_loss, torch.full((1, 3), -math.exp(-0.1)))
+    with pytest.raises(ValueError, match="token or sequence"):
+        rl.importance_weights(logps, old, mask, "group")
+
+
+def test_cispo_clips_the_weight_and_keeps_the_gradient_of_the_log_prob():
+    logps = torch.tensor([[math.log(0.5), math.log(0.5)]], requires_grad=True)
+    old = torch.log(torch.tensor([[0.05, 0.5]]))  # ratios 10 and 1
+    out = rl.policy_surrogate(logps, old, torch.tensor([2.0]), torch.ones(1, 2), rl.Objective("cispo", "token", 0.2, 5.0))
+    # -min(w, 5) * A * logp: -5 * 2 * ln 0.5 and -1 * 2 * ln 0.5
+    torch.testing.assert_close(out.per_token_loss, torch.tensor([[10 * math.log(2), 2 * math.log(2)]]))
+    out.per_token_loss.sum().backward()
+    torch.testing.assert_close(logps.grad, torch.tensor([[-10.0, -2.0]]))  # the weight is detached: d/dlogp = -w A
+    clip = rl.clip_fractions(out.ratio, torch.tensor([2.0]), torch.ones(1, 2), 0.2, 5.0, cispo=True)
+    assert clip["clip_ratio/high"].item() == 1 and clip["clip_ratio/low"].item() == 0
+
+
+def test_sapo_gate_by_hand():
+    logps, old = torch.zeros(1, 1), torch.full((1, 1), -0.5)  # w = e^0.5
+    w = math.exp(0.5)
+    for adv, tau in ((1.0, 1.0), (-1.0, 1.05)):
+        out = rl.policy_surrogate(logps, old, torch.tensor([adv]), torch.ones(1, 1), rl.Objective("sapo", "token"))
+        gate = 4 / tau / (1 + math.exp(-tau * (w - 1)))
+        torch.testing.assert_close(out.per_token_loss, torch.tensor([[-gate * adv]]))
+    # at w = 1 the gate is 4 sigma(0) / tau = 2 / tau: the soft gate's value on policy
+
+
+def test_luspo_sums_each_sequence_and_averages_over_sequences():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    totals = rl.Totals(sequences=2, tokens=4, micro_batches=1, max_completion_length=5)
+    assert rl.aggregate(loss, mask, "luspo", totals).item() == pytest.approx((6.0 + 4.0) / 2)
+    assert rl.aggregate(loss, mask, "cispo", totals).item() == pytest.approx(10.0 / 4)
+    assert rl.aggregate(loss, mask, "sapo", totals).item() == pytest.approx((2.0 + 4.0) / 2)
 
 
 def test_gae_by_hand():
