@@ -190,11 +190,11 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
 
 
 def load_models(cfg: GRPOConfig, model_path: str, accelerator, runtime: Runtime):
-    """(policy, reference or None): the reference only with beta > 0 and without LoRA."""
+    """(policy, reference or None): the reference only when needed (beta > 0, online_dpo) and without LoRA."""
     model = loading.load_model(model_path, runtime.trust_remote_code, cfg.lora.model_dump(),
                                mixed_precision=runtime.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing)
     ref_model = None
-    if cfg.beta > 0 and not cfg.lora.enabled:  # with LoRA the reference is the base with adapters off: no second copy
+    if cfg.needs_reference and not cfg.lora.enabled:  # with LoRA: the base with adapters off, no second copy
         ref_model = loading.load_model(model_path, runtime.trust_remote_code, frozen=True,
                                        mixed_precision=runtime.mixed_precision)
         ref_model = sharding.prepare_frozen(accelerator, ref_model)
@@ -236,14 +236,14 @@ def plan_batch(cfg: GRPOConfig, rnd: Round, rank: int, world: int) -> Batch:
     G = cfg.num_generations
     rows = [(g, c) for g in rnd.kept for c in g["completions"]]
     rewards = torch.tensor([c["reward"] for _, c in rows])
-    advantages, group_std = rl.group_advantages(rewards, G, cfg.scale_rewards)
+    advantages, group_std = rl.advantages_of(cfg.loss_type, rewards, G, cfg.scale_rewards)
     for (_, c), a in zip(rows, advantages.tolist(), strict=True):
         c["advantage"] = a
     counted = [0 if (cfg.mask_truncated_completions and c["truncated"]) else len(c["ids"]) for _, c in rows]
     per_mb = max(1, cfg.micro_batch_size // G) * G  # whole groups: each prompt is computed once per row
     mbs = [list(range(i, min(i + per_mb, len(rows)))) for i in range(0, len(rows), per_mb)]
     totals = rl.Totals(sequences=len(rows), tokens=sum(counted), micro_batches=len(mbs),
-                       max_completion_length=cfg.max_completion_length)
+                       max_completion_length=cfg.max_completion_length, pairs=int((advantages > 0).sum()))
     passes = [(k, 0.0 if padding else 1.0) for k, padding in loop.equal_passes(len(mbs), rank, world)]
     return Batch(rows, rewards, advantages, group_std, mbs, passes, totals, {}, {})
 
@@ -266,14 +266,14 @@ def micro_batch_logps(setup: Setup, batch: Batch, net, k: int, with_entropy: boo
 
 def reference_logps(setup: Setup, batch: Batch, timing: dict) -> None:
     """batch.old (the policy that sampled, before any update; only needed when num_iterations > 1) and batch.ref
-    (beta > 0) for this rank's micro-batches."""
+    (beta > 0, online_dpo) for this rank's micro-batches."""
     cfg = setup.cfg
     t0 = time.perf_counter()
     with torch.no_grad():
         for k, _ in batch.passes:
             if cfg.num_iterations > 1 and k not in batch.old:
                 batch.old[k] = micro_batch_logps(setup, batch, setup.model, k)[0].detach()
-            if cfg.beta > 0 and k not in batch.ref:
+            if cfg.needs_reference and k not in batch.ref:
                 if setup.ref_model is not None:
                     batch.ref[k] = micro_batch_logps(setup, batch, setup.ref_model, k)[0]
                 else:

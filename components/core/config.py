@@ -259,7 +259,9 @@ class GRPOConfig(Strict):
     scale_rewards: Literal["group", "batch", "none"] = "group"
     # TRL 1.16's names: dapo (its default), grpo, bnpo, dr_grpo; cispo (MiniMax-M1: set epsilon_high 5.0, the
     # paper's), sapo (soft gate), luspo (needs importance_sampling_level: sequence). core/algos/rl.py has each
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"] = "dapo"
+    # online_dpo: each group's best and worst completion by reward as a DPO pair, sigmoid loss with dpo_beta
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "online_dpo"] = "dapo"
+    dpo_beta: float = Field(0.1, gt=0.0)  # online_dpo's beta (TRL OnlineDPOConfig's default)
     importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO's one weight per completion
     sapo_temperature_pos: float = Field(1.0, gt=0.0)  # sapo's gate temperature for A > 0 (TRL's default)
     sapo_temperature_neg: float = Field(1.05, gt=0.0)  # and for A <= 0
@@ -290,6 +292,11 @@ class GRPOConfig(Strict):
                              f"{self.max_grad_norm}: clipping to a global norm needs every gradient before any update")
         return self
 
+    @property
+    def needs_reference(self) -> bool:
+        """The reference model's log-probs: for the KL term (beta > 0) or online DPO's loss."""
+        return self.beta > 0 or self.loss_type == "online_dpo"
+
     @model_validator(mode="after")
     def _consistent(self) -> GRPOConfig:
         if self.save_every % self.num_iterations:
@@ -297,6 +304,9 @@ class GRPOConfig(Strict):
                              f"({self.num_iterations}): checkpoints fall between generation rounds")
         if not self.rewards:
             raise ValueError("rewards: at least one reward function")
+        if self.loss_type == "online_dpo" and self.beta != 0:
+            raise ValueError("loss_type online_dpo keeps the policy near the reference through its DPO loss "
+                             f"(dpo_beta): set beta: 0, not {self.beta}")
         if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
             raise ValueError("loss_type luspo is GSPO's sequence loss scaled by length: it needs "
                              "importance_sampling_level: sequence")

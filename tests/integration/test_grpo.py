@@ -162,22 +162,27 @@ def test_grpo_optimizer_in_backward_follows_the_usual_step(tiny_data, tmp_path):
         column(usual / "plots/grpo.csv", "grad_norm"), rel=1e-4)
 
 
-@pytest.mark.parametrize(("loss_type", "level"), [("luspo", "sequence"), ("cispo", "token")])
+@pytest.mark.parametrize(("loss_type", "level"), [("luspo", "sequence"), ("cispo", "token"), ("online_dpo", "token")])
 def test_newer_objectives_train_through_the_stage(tiny_data, tmp_path, loss_type, level):
-    """GSPO's sequence-level weight with LUSPO's length-scaled loss, and CISPO's clipped weight: one round of
+    """GSPO's sequence-level weight with LUSPO's length-scaled loss, CISPO's clipped weight and online DPO: one round of
     mu = 2 steps (the second step's weights differ from the sampler's, so the weights and clips are exercised)
     through the stage; the objective is recorded, the loss finite and the weights move. The math against TRL 1.16
     is tests/unit/algos/test_rl.py's."""
     root = grpo_workdir(tiny_data, tmp_path / loss_type, grpo__max_steps=2, grpo__num_iterations=2,
                         grpo__save_every=2, grpo__log_every=1, grpo__loss_type=loss_type,
                         grpo__importance_sampling_level=level,
-                        grpo__epsilon_high=5.0 if loss_type == "cispo" else 0.2)
+                        grpo__epsilon_high=5.0 if loss_type == "cispo" else 0.2,
+                        **({"grpo__beta": 0.0} if loss_type == "online_dpo" else {}))
     run_cmd(stage("grpo"), root)
     metrics = json.loads((root / "metrics/grpo.json").read_text())
     assert metrics["config/loss_type"] == loss_type
     assert all(torch.isfinite(torch.tensor(column(root / "plots/grpo.csv", "loss"))))
     before, after = weights(root / "models/sft"), weights(root / "models/grpo")
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    if loss_type == "online_dpo":  # each group's best and worst completion, against the reference's log-probs
+        rows = [r for table in rollouts(root).values() for r in table]
+        assert {r["advantage"] for r in rows} <= {-1.0, 0.0, 1.0} and any(r["advantage"] == 1.0 for r in rows)
+        assert all(r["ref_logps"] is not None for r in rows)
 
 
 def test_a_remote_reward_is_asked_once_per_completion_across_a_crash(tiny_data, tmp_path):

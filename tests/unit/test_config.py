@@ -46,6 +46,7 @@ def _write(tmp_path, mutate) -> Path:
         (lambda r: r["ppo"].update(reward="functions", rewards=[]), r"at least one entry in rewards"),
         (lambda r: r["grpo"].update(loss_type="luspo"), r"grpo: .*luspo .*needs importance_sampling_level: sequence"),
         (lambda r: r["grpo"].update(importance_sampling_level="group"), r"grpo\.importance_sampling_level"),
+        (lambda r: r["grpo"].update(loss_type="online_dpo", beta=0.04), r"online_dpo .*set beta: 0"),
         (lambda r: r["data"].update(num_proc=-1), r"data\.num_proc"),
         (lambda r: r["sft"].update(keep_best=True, lora={"enabled": True}), r"keep_best with lora\.enabled"),
         (lambda r: r["dpo"].update(best_metric="loss"), r"dpo\.best_metric"),

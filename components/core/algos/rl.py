@@ -16,7 +16,11 @@ number here means what it means there (parity tested in tests/unit/algos/test_rl
   a sigmoid gate 4/tau * sigmoid(tau (w - 1)) instead of the hard clip, tau by the advantage's sign; aggregated as
   grpo), `luspo` (arXiv:2602.05261: GSPO's sequence loss times the sequence's length: token sum / sequences);
   and GSPO's sequence-level importance weight (arXiv:2507.18071, `importance_sampling_level="sequence"`):
-  w = exp(mean over the sequence's tokens of log pi - log pi_old), one weight per sequence.
+  w = exp(mean over the sequence's tokens of log pi - log pi_old), one weight per sequence;
+- online DPO (`online_dpo`, TRL's experimental OnlineDPOTrainer, arXiv:2402.04792): each group's best and worst
+  completion by reward (`best_worst`) are a preference pair judged on the fly, and the sigmoid DPO loss
+  -log sigma(dpo_beta * ((log pi - log ref)(best) - (log pi - log ref)(worst))) is averaged over the step's pairs;
+  a group whose rewards are all equal makes no pair.
 
 The aggregations are written as each micro-batch's *share* of the global step's loss (`Totals` holds the
 global counts), so summing the shares over micro-batches and processes gives the global loss exactly,
@@ -31,7 +35,7 @@ from typing import Literal
 import torch
 
 ScaleRewards = Literal["group", "batch", "none"]
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "online_dpo"]
 ImportanceLevel = Literal["token", "sequence"]
 STD_EPS = 1e-4  # TRL's: advantages / (std + 1e-4)
 
@@ -85,6 +89,7 @@ class Totals:
     tokens: int
     micro_batches: int
     max_completion_length: int
+    pairs: int = 0  # online_dpo: the preference pairs (groups with reward variance)
 
 
 @dataclass
@@ -130,11 +135,32 @@ class Objective:
     epsilon_high: float = 0.2
     beta: float = 0.0
     sapo_temperatures: tuple[float, float] = (1.0, 1.05)  # (positive advantage, non-positive advantage)
+    dpo_beta: float = 0.1  # online_dpo
+    group_size: int = 1  # online_dpo: G, the completions of one prompt (consecutive rows)
 
     @classmethod
     def of(cls, cfg) -> Objective:
         return cls(cfg.loss_type, cfg.importance_sampling_level, cfg.epsilon_low, cfg.epsilon_high, cfg.beta,
-                   (cfg.sapo_temperature_pos, cfg.sapo_temperature_neg))
+                   (cfg.sapo_temperature_pos, cfg.sapo_temperature_neg), cfg.dpo_beta, cfg.num_generations)
+
+
+def best_worst(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """online_dpo's "advantages": +1 for each group's best completion, -1 for its worst (the first of equals), 0 for
+    the others and for every completion of a group whose rewards are all equal (no pair)."""
+    grouped = rewards.view(-1, group_size)
+    out = torch.zeros_like(grouped)
+    has_pair = grouped.max(dim=1).values > grouped.min(dim=1).values
+    rows = torch.arange(grouped.shape[0])
+    out[rows, grouped.argmax(dim=1)] = 1.0
+    out[rows, grouped.argmin(dim=1)] = -1.0
+    return (out * has_pair[:, None]).view(-1)
+
+
+def advantages_of(loss_type: LossType, rewards: torch.Tensor, group_size: int,
+                  scale: ScaleRewards) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, group std) of a round: group-relative, or online_dpo's best / worst marks."""
+    advantages, group_std = group_advantages(rewards, group_size, scale)
+    return (best_worst(rewards, group_size), group_std) if loss_type == "online_dpo" else (advantages, group_std)
 
 
 def importance_weights(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor,
@@ -155,6 +181,8 @@ def policy_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: t
     GRPOTrainer._compute_loss computes it, plus beta * k3 KL; `ratio` is the importance weight per token (a
     sequence-level weight repeated over the sequence's tokens)."""
     o = objective
+    if o.loss_type == "online_dpo":
+        return online_dpo_loss(logps, advantages, mask, o, ref_logps)
     coef = importance_weights(logps, old_logps, mask, o.level)
     adv = advantages.unsqueeze(1)
     if o.loss_type == "cispo":
@@ -174,8 +202,26 @@ def policy_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: t
     return SurrogateOutput(per_token_loss, coef.expand_as(logps), per_token_kl)
 
 
+def online_dpo_loss(logps: torch.Tensor, marks: torch.Tensor, mask: torch.Tensor, objective: Objective,
+                    ref_logps: torch.Tensor | None) -> SurrogateOutput:
+    """The sigmoid DPO loss of each group's pair (marks: `best_worst`, rows grouped by `objective.group_size`), put on
+    the first token of its best completion (zeros elsewhere), so that `aggregate` sums it over the step's pairs."""
+    if ref_logps is None:
+        raise ValueError("online_dpo needs the reference log-probs")
+    m = mask.to(logps.dtype)
+    log_ratio = ((logps - ref_logps) * m).sum(-1)  # (B,) log pi/ref of each completion
+    margin = (marks * log_ratio).view(-1, objective.group_size).sum(-1)  # best - worst, per group
+    has_pair = (marks.view(-1, objective.group_size) > 0).any(-1)
+    group_loss = -torch.nn.functional.logsigmoid(objective.dpo_beta * margin) * has_pair
+    per_token_loss = torch.zeros_like(logps)
+    per_token_loss[:, 0] = group_loss.repeat_interleave(objective.group_size) * (marks > 0)
+    return SurrogateOutput(per_token_loss, torch.ones_like(logps), None)
+
+
 def aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: LossType, totals: Totals) -> torch.Tensor:
     """This micro-batch's share of the step's loss (a scalar); the shares of all micro-batches sum to it."""
+    if loss_type == "online_dpo":  # one value per pair, already in place (online_dpo_loss)
+        return per_token_loss.sum() / max(totals.pairs, 1)
     mask = mask.to(per_token_loss.dtype)
     masked = per_token_loss * mask
     if loss_type in ("grpo", "sapo"):
@@ -188,7 +234,7 @@ def aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: LossT
         return masked.sum() / (totals.sequences * totals.max_completion_length)
     if loss_type in ("dapo", "cispo"):
         return masked.sum() / max(totals.tokens, 1)
-    raise ValueError(f"loss_type={loss_type!r}: expected grpo, bnpo, dr_grpo, dapo, cispo, sapo or luspo")
+    raise ValueError(f"loss_type={loss_type!r}: expected grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo or online_dpo")
 
 
 def clip_fractions(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon_low: float,

@@ -268,3 +268,32 @@ def test_adaptive_kl_controller_by_hand():
     assert ctl.value == pytest.approx(0.1 * 1.02)
     ctl.update(current_kl=5.4, n_steps=10)  # error -0.1
     assert ctl.value == pytest.approx(0.1 * 1.02 * 0.99)
+
+
+def test_best_worst_marks_each_groups_pair_by_hand():
+    rewards = torch.tensor([0.2, 0.9, 0.5, 0.1, 0.3, 0.3, 0.3, 0.3])  # groups of 4: a pair, then all equal
+    assert rl.best_worst(rewards, 4).tolist() == [0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0]
+    adv, std = rl.advantages_of("online_dpo", rewards, 4, "group")
+    assert adv.tolist() == rl.best_worst(rewards, 4).tolist() and std[4].item() == 0.0
+    assert rl.advantages_of("dapo", rewards, 4, "group")[0].tolist() == rl.group_advantages(rewards, 4, "group")[0].tolist()
+
+
+def test_online_dpo_loss_by_hand():
+    # one group of 3: best row 0, worst row 2; token log-probs and the reference's, the last token of row 1 masked
+    logps = torch.tensor([[-1.0, -2.0], [-0.5, -9.0], [-3.0, -1.0]])
+    ref = torch.tensor([[-1.5, -2.5], [-0.5, -0.5], [-2.0, -1.0]])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
+    marks = torch.tensor([1.0, 0.0, -1.0])
+    objective = rl.Objective("online_dpo", dpo_beta=0.5, group_size=3)
+    out = rl.policy_surrogate(logps, logps.detach(), marks, mask, objective, ref)
+    # log-ratios: best 0.5 + 0.5 = 1.0, worst -1.0 + 0 = -1.0; margin 2.0; loss -log sigma(0.5 * 2.0)
+    expected = -math.log(1 / (1 + math.exp(-1.0)))
+    assert out.per_token_loss[0, 0].item() == pytest.approx(expected)
+    assert out.per_token_loss.sum().item() == pytest.approx(expected)  # one value per pair, on its best's first token
+    totals = rl.Totals(sequences=3, tokens=5, micro_batches=1, max_completion_length=2, pairs=1)
+    assert rl.aggregate(out.per_token_loss, mask, "online_dpo", totals).item() == pytest.approx(expected)
+    # a group without a pair contributes nothing
+    none = rl.policy_surrogate(logps, logps, torch.zeros(3), mask, objective, ref)
+    assert none.per_token_loss.abs().sum().item() == 0.0
+    with pytest.raises(ValueError, match="reference"):
+        rl.policy_surrogate(logps, logps, marks, mask, objective)
