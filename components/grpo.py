@@ -1,20 +1,17 @@
-"""Online RL stage with verifiable rewards: GRPO, Dr. GRPO and DAPO (chosen by `grpo.loss_type` & co.).
+"""Online RL stage with verifiable rewards: GRPO, Dr. GRPO, DAPO and kin (chosen by `grpo.loss_type` & co.).
 
     accelerate launch --config_file configs/accelerate/cpu.yaml -m components.grpo --params params.yaml
 
-Per generation round: the sampler takes `prompts_per_step` prompts (a seeded permutation per epoch; its
-position is checkpointed), HF `generate` (KV cache, batched, seeded per chunk of prompts) samples G
-completions each, the reward functions score them, core/algos/rl.py turns rewards into group-relative
-advantages, and `num_iterations` optimizer steps minimise the clipped surrogate on them. Rounds are
-split over processes by chunks that do not depend on the world size, and every process gets the whole
-round, so N processes follow one process at the same global batch.
+Per generation round: the sampler takes `prompts_per_step` prompts (a seeded permutation per epoch, its position
+checkpointed), HF `generate` samples G completions each (seeded per chunk of prompts; chunks split over processes
+independently of the world size, so N processes follow one), the reward functions score them, core/algos/rl.py
+turns rewards into advantages, and `num_iterations` optimizer steps minimise the surrogate on them. Rounds are
+sampled in place or, with `max_staleness` > 0, ahead by a rollout thread (core/train/async_rounds.py).
 
-Every round is written as a rollout table (parquet, one row per completion: ids, text, sampler
-log-probs, old / reference log-probs when computed, each reward, advantage, seeds, the policy's weights
-hash). Rounds are kept next to the run's checkpoints while it trains and land in artifacts/rollouts/ at the
-end. Checkpoints fall between rounds, so a resumed run regenerates exactly what it missed: N steps
-uninterrupted == crash + resume, bit for bit on CPU. Writes models/grpo/, artifacts/rollouts/,
-metrics/grpo.json (TRL's metric names), plots/grpo.csv and one MLflow run with a sample table per log step.
+Every round is written as a rollout table (one row per completion: ids, text, sampler / old / reference log-probs,
+each reward, advantage, seed, the sampling weights' hash), beside the run's checkpoints while it trains and in
+artifacts/rollouts/ at the end. Checkpoints fall between rounds: N steps uninterrupted == crash + resume, bit for bit
+on CPU. Writes models/grpo/, metrics/grpo.json (TRL's names), plots/grpo.csv and one MLflow run.
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ from components.core.model.generation import eos_ids
 from components.core.ops import faults, logs, placeholders, tracking
 from components.core.ops.io import write_csv, write_json
 from components.core.ops.logs import result_line, stage_main
-from components.core.train import checkpoints, loop, online
+from components.core.train import async_rounds, checkpoints, loop, online, rollouts
 
 log = logging.getLogger("alignflow.grpo")
 
@@ -135,10 +132,13 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
               "reward_hashes": reward_ids, "model": model_path}
     with tracking.stage_tracking(accelerator, "grpo", params, [model_path, str(prompt_file)], track) as mlrun:
         bar = logs.progress(cfg.max_steps, step, f"grpo ({cfg.loss_type})", accelerator.is_local_main_process)
-        zero_std_streak, t_start = 0, time.perf_counter()
+        zero_std, t_start = online.ZeroStdWatch(cfg.zero_std_warning), time.perf_counter()
+        rounds = async_rounds.make_rounds(cfg.max_staleness, functools.partial(sample_round, setup),
+                                          accelerator.unwrap_model(model), setup.sharded, Round,
+                                          (cfg.max_steps - 1) // cfg.num_iterations, saved.get("in_flight", []))
         while step < cfg.max_steps:
-            timing = defaultdict(float)
-            rnd = sample_round(setup, step // cfg.num_iterations, timing)  # generate + score, chunks over ranks
+            timing = defaultdict(float)  # generate + score (chunks over ranks), here or ahead in the rollout thread
+            rnd = rounds.take(step // cfg.num_iterations, timing, accelerator.unwrap_model(model))
             batch = plan_batch(cfg, rnd, accelerator.process_index, world)  # advantages, micro-batches
             reference_logps(setup, batch, timing)  # old (num_iterations > 1) and reference (beta > 0) log-probs
             t0 = time.perf_counter()
@@ -162,24 +162,22 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     tracking.log_step_metrics(mlrun, row, step)
                     _log_samples(mlrun, rnd.kept, prompts, step)
-            zero_std_streak = zero_std_streak + 1 if rnd.first_zero_frac > cfg.zero_std_warning else 0
-            if zero_std_streak == 5:
-                log.warning("frac_reward_zero_std above %.2f for 5 rounds (now %.2f): most groups carry no "
-                            "gradient. Raise num_generations or temperature, or set dynamic_sampling",
-                            cfg.zero_std_warning, rnd.first_zero_frac)
+            zero_std.update(rnd.first_zero_frac)
             if step % cfg.save_every == 0 and step < cfg.max_steps:
                 checkpoints.save_checkpoint(accelerator, ckpt_dir, step,
                                             {"fingerprint": fp, "history": history, "guard": guard.state(),
+                                             "in_flight": rounds.state(),  # first: it waits for the rollout thread
                                              "sampler_position": setup.sampler.position,
                                              "generated_tokens": generated_tokens},
                                             cfg.keep_checkpoints, model, optimizer)
         bar.close()
+        rounds.close()
 
         # ------------------------------------------------------------ outputs
         loop.save_model_atomic(accelerator, model, tokenizer, out_dir, loading.stored_dtype(model_path))
         final = online.final_metrics(history, cfg, generated_tokens, time.perf_counter() - t_start, world,
                                      len(prompts))
-        online.publish_rollouts(accelerator, work, rollouts_dir, {"grpo": cfg.model_dump(), "reward_hashes": reward_ids,
+        rollouts.publish_rollouts(accelerator, work, rollouts_dir, {"grpo": cfg.model_dump(), "reward_hashes": reward_ids,
                                                                   "prompts": str(prompt_file), "seed": seed}, mlrun)
         if accelerator.is_main_process:
             write_csv(plots_path, history)
@@ -204,27 +202,28 @@ def load_models(cfg: GRPOConfig, model_path: str, accelerator, runtime: Runtime)
 # ----------------------------------------------------------------------------- the phases of a round
 
 
-def sample_round(setup: Setup, index: int, timing: dict) -> Round:
-    """Generate and score a round (DAPO's dynamic sampling may sample more prompts), with the policy in eval mode."""
+def sample_round(setup: Setup, index: int, timing: dict, policy, group=None) -> Round:
+    """Generate and score a round with `policy` in eval mode (DAPO's dynamic sampling may sample more prompts); an
+    asynchronous round's policy is the rollout thread's copy, its all-gathers over `group`."""
     cfg = setup.cfg
-    policy = setup.accelerator.unwrap_model(setup.model)
     policy_hash = online.policy_hash(setup.accelerator, policy, setup.sharded)
     policy.eval()
-    groups, kept, first_zero_frac = online.collect_round(functools.partial(sample_groups, setup, policy, index, timing),
+    groups, kept, first_zero_frac = online.collect_round(functools.partial(sample_groups, setup, policy, index, timing,
+                                                                           group),
                                                          cfg.prompts_per_step, cfg.dynamic_sampling,
                                                          cfg.max_resample_rounds, index)
     policy.train()
     return Round(index, policy_hash, groups, kept, first_zero_frac)
 
 
-def sample_groups(setup: Setup, policy, index: int, timing: dict, attempt: int, need: int) -> list[dict]:
+def sample_groups(setup: Setup, policy, index: int, timing: dict, group, attempt: int, need: int) -> list[dict]:
     """collect_round's generate_batch: the groups of the sampler's next `need` prompts, each flagged `zero_std`
     (every completion has the same reward: no gradient)."""
     G = setup.sampling.num_generations
     chosen = setup.sampler.take(need)
     batch = online.generate_groups(setup.accelerator, policy, setup.prompts, chosen, setup.sampling, seed=setup.seed,
                                    round_=index, attempt=attempt, sharded=setup.sharded, scorer=setup.scorer,
-                                   timing=timing)
+                                   timing=timing, gather_group=group)
     _, batch_std = rl.group_advantages(torch.tensor([c["reward"] for g in batch for c in g["completions"]]), G, "none")
     for g, zero in zip(batch, rl.zero_std_groups(batch_std, G).tolist(), strict=True):
         g["zero_std"] = zero
@@ -284,20 +283,15 @@ def reference_logps(setup: Setup, batch: Batch, timing: dict) -> None:
 
 def write_round(setup: Setup, rnd: Round, batch: Batch, step: int) -> None:
     """The round's rollout table (rank 0 writes it; old / reference log-probs are gathered from their ranks)."""
-    old_rows, ref_rows = _gathered(setup, batch, batch.old), _gathered(setup, batch, batch.ref)
+    lengths = [len(c["ids"]) for _, c in batch.rows]
+    old_rows, ref_rows = (rollouts.gather_values(setup.accelerator, v, batch.micro_batches, lengths)
+                          for v in (batch.old, batch.ref))
     if not setup.accelerator.is_main_process:
         return
-    records = [online.rollout_record(rnd.index, step, setup.prompts[g["prompt"]], g, c, old_rows.get(i),
-                                     ref_rows.get(i), rnd.policy_hash, setup.reward_ids)
+    records = [rollouts.rollout_record(rnd.index, step, setup.prompts[g["prompt"]], g, c, old_rows.get(i),
+                                       ref_rows.get(i), rnd.policy_hash, setup.reward_ids)
                for i, (g, c) in enumerate(batch.rows)]
-    online.write_rollouts(setup.work, rnd.index, records)
-
-
-def _gathered(setup: Setup, batch: Batch, computed: dict[int, torch.Tensor]) -> dict[int, list[float]]:
-    """{row: its completion's values} from every rank's micro-batches."""
-    local = {i: computed[k][j][: len(batch.rows[i][1]["ids"])].tolist()
-             for k in computed for j, i in enumerate(batch.micro_batches[k])}
-    return online.gather_rows(setup.accelerator, local)
+    rollouts.write_rollouts(setup.work, rnd.index, records)
 
 
 def round_metrics(rnd: Round, batch: Batch, reward_names: list[str], round_tokens: int, timing: dict) -> dict:
@@ -331,8 +325,13 @@ def optimizer_step(setup: Setup, batch: Batch, guard: loop.DivergenceGuard, step
         adv = batch.advantages[batch.micro_batches[k]].to(accelerator.device)
         with loop.maybe_no_sync(accelerator, model, n == len(batch.passes) - 1):
             logps, mask, entropy = micro_batch_logps(setup, batch, model, k, with_entropy=True)
-            out = rl.policy_surrogate(logps, batch.old.get(k, logps.detach()), adv, mask, rl.Objective.of(cfg),
-                                      batch.ref.get(k))
+            old = batch.old.get(k, logps.detach())
+            out = rl.policy_surrogate(logps, old, adv, mask, rl.Objective.of(cfg), batch.ref.get(k))
+            if cfg.max_staleness:  # sampled by older weights: TRL's importance-sampling correction
+                is_w, cut = rl.correct_off_policy(out, old, [batch.rows[i][1]["sampler_logps"]
+                                                             for i in batch.micro_batches[k]], mask, cfg)
+                sums["is_ratio"] += (is_w * mask * weight).sum()
+                sums["is_cut"] += (cut * weight).sum()
             share = rl.aggregate(out.per_token_loss, mask, cfg.loss_type, batch.totals)
             accelerator.backward(share * weight * world)  # * world undoes DDP's averaging
         m = mask.float() * weight
@@ -360,6 +359,8 @@ def step_row(step: int, reduced: dict, sampled: dict, beta: float, learning_rate
         "step": step, "loss": reduced["loss"], **sampled,
         "entropy": reduced["entropy"] / tokens_n,
         **({"kl": reduced["kl"] / tokens_n} if beta > 0 else {}),
+        **({"sampling/importance_sampling_ratio/mean": reduced["is_ratio"] / tokens_n,
+            "sampling/is_cut_fraction": reduced["is_cut"] / tokens_n} if "is_ratio" in reduced else {}),
         "clip_ratio/low_mean": reduced["clip_ratio/low"] / tokens_n,
         "clip_ratio/high_mean": reduced["clip_ratio/high"] / tokens_n,
         "clip_ratio/region_mean": reduced["clip_ratio/region"] / tokens_n,
@@ -371,7 +372,7 @@ def step_row(step: int, reduced: dict, sampled: dict, beta: float, learning_rate
 
 
 def _log_samples(mlrun, kept, prompts, step: int, n_groups: int = 4) -> None:
-    online.log_samples(mlrun, [{"prompt": prompts[g["prompt"]].messages[-1]["content"], "completion": c["text"],
+    rollouts.log_samples(mlrun, [{"prompt": prompts[g["prompt"]].messages[-1]["content"], "completion": c["text"],
                                 "reward": c["reward"], "advantage": c["advantage"]}
                                for g in kept[:n_groups] for c in g["completions"]], step)
 

@@ -44,7 +44,7 @@ from components.core.model.generation import eos_ids
 from components.core.ops import faults, logs, placeholders, tracking
 from components.core.ops.io import write_csv, write_json
 from components.core.ops.logs import result_line, stage_main
-from components.core.train import checkpoints, loop, online
+from components.core.train import checkpoints, loop, online, rollouts
 
 log = logging.getLogger("alignflow.ppo")
 
@@ -185,7 +185,7 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
             scored = score_round(cfg, rnd, kl_ctl.value, ref_model is not None)  # rewards, KL, GAE advantages
             t0 = time.perf_counter()
             if accelerator.is_main_process:
-                online.write_rollouts(work, step, rollout_records(setup, rnd, scored))
+                rollouts.write_rollouts(work, step, rollout_records(setup, rnd, scored))
             timing["write"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             sums, grad_norm = ppo_epochs(setup, rnd, scored)  # num_ppo_epochs x num_mini_batches optimizer steps
@@ -203,7 +203,7 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
             history.append(row)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 tracking.log_step_metrics(mlrun, row, step)
-                online.log_samples(mlrun, [{"prompt": prompts[g["prompt"]].messages[-1]["content"],
+                rollouts.log_samples(mlrun, [{"prompt": prompts[g["prompt"]].messages[-1]["content"],
                                             "completion": c["text"], "score": c["score"], "true_reward": c["reward"],
                                             "advantage": c["advantage"]} for g, c in rnd.rows[:16]], step)
             if step % cfg.save_every == 0 and step < cfg.max_steps:
@@ -220,7 +220,7 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
         final = {"mode": "ppo", **online.final_metrics(history, cfg, generated_tokens, time.perf_counter() - t_start,
                                                        world, len(prompts),
                                                        ("reward", "true_reward", "objective/scores"))}
-        online.publish_rollouts(accelerator, work, rollouts_dir, {"ppo": cfg.model_dump(), "mode": "ppo",
+        rollouts.publish_rollouts(accelerator, work, rollouts_dir, {"ppo": cfg.model_dump(), "mode": "ppo",
                                                                   "reward_hashes": reward_ids,
                                                                   "prompts": str(prompt_file), "seed": seed}, mlrun)
         if accelerator.is_main_process:
@@ -306,7 +306,7 @@ def compute_round(setup: Setup, rnd: Round, timing: dict) -> Round:
                 L = len(rnd.rows[i][1]["ids"])
                 local[i] = {"old": old[j, :L].tolist(), "ref": ref[j, :L].tolist() if ref is not None else None,
                             "values": values[j, :L].tolist(), "rm": float(rm[j]) if rm is not None else None}
-    computed = online.gather_rows(accelerator, local)
+    computed = rollouts.gather_rows(accelerator, local)
     timing["reference"] += time.perf_counter() - t0
     accelerator.unwrap_model(setup.model).train()  # policy and value model (checkpointing acts in train mode)
     return Round(rnd.index, rnd.policy_hash, rnd.groups, rnd.rows, computed)
@@ -358,11 +358,11 @@ def rollout_records(setup: Setup, rnd: Round, scored: Scored) -> list[dict]:
     records = []
     for i, (g, c) in enumerate(rnd.rows):
         row = rnd.computed[i]
-        rlhf = online.RLHFColumns(values=row["values"], rm_score=row["rm"], score=c["score"],
+        rlhf = rollouts.RLHFColumns(values=row["values"], rm_score=row["rm"], score=c["score"],
                                   rlhf_reward=float(scored.rlhf_reward[i]),
                                   token_advantages=scored.advantages[i, : len(c["ids"])].tolist(),
                                   returns=scored.returns[i, : len(c["ids"])].tolist(), kl_coef=scored.kl_coef)
-        records.append(online.rollout_record(rnd.index, rnd.index, setup.prompts[g["prompt"]], g, c, row["old"],
+        records.append(rollouts.rollout_record(rnd.index, rnd.index, setup.prompts[g["prompt"]], g, c, row["old"],
                                              row["ref"], rnd.policy_hash, setup.reward_ids, rlhf))
     return records
 

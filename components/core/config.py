@@ -280,6 +280,14 @@ class GRPOConfig(Strict):
     # as sft/dpo's (core/train/in_backward.py): each parameter's AdamW steps in backward; needs one micro-batch
     # per step (micro_batch_size >= prompts_per_step x num_generations), max_grad_norm 0 and one process
     optimizer_in_backward: bool = False
+    # asynchronous rollouts (core/train/async_rounds.py): a generator thread with its own copy of the weights samples
+    # round r with the weights of round r - max_staleness while the trainer updates; 0 = the synchronous loop
+    max_staleness: int = Field(0, ge=0)
+    # the off-policy correction of an asynchronous round (TRL 1.16's vLLM importance-sampling correction):
+    # pi_old / pi_sampler per token or per sequence, truncated to [is_clip_min, is_clip_max] or masked outside it
+    is_correction_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "token_truncate"
+    is_clip_max: float | None = Field(3.0, gt=0.0)  # TRL's C_max
+    is_clip_min: float | None = Field(None, ge=0.0)  # TRL's C_min (None: no lower bound)
 
     @model_validator(mode="after")
     def _in_backward(self) -> GRPOConfig:
@@ -307,6 +315,8 @@ class GRPOConfig(Strict):
         if self.loss_type == "online_dpo" and self.beta != 0:
             raise ValueError("loss_type online_dpo keeps the policy near the reference through its DPO loss "
                              f"(dpo_beta): set beta: 0, not {self.beta}")
+        if self.loss_type == "online_dpo" and self.max_staleness:
+            raise ValueError("loss_type online_dpo judges pairs sampled by the current policy: max_staleness must be 0")
         if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
             raise ValueError("loss_type luspo is GSPO's sequence loss scaled by length: it needs "
                              "importance_sampling_level: sequence")

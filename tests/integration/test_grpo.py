@@ -113,6 +113,38 @@ def test_grpo_two_processes_follow_one_process(tiny_data, grpo_whole, tmp_path):
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
 
 
+def test_async_rounds_resume_bit_for_bit_and_two_processes_follow_one(tiny_data, tmp_path):
+    """max_staleness 1 (a rollout thread samples round r + 1 while round r trains), 4 rounds of one step: an
+    uninterrupted run == crash at step 3 + resume from the step-2 checkpoint (which holds round 2, in flight, sampled
+    by the weights of step 1), under busy loops; rounds 0 and 1 are sampled by the initial weights; torchrun x2 (each
+    process its own thread and copy) follows one process."""
+    same = {**UNEVEN, "grpo__max_staleness": 1, "grpo__num_iterations": 1, "grpo__save_every": 2, "grpo__log_every": 1}
+    whole = grpo_workdir(tiny_data, tmp_path / "whole", **same)
+    run_cmd(stage("grpo"), whole)
+    crashed = grpo_workdir(tiny_data, tmp_path / "crashed", **same)
+    env = pipeline_env(crashed) | {"ALIGNFLOW_CRASH_AT_STEP": "3"}
+    with competing_load():
+        assert subprocess.run(stage("grpo"), cwd=crashed, env=env, capture_output=True).returncode == 137
+        state = json.loads(next((crashed / "checkpoints/grpo").glob("*/step_0000002/alignflow_state.json")).read_text())
+        assert [r["index"] for r in state["in_flight"]] == [2]
+        run_cmd(stage("grpo"), crashed)
+    a, b = weights(whole / "models/grpo"), weights(crashed / "models/grpo")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    ra, rb = rollouts(whole), rollouts(crashed)
+    assert len(ra) == 4 and ra == rb
+    hashes = [table[0]["policy_hash"] for table in ra.values()]
+    assert hashes[0] == hashes[1] != hashes[2] != hashes[3]  # round r sampled by the weights before step r - 1
+    ratio = column(whole / "plots/grpo.csv", "sampling/importance_sampling_ratio/mean")
+    assert ratio[0] == pytest.approx(1.0, abs=1e-3) and all(0 < x <= 3.0 for x in ratio)  # round 0: on-policy
+    assert column(whole / "plots/grpo.csv", "time/wait")
+
+    two = grpo_workdir(tiny_data, tmp_path / "two", **same)
+    run_cmd([*torchrun(), "-m", "components.grpo", "--params", "params.yaml"], two)
+    for name in ("loss", "reward", "sampling/importance_sampling_ratio/mean"):
+        torch.testing.assert_close(torch.tensor(column(two / "plots/grpo.csv", name)),
+                                   torch.tensor(column(whole / "plots/grpo.csv", name)), rtol=1e-4, atol=1e-5)
+
+
 def test_grpo_disabled_writes_placeholders_that_evaluate_skips(tiny_data, tmp_path):
     root = grpo_workdir(tiny_data, tmp_path / "off", grpo__enabled=False)
     run_cmd(stage("grpo"), root)

@@ -47,6 +47,8 @@ def _write(tmp_path, mutate) -> Path:
         (lambda r: r["grpo"].update(loss_type="luspo"), r"grpo: .*luspo .*needs importance_sampling_level: sequence"),
         (lambda r: r["grpo"].update(importance_sampling_level="group"), r"grpo\.importance_sampling_level"),
         (lambda r: r["grpo"].update(loss_type="online_dpo", beta=0.04), r"online_dpo .*set beta: 0"),
+        (lambda r: r["grpo"].update(loss_type="online_dpo", max_staleness=1), r"online_dpo .*max_staleness must be 0"),
+        (lambda r: r["grpo"].update(is_correction_mode="token_clip"), r"grpo.is_correction_mode"),
         (lambda r: r["data"].update(num_proc=-1), r"data\.num_proc"),
         (lambda r: r["sft"].update(keep_best=True, lora={"enabled": True}), r"keep_best with lora\.enabled"),
         (lambda r: r["dpo"].update(best_metric="loss"), r"dpo\.best_metric"),

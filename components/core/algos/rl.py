@@ -29,6 +29,7 @@ whatever the micro-batch size or the number of processes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -235,6 +236,50 @@ def aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: LossT
     if loss_type in ("dapo", "cispo"):
         return masked.sum() / max(totals.tokens, 1)
     raise ValueError(f"loss_type={loss_type!r}: expected grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo or online_dpo")
+
+
+def behaviour_weights(old_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, mode: str,
+                      clip_min: float | None, clip_max: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The correction for completions another policy sampled (TRL 1.16's vLLM importance sampling; here an
+    asynchronous round's older weights): pi_old / pi_sampler per token (`token_*`) or per sequence (`sequence_*`,
+    the exp of the summed log-ratio), clamped to [clip_min, clip_max] (`*_truncate`) or zeroed outside it
+    (`*_mask`). Returns (weights, (B, T) or (B, 1), multiplying the per-token loss; (B, T) bool: the counted tokens
+    whose ratio was cut)."""
+    diff = torch.nan_to_num((old_logps - sampler_logps) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    lo = -math.inf if clip_min is None else clip_min
+    hi = math.inf if clip_max is None else clip_max
+    outside = (ratio < lo) | (ratio > hi)
+    if mode.endswith("truncate"):
+        weights = ratio if clip_min is None and clip_max is None else ratio.clamp(min=clip_min, max=clip_max)
+    elif mode.endswith("mask"):
+        weights = ratio.masked_fill(outside, 0.0)
+    else:
+        raise ValueError(f"is_correction_mode={mode!r}: expected token_truncate, token_mask, sequence_truncate or "
+                         "sequence_mask")
+    return weights, outside.expand_as(mask) & mask.bool()
+
+
+def correct_off_policy(out: SurrogateOutput, old_logps: torch.Tensor, sampled: list[list[float]], mask: torch.Tensor,
+                       cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """An asynchronous round's per-token loss (not its KL term, as TRL) times `behaviour_weights` against the
+    sampler's log-probs (`sampled`, one list per row), in place on `out`; cfg: grpo's section. Returns the weights
+    and the cut tokens, for the metrics."""
+    weights, cut = behaviour_weights(old_logps, padded(sampled, old_logps), mask, cfg.is_correction_mode,
+                                     cfg.is_clip_min, cfg.is_clip_max)
+    kl = 0.0 if out.per_token_kl is None else cfg.beta * out.per_token_kl
+    out.per_token_loss = (out.per_token_loss - kl) * weights + kl
+    return weights.expand_as(mask), cut
+
+
+def padded(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
+    """Per-row values (completions' log-probs as sampled) as a zero-padded tensor shaped and placed as `like`."""
+    out = torch.zeros_like(like)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=like.dtype)
+    return out
 
 
 def clip_fractions(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon_low: float,

@@ -7,9 +7,8 @@
   `shared_prompt_cache`) and `generate_groups` (a round's prompts in world-independent chunks over the
   processes, all-gathered, so N processes sample what one process samples);
 - rewards from code: `score` (the weighted reward functions of core/algos/reward_functions.py);
-- `collect_round` (DAPO's dynamic sampling), `policy_hash` (which weights sampled a round);
-- rollout tables: `rollout_record` (one row per completion, the same columns in every online stage, ppo and rloo
-  adding theirs), `write_rollouts` (parquet), `log_samples` (MLflow sample tables).
+- `collect_round` (DAPO's dynamic sampling), `policy_hash` (which weights sampled a round), `final_metrics`.
+Rollout tables are core/train/rollouts.py's; where rounds come from (in place or ahead), core/train/async_rounds.py.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import hashlib
 import json
 import logging
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +25,7 @@ import torch
 
 from components.core.config import GRPOConfig, PPOConfig
 from components.core.data.tokens import prompt_ids_for_generation
-from components.core.ops import determinism
-from components.core.ops.io import atomic_dir, read_jsonl, write_json
+from components.core.ops.io import read_jsonl
 from components.core.train import loop
 
 log = logging.getLogger("alignflow.online")
@@ -259,13 +256,14 @@ def collect_round(generate_batch, prompts_per_step: int, dynamic: bool, max_resa
 
 
 def generate_groups(accelerator, model, prompts: list[Prompt], chosen: list[int], sampling: Sampling, *, seed: int,
-                    round_: int, attempt: int, sharded: bool, scorer, timing: dict) -> list[dict]:
+                    round_: int, attempt: int, sharded: bool, scorer, timing: dict, gather_group=None) -> list[dict]:
     """The groups of G completions for prompts[chosen], in a fixed order, on every process.
 
     The prompts are cut into chunks of `sampling.generation_batch_size` that do not depend on the world size; each
     process samples its chunks (seeded per chunk), `scorer(prompt, completions)` scores them, and the groups are
     all-gathered. Under FSDP every process runs the same generate() calls, each forward a collective: a process
-    short of chunks samples chunk 0 again and drops it, and synced_gpus keeps the calls in step.
+    short of chunks samples chunk 0 again and drops it, and synced_gpus keeps the calls in step. `gather_group`: the
+    process group to all-gather over (an asynchronous round's, core/train/async_rounds.py; None: the default group).
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     G, size = sampling.num_generations, sampling.generation_batch_size
@@ -286,95 +284,24 @@ def generate_groups(accelerator, model, prompts: list[Prompt], chosen: list[int]
             scorer(prompts[idx], group)
             mine.append({"order": (attempt, c, j), "prompt": idx, "seed": s, "completions": group})
         timing["score"] += time.perf_counter() - t0
-    from accelerate.utils import gather_object
-
-    return sorted(gather_object(mine) if world > 1 else mine, key=lambda g: g["order"])
-
-
-def gather_rows(accelerator, local: dict[int, list[float]]) -> dict[int, list[float]]:
-    """{row: values} computed on each process for its micro-batches, merged on every process."""
-    if accelerator.num_processes == 1:
-        return local
-    from accelerate.utils import gather_object
-
-    merged = {}
-    for part in gather_object([local]):
-        merged.update(part)
-    return merged
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine, group=gather_group)
+        mine = [g for part in parts for g in part]
+    return sorted(mine, key=lambda g: g["order"])
 
 
-@dataclass(frozen=True)
-class RLHFColumns:
-    """What a ppo or rloo rollout row holds beyond grpo's (rloo: no values, token advantages or returns)."""
+class ZeroStdWatch:
+    """Warns once frac_reward_zero_std has stayed above `threshold` for 5 rounds in a row."""
 
-    values: list[float] | None  # the value model's, per token
-    rm_score: float | None  # the reward model's score (None with reward: functions)
-    score: float  # the score trained on: the reward model's or the functions', less the missing-EOS penalty
-    rlhf_reward: float  # score - kl_coef * the sequence KL
-    token_advantages: list[float] | None
-    returns: list[float] | None
-    kl_coef: float
+    def __init__(self, threshold: float):
+        self.threshold, self.streak = threshold, 0
 
-
-def rollout_record(round_: int, step: int, prompt: Prompt, group: dict, completion: dict, old_logps, ref_logps,
-                   policy_hash: str, reward_ids: dict[str, str], rlhf: RLHFColumns | None = None) -> dict:
-    """One completion's row of a round's rollout table: where (round, step), the prompt, the completion as
-    sampled, old / reference log-probs (None when not computed), its rewards and advantage, and what made it
-    (chunk seed, policy weights hash, reward code hashes). ppo and rloo put their columns (`rlhf`) beside the
-    ones they belong with; the column order is the tables' schema, so it stays as it is."""
-    row = {"round": round_, "step": step, "prompt_id": prompt.id, "prompt_index": group["prompt"],
-           "prompt_ids": prompt.ids, "prompt": json.dumps(prompt.messages), "answer": prompt.answer,
-           "completion_ids": completion["ids"], "completion": completion["text"], "truncated": completion["truncated"],
-           "sampler_logps": completion["sampler_logps"], "old_logps": old_logps, "ref_logps": ref_logps}
-    if rlhf is not None:
-        row.update({"values": rlhf.values, "rm_score": rlhf.rm_score, "score": rlhf.score})
-    row["reward"] = completion["reward"]
-    row.update({f"reward/{k}": v for k, v in completion["rewards"].items()})
-    if rlhf is not None:
-        row["rlhf_reward"] = rlhf.rlhf_reward
-    row["advantage"] = completion["advantage"]
-    if rlhf is not None:
-        row.update({"token_advantages": rlhf.token_advantages, "returns": rlhf.returns})
-    row.update({"seed": group["seed"], "policy_hash": policy_hash})
-    if rlhf is not None:
-        row["kl_coef"] = rlhf.kl_coef
-    row["reward_hashes"] = json.dumps(reward_ids, sort_keys=True)
-    return row
-
-
-def write_rollouts(work: Path, round_: int, records: list[dict]) -> None:
-    """A round's rollout table, `round_<N>.parquet` (one row per completion), written aside and renamed."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tmp = work / f".round_{round_:06d}.parquet.tmp"
-    pq.write_table(pa.Table.from_pylist(records), tmp)
-    tmp.replace(work / f"round_{round_:06d}.parquet")
-
-
-def log_samples(mlrun, rows: list[dict], step: int) -> None:
-    """An MLflow sample table (prompt, completion and the given columns) for a log step."""
-    if mlrun is None or not rows:
-        return
-    import mlflow
-
-    mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, artifact_file=f"samples/step_{step:06d}.json")
-
-
-def publish_rollouts(accelerator, work: Path, rollouts_dir: str, config: dict, mlrun) -> None:
-    """The run's rollout tables (kept beside its checkpoints while it trained) into the DVC out, with the
-    config that made them and the settings that decide their bits (ops/determinism.py), swapped in complete;
-    logged to MLflow."""
-    if not accelerator.is_main_process:
-        return
-    with atomic_dir(rollouts_dir) as tmp:
-        for f in sorted(work.glob("round_*.parquet")):
-            shutil.copy2(f, Path(tmp) / f.name)
-        write_json(Path(tmp) / "config.json", {**config, "determinism": determinism.settings()})
-    if mlrun is not None:
-        import mlflow
-
-        mlflow.log_artifacts(rollouts_dir, artifact_path="rollouts")
+    def update(self, frac: float) -> None:
+        self.streak = self.streak + 1 if frac > self.threshold else 0
+        if self.streak == 5:
+            log.warning("frac_reward_zero_std above %.2f for 5 rounds (now %.2f): most groups carry no gradient. "
+                        "Raise num_generations or temperature, or set dynamic_sampling", self.threshold, frac)
 
 
 def final_metrics(history: list[dict], cfg, generated_tokens: int, seconds: float, world: int, num_prompts: int,

@@ -297,3 +297,39 @@ def test_online_dpo_loss_by_hand():
     assert none.per_token_loss.abs().sum().item() == 0.0
     with pytest.raises(ValueError, match="reference"):
         rl.policy_surrogate(logps, logps, marks, mask, objective)
+
+
+def test_behaviour_weights_each_mode_by_hand():
+    """TRL 1.16's four importance-sampling modes on log-ratios ln 4, 0, -ln 2 (ratios 4, 1, 1/2), C_max 3."""
+    sampler = torch.tensor([[0.0, -1.0, -2.0]])
+    old = sampler + torch.tensor([[math.log(4.0), 0.0, -math.log(2.0)]])
+    mask = torch.ones(1, 3)
+    w, cut = rl.behaviour_weights(old, sampler, mask, "token_truncate", None, 3.0)
+    assert w.tolist()[0] == pytest.approx([3.0, 1.0, 0.5]) and cut.tolist() == [[True, False, False]]
+    w, _ = rl.behaviour_weights(old, sampler, mask, "token_mask", None, 3.0)
+    assert w.tolist()[0] == pytest.approx([0.0, 1.0, 0.5])
+    w, cut = rl.behaviour_weights(old, sampler, mask, "token_mask", 0.6, 3.0)  # below C_min masked too
+    assert w.tolist()[0] == pytest.approx([0.0, 1.0, 0.0]) and cut.tolist() == [[True, False, True]]
+    w, _ = rl.behaviour_weights(old, sampler, mask, "token_truncate", 0.6, None)
+    assert w.tolist()[0] == pytest.approx([4.0, 1.0, 0.6])
+    w, cut = rl.behaviour_weights(old, sampler, mask, "sequence_truncate", None, 3.0)  # exp(ln 4 - ln 2) = 2
+    assert w.shape == (1, 1) and w.item() == pytest.approx(2.0) and not cut.any()
+    pad = torch.tensor([[1.0, 1.0, 0.0]])  # the -ln 2 token is padding: exp(ln 4) = 4, cut at 3 / masked
+    w, cut = rl.behaviour_weights(old, sampler, pad, "sequence_truncate", None, 3.0)
+    assert w.item() == pytest.approx(3.0) and cut.tolist() == [[True, True, False]]
+    w, _ = rl.behaviour_weights(old, sampler, pad, "sequence_mask", None, 3.0)
+    assert w.item() == 0.0
+
+
+def test_off_policy_correction_weights_the_policy_term_and_not_the_kl():
+    """(loss - beta kl) * w + beta kl, in place, as TRL multiplies before adding its KL term."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(is_correction_mode="token_truncate", is_clip_min=None, is_clip_max=3.0, beta=0.5)
+    kl = torch.tensor([[0.2, 0.4]])
+    out = rl.SurrogateOutput(torch.tensor([[1.0, -2.0]]) + 0.5 * kl, torch.ones(1, 2), kl)
+    old = torch.tensor([[math.log(2.0), math.log(8.0)]])
+    weights, cut = rl.correct_off_policy(out, old, [[0.0]], torch.tensor([[1.0, 0.0]]), cfg)  # row 0: one token
+    # token 0: ratio 2; token 1 is padding (its sampler log-prob padded 0, masked out of the ratio: weight 1)
+    assert weights.tolist() == [[pytest.approx(2.0), 1.0]] and cut.tolist() == [[False, False]]
+    assert out.per_token_loss.tolist()[0] == pytest.approx([1.0 * 2 + 0.1, -2.0 + 0.2])
