@@ -16,30 +16,20 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import OFFLINE_ENV  # noqa: E402
+from harness import default_stage_dir, run_default_stage  # noqa: E402
 
 
 def run_stage(work: Path, deterministic: bool) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["compute"]["deterministic"] = deterministic
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
-    cmd = [sys.executable, "-m", "components.core.ops.launch", "--config_file",
-           str(ROOT / "configs/accelerate/cpu.yaml"), "-m", "components.grpo", "--params", "params.yaml"]
-    subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
+    seconds = run_default_stage(work, "grpo", {"compute": {"deterministic": deterministic}})["seconds"]
     weights = hashlib.sha256((work / "models/grpo/model.safetensors").read_bytes()).hexdigest()[:16]
-    return {"deterministic": deterministic, "seconds": json.loads((work / "metrics/grpo.json").read_text())["seconds"],
-            "weights": weights}
+    return {"deterministic": deterministic, "seconds": seconds, "weights": weights}
 
 
 def main() -> None:
@@ -49,11 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     runs = []
     with tempfile.TemporaryDirectory(prefix="alignflow-determinism-") as tmp:
-        work = Path(tmp)
-        (work / "models").mkdir()
-        (work / "data").mkdir()
-        (work / "models/sft").symlink_to(ROOT / "models/sft")
-        (work / "data/prepared").symlink_to(ROOT / "data/prepared")
+        work = default_stage_dir(tmp)
         for r in range(args.rounds):
             for deterministic in ((True, False) if r % 2 == 0 else (False, True)):
                 runs.append({"round": r, **run_stage(work, deterministic)})

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # the environment of every child: no network, no analytics, no tracking server
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": ""}
@@ -229,3 +231,32 @@ def write_results(out: str | Path, benchmark: str, spec: dict, rounds: list[dict
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
+
+
+def default_stage_dir(tmp: str | Path) -> Path:
+    """A scratch directory beside the default pipeline's SFT model and prepared data (symlinked; `dvc repro sft`
+    first), for runs of its real stages as dvc.yaml starts them."""
+    work = Path(tmp)
+    (work / "models").mkdir(exist_ok=True)
+    (work / "data").mkdir(exist_ok=True)
+    for rel in ("models/sft", "data/prepared"):
+        if not (work / rel).exists():
+            (work / rel).symlink_to(ROOT / rel)
+    return work
+
+
+def run_default_stage(work: Path, stage: str, overrides: dict[str, dict]) -> dict:
+    """params.yaml with `overrides` ({section: {key: value}}) in `work`, then the stage under the CPU launcher;
+    returns its metrics file."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
+    cmd = [sys.executable, "-m", "components.core.ops.launch", "--config_file",
+           str(ROOT / "configs/accelerate/cpu.yaml"), "-m", f"components.{stage}", "--params", "params.yaml"]
+    subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
+    return json.loads((work / f"metrics/{stage}.json").read_text())
+
