@@ -110,11 +110,11 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     accelerator.register_for_checkpointing(schedule)
 
     # ---------------------------------------------------------------- resume
+    async_rounds.share_cores(cfg.max_staleness, accelerator.device)  # before: the trainer's threads are compared
     ckpt_dir = Path(checkpoint_dir)
-    code = checkpoints.code_fingerprint("components.grpo")
     fp = checkpoints.fingerprint(checkpoints.math_params(cfg.model_dump()), reward_ids,
                                  checkpoints.model_identity(model_path), str(prompt_file), runtime.max_prompt_length,
-                                 seed, code, world)
+                                 seed, checkpoints.code_fingerprint("components.grpo"), world)
     step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, cfg.max_steps, model, optimizer)
     generated_tokens = int(saved.get("generated_tokens", 0))
     guard = loop.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))

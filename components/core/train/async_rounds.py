@@ -29,6 +29,20 @@ import torch
 
 # generate(index, timing, model, group) -> the round: the stage's own sampling, given the weights and gather group
 Generate = Callable[[int, dict, torch.nn.Module, object], object]
+_rollout_threads: int | None = None  # the CPU threads set aside for the rollout thread (`share_cores`)
+
+
+def share_cores(staleness: int, device) -> None:
+    """On CPU with staleness > 0, split the intra-op threads between the trainer and the rollout thread (half each,
+    the trainer keeping the odd one): two threads each running every core's worth of OpenMP threads thrash (measured
+    in benchmarks/README.md). Called before the run's checkpoints are compared, so the trainer's thread count is the
+    same at save and at resume; both counts follow from the process's, so a run stays reproducible."""
+    global _rollout_threads
+    if not staleness or torch.device(device).type != "cpu":
+        return
+    total = torch.get_num_threads()
+    _rollout_threads = max(1, total // 2)
+    torch.set_num_threads(max(1, total - _rollout_threads))
 
 
 class SyncRounds:
@@ -66,6 +80,8 @@ class AsyncRounds:
             self.futures[item["index"]] = done
 
     def _sample(self, snapshot: dict, index: int):
+        if _rollout_threads is not None and torch.get_num_threads() != _rollout_threads:
+            torch.set_num_threads(_rollout_threads)  # this thread's own OpenMP team (`share_cores`)
         self.model.load_state_dict(snapshot)
         timing = defaultdict(float)
         return self.generate(index, timing, self.model, self.group), timing

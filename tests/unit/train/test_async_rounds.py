@@ -92,3 +92,16 @@ def test_dropout_and_fsdp_are_refused_with_what_to_change():
     with pytest.raises(ValueError, match="FSDP"):
         async_rounds.make_rounds(1, generate([]), policy_of(0.0), True, FakeRound, last=1, saved=[])
     async_rounds.make_rounds(0, generate([]), policy_of(0.0), True, FakeRound, last=1, saved=[])  # synchronous: fine
+
+
+def test_share_cores_splits_the_cpu_threads_only_when_asynchronous(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(async_rounds, "_rollout_threads", None)
+    try:
+        torch.set_num_threads(5)
+        async_rounds.share_cores(0, "cpu")  # synchronous: untouched
+        assert torch.get_num_threads() == 5 and async_rounds._rollout_threads is None
+        async_rounds.share_cores(1, "cpu")  # the trainer keeps the odd thread
+        assert torch.get_num_threads() == 3 and async_rounds._rollout_threads == 2
+    finally:
+        torch.set_num_threads(before)
