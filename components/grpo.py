@@ -100,6 +100,8 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     tokenizer = loading.load_tokenizer(model_path, runtime.trust_remote_code)
     prompt_file = Path(data_dir) / f"{cfg.prompts}_train.jsonl"
     prompts = online.load_prompts(prompt_file, cfg.prompts, tokenizer, runtime.max_prompt_length)
+    eval_prompts = online.load_prompts(Path(data_dir) / f"{cfg.prompts}_eval.jsonl", cfg.prompts, tokenizer,
+                                       runtime.max_prompt_length)[: cfg.eval_prompts] if cfg.eval_every else []
     reward_fns, reward_weights, reward_ids = reward_functions.load_rewards(cfg.rewards, tokenizer)
 
     # ---------------------------------------------------------------- models, optimizer, schedule
@@ -118,6 +120,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, cfg.max_steps, model, optimizer)
     generated_tokens = int(saved.get("generated_tokens", 0))
     guard = loop.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
+    best = loop.KeepBest(cfg.best_metric if cfg.keep_best else None, cfg.best_mode, ckpt_dir / fp, history, step)
     work = ckpt_dir / fp / "rollouts"  # this run's rounds; survives a crash, unlike the DVC out
     if accelerator.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
@@ -158,10 +161,14 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                 row = step_row(step, reduced, sampled, cfg.beta, schedule.get_last_lr()[0], grad_norm, timing,
                                generated_tokens)
                 timing = defaultdict(float)  # phase seconds belong to the round's first step
+                if cfg.eval_every and step % cfg.eval_every == 0:  # held-out reward; keep_best keeps its best model
+                    row.update(online.heldout_reward(accelerator, accelerator.unwrap_model(model), eval_prompts,
+                                                     setup.sampling, seed=seed, sharded=setup.sharded, scorer=setup.scorer))
+                    best.update(accelerator, model, tokenizer, row, loading.stored_dtype(model_path))
                 history.append(row)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     tracking.log_step_metrics(mlrun, row, step)
-                    _log_samples(mlrun, rnd.kept, prompts, step)
+                    rollouts.log_group_samples(mlrun, rnd.kept, prompts, step)
             zero_std.update(rnd.first_zero_frac)
             if step % cfg.save_every == 0 and step < cfg.max_steps:
                 checkpoints.save_checkpoint(accelerator, ckpt_dir, step,
@@ -174,9 +181,9 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
         rounds.close()
 
         # ------------------------------------------------------------ outputs
-        loop.save_model_atomic(accelerator, model, tokenizer, out_dir, loading.stored_dtype(model_path))
-        final = online.final_metrics(history, cfg, generated_tokens, time.perf_counter() - t_start, world,
-                                     len(prompts))
+        kept = best.publish(accelerator, model, tokenizer, out_dir, loading.stored_dtype(model_path))
+        final = {**online.final_metrics(history, cfg, generated_tokens, time.perf_counter() - t_start, world,
+                                        len(prompts)), **kept}
         rollouts.publish_rollouts(accelerator, work, rollouts_dir, {"grpo": cfg.model_dump(), "reward_hashes": reward_ids,
                                                                   "prompts": str(prompt_file), "seed": seed}, mlrun)
         if accelerator.is_main_process:
@@ -248,8 +255,7 @@ def plan_batch(cfg: GRPOConfig, rnd: Round, rank: int, world: int) -> Batch:
 
 
 def micro_batch_logps(setup: Setup, batch: Batch, net, k: int, with_entropy: bool = False):
-    """(token log-probs, loss mask, entropy) of micro-batch k under `net`, each (B, T); the mask leaves out
-    truncated completions when mask_truncated_completions."""
+    """(token log-probs, loss mask (truncated completions out if masked), entropy), each (B, T), of micro-batch k."""
     cfg, accelerator, G = setup.cfg, setup.accelerator, setup.sampling.num_generations
     sel = [batch.rows[i] for i in batch.micro_batches[k]]
     group_rows = [sel[i : i + G] for i in range(0, len(sel), G)]
@@ -369,12 +375,6 @@ def step_row(step: int, reduced: dict, sampled: dict, beta: float, learning_rate
         **{f"time/{phase}": s for phase, s in timing.items()},
         "num_tokens": generated_tokens,
     }
-
-
-def _log_samples(mlrun, kept, prompts, step: int, n_groups: int = 4) -> None:
-    rollouts.log_samples(mlrun, [{"prompt": prompts[g["prompt"]].messages[-1]["content"], "completion": c["text"],
-                                "reward": c["reward"], "advantage": c["advantage"]}
-                               for g in kept[:n_groups] for c in g["completions"]], step)
 
 
 @stage_main("grpo")

@@ -288,6 +288,13 @@ class GRPOConfig(Strict):
     is_correction_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "token_truncate"
     is_clip_max: float | None = Field(3.0, gt=0.0)  # TRL's C_max
     is_clip_min: float | None = Field(None, ge=0.0)  # TRL's C_min (None: no lower bound)
+    # held-out reward: every eval_every steps (0: never), one completion for each of the first eval_prompts prompts of
+    # data/prepared/<prompts>_eval.jsonl, the same seeds each time; logged as eval/reward (and eval/reward/<fn>)
+    eval_every: int = Field(0, ge=0)
+    eval_prompts: int = Field(64, gt=0)
+    keep_best: bool = False  # as sft/dpo's: the output is the model at the best held-out row (needs eval_every)
+    best_metric: str = Field("eval/reward", pattern=r"^eval/")
+    best_mode: Literal["min", "max"] = "max"
 
     @model_validator(mode="after")
     def _in_backward(self) -> GRPOConfig:
@@ -315,6 +322,13 @@ class GRPOConfig(Strict):
         if self.loss_type == "online_dpo" and self.beta != 0:
             raise ValueError("loss_type online_dpo keeps the policy near the reference through its DPO loss "
                              f"(dpo_beta): set beta: 0, not {self.beta}")
+        if self.eval_every and self.max_staleness:
+            raise ValueError("eval_every with max_staleness > 0 is not supported: held-out sampling would race the "
+                             "rollout thread for torch's random numbers")
+        if self.keep_best and not self.eval_every:
+            raise ValueError("keep_best needs eval_every > 0: the held-out reward it keeps the best of")
+        if self.keep_best and self.lora.enabled:
+            raise ValueError("keep_best with lora.enabled is not supported: saving a LoRA model merges its adapter")
         if self.loss_type == "online_dpo" and self.max_staleness:
             raise ValueError("loss_type online_dpo judges pairs sampled by the current policy: max_staleness must be 0")
         if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":

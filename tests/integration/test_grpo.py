@@ -145,6 +145,27 @@ def test_async_rounds_resume_bit_for_bit_and_two_processes_follow_one(tiny_data,
                                    torch.tensor(column(whole / "plots/grpo.csv", name)), rtol=1e-4, atol=1e-5)
 
 
+def test_keep_best_outputs_the_model_of_the_best_heldout_reward(tiny_data, tmp_path):
+    """eval_every 1 over 4 one-step rounds: every step's held-out reward is in the plots (the same prompts and seeds
+    each time), and the output is the model of the best step (not the last): the same bits as a run stopped there."""
+    same = {"grpo__num_iterations": 1, "grpo__eval_every": 1, "grpo__eval_prompts": 16, "grpo__scheduler": "constant",
+            "grpo__warmup_ratio": 0.0, "grpo__log_every": 1, "grpo__learning_rate": 2e-2}  # steps that move samples
+    # best_mode min: the reward rises over these steps, and the lowest one is a step before the last
+    kept = grpo_workdir(tiny_data, tmp_path / "kept", grpo__max_steps=4, grpo__save_every=4, grpo__keep_best=True,
+                        grpo__best_mode="min", **same)
+    run_cmd(stage("grpo"), kept)
+    heldout = column(kept / "plots/grpo.csv", "eval/reward")
+    assert len(heldout) == 4 and len(column(kept / "plots/grpo.csv", "eval/reward/sorting")) == 4
+    metrics = json.loads((kept / "metrics/grpo.json").read_text())
+    best_step = 1 + heldout.index(min(heldout))
+    assert best_step < 4 and metrics["best/step"] == best_step and metrics["best/eval/reward"] == min(heldout)
+    stopped = grpo_workdir(tiny_data, tmp_path / "stopped", grpo__max_steps=best_step, grpo__save_every=best_step,
+                           **same)
+    run_cmd(stage("grpo"), stopped)
+    a, b = weights(kept / "models/grpo"), weights(stopped / "models/grpo")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_grpo_disabled_writes_placeholders_that_evaluate_skips(tiny_data, tmp_path):
     root = grpo_workdir(tiny_data, tmp_path / "off", grpo__enabled=False)
     run_cmd(stage("grpo"), root)

@@ -49,6 +49,8 @@ def _write(tmp_path, mutate) -> Path:
         (lambda r: r["grpo"].update(loss_type="online_dpo", beta=0.04), r"online_dpo .*set beta: 0"),
         (lambda r: r["grpo"].update(loss_type="online_dpo", max_staleness=1), r"online_dpo .*max_staleness must be 0"),
         (lambda r: r["grpo"].update(is_correction_mode="token_clip"), r"grpo.is_correction_mode"),
+        (lambda r: r["grpo"].update(keep_best=True), r"keep_best needs eval_every > 0"),
+        (lambda r: r["grpo"].update(eval_every=5, max_staleness=1), r"eval_every with max_staleness > 0"),
         (lambda r: r["data"].update(num_proc=-1), r"data\.num_proc"),
         (lambda r: r["sft"].update(keep_best=True, lora={"enabled": True}), r"keep_best with lora\.enabled"),
         (lambda r: r["dpo"].update(best_metric="loss"), r"dpo\.best_metric"),

@@ -18,7 +18,8 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -289,6 +290,27 @@ def generate_groups(accelerator, model, prompts: list[Prompt], chosen: list[int]
         torch.distributed.all_gather_object(parts, mine, group=gather_group)
         mine = [g for part in parts for g in part]
     return sorted(mine, key=lambda g: g["order"])
+
+
+HELDOUT_ROUND = -1  # held-out sampling's chunk seeds: the same at every evaluation, apart from every training round's
+
+
+def heldout_reward(accelerator, policy, prompts: list[Prompt], sampling: Sampling, *, seed: int, sharded: bool,
+                   scorer) -> dict:
+    """The held-out reward of `policy`: one completion per prompt (`sampling`'s settings, G = 1) with the same seeds
+    at every call, so two steps' values differ by the weights alone; scored by `scorer`. Returns {eval/reward,
+    eval/reward/<fn>}, the same on every process."""
+    was_training = policy.training
+    policy.eval()
+    groups = generate_groups(accelerator, policy, prompts, list(range(len(prompts))), replace(sampling, num_generations=1),
+                             seed=seed, round_=HELDOUT_ROUND, attempt=0, sharded=sharded, scorer=scorer,
+                             timing=defaultdict(float))
+    policy.train(was_training)
+    completions = [g["completions"][0] for g in groups]
+    out = {"eval/reward": sum(c["reward"] for c in completions) / len(completions)}
+    for name in completions[0]["rewards"]:
+        out[f"eval/reward/{name}"] = sum(c["rewards"][name] for c in completions) / len(completions)
+    return out
 
 
 class ZeroStdWatch:

@@ -93,6 +93,13 @@ def log_samples(mlrun, rows: list[dict], step: int) -> None:
     mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, artifact_file=f"samples/step_{step:06d}.json")
 
 
+def log_group_samples(mlrun, groups: list[dict], prompts: list, step: int, n_groups: int = 4) -> None:
+    """log_samples of the first `n_groups` groups: each completion's prompt (last message), text, reward, advantage."""
+    log_samples(mlrun, [{"prompt": prompts[g["prompt"]].messages[-1]["content"], "completion": c["text"],
+                         "reward": c["reward"], "advantage": c["advantage"]}
+                        for g in groups[:n_groups] for c in g["completions"]], step)
+
+
 def publish_rollouts(accelerator, work: Path, rollouts_dir: str, config: dict, mlrun) -> None:
     """The run's rollout tables (kept beside its checkpoints while it trained) into the DVC out, with the
     config that made them and the settings that decide their bits (ops/determinism.py), swapped in complete;
