@@ -18,17 +18,14 @@ import argparse
 import csv
 import hashlib
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import default_stage_dir, run_default_stage  # noqa: E402
+from harness import default_stage_dir, run_default_stage, write_stage_results  # noqa: E402
 
 
 def run(work: Path, staleness: int) -> dict:
@@ -69,11 +66,7 @@ def main() -> None:
             "median_seconds": med, "speedup_over_sync": round(sync / med, 3) if sync else None,
             "reward_last_window": statistics.fmean(x["reward_last_window"] for x in mine),
             "same_weights_every_run": len({x["weights"] for x in mine}) == 1}
-    print(json.dumps(summary, indent=2))
-    out = {"benchmark": "async_rollouts", "device": "cpu", "stage": "grpo (default params)", "runs": runs,
-           "summary": summary, "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
-           "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_stage_results(args.out, "async_rollouts", runs, summary)
 
 
 if __name__ == "__main__":

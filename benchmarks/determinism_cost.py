@@ -13,17 +13,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import default_stage_dir, run_default_stage  # noqa: E402
+from harness import default_stage_dir, run_default_stage, write_stage_results  # noqa: E402
 
 
 def run_stage(work: Path, deterministic: bool) -> dict:
@@ -49,11 +46,7 @@ def main() -> None:
     summary = {"median_seconds_on": statistics.median(on), "median_seconds_off": statistics.median(off),
                "time_ratio_on_over_off": round(statistics.median(on) / statistics.median(off), 3),
                "same_weights_on_runs": len({x["weights"] for x in runs if x["deterministic"]}) == 1}
-    print(json.dumps(summary, indent=2))
-    out = {"benchmark": "determinism_cost", "device": "cpu", "stage": "grpo (default params)", "runs": runs,
-           "summary": summary, "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
-           "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_stage_results(args.out, "determinism_cost", runs, summary)
 
 
 if __name__ == "__main__":

@@ -260,3 +260,13 @@ def run_default_stage(work: Path, stage: str, overrides: dict[str, dict]) -> dic
     subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
     return json.loads((work / f"metrics/{stage}.json").read_text())
 
+
+def write_stage_results(out: str | Path, benchmark: str, runs: list[dict], summary: dict) -> None:
+    """Print the summary and write the results JSON of a benchmark of the default grpo stage's runs (benchmark, device,
+    stage, runs, summary, host, measured_at)."""
+    print(json.dumps(summary, indent=2))
+    result = {"benchmark": benchmark, "device": "cpu", "stage": "grpo (default params)", "runs": runs,
+              "summary": summary, "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
+              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+
