@@ -234,7 +234,8 @@ def run(cfg: ModelConfig, *, synthetic: SyntheticConfig = SyntheticConfig(), out
         if name_or_path != EMBEDDED:
             return point_or_materialise(tmp, out_dir, name_or_path, cfg.trust_remote_code, runtime.seed)
         s = synthetic
-        tokenizer = build_tokenizer(sorting.corpus(s.min_items, s.max_items, s.max_value, runtime.seed), cfg.vocab_size)
+        tokenizer = build_tokenizer(sorting.corpus(s.min_items, s.max_items, s.max_value, runtime.seed,
+                                                   tools=s.tool_demos > 0), cfg.vocab_size)
         model = build_model(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
                             cfg.intermediate_size, cfg.max_position_embeddings, runtime.seed)
         model.save_pretrained(tmp)

@@ -17,15 +17,15 @@ on the same prompts and seeds: `eval/<name>/...` (reward with CI, exact solves, 
 to SFT, length ratio). With a reward model (models/reward_model), every policy's samples also get its score,
 `.../rm_score_mean` beside the judge's reward: a policy that raises the first and not the second is hacking it.
 With `evaluate.base`, the model SFT started from (models/base) is measured too (`eval/base/...`), and
-`eval/sft/reward_delta_vs_base` (with its CI) says what SFT did to the reward.
-Writes metrics/eval.json, plots/eval.csv (one row per prompt, for `dvc plots`), reports/eval/
-(index.html with embedded PNGs, the PNGs, samples.jsonl) and one MLflow run.
+`eval/sft/reward_delta_vs_base` (with its CI) says what SFT did to the reward. With `grpo.environment`: task
+success with and without its tools, every policy (core/eval/tool_use.py, `eval/<name>/tool/...`).
+Writes metrics/eval.json, plots/eval.csv (one row per prompt, for `dvc plots`), reports/eval/ (index.html with
+embedded PNGs, the PNGs, samples.jsonl) and one MLflow run.
 
 The file reads top to bottom: `score_models` (everything that needs a model), `summarise` (pure: per-item
 numbers in, metrics out), the stage's phases (`load_heldout`, `judge_samples`, the report's rows), then `run`,
 which calls them in order and writes metrics, report and the MLflow run. Judges, sampling, statistics and the
-report's rendering are in core/ (eval/judges, model/generation, algos/stats, eval/report), shared with
-`alignflow promote`.
+report's rendering are in core/ (eval/judges, model/generation, algos/stats, eval/report), shared with `promote`.
 
 Why this file is long: it is the one stage that measures every trained policy on the same prompts and seeds
 (SFT, DPO and the online GRPO / PPO / RLOO, with the reward model's view beside the judge's); splitting the
@@ -51,6 +51,7 @@ from components.core.data import token_store
 from components.core.data.tokens import collate_sequences, pair_token_hash
 from components.core.eval import report as report_html
 from components.core.eval.judges import eval_prompts, load_judge
+from components.core.eval.tool_use import ToolEval, evaluate_tools
 from components.core.model.generation import eos_ids, generate_tokens, load_eval_model, response_length
 from components.core.model.loading import autocast, load_tokenizer
 from components.core.model.logprobs import StaleReferenceError, batch_nll, preference_logps, response_logps
@@ -374,13 +375,15 @@ def run(
     report_dir: str = "reports/eval",
     runtime: Runtime = Runtime(),
     track: bool = True,
+    tools: ToolEval | None = None,
 ) -> dict:
     """Measure `policies` (name -> model dir: `sft`, `dpo`, the ONLINE ones that were trained, and `base`; default
     models/sft and models/dpo) on the held-out data of data_dir with `cfg` (the `evaluate` params section).
 
     beta: dpo.beta, the scale of DPO's implicit reward; reward_model_dir: also score every sample with this reward
     model. curves_dir: where the training stages wrote their curves (<name>.csv) and the reward model its
-    calibration, shown in the report.
+    calibration, shown in the report. tools: also measure task success with and without an environment's tools.
+    Why so many parameters: every input and output path is one, so tests and flows point the stage anywhere.
     """
     policies = policies or {"sft": "models/sft", "dpo": "models/dpo"}
     unknown = set(policies) - {"sft", "dpo", *ONLINE, BASE}
@@ -408,6 +411,10 @@ def run(
                         bootstrap_samples=cfg.bootstrap_samples, confidence=CONFIDENCE, seed=runtime.seed,
                         perplexity=scored["perplexity"], exact_reward=cfg.judge == "synthetic",
                         rm_scores=judged["rm_scores"])
+    if tools is not None:  # every policy in the environment, with and without its tools (core/eval/tool_use.py)
+        metrics.update(evaluate_tools(policies, held_out.prompt_messages, tools, judge_fn, temperature=cfg.temperature,
+                                      top_p=cfg.top_p, batch_size=cfg.batch_size, seed=runtime.seed,
+                                      bootstrap_samples=cfg.bootstrap_samples, confidence=CONFIDENCE))
 
     # ---------------------------------------------------------------- report (built aside, then swapped in)
     wins = win_values(scores["dpo"], scores["sft"])
@@ -476,7 +483,9 @@ def main(argv: list[str] | None = None) -> None:
     result = run(p.evaluate, beta=p.dpo.beta, policies={"sft": args.sft, "dpo": args.dpo, **online},
                  reward_model_dir=args.reward_model if trained_rm else None, data_dir=args.data_dir,
                  reference_path=args.reference, metrics_path=args.metrics, plots_path=args.plots,
-                 report_dir=args.report, runtime=Runtime.of(p), track=not args.no_track)
+                 report_dir=args.report, runtime=Runtime.of(p), track=not args.no_track,
+                 tools=ToolEval(p.grpo.environment, p.grpo.max_turns, p.grpo.max_completion_length)
+                 if p.grpo.environment else None)
     log.info(result_line("evaluate", result, ("eval/reward_mean", "eval/win_rate_vs_sft", "eval/grpo/reward_mean", "eval/ppo/reward_mean", "eval/rloo/reward_mean", "eval/num_prompts"),
                          "metrics/eval.json, reports/eval/index.html"))
 

@@ -4,9 +4,10 @@
 
 Per generation round: the sampler takes `prompts_per_step` prompts (a seeded permutation per epoch, its position
 checkpointed), HF `generate` samples G completions each (seeded per chunk of prompts; chunks split over processes
-independently of the world size, so N processes follow one), the reward functions score them, core/algos/rl.py
-turns rewards into advantages, and `num_iterations` optimizer steps minimise the surrogate on them. Rounds are
-sampled in place or, with `max_staleness` > 0, ahead by a rollout thread (core/train/async_rounds.py).
+independently of the world size, so N processes follow one) -- or G multi-turn episodes with an `environment` and
+its tools (core/train/episodes.py) --, the reward functions score them, core/algos/rl.py turns rewards into
+advantages, and `num_iterations` optimizer steps minimise the surrogate on them. Rounds are sampled in place or,
+with `max_staleness` > 0, ahead by a rollout thread (core/train/async_rounds.py).
 
 Every round is written as a rollout table (one row per completion: ids, text, sampler / old / reference log-probs,
 each reward, advantage, seed, the sampling weights' hash), beside the run's checkpoints while it trains and in
@@ -34,7 +35,7 @@ from components.core.model.generation import eos_ids
 from components.core.ops import faults, logs, placeholders, tracking
 from components.core.ops.io import write_csv, write_json
 from components.core.ops.logs import result_line, stage_main
-from components.core.train import async_rounds, checkpoints, loop, online, rollouts
+from components.core.train import async_rounds, checkpoints, episodes, loop, online, rollouts
 
 log = logging.getLogger("alignflow.grpo")
 
@@ -99,10 +100,13 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     # ---------------------------------------------------------------- prompts, rewards
     tokenizer = loading.load_tokenizer(model_path, runtime.trust_remote_code)
     prompt_file = Path(data_dir) / f"{cfg.prompts}_train.jsonl"
-    prompts = online.load_prompts(prompt_file, cfg.prompts, tokenizer, runtime.max_prompt_length)
+    runner = episodes.runner_for(cfg.environment, tokenizer, cfg.max_turns)  # None: single-turn completions
+    tools = runner.tools if runner else None  # an environment's tools are offered in every prompt
+    prompts = online.load_prompts(prompt_file, cfg.prompts, tokenizer, runtime.max_prompt_length, tools)
     eval_prompts = online.load_prompts(Path(data_dir) / f"{cfg.prompts}_eval.jsonl", cfg.prompts, tokenizer,
-                                       runtime.max_prompt_length)[: cfg.eval_prompts] if cfg.eval_every else []
+                                       runtime.max_prompt_length, tools)[: cfg.eval_prompts] if cfg.eval_every else []
     reward_fns, reward_weights, reward_ids = reward_functions.load_rewards(cfg.rewards, tokenizer)
+    reward_ids.update(episodes.reward_identity(cfg.environment))
 
     # ---------------------------------------------------------------- models, optimizer, schedule
     model, ref_model = load_models(cfg, model_path, accelerator, runtime)
@@ -127,7 +131,8 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     reward_functions.seed_caches(reward_fns, work)  # remote rewards: scores already in this run's rollouts
     setup = Setup(cfg, accelerator, model, ref_model, optimizer, schedule, prompts,
                   online.PromptSampler(len(prompts), seed, int(saved.get("sampler_position", 0))),
-                  online.Sampling.of(cfg, eos_ids(accelerator.unwrap_model(model), tokenizer), tokenizer.pad_token_id),
+                  online.Sampling.of(cfg, eos_ids(accelerator.unwrap_model(model), tokenizer), tokenizer.pad_token_id,
+                                     episodes=runner),
                   functools.partial(online.score, tokenizer=tokenizer, reward_fns=reward_fns, weights=reward_weights),
                   reward_ids, seed, sharding.is_sharded(model), ckpt_dir, work)
 
@@ -158,7 +163,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                 step += 1
                 faults.maybe_crash(step)
                 bar.update(1)
-                row = step_row(step, reduced, sampled, cfg.beta, schedule.get_last_lr()[0], grad_norm, timing,
+                row = online.step_row(step, reduced, sampled, cfg.beta, schedule.get_last_lr()[0], grad_norm, timing,
                                generated_tokens)
                 timing = defaultdict(float)  # phase seconds belong to the round's first step
                 if cfg.eval_every and step % cfg.eval_every == 0:  # held-out reward; keep_best keeps its best model
@@ -245,7 +250,7 @@ def plan_batch(cfg: GRPOConfig, rnd: Round, rank: int, world: int) -> Batch:
     advantages, group_std = rl.advantages_of(cfg.loss_type, rewards, G, cfg.scale_rewards)
     for (_, c), a in zip(rows, advantages.tolist(), strict=True):
         c["advantage"] = a
-    counted = [0 if (cfg.mask_truncated_completions and c["truncated"]) else len(c["ids"]) for _, c in rows]
+    counted = [0 if (cfg.mask_truncated_completions and c["truncated"]) else episodes.trained_tokens(c) for _, c in rows]
     per_mb = max(1, cfg.micro_batch_size // G) * G  # whole groups: each prompt is computed once per row
     mbs = [list(range(i, min(i + per_mb, len(rows)))) for i in range(0, len(rows), per_mb)]
     totals = rl.Totals(sequences=len(rows), tokens=sum(counted), micro_batches=len(mbs),
@@ -266,7 +271,7 @@ def micro_batch_logps(setup: Setup, batch: Batch, net, k: int, with_entropy: boo
             cfg.temperature, with_entropy)
     if cfg.mask_truncated_completions:
         mask = mask & ~torch.tensor([c["truncated"] for _, c in sel], device=mask.device)[:, None]
-    return logps, mask, entropy
+    return logps, mask & episodes.token_mask([c for _, c in sel], mask.shape, mask.device), entropy
 
 
 def reference_logps(setup: Setup, batch: Batch, timing: dict) -> None:
@@ -315,7 +320,7 @@ def round_metrics(rnd: Round, batch: Batch, reward_names: list[str], round_token
         "completions/max_length": max(lengths),
         "completions/clipped_ratio": sum(c["truncated"] for _, c in rows) / len(rows),
         "completions/mean_terminated_length": sum(terminated) / len(terminated) if terminated else 0.0,
-        "groups_generated": len(rnd.groups), "groups_kept": len(rnd.kept),
+        "groups_generated": len(rnd.groups), "groups_kept": len(rnd.kept), **episodes.metrics([c for _, c in rows]),
         # every rank's tokens over rank 0's generation seconds (the ranks generate side by side)
         "generated_tokens_per_second": round_tokens / max(timing["generate"], 1e-9),
     }
@@ -355,26 +360,6 @@ def optimizer_step(setup: Setup, batch: Batch, guard: loop.DivergenceGuard, step
                             functools.partial(guard.check, step + 1, abs(reduced["loss"])))
     setup.schedule.step()
     return reduced, grad_norm
-
-
-def step_row(step: int, reduced: dict, sampled: dict, beta: float, learning_rate: float, grad_norm, timing: dict,
-             generated_tokens: int) -> dict:
-    """A step's metrics (TRL's names): loss, entropy, KL, clip ratios over the round's tokens; the round's samples."""
-    tokens_n = max(reduced["tokens"], 1.0)
-    return {
-        "step": step, "loss": reduced["loss"], **sampled,
-        "entropy": reduced["entropy"] / tokens_n,
-        **({"kl": reduced["kl"] / tokens_n} if beta > 0 else {}),
-        **({"sampling/importance_sampling_ratio/mean": reduced["is_ratio"] / tokens_n,
-            "sampling/is_cut_fraction": reduced["is_cut"] / tokens_n} if "is_ratio" in reduced else {}),
-        "clip_ratio/low_mean": reduced["clip_ratio/low"] / tokens_n,
-        "clip_ratio/high_mean": reduced["clip_ratio/high"] / tokens_n,
-        "clip_ratio/region_mean": reduced["clip_ratio/region"] / tokens_n,
-        "learning_rate": learning_rate,
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        **{f"time/{phase}": s for phase, s in timing.items()},
-        "num_tokens": generated_tokens,
-    }
 
 
 @stage_main("grpo")

@@ -133,6 +133,8 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
     tokenizer = loading.load_tokenizer(model_path, runtime.trust_remote_code)
     prompt_file = Path(data_dir) / "pref_train.jsonl"
     prompts = online.load_prompts(prompt_file, "pref", tokenizer, runtime.max_prompt_length)
+    eval_prompts = online.load_prompts(Path(data_dir) / "pref_eval.jsonl", "pref", tokenizer,
+                                       runtime.max_prompt_length)[: cfg.eval_prompts] if cfg.eval_every else []
     reward_fns, reward_weights, reward_ids = reward_functions.load_rewards(cfg.rewards, tokenizer)
     use_rm = cfg.reward == "reward_model"
     needs_rm = use_rm or cfg.value_init == "reward_model"
@@ -171,6 +173,9 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
                                      num_generations=1),
                   functools.partial(online.score, tokenizer=tokenizer, reward_fns=reward_fns, weights=reward_weights),
                   reward_ids, seed, ckpt_dir, work)
+    heldout = online.HeldOutEval(cfg.eval_every, eval_prompts, setup.sampling, seed, False, setup.scorer,
+                                 loop.KeepBest(cfg.best_metric if cfg.keep_best else None, cfg.best_mode, ckpt_dir / fp,
+                                               history, step), tokenizer, loading.stored_dtype(model_path))
 
     params = {**cfg.model_dump(), "mode": "ppo", "world_size": world, "seed": seed,
               "max_prompt_length": runtime.max_prompt_length, "reward_hashes": reward_ids, "model": model_path}
@@ -200,6 +205,7 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
             generated_tokens += sum(len(c["ids"]) for _, c in rnd.rows)
             row = round_row(step, setup.sampler.position, rnd, scored, sums, list(reward_fns),
                             schedule.get_last_lr()[0], grad_norm, timing, generated_tokens)
+            heldout(accelerator, _policy(accelerator, model), row)  # eval_every: held-out reward; keep_best: best policy kept
             history.append(row)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 tracking.log_step_metrics(mlrun, row, step)
@@ -215,9 +221,9 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
         bar.close()
 
         # ------------------------------------------------------------ outputs
-        loop.save_model_atomic(accelerator, _policy(accelerator, model), tokenizer, out_dir,
-                               loading.stored_dtype(model_path))
-        final = {"mode": "ppo", **online.final_metrics(history, cfg, generated_tokens, time.perf_counter() - t_start,
+        kept = heldout.best.publish(accelerator, _policy(accelerator, model), tokenizer, out_dir,
+                                    loading.stored_dtype(model_path))
+        final = {"mode": "ppo", **kept, **online.final_metrics(history, cfg, generated_tokens, time.perf_counter() - t_start,
                                                        world, len(prompts),
                                                        ("reward", "true_reward", "objective/scores"))}
         rollouts.publish_rollouts(accelerator, work, rollouts_dir, {"ppo": cfg.model_dump(), "mode": "ppo",

@@ -7,7 +7,10 @@ exactly the signal DPO needs to push the mistakes' probability down.
 
 `python -m components.synthesize --params params.yaml` writes `data/raw/sft.jsonl` (TRL `messages`
 format) and `data/raw/preferences.jsonl` (TRL `prompt/chosen/rejected`, conversational), the same
-public formats users bring.
+public formats users bring. With `synthetic.tool_demos` > 0, sft.jsonl also holds demonstrations of the task with a
+`sort` tool offered (TRL `messages` + `tools`, OpenAI tool calls): a share `tool_call_share` calls it and copies its
+result, the rest answer directly. They teach the model the tool-call format the `sort_tool` environment
+(`grpo.environment`) rewards.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from components.core.config import Runtime, SyntheticConfig
 from components.core.ops.io import write_jsonl
 from components.core.ops.logs import stage_main
-from components.core.sorting import generate, reward
+from components.core.sorting import generate, reward, tool_demos
 
 
 def run(cfg: SyntheticConfig, *, out_dir: str = "data/raw", runtime: Runtime = Runtime()) -> dict:
@@ -31,12 +34,15 @@ def run(cfg: SyntheticConfig, *, out_dir: str = "data/raw", runtime: Runtime = R
         return {"sft": 0, "preference": 0}
     sft, preferences = generate(cfg.n_sft, cfg.n_preference, cfg.min_items, cfg.max_items, cfg.max_value,
                                 cfg.demo_noise, runtime.seed)
-    write_jsonl(out / "sft.jsonl", sft)
-    write_jsonl(out / "preferences.jsonl", preferences)
     noisy = sum(
         reward(r["messages"][0]["content"], r["messages"][1]["content"]) < 1.0 for r in sft
     )
-    return {"sft": len(sft), "preference": len(preferences), "sft_noisy": noisy}
+    tools = tool_demos(cfg.tool_demos, cfg.min_items, cfg.max_items, cfg.max_value, cfg.tool_call_share,
+                       cfg.demo_noise, runtime.seed)
+    write_jsonl(out / "sft.jsonl", sft + tools)
+    write_jsonl(out / "preferences.jsonl", preferences)
+    return {"sft": len(sft) + len(tools), "preference": len(preferences), "sft_noisy": noisy,
+            **({"tool_demos": len(tools), "tool_calls": sum(len(r["messages"]) > 2 for r in tools)} if tools else {})}
 
 
 @stage_main("synthesize")

@@ -14,16 +14,20 @@ for _dir in ("unit", "integration"):
     sys.path.insert(0, str(Path(__file__).parent / _dir))
 
 
+PLAIN_CHATML = ("{% for message in messages %}"
+                "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> str:
-    """A small byte-level BPE tokenizer with the ChatML template, saved as a HF tokenizer dir.
+    """A small byte-level BPE tokenizer with plain ChatML (no tools: the data tests count tool records a template
+    cannot render as dropped), saved as a HF tokenizer dir.
 
     Byte-level: any text encodes (unseen words fall back to byte tokens), so token counts are real.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from components.core.data.tokens import CHATML_TEMPLATE
 
     corpus = [
         "What is the capital of France? Paris is the capital of France.",
@@ -40,7 +44,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> str:
     )
     tokenizer.train_from_iterator(corpus * 5, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|im_end|>")
-    fast.chat_template = CHATML_TEMPLATE
+    fast.chat_template = PLAIN_CHATML
     path = tmp_path_factory.mktemp("tiny_tokenizer")
     fast.save_pretrained(path)
     return str(path)

@@ -64,6 +64,8 @@ class SyntheticConfig(Strict):
     max_items: int = Field(6, ge=1)
     max_value: int = Field(30, ge=1)
     demo_noise: float = Field(0.4, ge=0.0, le=1.0)
+    tool_demos: int = Field(0, ge=0)  # demonstrations with the sort tool offered (sft.jsonl); > 0: the tokenizer learns tool calls
+    tool_call_share: float = Field(0.5, ge=0.0, le=1.0)  # of those, the share that call the tool (the rest answer directly)
 
     @model_validator(mode="after")
     def _range(self) -> SyntheticConfig:
@@ -295,6 +297,11 @@ class GRPOConfig(Strict):
     keep_best: bool = False  # as sft/dpo's: the output is the model at the best held-out row (needs eval_every)
     best_metric: str = Field("eval/reward", pattern=r"^eval/")
     best_mode: Literal["min", "max"] = "max"
+    # multi-turn rollouts with tools (core/algos/environments.py, core/train/episodes.py): "" = single-turn;
+    # sort_tool = the embedded task with a sort tool; or package.module:Class. max_completion_length then bounds all
+    # of an episode's tokens (its turns and the tool results between them)
+    environment: str = ""
+    max_turns: int = Field(3, ge=1)  # assistant turns per episode (an environment's own max_turns wins)
 
     @model_validator(mode="after")
     def _in_backward(self) -> GRPOConfig:
@@ -396,6 +403,13 @@ class PPOConfig(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(5, gt=0)
     gradient_checkpointing: bool | Literal["auto"] = "auto"
+    # held-out reward (the reward functions, the "true reward"), as grpo's: every eval_every rounds (0: never), one
+    # completion for each of the first eval_prompts prompts of data/prepared/pref_eval.jsonl, the same seeds each time
+    eval_every: int = Field(0, ge=0)
+    eval_prompts: int = Field(64, gt=0)
+    keep_best: bool = False  # the output is the policy at the best held-out row (needs eval_every > 0)
+    best_metric: str = Field("eval/reward", pattern=r"^eval/")
+    best_mode: Literal["min", "max"] = "max"
     rloo: dict = {}  # keys of this section that differ in the rloo stage (e.g. num_ppo_epochs: 1 as TRL's RLOO)
 
     @model_validator(mode="after")
@@ -407,6 +421,8 @@ class PPOConfig(Strict):
                              f"({self.num_mini_batches}): every minibatch is one optimizer step of the schedule")
         if self.adaptive_kl and self.kl_coef == 0:
             raise ValueError("adaptive_kl multiplies kl_coef: start it above 0")
+        if self.keep_best and not self.eval_every:
+            raise ValueError("keep_best needs eval_every > 0: the held-out reward it keeps the best of")
         if "rloo" in self.rloo or "enabled" in self.rloo:
             raise ValueError("rloo: overrides the rloo stage's training keys only (not rloo or enabled)")
         if self.rloo:
@@ -490,6 +506,10 @@ class Params(Strict):
                 raise ValueError(f"{name}.optimizer_in_backward needs one process, not "
                                  f"compute.accelerate_config: {launch} (each parameter would be stepped on "
                                  "its local gradient, before DDP / FSDP reduce it over processes)")
+        if self.grpo.environment and launch == "fsdp":
+            raise ValueError("grpo.environment with compute.accelerate_config: fsdp is not supported: each process's "
+                             "episodes take their own number of turns, and FSDP's generate needs every process in "
+                             "step (use multi_gpu)")
         return self
 
 

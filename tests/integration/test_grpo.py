@@ -277,3 +277,73 @@ def test_a_remote_reward_is_asked_once_per_completion_across_a_crash(tiny_data, 
     assert len(rows) == 2 * 6 * 4
     assert all(r["reward/rm"] == min(len(r["completion"]), 20) / 20 for r in rows)
     assert set(asked) == {json.dumps([json.loads(r["prompt"]), r["completion"]]) for r in rows}
+
+
+# A user's environment (`module:Class`, importable from the stage's working directory) that answers every assistant
+# turn with a tool result: episodes have several turns whatever the untrained model writes.
+NUDGE_ENV = '''
+from components.core.algos.environments import Environment, Step
+
+
+class Nudge(Environment):
+    tools = [{"type": "function", "function": {"name": "hint", "description": "A hint.",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+
+    def step(self, message):
+        return Step([{"role": "tool", "name": "hint", "content": "1 2 3"}], reward=0.25)
+'''
+
+
+def env_workdir(tiny_data: Path, dst: Path, **overrides) -> Path:
+    root = grpo_workdir(tiny_data, dst, grpo__environment="my_envs:Nudge", grpo__max_turns=3,
+                        grpo__max_completion_length=40, **overrides)
+    (root / "my_envs.py").write_text(NUDGE_ENV)
+    # the model's generation config stops a turn at any of 60 tokens, as a model may list several: the untrained
+    # model's turns end after a few tokens
+    config = root / "models/sft/generation_config.json"
+    gen = json.loads(config.read_text())
+    gen["eos_token_id"] = [gen["eos_token_id"], *range(40, 100)]
+    config.write_text(json.dumps(gen))
+    return root
+
+
+def test_environment_episodes_resume_bit_for_bit_and_two_processes_follow_one(tiny_data, tmp_path):
+    """grpo.environment (a user's class), 4 one-step rounds: the rollout tables hold every turn (the environment's
+    tokens masked out, the policy hash on each assistant turn, the environment's reward); an uninterrupted run ==
+    crash at step 3 + resume, under busy loops; torchrun x2 samples the same episodes and follows one process."""
+    same = {**UNEVEN, "grpo__num_iterations": 1, "grpo__save_every": 2}
+    whole = env_workdir(tiny_data, tmp_path / "whole", **same)
+    run_cmd(stage("grpo"), whole)
+    ra = rollouts(whole)
+    rows = [r for table in ra.values() for r in table]
+    assert len(ra) == 4 and len(rows) == 4 * 6 * 4
+    multi = [r for r in rows if 0 in r["completion_mask"]]
+    assert len(multi) > len(rows) // 4  # many episodes have several turns
+    for r in multi:
+        turns = json.loads(r["turns"])
+        assert [t["role"] for t in turns[:3]] == ["assistant", "tool", "assistant"]
+        assert all(t["policy_hash"] == r["policy_hash"] for t in turns if t["role"] == "assistant")
+        assert r["completion"] == [t for t in turns if t["role"] == "assistant"][-1]["content"]
+        assert len(r["completion_mask"]) == len(r["completion_ids"]) <= 40
+        assert all(lp == 0.0 for lp, m in zip(r["sampler_logps"], r["completion_mask"], strict=True) if not m)
+        assert r["reward/environment"] >= 0.25 and json.loads(r["reward_hashes"])["environment"]
+    assert column(whole / "plots/grpo.csv", "turns/mean")[0] > 1.0
+
+    crashed = env_workdir(tiny_data, tmp_path / "crashed", **same)
+    env = pipeline_env(crashed) | {"ALIGNFLOW_CRASH_AT_STEP": "3"}
+    with competing_load():
+        assert subprocess.run(stage("grpo"), cwd=crashed, env=env, capture_output=True).returncode == 137
+        run_cmd(stage("grpo"), crashed)
+    a, b = weights(whole / "models/grpo"), weights(crashed / "models/grpo")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert rollouts(crashed) == ra
+
+    two = env_workdir(tiny_data, tmp_path / "two", **same)
+    run_cmd([*torchrun(), "-m", "components.grpo", "--params", "params.yaml"], two)
+    floats = ("old_logps", "ref_logps", "sampler_logps")
+    first_one, first_two = ra["round_000000.parquet"], rollouts(two)["round_000000.parquet"]
+    assert [{k: v for k, v in r.items() if k not in floats} for r in first_one] == \
+        [{k: v for k, v in r.items() if k not in floats} for r in first_two]
+    for name in ("loss", "reward", "turns/mean"):
+        torch.testing.assert_close(torch.tensor(column(two / "plots/grpo.csv", name)),
+                                   torch.tensor(column(whole / "plots/grpo.csv", name)), rtol=1e-4, atol=1e-5)

@@ -182,3 +182,43 @@ def test_ppo_needs_a_reward_model_or_reward_functions(tiny_data, tmp_path, monke
     run_cmd(ppo_cmd("rloo"), fn)  # the verifiable reward alone: rloo needs no reward model
     [row] = rollouts(fn, "rloo").values()
     assert row[0]["rm_score"] is None and row[0]["score"] == pytest.approx(row[0]["reward"] - 1.0 * row[0]["truncated"])
+
+
+LENGTH_REWARD = "def length_reward(prompt, completion, answer):\n    return min(len(completion), 20) / 20\n"
+
+
+def test_rloo_keep_best_outputs_the_policy_of_the_best_heldout_reward(tiny_data, tmp_path):
+    """rloo, eval_every 1 over 4 rounds: each round's held-out reward (the reward functions, the same prompts and
+    seeds each time) is in the plots, and the output is the policy of the best round: the same bits as a run stopped
+    there."""
+    same = {"ppo__reward": "functions", "ppo__rewards": [{"name": "my_rewards:length_reward", "weight": 1.0}],
+            "ppo__eval_every": 1, "ppo__eval_prompts": 8, "ppo__scheduler": "constant", "ppo__learning_rate": 2e-2}
+
+    def rloo_dir(dst: Path, **overrides) -> Path:
+        root = rlhf_workdir(tiny_data, dst, **same, **overrides)
+        (root / "my_rewards.py").write_text(LENGTH_REWARD)
+        return root
+
+    # best_mode min: whichever way the reward moves, the lowest held-out value is kept (not the last, as a rule)
+    kept = rloo_dir(tmp_path / "kept", ppo__keep_best=True, ppo__best_mode="min")
+    run_cmd(ppo_cmd("rloo"), kept)
+    heldout = column(kept / "plots/rloo.csv", "eval/reward")
+    assert len(heldout) == 4 and len(set(heldout)) > 1
+    metrics = json.loads((kept / "metrics/rloo.json").read_text())
+    best_step = 1 + heldout.index(min(heldout))
+    assert metrics["best/step"] == best_step and metrics["best/eval/reward"] == min(heldout)
+    stopped = rloo_dir(tmp_path / "stopped", ppo__max_steps=best_step, ppo__save_every=best_step)
+    run_cmd(ppo_cmd("rloo"), stopped)
+    a, b = weights(kept / "models/rloo"), weights(stopped / "models/rloo")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_ppo_keep_best_keeps_the_policy(with_reward_model, tiny_data, tmp_path):
+    """ppo (policy and value in one module): the kept model is the policy of the best held-out round."""
+    root = _with_rm(with_reward_model, tiny_data, tmp_path / "kept", ppo__eval_every=2, ppo__eval_prompts=8,
+                    ppo__keep_best=True)
+    run_cmd(ppo_cmd("ppo"), root)
+    heldout = column(root / "plots/ppo.csv", "eval/reward")
+    metrics = json.loads((root / "metrics/ppo.json").read_text())
+    assert len(heldout) == 2 and metrics["best/step"] in (2, 4) and metrics["best/eval/reward"] == max(heldout)
+    assert "lm_head.weight" in weights(root / "models/ppo") or "model.embed_tokens.weight" in weights(root / "models/ppo")

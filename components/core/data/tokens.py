@@ -15,15 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from components.core.data.chat_template import CHATML_TEMPLATE
 
-# ChatML: what the embedded tokenizer ships, and the fallback for a tokenizer without a chat template.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+IGNORE_INDEX = -100
 
 
 def render(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False,

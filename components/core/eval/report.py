@@ -123,6 +123,15 @@ def render_html(metrics: dict, samples: list[dict], images: dict[str, bytes], se
         extra = (f'exact {m[g + "reward_eq_1"]:.1%}; ' if g + "reward_eq_1" in m else "")
         cards.append(_card("GRPO KL · length", f'{m[g + "kl_to_reference"]:.2f}',
                            f'{extra}KL(π_GRPO ‖ π_SFT) nats; length ×{m[g + "length_ratio"]:.2f} vs SFT', "neutral"))
+    if "eval/sft/tool/success" in m:  # an environment with tools: success with and without them
+        t = "eval/grpo/tool/" if "eval/grpo/tool/success" in m else "eval/sft/tool/"
+        d = (f'Δ vs SFT {m[t + "success_delta_vs_sft"]:+.1%} [{m[t + "success_delta_vs_sft_ci_low"]:+.1%}, '
+             f'{m[t + "success_delta_vs_sft_ci_high"]:+.1%}]; ' if t != "eval/sft/tool/" else "")
+        cards.append(_card("Task success with the tool", f'{m["eval/sft/tool/success"]:.1%}<span class="arrow">→</span>'
+                                                         f'{m[t + "success"]:.1%}',
+                           f'SFT → {t.split("/")[1].upper()}; {d}without the tool {m["eval/sft/tool/success_without_tool"]:.1%}'
+                           f' → {m[t + "success_without_tool"]:.1%}; {m[t + "calls_per_episode"]:.2f} calls per episode',
+                           "good" if t != "eval/sft/tool/" and m[t + "success_delta_vs_sft_ci_low"] > 0 else "neutral"))
     if "eval/sft/perplexity" in m:
         cards.append(_card("Held-out perplexity", f'{m["eval/sft/perplexity"]:.3f}<span class="arrow">→</span>'
                                                   f'{m["eval/perplexity"]:.3f}', "SFT → DPO, assistant tokens", "neutral"))

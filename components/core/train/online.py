@@ -7,7 +7,8 @@
   `shared_prompt_cache`) and `generate_groups` (a round's prompts in world-independent chunks over the
   processes, all-gathered, so N processes sample what one process samples);
 - rewards from code: `score` (the weighted reward functions of core/algos/reward_functions.py);
-- `collect_round` (DAPO's dynamic sampling), `policy_hash` (which weights sampled a round), `final_metrics`.
+- `collect_round` (DAPO's dynamic sampling), `policy_hash` (which weights sampled a round), `step_row` and
+  `final_metrics` (a step's and a run's metrics, TRL's names).
 Rollout tables are core/train/rollouts.py's; where rounds come from (in place or ahead), core/train/async_rounds.py.
 """
 
@@ -43,9 +44,10 @@ class Prompt:
     ids: list[int]
 
 
-def load_prompts(path: Path, kind: str, tokenizer, max_prompt_length: int) -> list[Prompt]:
-    """One Prompt per distinct prompt of the prepared file, in file order. Prompts longer than max_prompt_length
-    are skipped with a warning that counts them; a file left with none is refused."""
+def load_prompts(path: Path, kind: str, tokenizer, max_prompt_length: int, tools: list[dict] | None = None) -> list[Prompt]:
+    """One Prompt per distinct prompt of the prepared file, in file order, rendered with `tools` offered (an
+    environment's). Prompts longer than max_prompt_length are skipped with a warning that counts them; a file left
+    with none is refused."""
     seen, out, too_long = set(), [], 0
     for r in read_jsonl(path):
         if kind == "pref":
@@ -58,7 +60,7 @@ def load_prompts(path: Path, kind: str, tokenizer, max_prompt_length: int) -> li
         if key in seen:
             continue
         seen.add(key)
-        ids = prompt_ids_for_generation(tokenizer, messages)
+        ids = prompt_ids_for_generation(tokenizer, messages, tools)
         if len(ids) > max_prompt_length:
             too_long += 1
             continue
@@ -124,7 +126,8 @@ def weights_hash(model) -> str:
 @dataclass(frozen=True)
 class Sampling:
     """How a stage samples its completions: G per prompt, the length limit, temperature / top-p, prompts per
-    generate() call, and the tokenizer's end and pad ids."""
+    generate() call, the tokenizer's end and pad ids, and with an environment, its episodes (core/train/episodes.py:
+    multi-turn completions instead of sample_chunk's single turn)."""
 
     num_generations: int  # G: completions per prompt
     max_completion_length: int
@@ -133,12 +136,14 @@ class Sampling:
     generation_batch_size: int  # prompts per generate() call (x G rows)
     eos: list[int]  # a completion ends at the first of these (it is kept)
     pad_id: int
+    episodes: object = None  # an EpisodeRunner: .sample(model, prompts, sampling, seed, synced) like sample_chunk
 
     @classmethod
-    def of(cls, cfg: GRPOConfig | PPOConfig, eos: list[int], pad_id: int, num_generations: int | None = None) -> Sampling:
+    def of(cls, cfg: GRPOConfig | PPOConfig, eos: list[int], pad_id: int, num_generations: int | None = None,
+           episodes: object = None) -> Sampling:
         """A section's sampling settings; `num_generations` overrides its G (ppo samples one completion a prompt)."""
         return cls(cfg.num_generations if num_generations is None else num_generations, cfg.max_completion_length,
-                   cfg.temperature, cfg.top_p, cfg.generation_batch_size, eos, pad_id)
+                   cfg.temperature, cfg.top_p, cfg.generation_batch_size, eos, pad_id, episodes)
 
 
 @torch.no_grad()
@@ -211,8 +216,9 @@ def score(prompt: Prompt, completions: list[dict], tokenizer, reward_fns: dict, 
     """Text and rewards onto each completion of a group; a reward with `score_batch` (a remote one) gets the
     group in one call."""
     for c in completions:
-        c["text"] = tokenizer.decode(c["ids"], skip_special_tokens=True).strip()
-        c["rewards"] = {}
+        if "turns" not in c:  # an episode's text is its final assistant message, set by its runner
+            c["text"] = tokenizer.decode(c["ids"], skip_special_tokens=True).strip()
+        c["rewards"] = {} if "env_reward" not in c else {"environment": c["env_reward"]}
     texts, n = [c["text"] for c in completions], len(completions)
     for name, fn in reward_fns.items():
         if hasattr(fn, "score_batch"):
@@ -222,7 +228,7 @@ def score(prompt: Prompt, completions: list[dict], tokenizer, reward_fns: dict, 
         for c, v in zip(completions, values, strict=True):
             c["rewards"][name] = float(v)
     for c in completions:
-        c["reward"] = sum(weights[name] * v for name, v in c["rewards"].items())
+        c["reward"] = sum(weights.get(name, 1.0) * v for name, v in c["rewards"].items())
 
 
 def collect_round(generate_batch, prompts_per_step: int, dynamic: bool, max_resample_rounds: int,
@@ -275,7 +281,8 @@ def generate_groups(accelerator, model, prompts: list[Prompt], chosen: list[int]
             continue
         s = chunk_seed(seed, round_, attempt, c)
         t0 = time.perf_counter()
-        completions = sample_chunk(model, [prompts[i] for i in chunks[c]], sampling, s, synced=sharded)
+        sample = sampling.episodes.sample if sampling.episodes is not None else sample_chunk
+        completions = sample(model, [prompts[i] for i in chunks[c]], sampling, s, synced=sharded)
         timing["generate"] += time.perf_counter() - t0
         if padding:
             continue
@@ -313,6 +320,30 @@ def heldout_reward(accelerator, policy, prompts: list[Prompt], sampling: Samplin
     return out
 
 
+@dataclass(frozen=True)
+class HeldOutEval:
+    """An online stage's `eval_every` and `keep_best`: every `every` steps the held-out reward goes into the step's
+    row (heldout_reward: `prompts`, one completion each, the same seeds every time) and `best` (loop.KeepBest)
+    keeps the policy of the best row."""
+
+    every: int
+    prompts: list[Prompt]
+    sampling: Sampling
+    seed: int
+    sharded: bool
+    scorer: object
+    best: loop.KeepBest
+    tokenizer: object
+    dtype: object
+
+    def __call__(self, accelerator, model, row: dict) -> None:
+        """`model`: the policy as the stage saves it (prepared: DDP / FSDP); it samples unwrapped."""
+        if self.every and row["step"] % self.every == 0:
+            row.update(heldout_reward(accelerator, accelerator.unwrap_model(model), self.prompts, self.sampling,
+                                      seed=self.seed, sharded=self.sharded, scorer=self.scorer))
+            self.best.update(accelerator, model, self.tokenizer, row, self.dtype)
+
+
 class ZeroStdWatch:
     """Warns once frac_reward_zero_std has stayed above `threshold` for 5 rounds in a row."""
 
@@ -324,6 +355,26 @@ class ZeroStdWatch:
         if self.streak == 5:
             log.warning("frac_reward_zero_std above %.2f for 5 rounds (now %.2f): most groups carry no gradient. "
                         "Raise num_generations or temperature, or set dynamic_sampling", self.threshold, frac)
+
+
+def step_row(step: int, reduced: dict, sampled: dict, beta: float, learning_rate: float, grad_norm, timing: dict,
+             generated_tokens: int) -> dict:
+    """A step's metrics (TRL's names): loss, entropy, KL, clip ratios over the round's tokens; the round's samples."""
+    tokens_n = max(reduced["tokens"], 1.0)
+    return {
+        "step": step, "loss": reduced["loss"], **sampled,
+        "entropy": reduced["entropy"] / tokens_n,
+        **({"kl": reduced["kl"] / tokens_n} if beta > 0 else {}),
+        **({"sampling/importance_sampling_ratio/mean": reduced["is_ratio"] / tokens_n,
+            "sampling/is_cut_fraction": reduced["is_cut"] / tokens_n} if "is_ratio" in reduced else {}),
+        "clip_ratio/low_mean": reduced["clip_ratio/low"] / tokens_n,
+        "clip_ratio/high_mean": reduced["clip_ratio/high"] / tokens_n,
+        "clip_ratio/region_mean": reduced["clip_ratio/region"] / tokens_n,
+        "learning_rate": learning_rate,
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        **{f"time/{phase}": s for phase, s in timing.items()},
+        "num_tokens": generated_tokens,
+    }
 
 
 def final_metrics(history: list[dict], cfg, generated_tokens: int, seconds: float, world: int, num_prompts: int,

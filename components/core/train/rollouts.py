@@ -71,6 +71,11 @@ def rollout_record(round_: int, step: int, prompt: Prompt, group: dict, completi
     if rlhf is not None:
         row["kl_coef"] = rlhf.kl_coef
     row["reward_hashes"] = json.dumps(reward_ids, sort_keys=True)
+    if "turns" in completion:  # an episode (core/train/episodes.py): every turn, the policy hash on each of its own
+        row.update({"completion_mask": completion["mask"], "tool_calls": completion["tool_calls"],
+                    "tool_failures": completion["tool_failures"],
+                    "turns": json.dumps([{**m, "policy_hash": policy_hash} if m["role"] == "assistant" else m
+                                         for m in completion["turns"]])})
     return row
 
 

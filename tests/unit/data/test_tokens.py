@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import PLAIN_CHATML
 
 from components import bootstrap
 from components.core import sorting
@@ -47,3 +48,51 @@ def test_bucketed_batches_cover_everything_once_and_are_deterministic():
     # bucketing: the length spread inside a batch is far below the global spread (16)
     spreads = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in a]
     assert sum(spreads) / len(spreads) < 3
+
+
+@pytest.mark.parametrize("generation_prompt", [False, True])
+def test_the_embedded_template_renders_conversations_without_tools_as_plain_chatml(tiny, generation_prompt):
+    tok, _ = tiny
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort ascending: 3 1"},
+                {"role": "assistant", "content": "1 3"}, {"role": "user", "content": "And 2 0?"}]
+    for upto in range(1, len(messages) + 1):
+        plain = tok.apply_chat_template(messages[:upto], chat_template=PLAIN_CHATML, tokenize=False,
+                                        add_generation_prompt=generation_prompt)
+        assert tokens.render(tok, messages[:upto], add_generation_prompt=generation_prompt) == plain
+
+
+def test_the_embedded_template_renders_tools_calls_and_results(tiny):
+    tok, _ = tiny
+    assert tokens.template_supports_tools(tok)
+    call = {"type": "function", "function": {"name": "sort", "arguments": {"numbers": "3 1"}}}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort ascending: 3 1"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "name": "sort", "content": "1 3"}, {"role": "assistant", "content": "1 3"}]
+    assert tokens.render(tok, messages, tools=[sorting.SORT_TOOL]) == (
+        "<|im_start|>system\nBe brief.\nTools: sort(numbers)<|im_end|>\n"
+        "<|im_start|>user\nSort ascending: 3 1<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>{"name": "sort", "arguments": {"numbers": "3 1"}}</tool_call><|im_end|>\n'
+        "<|im_start|>tool\n1 3<|im_end|>\n<|im_start|>assistant\n1 3<|im_end|>\n")
+    # arguments given as a JSON string (as OpenAI sends them) render the same
+    string_args = {"type": "function", "function": {"name": "sort", "arguments": '{"numbers": "3 1"}'}}
+    assert tokens.render(tok, messages[:2] + [{**messages[2], "tool_calls": [string_args]}], tools=[sorting.SORT_TOOL]) \
+        == tokens.render(tok, messages[:3], tools=[sorting.SORT_TOOL])
+    # the assistant turns, tool call included, are what SFT trains on; the tool result is not
+    ids, mask = tokens.encode_chat(tok, messages[1:], [sorting.SORT_TOOL])
+    assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == (
+        '<tool_call>{"name": "sort", "arguments": {"numbers": "3 1"}}</tool_call><|im_end|>\n1 3<|im_end|>\n')
+    assert sorting.tool_call_text([3, 1]) + "<|im_end|>" in tokens.render(tok, messages, tools=[sorting.SORT_TOOL])
+
+
+def test_tool_demos_call_the_tool_at_their_share_and_leave_the_plain_task_unchanged():
+    demos = sorting.tool_demos(400, 3, 5, 9, 0.5, 0.0, seed=3)
+    calls = [d for d in demos if len(d["messages"]) == 4]
+    assert 160 < len(calls) < 240 and all(d["tools"] == [sorting.SORT_TOOL] for d in demos)
+    for d in calls:
+        user, call, result, answer = d["messages"]
+        items = [int(x) for x in call["tool_calls"][0]["function"]["arguments"]["numbers"].split()]
+        assert items == sorting.parse_items(user["content"]) and result["content"] == answer["content"]
+        assert answer["content"] == sorting.solve(items)
+    direct = [d for d in demos if len(d["messages"]) == 2]
+    assert all(sorting.reward(d["messages"][0]["content"], d["messages"][1]["content"]) == 1.0 for d in direct)
+    assert sorting.corpus(3, 4, 9, seed=1) == sorting.corpus(3, 4, 9, seed=1, tools=True)[:len(sorting.corpus(3, 4, 9, seed=1))]
