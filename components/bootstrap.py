@@ -222,7 +222,7 @@ def run(cfg: ModelConfig, *, synthetic: SyntheticConfig = SyntheticConfig(), out
         runtime: Runtime = Runtime()) -> dict:
     """Write out_dir for `cfg` (the `model` params section): the embedded model built (its tokenizer trained on
     the `synthetic` section's task), or the user's model pointed at or made chat-ready. Nothing here is tracked."""
-    from components.core import sorting
+    from components.core import arithmetic, sorting
     from components.core.model import gguf
 
     name_or_path = cfg.name_or_path
@@ -234,8 +234,10 @@ def run(cfg: ModelConfig, *, synthetic: SyntheticConfig = SyntheticConfig(), out
         if name_or_path != EMBEDDED:
             return point_or_materialise(tmp, out_dir, name_or_path, cfg.trust_remote_code, runtime.seed)
         s = synthetic
-        tokenizer = build_tokenizer(sorting.corpus(s.min_items, s.max_items, s.max_value, runtime.seed,
-                                                   tools=s.tool_demos > 0), cfg.vocab_size)
+        texts = sorting.corpus(s.min_items, s.max_items, s.max_value, runtime.seed)
+        if s.tool_demos:  # the tool task's turns too, so that a tool call is a few tokens, not one per character
+            texts += arithmetic.corpus(runtime.seed)
+        tokenizer = build_tokenizer(texts, cfg.vocab_size)
         model = build_model(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
                             cfg.intermediate_size, cfg.max_position_embeddings, runtime.seed)
         model.save_pretrained(tmp)

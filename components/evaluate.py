@@ -51,7 +51,7 @@ from components.core.data import token_store
 from components.core.data.tokens import collate_sequences, pair_token_hash
 from components.core.eval import report as report_html
 from components.core.eval.judges import eval_prompts, load_judge
-from components.core.eval.tool_use import ToolEval, evaluate_tools
+from components.core.eval.tool_use import ToolEval, evaluate_tools, heldout_prompts
 from components.core.model.generation import eos_ids, generate_tokens, load_eval_model, response_length
 from components.core.model.loading import autocast, load_tokenizer
 from components.core.model.logprobs import StaleReferenceError, batch_nll, preference_logps, response_logps
@@ -412,8 +412,9 @@ def run(
                         perplexity=scored["perplexity"], exact_reward=cfg.judge == "synthetic",
                         rm_scores=judged["rm_scores"])
     if tools is not None:  # every policy in the environment, with and without its tools (core/eval/tool_use.py)
-        metrics.update(evaluate_tools(policies, held_out.prompt_messages, tools, judge_fn, temperature=cfg.temperature,
-                                      top_p=cfg.top_p, batch_size=cfg.batch_size, seed=runtime.seed,
+        metrics.update(evaluate_tools(policies, heldout_prompts(data_dir, tools, cfg.num_prompts), tools, judge_fn,
+                                      temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size,
+                                      seed=runtime.seed,
                                       bootstrap_samples=cfg.bootstrap_samples, confidence=CONFIDENCE))
 
     # ---------------------------------------------------------------- report (built aside, then swapped in)
@@ -484,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
                  reward_model_dir=args.reward_model if trained_rm else None, data_dir=args.data_dir,
                  reference_path=args.reference, metrics_path=args.metrics, plots_path=args.plots,
                  report_dir=args.report, runtime=Runtime.of(p), track=not args.no_track,
-                 tools=ToolEval(p.grpo.environment, p.grpo.max_turns, p.grpo.max_completion_length)
+                 tools=ToolEval(p.grpo.environment, p.grpo.max_turns, p.grpo.max_completion_length, p.grpo.prompts)
                  if p.grpo.environment else None)
     log.info(result_line("evaluate", result, ("eval/reward_mean", "eval/win_rate_vs_sft", "eval/grpo/reward_mean", "eval/ppo/reward_mean", "eval/rloo/reward_mean", "eval/num_prompts"),
                          "metrics/eval.json, reports/eval/index.html"))

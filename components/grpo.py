@@ -35,7 +35,7 @@ from components.core.model.generation import eos_ids
 from components.core.ops import faults, logs, placeholders, tracking
 from components.core.ops.io import write_csv, write_json
 from components.core.ops.logs import result_line, stage_main
-from components.core.train import async_rounds, checkpoints, episodes, loop, online, rollouts
+from components.core.train import async_rounds, checkpoints, episodes, heldout, loop, online, rollouts
 
 log = logging.getLogger("alignflow.grpo")
 
@@ -99,11 +99,11 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
 
     # ---------------------------------------------------------------- prompts, rewards
     tokenizer = loading.load_tokenizer(model_path, runtime.trust_remote_code)
-    prompt_file = Path(data_dir) / f"{cfg.prompts}_train.jsonl"
+    prompt_file = online.prompt_file(data_dir, cfg.prompts, "train")
     runner = episodes.runner_for(cfg.environment, tokenizer, cfg.max_turns)  # None: single-turn completions
     tools = runner.tools if runner else None  # an environment's tools are offered in every prompt
     prompts = online.load_prompts(prompt_file, cfg.prompts, tokenizer, runtime.max_prompt_length, tools)
-    eval_prompts = online.load_prompts(Path(data_dir) / f"{cfg.prompts}_eval.jsonl", cfg.prompts, tokenizer,
+    eval_prompts = online.load_prompts(online.prompt_file(data_dir, cfg.prompts, "eval"), cfg.prompts, tokenizer,
                                        runtime.max_prompt_length, tools)[: cfg.eval_prompts] if cfg.eval_every else []
     reward_fns, reward_weights, reward_ids = reward_functions.load_rewards(cfg.rewards, tokenizer)
     reward_ids.update(episodes.reward_identity(cfg.environment))
@@ -124,7 +124,6 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     step, history, saved = checkpoints.resume(accelerator, ckpt_dir, fp, cfg.max_steps, model, optimizer)
     generated_tokens = int(saved.get("generated_tokens", 0))
     guard = loop.DivergenceGuard(cfg.divergence_factor, ckpt_dir, saved.get("guard"))
-    best = loop.KeepBest(cfg.best_metric if cfg.keep_best else None, cfg.best_mode, ckpt_dir / fp, history, step)
     work = ckpt_dir / fp / "rollouts"  # this run's rounds; survives a crash, unlike the DVC out
     if accelerator.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
@@ -135,6 +134,9 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                                      episodes=runner),
                   functools.partial(online.score, tokenizer=tokenizer, reward_fns=reward_fns, weights=reward_weights),
                   reward_ids, seed, sharding.is_sharded(model), ckpt_dir, work)
+    best = loop.KeepBest(cfg.best_metric if cfg.keep_best else None, cfg.best_mode, ckpt_dir / fp, history, step)
+    heldout_eval = heldout.HeldOutEval(cfg.eval_every, eval_prompts, setup.sampling, seed, setup.sharded, setup.scorer,
+                                       best, tokenizer, loading.stored_dtype(model_path))
 
     params = {**cfg.model_dump(), "world_size": world, "seed": seed, "max_prompt_length": runtime.max_prompt_length,
               "reward_hashes": reward_ids, "model": model_path}
@@ -166,10 +168,7 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
                 row = online.step_row(step, reduced, sampled, cfg.beta, schedule.get_last_lr()[0], grad_norm, timing,
                                generated_tokens)
                 timing = defaultdict(float)  # phase seconds belong to the round's first step
-                if cfg.eval_every and step % cfg.eval_every == 0:  # held-out reward; keep_best keeps its best model
-                    row.update(online.heldout_reward(accelerator, accelerator.unwrap_model(model), eval_prompts,
-                                                     setup.sampling, seed=seed, sharded=setup.sharded, scorer=setup.scorer))
-                    best.update(accelerator, model, tokenizer, row, loading.stored_dtype(model_path))
+                heldout_eval(accelerator, model, row)  # eval_every: held-out reward; keep_best: the best model kept
                 history.append(row)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     tracking.log_step_metrics(mlrun, row, step)

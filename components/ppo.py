@@ -45,6 +45,7 @@ from components.core.ops import faults, logs, placeholders, tracking
 from components.core.ops.io import write_csv, write_json
 from components.core.ops.logs import result_line, stage_main
 from components.core.train import checkpoints, loop, online, rollouts
+from components.core.train.heldout import HeldOutEval
 
 log = logging.getLogger("alignflow.ppo")
 
@@ -173,7 +174,7 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
                                      num_generations=1),
                   functools.partial(online.score, tokenizer=tokenizer, reward_fns=reward_fns, weights=reward_weights),
                   reward_ids, seed, ckpt_dir, work)
-    heldout = online.HeldOutEval(cfg.eval_every, eval_prompts, setup.sampling, seed, False, setup.scorer,
+    heldout_eval = HeldOutEval(cfg.eval_every, eval_prompts, setup.sampling, seed, False, setup.scorer,
                                  loop.KeepBest(cfg.best_metric if cfg.keep_best else None, cfg.best_mode, ckpt_dir / fp,
                                                history, step), tokenizer, loading.stored_dtype(model_path))
 
@@ -205,7 +206,7 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
             generated_tokens += sum(len(c["ids"]) for _, c in rnd.rows)
             row = round_row(step, setup.sampler.position, rnd, scored, sums, list(reward_fns),
                             schedule.get_last_lr()[0], grad_norm, timing, generated_tokens)
-            heldout(accelerator, _policy(accelerator, model), row)  # eval_every: held-out reward; keep_best: best policy kept
+            heldout_eval(accelerator, _policy(accelerator, model), row)  # eval_every, keep_best
             history.append(row)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 tracking.log_step_metrics(mlrun, row, step)
@@ -221,7 +222,7 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
         bar.close()
 
         # ------------------------------------------------------------ outputs
-        kept = heldout.best.publish(accelerator, _policy(accelerator, model), tokenizer, out_dir,
+        kept = heldout_eval.best.publish(accelerator, _policy(accelerator, model), tokenizer, out_dir,
                                     loading.stored_dtype(model_path))
         final = {"mode": "ppo", **kept, **online.final_metrics(history, cfg, generated_tokens, time.perf_counter() - t_start,
                                                        world, len(prompts),

@@ -45,6 +45,7 @@ from components.core.ops import faults, logs, placeholders, tracking
 from components.core.ops.io import write_csv, write_json
 from components.core.ops.logs import result_line, stage_main
 from components.core.train import checkpoints, loop, online, rollouts
+from components.core.train.heldout import HeldOutEval
 
 log = logging.getLogger("alignflow.rloo")
 
@@ -152,7 +153,7 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
                   online.Sampling.of(cfg, eos_ids(accelerator.unwrap_model(model), tokenizer), tokenizer.pad_token_id),
                   functools.partial(online.score, tokenizer=tokenizer, reward_fns=reward_fns, weights=reward_weights),
                   reward_ids, seed, sharding.is_sharded(model), ckpt_dir, work)
-    heldout = online.HeldOutEval(cfg.eval_every, eval_prompts, setup.sampling, seed, setup.sharded, setup.scorer,
+    heldout_eval = HeldOutEval(cfg.eval_every, eval_prompts, setup.sampling, seed, setup.sharded, setup.scorer,
                                  loop.KeepBest(cfg.best_metric if cfg.keep_best else None, cfg.best_mode, ckpt_dir / fp,
                                                history, step), tokenizer, loading.stored_dtype(model_path))
 
@@ -184,7 +185,7 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
             generated_tokens += sum(len(c["ids"]) for _, c in rnd.rows)
             row = round_row(step, setup.sampler.position * G, rnd, scored, sums, list(reward_fns),
                             schedule.get_last_lr()[0], grad_norm, timing, generated_tokens)
-            heldout(accelerator, model, row)  # eval_every: held-out reward; keep_best: best policy kept
+            heldout_eval(accelerator, model, row)  # eval_every, keep_best
             history.append(row)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 tracking.log_step_metrics(mlrun, row, step)
@@ -200,7 +201,7 @@ def run(cfg: PPOConfig, *, model_path: str = "models/sft", reward_model_path: st
         bar.close()
 
         # ------------------------------------------------------------ outputs
-        kept = heldout.best.publish(accelerator, model, tokenizer, out_dir, loading.stored_dtype(model_path))
+        kept = heldout_eval.best.publish(accelerator, model, tokenizer, out_dir, loading.stored_dtype(model_path))
         final = {"mode": "rloo", **kept, **online.final_metrics(history, cfg, generated_tokens, time.perf_counter() - t_start,
                                                         world, len(prompts),
                                                         ("reward", "true_reward", "objective/scores"))}

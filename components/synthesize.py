@@ -7,10 +7,10 @@ exactly the signal DPO needs to push the mistakes' probability down.
 
 `python -m components.synthesize --params params.yaml` writes `data/raw/sft.jsonl` (TRL `messages`
 format) and `data/raw/preferences.jsonl` (TRL `prompt/chosen/rejected`, conversational), the same
-public formats users bring. With `synthetic.tool_demos` > 0, sft.jsonl also holds demonstrations of the task with a
-`sort` tool offered (TRL `messages` + `tools`, OpenAI tool calls): a share `tool_call_share` calls it and copies its
-result, the rest answer directly. They teach the model the tool-call format the `sort_tool` environment
-(`grpo.environment`) rewards.
+public formats users bring. With `synthetic.tool_demos` > 0, sft.jsonl also holds demonstrations of the tool task
+(core/arithmetic.py: multiply two 2-digit numbers, a `multiply` tool offered; TRL `messages` + `tools`, OpenAI tool
+calls): a share `tool_call_share` calls it and copies its result, the rest answer directly. They teach the model the
+tool-call format the `calculator` environment (`grpo.environment`, `grpo.prompts: tools`) rewards.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import argparse
 import json
 from pathlib import Path
 
+from components.core.arithmetic import tool_demos
 from components.core.config import Runtime, SyntheticConfig
 from components.core.ops.io import write_jsonl
 from components.core.ops.logs import stage_main
-from components.core.sorting import generate, reward, tool_demos
+from components.core.sorting import generate, reward
 
 
 def run(cfg: SyntheticConfig, *, out_dir: str = "data/raw", runtime: Runtime = Runtime()) -> dict:
@@ -37,8 +38,7 @@ def run(cfg: SyntheticConfig, *, out_dir: str = "data/raw", runtime: Runtime = R
     noisy = sum(
         reward(r["messages"][0]["content"], r["messages"][1]["content"]) < 1.0 for r in sft
     )
-    tools = tool_demos(cfg.tool_demos, cfg.min_items, cfg.max_items, cfg.max_value, cfg.tool_call_share,
-                       cfg.demo_noise, runtime.seed)
+    tools = tool_demos(cfg.tool_demos, cfg.tool_call_share, runtime.seed)
     write_jsonl(out / "sft.jsonl", sft + tools)
     write_jsonl(out / "preferences.jsonl", preferences)
     return {"sft": len(sft) + len(tools), "preference": len(preferences), "sft_noisy": noisy,

@@ -64,7 +64,7 @@ class SyntheticConfig(Strict):
     max_items: int = Field(6, ge=1)
     max_value: int = Field(30, ge=1)
     demo_noise: float = Field(0.4, ge=0.0, le=1.0)
-    tool_demos: int = Field(0, ge=0)  # demonstrations with the sort tool offered (sft.jsonl); > 0: the tokenizer learns tool calls
+    tool_demos: int = Field(0, ge=0)  # tool-task demonstrations (core/arithmetic.py) in sft.jsonl; > 0: the tokenizer learns tool calls
     tool_call_share: float = Field(0.5, ge=0.0, le=1.0)  # of those, the share that call the tool (the rest answer directly)
 
     @model_validator(mode="after")
@@ -271,7 +271,9 @@ class GRPOConfig(Strict):
     dynamic_sampling: bool = False  # DAPO: drop zero-std groups and generate more prompts to refill
     max_resample_rounds: int = Field(3, ge=0)  # dynamic sampling: extra generation rounds before giving up
     rewards: list[RewardSpec] = [RewardSpec(name="sorting")]
-    prompts: Literal["pref", "sft"] = "pref"  # prompts of data/prepared/<prompts>_train.jsonl (pref: the preference pairs)
+    # pref: the preference pairs' prompts (data/prepared/pref_train.jsonl); sft: the SFT conversations' (sft_train);
+    # tools: the SFT records that offer tools, up to their first assistant turn (an environment's task)
+    prompts: Literal["pref", "sft", "tools"] = "pref"
     zero_std_warning: float = Field(0.5, ge=0.0, le=1.0)  # warn when frac_reward_zero_std stays above it
     divergence_factor: float = Field(100.0, gt=1.0)
     save_every: int = Field(20, gt=0)
@@ -298,7 +300,7 @@ class GRPOConfig(Strict):
     best_metric: str = Field("eval/reward", pattern=r"^eval/")
     best_mode: Literal["min", "max"] = "max"
     # multi-turn rollouts with tools (core/algos/environments.py, core/train/episodes.py): "" = single-turn;
-    # sort_tool = the embedded task with a sort tool; or package.module:Class. max_completion_length then bounds all
+    # calculator = the embedded tool task (core/arithmetic.py, prompts: tools); or package.module:Class. max_completion_length then bounds all
     # of an episode's tokens (its turns and the tool results between them)
     environment: str = ""
     max_turns: int = Field(3, ge=1)  # assistant turns per episode (an environment's own max_turns wins)
@@ -324,8 +326,8 @@ class GRPOConfig(Strict):
         if self.save_every % self.num_iterations:
             raise ValueError(f"save_every ({self.save_every}) must be a multiple of num_iterations "
                              f"({self.num_iterations}): checkpoints fall between generation rounds")
-        if not self.rewards:
-            raise ValueError("rewards: at least one reward function")
+        if not self.rewards and not self.environment:
+            raise ValueError("rewards: at least one reward function (or an environment, whose reward it is)")
         if self.loss_type == "online_dpo" and self.beta != 0:
             raise ValueError("loss_type online_dpo keeps the policy near the reference through its DPO loss "
                              f"(dpo_beta): set beta: 0, not {self.beta}")

@@ -101,59 +101,7 @@ def generate(
     return sft, preferences
 
 
-def corpus(min_items: int, max_items: int, max_value: int, seed: int, n: int = 2000, tools: bool = False) -> list[str]:
-    """Text the embedded tokenizer is trained on: prompts and answers of the task; with `tools`, also the tool
-    task's turns as the embedded template renders them (so a tool call is a few tokens, not one per character)."""
+def corpus(min_items: int, max_items: int, max_value: int, seed: int, n: int = 2000) -> list[str]:
+    """Text the embedded tokenizer is trained on: prompts and answers of the task."""
     sft, _ = generate(n, 0, min_items, max_items, max_value, 0.5, seed + 1)
-    texts = [m["content"] for record in sft for m in record["messages"]]
-    if tools:
-        rng = random.Random(seed + 2)
-        for _ in range(n // 2):
-            _, items = make_prompt(rng, min_items, max_items, max_value)
-            texts += [TOOLS_LINE, tool_call_text(items), f"tool\n{solve(items)}"]
-    return texts
-
-
-# ----------------------------------------------------------------------------- the tool task
-
-# The tool the embedded environment offers (components/core/algos/environments.py: SortToolEnv), as an OpenAI /
-# transformers JSON schema: the chat template renders it, the demonstrations and the environment both offer it.
-SORT_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "sort",
-        "description": "Sort a list of integers in ascending order.",
-        "parameters": {"type": "object", "properties": {"numbers": {"type": "string",
-                                                                     "description": "The integers, space separated."}},
-                       "required": ["numbers"]},
-    },
-}
-TOOLS_LINE = "Tools: sort(numbers)"  # how the embedded template renders [SORT_TOOL]
-
-
-def tool_call_text(items: list[int]) -> str:
-    """A sort call as the embedded template renders it (Hermes / Qwen2.5 `<tool_call>` JSON). The numbers go as the
-    prompt writes them (a string, like a calculator's expression): the call copies the prompt's tokens."""
-    return '<tool_call>{"name": "sort", "arguments": {"numbers": "' + " ".join(map(str, items)) + '"}}</tool_call>'
-
-
-def tool_demos(n: int, min_items: int, max_items: int, max_value: int, call_share: float, demo_noise: float,
-               seed: int) -> list[dict]:
-    """SFT demonstrations of the task with the sort tool offered (TRL `messages` + `tools`): a share `call_share`
-    calls it and copies its result; the rest answer directly, with a mistake at rate `demo_noise` as plain demos do.
-    Its own random stream: the plain task's data is the same with or without these."""
-    rng = random.Random(seed * 7 + 3)
-    out = []
-    for _ in range(n):
-        prompt, items = make_prompt(rng, min_items, max_items, max_value)
-        user = {"role": "user", "content": prompt}
-        if rng.random() < call_share:
-            call = {"type": "function", "function": {"name": "sort", "arguments": {"numbers": " ".join(map(str, items))}}}
-            messages = [user, {"role": "assistant", "content": "", "tool_calls": [call]},
-                        {"role": "tool", "name": "sort", "content": solve(items)},
-                        {"role": "assistant", "content": solve(items)}]
-        else:
-            answer = corrupt(items, rng, max_value) if rng.random() < demo_noise else solve(items)
-            messages = [user, {"role": "assistant", "content": answer}]
-        out.append({"messages": messages, "tools": [SORT_TOOL]})
-    return out
+    return [m["content"] for record in sft for m in record["messages"]]

@@ -13,8 +13,9 @@ An environment is a class; the online stage makes one instance per rollout (epis
 A tool call the environment cannot run (unknown name, bad arguments, the tool raising) gets a `tool` message that
 says so, the episode goes on, and the failure is counted: the policy learns from it as TRL's tool loop lets it.
 
-`sort_tool` (SortToolEnv) is the embedded one: the default sorting task with a `sort` tool, which the tiny model
-can learn to call (see `synthetic.tool_demos`). Your own: `grpo.environment: package.module:Class`.
+`calculator` (CalculatorEnv) is the embedded one: the tool task of core/arithmetic.py (multiply two 2-digit numbers)
+with a `multiply` tool, which the tiny model can learn to call (`synthetic.tool_demos`) and cannot do without; it
+rewards an exact final answer. Your own: `grpo.environment: package.module:Class`.
 Tool calls are read in the Hermes / Qwen2.5 format, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, which
 the embedded template writes and Qwen2.5/3, SmolLM3 and Hermes models emit.
 """
@@ -28,7 +29,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from components.core import sorting
+from components.core import arithmetic
 from components.core.ops.callables import import_callable
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
@@ -70,10 +71,12 @@ class Environment:
         self.prompt = prompt
         self.tool_calls = 0
         self.tool_failures = 0
+        self.final: str | None = None  # the answer: the content of the turn that ended the episode
 
     def step(self, message: dict) -> Step:
         calls = message.get("tool_calls") or []
         if not calls:
+            self.final = message.get("content") or ""
             return Step(done=True)
         return Step([self.call(c["function"]["name"], c["function"]["arguments"]) for c in calls])
 
@@ -94,18 +97,22 @@ class Environment:
         return None
 
 
-class SortToolEnv(Environment):
-    """The embedded task with a `sort` tool: the answer is right when it is the sorted list, which the tool gives."""
+class CalculatorEnv(Environment):
+    """The embedded tool task with a `multiply` tool: reward 1 for the exact product as the final answer, else 0."""
 
-    tools = [sorting.SORT_TOOL]
+    tools = [arithmetic.MULTIPLY_TOOL]
 
-    def sort(self, numbers: str) -> str:
-        if not isinstance(numbers, str) or not numbers.split() or not all(re.fullmatch(r"-?\d+", x) for x in numbers.split()):
-            raise TypeError("numbers must be integers separated by spaces")
-        return sorting.solve([int(x) for x in numbers.split()])
+    def multiply(self, a: int, b: int) -> str:
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (a, b)):
+            raise TypeError("a and b must be integers")
+        return str(a * b)
+
+    def reward(self) -> float | None:
+        question = next((m["content"] for m in reversed(self.prompt["messages"]) if m["role"] == "user"), "")
+        return float(self.final is not None and arithmetic.correct(question, self.final))
 
 
-ENVIRONMENTS = {"sort_tool": SortToolEnv}
+ENVIRONMENTS = {"calculator": CalculatorEnv}
 
 
 def load_environment(spec: str, key: str = "grpo.environment") -> type[Environment] | None:

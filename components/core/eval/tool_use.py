@@ -1,11 +1,13 @@
 """Task success with and without an environment's tools, per policy: what the tool is worth, and what training
 did to its use.
 
-Each held-out prompt is answered twice by each policy, on the same seeds for every policy:
+The held-out prompts are the environment's (`grpo.prompts` of the eval split: for `tools`, the held-out SFT records
+that offer tools). Each is answered twice by each policy, on the same seeds for every policy:
 - with the tools: an episode in the environment (core/train/episodes.py; the tools offered in the prompt, tool
-  calls run, up to `max_turns` assistant turns in `max_new_tokens` tokens), its final assistant message judged;
-- without: the prompt as it is, one assistant turn of `max_new_tokens`, judged.
-Success is the judge's score at its maximum (1.0: the synthetic judge's exact solve). Metrics per policy
+  calls run, up to `max_turns` assistant turns in `max_new_tokens` tokens);
+- without: the prompt as it is, one assistant turn of `max_new_tokens`.
+Success is the environment's reward at 1 when it gives one (its `reward()`, on the final answer), else the judge's
+score at its maximum (1.0: the synthetic judge's exact solve). Metrics per policy
 `eval/<name>/tool/`: success and success_without_tool (each with a bootstrap CI), tool_gain (their paired
 difference, CI), calls_per_episode; and for every policy but SFT, success_delta_vs_sft (paired over prompts, CI).
 """
@@ -27,11 +29,31 @@ SOLVED = 1.0 - 1e-9
 
 @dataclass(frozen=True)
 class ToolEval:
-    """What to evaluate: the environment (`grpo.environment`), its turn limit and token budget."""
+    """What to evaluate: the environment (`grpo.environment`), its turn limit and token budget, its prompts' kind."""
 
     environment: str
     max_turns: int
     max_new_tokens: int
+    prompts: str = "pref"  # grpo.prompts: pref | sft | tools
+
+
+def heldout_prompts(data_dir: str, spec: ToolEval, n: int) -> list[list[dict]]:
+    """The first n held-out prompts of the environment's kind (0: all)."""
+    found = online.read_prompts(online.prompt_file(data_dir, spec.prompts, "eval"), spec.prompts)
+    return [messages for _, messages, _ in (found[:n] if n else found)]
+
+
+def succeeded(runner: episodes.EpisodeRunner, messages: list[dict], completion: dict, judge) -> bool:
+    """The environment's reward at 1 for the final answer (an episode's, or a direct answer stepped through a fresh
+    environment); the judge's maximum when the environment gives no reward."""
+    if "turns" in completion:
+        reward = completion["end_reward"]
+    else:  # a direct answer
+        env = runner.env_class()
+        env.reset({"id": "", "messages": messages, "answer": ""})
+        env.step({"role": "assistant", "content": completion["text"]})
+        reward = env.reward() if hasattr(env, "reward") else None
+    return (reward if reward is not None else judge(messages, completion["text"])) >= SOLVED
 
 
 def sample_policy(model_dir: str, prompts: list[list[dict]], spec: ToolEval, judge, *, temperature: float,
@@ -50,8 +72,9 @@ def sample_policy(model_dir: str, prompts: list[list[dict]], spec: ToolEval, jud
             with torch.no_grad():
                 done = (runner.sample(model, chunk, sampling, s) if tools else online.sample_chunk(model, chunk, sampling, s))
             for p, completion in zip(chunk, done, strict=True):
-                text = completion["text"] if tools else tokenizer.decode(completion["ids"], skip_special_tokens=True).strip()
-                out[key].append(float(judge(p.messages, text) >= SOLVED))
+                if not tools:
+                    completion["text"] = tokenizer.decode(completion["ids"], skip_special_tokens=True).strip()
+                out[key].append(float(succeeded(runner, p.messages, completion, judge)))
                 if tools:
                     out["calls"].append(float(completion["tool_calls"]))
     return out

@@ -129,9 +129,10 @@ class EpisodeRunner:
 
     def _completion(self, e: _Episode) -> dict:
         final = next((m for m in reversed(e.turns) if m["role"] == "assistant"), {"content": ""})
-        env_reward = e.reward + float(getattr(e.env, "reward", lambda: None)() or 0.0)
+        end_reward = getattr(e.env, "reward", lambda: None)()  # None: the environment scores nothing at the end
         return {"ids": e.ids, "sampler_logps": e.logps, "truncated": e.truncated, "mask": e.mask, "turns": e.turns,
-                "text": final.get("content") or "", "env_reward": env_reward,
+                "text": final.get("content") or "", "env_reward": e.reward + float(end_reward or 0.0),
+                "end_reward": end_reward,
                 "tool_calls": sum(len(m.get("tool_calls", [])) for m in e.turns) + e.bad_calls,
                 "tool_failures": int(getattr(e.env, "tool_failures", 0)) + e.bad_calls}
 

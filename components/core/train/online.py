@@ -9,6 +9,7 @@
 - rewards from code: `score` (the weighted reward functions of core/algos/reward_functions.py);
 - `collect_round` (DAPO's dynamic sampling), `policy_hash` (which weights sampled a round), `step_row` and
   `final_metrics` (a step's and a run's metrics, TRL's names).
+The held-out reward during training (`eval_every`, `keep_best`) is core/train/heldout.py's.
 Rollout tables are core/train/rollouts.py's; where rounds come from (in place or ahead), core/train/async_rounds.py.
 """
 
@@ -19,8 +20,7 @@ import json
 import logging
 import random
 import time
-from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,32 +44,48 @@ class Prompt:
     ids: list[int]
 
 
-def load_prompts(path: Path, kind: str, tokenizer, max_prompt_length: int, tools: list[dict] | None = None) -> list[Prompt]:
-    """One Prompt per distinct prompt of the prepared file, in file order, rendered with `tools` offered (an
-    environment's). Prompts longer than max_prompt_length are skipped with a warning that counts them; a file left
-    with none is refused."""
-    seen, out, too_long = set(), [], 0
+def prompt_file(data_dir: str | Path, kind: str, split: str) -> Path:
+    """The prepared file a stage's `prompts` kind reads: pref -> pref_<split>.jsonl, sft and tools -> sft_<split>.jsonl."""
+    return Path(data_dir) / f"{'pref' if kind == 'pref' else 'sft'}_{split}.jsonl"
+
+
+def read_prompts(path: Path, kind: str) -> list[tuple[str, list[dict], str]]:
+    """(id, prompt messages, reference answer) per distinct prompt of a prepared file, in file order. kind pref: the
+    pairs' prompts (answer: chosen); sft: the turns before the last assistant turn (answer: its text); tools: the SFT
+    records that offer tools, the turns before the first assistant turn (answer: the last assistant text)."""
+    seen, out = set(), []
     for r in read_jsonl(path):
         if kind == "pref":
             messages, answer = r["prompt"], r["chosen"][-1]["content"]
         else:
+            if kind == "tools" and not r.get("tools"):
+                continue
             turns = r["messages"]
-            last = max(i for i, m in enumerate(turns) if m["role"] == "assistant")
-            messages, answer = turns[:last], turns[last]["content"]
+            assistant = [i for i, m in enumerate(turns) if m["role"] == "assistant"]
+            messages = turns[: assistant[0] if kind == "tools" else assistant[-1]]
+            answer = turns[assistant[-1]]["content"] or ""
         key = json.dumps(messages, sort_keys=True)
-        if key in seen:
-            continue
-        seen.add(key)
+        if key not in seen:
+            seen.add(key)
+            out.append((str(r["id"]), messages, answer))
+    return out
+
+
+def load_prompts(path: Path, kind: str, tokenizer, max_prompt_length: int, tools: list[dict] | None = None) -> list[Prompt]:
+    """read_prompts' prompts, rendered with `tools` offered (an environment's). Prompts longer than
+    max_prompt_length are skipped with a warning that counts them; a file left with none is refused."""
+    out, too_long = [], 0
+    for id_, messages, answer in read_prompts(path, kind):
         ids = prompt_ids_for_generation(tokenizer, messages, tools)
         if len(ids) > max_prompt_length:
             too_long += 1
             continue
-        out.append(Prompt(str(r["id"]), messages, answer, ids))
+        out.append(Prompt(id_, messages, answer, ids))
     if too_long:
         log.warning("%s: %d prompts longer than data.max_prompt_length=%d tokens skipped", path, too_long,
                     max_prompt_length)
     if not out:
-        raise ValueError(f"{path}: no prompts to train on")
+        raise ValueError(f"{path}: no prompts to train on" + (" (no record offers tools)" if kind == "tools" else ""))
     return out
 
 
@@ -297,51 +313,6 @@ def generate_groups(accelerator, model, prompts: list[Prompt], chosen: list[int]
         torch.distributed.all_gather_object(parts, mine, group=gather_group)
         mine = [g for part in parts for g in part]
     return sorted(mine, key=lambda g: g["order"])
-
-
-HELDOUT_ROUND = -1  # held-out sampling's chunk seeds: the same at every evaluation, apart from every training round's
-
-
-def heldout_reward(accelerator, policy, prompts: list[Prompt], sampling: Sampling, *, seed: int, sharded: bool,
-                   scorer) -> dict:
-    """The held-out reward of `policy`: one completion per prompt (`sampling`'s settings, G = 1) with the same seeds
-    at every call, so two steps' values differ by the weights alone; scored by `scorer`. Returns {eval/reward,
-    eval/reward/<fn>}, the same on every process."""
-    was_training = policy.training
-    policy.eval()
-    groups = generate_groups(accelerator, policy, prompts, list(range(len(prompts))), replace(sampling, num_generations=1),
-                             seed=seed, round_=HELDOUT_ROUND, attempt=0, sharded=sharded, scorer=scorer,
-                             timing=defaultdict(float))
-    policy.train(was_training)
-    completions = [g["completions"][0] for g in groups]
-    out = {"eval/reward": sum(c["reward"] for c in completions) / len(completions)}
-    for name in completions[0]["rewards"]:
-        out[f"eval/reward/{name}"] = sum(c["rewards"][name] for c in completions) / len(completions)
-    return out
-
-
-@dataclass(frozen=True)
-class HeldOutEval:
-    """An online stage's `eval_every` and `keep_best`: every `every` steps the held-out reward goes into the step's
-    row (heldout_reward: `prompts`, one completion each, the same seeds every time) and `best` (loop.KeepBest)
-    keeps the policy of the best row."""
-
-    every: int
-    prompts: list[Prompt]
-    sampling: Sampling
-    seed: int
-    sharded: bool
-    scorer: object
-    best: loop.KeepBest
-    tokenizer: object
-    dtype: object
-
-    def __call__(self, accelerator, model, row: dict) -> None:
-        """`model`: the policy as the stage saves it (prepared: DDP / FSDP); it samples unwrapped."""
-        if self.every and row["step"] % self.every == 0:
-            row.update(heldout_reward(accelerator, accelerator.unwrap_model(model), self.prompts, self.sampling,
-                                      seed=self.seed, sharded=self.sharded, scorer=self.scorer))
-            self.best.update(accelerator, model, self.tokenizer, row, self.dtype)
 
 
 class ZeroStdWatch:

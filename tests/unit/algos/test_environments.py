@@ -1,4 +1,4 @@
-"""Environments and tool calls: parsing the Hermes / Qwen2.5 format, the default step, the embedded sort tool,
+"""Environments and tool calls: parsing the Hermes / Qwen2.5 format, the default step, the embedded calculator,
 loading a user's class (hand-written expectations)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 
 from components.core.algos import environments
 from components.core.algos.environments import (
+    CalculatorEnv,
     Environment,
-    SortToolEnv,
     Step,
     load_environment,
     parse_tool_calls,
@@ -46,21 +46,33 @@ def _call(name, **arguments):
     return {"type": "function", "function": {"name": name, "arguments": arguments}}
 
 
+QUESTION = {"id": "1", "messages": [{"role": "user", "content": "What is 17 times 23?"}], "answer": "391"}
+
+
 def test_the_default_step_runs_each_call_and_ends_on_a_turn_without_one():
-    env = SortToolEnv()
-    env.reset({"id": "1", "messages": [{"role": "user", "content": "Sort ascending: 3 1 2"}], "answer": "1 2 3"})
-    step = env.step({"role": "assistant", "content": "", "tool_calls": [_call("sort", numbers="3 1 2")]})
-    assert step == Step([{"role": "tool", "name": "sort", "content": "1 2 3"}], 0.0, False)
-    assert env.step({"role": "assistant", "content": "1 2 3"}) == Step([], 0.0, True)
-    assert (env.tool_calls, env.tool_failures, env.reward()) == (1, 0, None)
+    env = CalculatorEnv()
+    env.reset(QUESTION)
+    assert env.reward() == 0.0  # no answer yet
+    step = env.step({"role": "assistant", "content": "", "tool_calls": [_call("multiply", a=17, b=23)]})
+    assert step == Step([{"role": "tool", "name": "multiply", "content": "391"}], 0.0, False)
+    assert env.step({"role": "assistant", "content": " 391 "}) == Step([], 0.0, True)
+    assert (env.tool_calls, env.tool_failures, env.final, env.reward()) == (1, 0, " 391 ", 1.0)
 
 
-@pytest.mark.parametrize("call,error", [(_call("shuffle", numbers="1"), "unknown tool 'shuffle'"),
-                                        (_call("sort", numbers="3 a"), "TypeError: numbers must be integers"),
-                                        (_call("sort", numbers=[3, 1]), "TypeError: numbers must be integers"),
-                                        (_call("sort", values="1"), "TypeError")])
+@pytest.mark.parametrize("answer,reward", [("391", 1.0), ("390", 0.0), ("391 is it", 0.0), ("", 0.0)])
+def test_the_calculator_rewards_the_exact_product_only(answer, reward):
+    env = CalculatorEnv()
+    env.reset(QUESTION)
+    env.step({"role": "assistant", "content": answer})
+    assert env.reward() == reward
+
+
+@pytest.mark.parametrize("call,error", [(_call("divide", a=1, b=2), "unknown tool 'divide'"),
+                                        (_call("multiply", a="17", b=23), "TypeError: a and b must be integers"),
+                                        (_call("multiply", a=True, b=23), "TypeError: a and b must be integers"),
+                                        (_call("multiply", a=17), "TypeError")])
 def test_a_failing_call_is_answered_with_the_error_and_counted(call, error):
-    env = SortToolEnv()
+    env = CalculatorEnv()
     env.reset({"id": "1", "messages": [], "answer": ""})
     (message,) = env.step({"role": "assistant", "content": "", "tool_calls": [call]}).messages
     assert message["role"] == "tool" and message["content"].startswith("error: ") and error in message["content"]
@@ -76,10 +88,10 @@ class Counter(Environment):
 
 def test_load_environment_by_name_or_module_path():
     assert load_environment("") is None
-    assert load_environment("sort_tool") is SortToolEnv
+    assert load_environment("calculator") is CalculatorEnv
     assert load_environment(f"{__name__}:Counter") is Counter
-    assert environments.environment_identity("sort_tool") == environments.environment_identity("sort_tool")
-    assert len(environments.environment_identity("sort_tool")) == 16 and environments.environment_identity("") == ""
+    assert environments.environment_identity("calculator") == environments.environment_identity("calculator")
+    assert len(environments.environment_identity("calculator")) == 16 and environments.environment_identity("") == ""
 
 
 @pytest.mark.parametrize("spec,message", [("nope", "unknown environment"), ("nosuch.module:Env", "cannot import"),

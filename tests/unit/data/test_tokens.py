@@ -6,7 +6,7 @@ import pytest
 from conftest import PLAIN_CHATML
 
 from components import bootstrap
-from components.core import sorting
+from components.core import arithmetic, sorting
 from components.core.data import tokens
 
 
@@ -64,35 +64,37 @@ def test_the_embedded_template_renders_conversations_without_tools_as_plain_chat
 def test_the_embedded_template_renders_tools_calls_and_results(tiny):
     tok, _ = tiny
     assert tokens.template_supports_tools(tok)
-    call = {"type": "function", "function": {"name": "sort", "arguments": {"numbers": "3 1"}}}
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort ascending: 3 1"},
+    tools = [arithmetic.MULTIPLY_TOOL]
+    call = {"type": "function", "function": {"name": "multiply", "arguments": {"a": 17, "b": 23}}}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 17 times 23?"},
                 {"role": "assistant", "content": "", "tool_calls": [call]},
-                {"role": "tool", "name": "sort", "content": "1 3"}, {"role": "assistant", "content": "1 3"}]
-    assert tokens.render(tok, messages, tools=[sorting.SORT_TOOL]) == (
-        "<|im_start|>system\nBe brief.\nTools: sort(numbers)<|im_end|>\n"
-        "<|im_start|>user\nSort ascending: 3 1<|im_end|>\n"
-        '<|im_start|>assistant\n<tool_call>{"name": "sort", "arguments": {"numbers": "3 1"}}</tool_call><|im_end|>\n'
-        "<|im_start|>tool\n1 3<|im_end|>\n<|im_start|>assistant\n1 3<|im_end|>\n")
+                {"role": "tool", "name": "multiply", "content": "391"}, {"role": "assistant", "content": "391"}]
+    assert tokens.render(tok, messages, tools=tools) == (
+        "<|im_start|>system\nBe brief.\nTools: multiply(a, b)<|im_end|>\n"
+        "<|im_start|>user\nWhat is 17 times 23?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>{"name": "multiply", "arguments": {"a": 17, "b": 23}}</tool_call><|im_end|>\n'
+        "<|im_start|>tool\n391<|im_end|>\n<|im_start|>assistant\n391<|im_end|>\n")
     # arguments given as a JSON string (as OpenAI sends them) render the same
-    string_args = {"type": "function", "function": {"name": "sort", "arguments": '{"numbers": "3 1"}'}}
-    assert tokens.render(tok, messages[:2] + [{**messages[2], "tool_calls": [string_args]}], tools=[sorting.SORT_TOOL]) \
-        == tokens.render(tok, messages[:3], tools=[sorting.SORT_TOOL])
+    string_args = {"type": "function", "function": {"name": "multiply", "arguments": '{"a": 17, "b": 23}'}}
+    assert tokens.render(tok, messages[:2] + [{**messages[2], "tool_calls": [string_args]}], tools=tools) \
+        == tokens.render(tok, messages[:3], tools=tools)
     # the assistant turns, tool call included, are what SFT trains on; the tool result is not
-    ids, mask = tokens.encode_chat(tok, messages[1:], [sorting.SORT_TOOL])
+    ids, mask = tokens.encode_chat(tok, messages[1:], tools)
     assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == (
-        '<tool_call>{"name": "sort", "arguments": {"numbers": "3 1"}}</tool_call><|im_end|>\n1 3<|im_end|>\n')
-    assert sorting.tool_call_text([3, 1]) + "<|im_end|>" in tokens.render(tok, messages, tools=[sorting.SORT_TOOL])
+        '<tool_call>{"name": "multiply", "arguments": {"a": 17, "b": 23}}</tool_call><|im_end|>\n391<|im_end|>\n')
+    assert arithmetic.tool_call_text(17, 23) + "<|im_end|>" in tokens.render(tok, messages, tools=tools)
+    assert tokens.render(tok, messages[1:2], tools=tools).startswith(
+        "<|im_start|>system\n" + arithmetic.TOOLS_LINE + "<|im_end|>\n")
 
 
-def test_tool_demos_call_the_tool_at_their_share_and_leave_the_plain_task_unchanged():
-    demos = sorting.tool_demos(400, 3, 5, 9, 0.5, 0.0, seed=3)
+def test_tool_demos_call_the_tool_at_their_share_and_answer_right():
+    demos = arithmetic.tool_demos(400, 0.5, seed=3)
     calls = [d for d in demos if len(d["messages"]) == 4]
-    assert 160 < len(calls) < 240 and all(d["tools"] == [sorting.SORT_TOOL] for d in demos)
+    assert 160 < len(calls) < 240 and all(d["tools"] == [arithmetic.MULTIPLY_TOOL] for d in demos)
     for d in calls:
         user, call, result, answer = d["messages"]
-        items = [int(x) for x in call["tool_calls"][0]["function"]["arguments"]["numbers"].split()]
-        assert items == sorting.parse_items(user["content"]) and result["content"] == answer["content"]
-        assert answer["content"] == sorting.solve(items)
-    direct = [d for d in demos if len(d["messages"]) == 2]
-    assert all(sorting.reward(d["messages"][0]["content"], d["messages"][1]["content"]) == 1.0 for d in direct)
-    assert sorting.corpus(3, 4, 9, seed=1) == sorting.corpus(3, 4, 9, seed=1, tools=True)[:len(sorting.corpus(3, 4, 9, seed=1))]
+        args = call["tool_calls"][0]["function"]["arguments"]
+        assert (args["a"], args["b"]) == arithmetic.factors(user["content"])
+        assert result["content"] == answer["content"] == str(args["a"] * args["b"])
+    assert all(arithmetic.correct(d["messages"][0]["content"], d["messages"][-1]["content"]) for d in demos)
+    assert arithmetic.tool_demos(5, 0.5, seed=3) == demos[:5]  # its own stream: the same first demos

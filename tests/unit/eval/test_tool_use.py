@@ -20,3 +20,35 @@ def test_summarise_by_hand():
     low, high = m["eval/grpo/tool/success_delta_vs_sft_ci_low"], m["eval/grpo/tool/success_delta_vs_sft_ci_high"]
     assert 0.0 <= low <= 0.5 <= high <= 1.0
     assert m["eval/grpo/tool/tool_gain"] == pytest.approx(0.75)
+
+
+def test_heldout_prompts_of_the_tools_kind_stop_before_the_first_assistant_turn(tmp_path):
+    import json
+
+    from components.core.eval.tool_use import ToolEval, heldout_prompts
+
+    user = {"role": "user", "content": "What is 17 times 23?"}
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "multiply", "arguments": {"a": 17, "b": 23}}}]}
+    records = [{"id": "a", "messages": [user, call, {"role": "tool", "content": "391"},
+                                        {"role": "assistant", "content": "391"}], "tools": [{"name": "multiply"}]},
+               {"id": "b", "messages": [{"role": "user", "content": "Sort: 2 1"}, {"role": "assistant", "content": "1 2"}]},
+               {"id": "c", "messages": [user, {"role": "assistant", "content": "391"}], "tools": [{"name": "multiply"}]}]
+    (tmp_path / "sft_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert heldout_prompts(str(tmp_path), ToolEval("calculator", 3, 32, "tools"), 0) == [[user]]  # deduplicated
+    assert heldout_prompts(str(tmp_path), ToolEval("calculator", 3, 32, "sft"), 1) == [[user, call,
+                                                                                        records[0]["messages"][2]]]
+
+
+def test_success_is_the_environments_reward_else_the_judges():
+    from components.core.algos.environments import CalculatorEnv, Environment
+    from components.core.eval.tool_use import succeeded
+    from components.core.train.episodes import EpisodeRunner
+
+    question = [{"role": "user", "content": "What is 17 times 23?"}]
+    calculator, plain = EpisodeRunner(CalculatorEnv, None, 3), EpisodeRunner(Environment, None, 3)
+    never, always = (lambda m, t: 0.0), (lambda m, t: 1.0)
+    assert succeeded(calculator, question, {"text": "391"}, never)  # a direct answer, stepped through the env
+    assert not succeeded(calculator, question, {"text": "390"}, always)
+    assert succeeded(calculator, question, {"text": "x", "turns": [], "end_reward": 1.0}, never)  # an episode's
+    assert succeeded(plain, question, {"text": "x"}, always) and not succeeded(plain, question, {"text": "x"}, never)
