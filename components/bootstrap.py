@@ -222,7 +222,7 @@ def run(cfg: ModelConfig, *, synthetic: SyntheticConfig = SyntheticConfig(), out
         runtime: Runtime = Runtime()) -> dict:
     """Write out_dir for `cfg` (the `model` params section): the embedded model built (its tokenizer trained on
     the `synthetic` section's task), or the user's model pointed at or made chat-ready. Nothing here is tracked."""
-    from components.core import arithmetic, sorting
+    from components.core import lockers, sorting
     from components.core.model import gguf
 
     name_or_path = cfg.name_or_path
@@ -236,7 +236,7 @@ def run(cfg: ModelConfig, *, synthetic: SyntheticConfig = SyntheticConfig(), out
         s = synthetic
         texts = sorting.corpus(s.min_items, s.max_items, s.max_value, runtime.seed)
         if s.tool_demos:  # the tool task's turns too, so that a tool call is a few tokens, not one per character
-            texts += arithmetic.corpus(runtime.seed)
+            texts += lockers.corpus(runtime.seed)
         tokenizer = build_tokenizer(texts, cfg.vocab_size)
         model = build_model(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
                             cfg.intermediate_size, cfg.max_position_embeddings, runtime.seed)

@@ -16,7 +16,8 @@ chunks, rollout tables with the policy hash, checkpoints between rounds. Per rou
 Losses are token means over each whole minibatch, on all processes together, so N processes follow one process.
 The adaptive KL controller (optional) updates kl_coef after each round. Settings: params.yaml's `ppo` section (as
 rloo's, less its `rloo:` overrides). Writes models/ppo/, artifacts/rollouts_ppo/, metrics/ppo.json (TRL's PPO
-metric names), plots/ppo.csv. The math is in core/algos/rl.py.
+metric names), plots/ppo.csv. The math is in core/algos/rl.py. With `eval_every`, a held-out reward (the reward
+functions') every N rounds; with `keep_best`, the output is the policy of the best one (core/train/heldout.py).
 
 Why this file is long: it is the whole PPO recipe, one file as torchtune's recipes: run() reads as the loop above,
 and each phase of a round is a function below it (rloo.py repeats much of it: one readable recipe per method

@@ -16,7 +16,8 @@ chunks, rollout tables with the policy hash, checkpoints between rounds. Per rou
 Losses are sequence means over each whole minibatch, on all processes together, so N processes follow one process.
 The adaptive KL controller (optional) updates kl_coef after each round. Settings: params.yaml's `ppo` section with
 its `rloo:` overrides (PPOConfig.for_mode). Writes models/rloo/, artifacts/rollouts_rloo/, metrics/rloo.json
-(TRL's PPO metric names), plots/rloo.csv. The math is in core/algos/rl.py.
+(TRL's PPO metric names), plots/rloo.csv. The math is in core/algos/rl.py. `eval_every` / `keep_best` as ppo's
+(core/train/heldout.py).
 
 Why this file is long: it is the whole RLOO recipe, one file as torchtune's recipes: run() reads as the loop above,
 and each phase of a round is a function below it (ppo.py repeats much of it: one readable recipe per method

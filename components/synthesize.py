@@ -8,9 +8,9 @@ exactly the signal DPO needs to push the mistakes' probability down.
 `python -m components.synthesize --params params.yaml` writes `data/raw/sft.jsonl` (TRL `messages`
 format) and `data/raw/preferences.jsonl` (TRL `prompt/chosen/rejected`, conversational), the same
 public formats users bring. With `synthetic.tool_demos` > 0, sft.jsonl also holds demonstrations of the tool task
-(core/arithmetic.py: multiply two 2-digit numbers, a `multiply` tool offered; TRL `messages` + `tools`, OpenAI tool
+(core/lockers.py: tell a locker's code, an `open_locker` tool offered; TRL `messages` + `tools`, OpenAI tool
 calls): a share `tool_call_share` calls it and copies its result, the rest answer directly. They teach the model the
-tool-call format the `calculator` environment (`grpo.environment`, `grpo.prompts: tools`) rewards.
+tool-call format the `lockers` environment (`grpo.environment`, `grpo.prompts: tools`) rewards.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
-from components.core.arithmetic import tool_demos
 from components.core.config import Runtime, SyntheticConfig
+from components.core.lockers import tool_demos
 from components.core.ops.io import write_jsonl
 from components.core.ops.logs import stage_main
 from components.core.sorting import generate, reward

@@ -64,7 +64,7 @@ class SyntheticConfig(Strict):
     max_items: int = Field(6, ge=1)
     max_value: int = Field(30, ge=1)
     demo_noise: float = Field(0.4, ge=0.0, le=1.0)
-    tool_demos: int = Field(0, ge=0)  # tool-task demonstrations (core/arithmetic.py) in sft.jsonl; > 0: the tokenizer learns tool calls
+    tool_demos: int = Field(0, ge=0)  # tool-task demonstrations (core/lockers.py) in sft.jsonl; > 0: the tokenizer learns tool calls
     tool_call_share: float = Field(0.5, ge=0.0, le=1.0)  # of those, the share that call the tool (the rest answer directly)
 
     @model_validator(mode="after")
@@ -300,7 +300,7 @@ class GRPOConfig(Strict):
     best_metric: str = Field("eval/reward", pattern=r"^eval/")
     best_mode: Literal["min", "max"] = "max"
     # multi-turn rollouts with tools (core/algos/environments.py, core/train/episodes.py): "" = single-turn;
-    # calculator = the embedded tool task (core/arithmetic.py, prompts: tools); or package.module:Class. max_completion_length then bounds all
+    # lockers = the embedded tool task (core/lockers.py, prompts: tools); or package.module:Class. max_completion_length then bounds all
     # of an episode's tokens (its turns and the tool results between them)
     environment: str = ""
     max_turns: int = Field(3, ge=1)  # assistant turns per episode (an environment's own max_turns wins)

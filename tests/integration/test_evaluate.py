@@ -87,7 +87,7 @@ def workspace(tmp_path_factory) -> dict:
     return {"root": root, "n_pairs": len(pref_records), "n_prompts": len(pref_records) - 1}
 
 
-def _run(ws: dict, out: str, dpo: str = "dpo", track: bool = False, **settings) -> tuple[dict, Path]:
+def _run(ws: dict, out: str, dpo: str = "dpo", track: bool = False, tools=None, **settings) -> tuple[dict, Path]:
     """evaluate.run on the workspace; settings: keys of the evaluate section."""
     root = ws["root"]
     cfg = EvaluateConfig(**{"num_prompts": 0, "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "batch_size": 4,
@@ -98,6 +98,7 @@ def _run(ws: dict, out: str, dpo: str = "dpo", track: bool = False, **settings) 
         metrics_path=str(root / out / "metrics/eval.json"), plots_path=str(root / out / "plots/eval.csv"),
         report_dir=str(root / out / "reports/eval"),
         runtime=Runtime(seed=SEED, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH), track=track,
+        tools=tools,
     )
     return metrics, root / out
 
@@ -225,3 +226,21 @@ def test_kl_is_estimated_on_untempered_policy_samples(workspace, monkeypatch):
     calls.clear()
     _run(workspace, "untempered")
     assert all(c[0] != "generate dpo (KL)" for c in calls)  # T=1, top_p=1: the judged samples serve
+
+
+def test_with_an_environment_every_policy_is_measured_with_and_without_its_tools(workspace):
+    """grpo.environment set: task success with and without the tools for sft and dpo, CIs and the delta vs SFT,
+    the same on a second run (same seeds), and a card in the report."""
+    from components.core.eval.tool_use import ToolEval
+
+    spec = ToolEval("lockers", max_turns=2, max_new_tokens=12, prompts="pref")
+    metrics, out = _run(workspace, "tools", tools=spec)
+    again, _ = _run(workspace, "tools_again", tools=spec)
+    for name in ("sft", "dpo"):
+        p = f"eval/{name}/tool/"
+        for key in ("success", "success_without_tool", "tool_gain"):
+            assert metrics[p + key + "_ci_low"] <= metrics[p + key] <= metrics[p + key + "_ci_high"], p + key
+        assert 0.0 <= metrics[p + "success"] <= 1.0 and metrics[p + "calls_per_episode"] >= 0.0
+    assert "eval/dpo/tool/success_delta_vs_sft" in metrics and "eval/sft/tool/success_delta_vs_sft" not in metrics
+    assert {k: v for k, v in metrics.items() if "/tool/" in k} == {k: v for k, v in again.items() if "/tool/" in k}
+    assert "Task success with the tool" in (out / "reports/eval/index.html").read_text()

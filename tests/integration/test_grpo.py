@@ -35,6 +35,16 @@ def rollouts(root: Path):
     return {f.name: pq.read_table(f).to_pylist() for f in sorted((root / "artifacts/rollouts").glob("round_*.parquet"))}
 
 
+def crash_then_resume(root: Path) -> Path:
+    """The grpo stage in `root` killed at step 3, then run again (it resumes from its last checkpoint), both with
+    busy loops beside them."""
+    env = pipeline_env(root) | {"ALIGNFLOW_CRASH_AT_STEP": "3"}
+    with competing_load():
+        assert subprocess.run(stage("grpo"), cwd=root, env=env, capture_output=True).returncode == 137
+        run_cmd(stage("grpo"), root)
+    return root
+
+
 # 3 generation chunks a round: under 2 processes one is short of a chunk (DDP: it samples fewer; FSDP: it samples a
 # padding chunk in step)
 UNEVEN = {"grpo__prompts_per_step": 6, "grpo__generation_batch_size": 2}
@@ -53,11 +63,7 @@ def test_grpo_resumes_bit_for_bit_and_writes_rollouts(tiny_data, grpo_whole, tmp
     """4 steps, mu = 2 (two rounds), beta > 0: uninterrupted == crash at step 3 + resume from step 2, the crashed
     run and its resume with busy loops beside them (the uninterrupted one ran without)."""
     whole = grpo_whole
-    crashed = grpo_workdir(tiny_data, tmp_path / "crashed", **UNEVEN)
-    env = pipeline_env(crashed) | {"ALIGNFLOW_CRASH_AT_STEP": "3"}
-    with competing_load():
-        assert subprocess.run(stage("grpo"), cwd=crashed, env=env, capture_output=True).returncode == 137
-        run_cmd(stage("grpo"), crashed)
+    crashed = crash_then_resume(grpo_workdir(tiny_data, tmp_path / "crashed", **UNEVEN))
 
     a, b = weights(whole / "models/grpo"), weights(crashed / "models/grpo")
     for key in a:
@@ -329,11 +335,7 @@ def test_environment_episodes_resume_bit_for_bit_and_two_processes_follow_one(ti
         assert r["reward/environment"] >= 0.25 and json.loads(r["reward_hashes"])["environment"]
     assert column(whole / "plots/grpo.csv", "turns/mean")[0] > 1.0
 
-    crashed = env_workdir(tiny_data, tmp_path / "crashed", **same)
-    env = pipeline_env(crashed) | {"ALIGNFLOW_CRASH_AT_STEP": "3"}
-    with competing_load():
-        assert subprocess.run(stage("grpo"), cwd=crashed, env=env, capture_output=True).returncode == 137
-        run_cmd(stage("grpo"), crashed)
+    crashed = crash_then_resume(env_workdir(tiny_data, tmp_path / "crashed", **same))
     a, b = weights(whole / "models/grpo"), weights(crashed / "models/grpo")
     assert all(torch.equal(a[key], b[key]) for key in a)
     assert rollouts(crashed) == ra

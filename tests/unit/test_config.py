@@ -55,7 +55,7 @@ def _write(tmp_path, mutate) -> Path:
         (lambda r: r["grpo"].update(max_turns=0), r"grpo\.max_turns"),
         (lambda r: r["ppo"].update(keep_best=True), r"ppo: .*keep_best needs eval_every > 0"),
         (lambda r: r["ppo"]["rloo"].update(keep_best=True), r"rloo: .*keep_best needs eval_every > 0"),
-        (lambda r: (r["grpo"].update(environment="calculator"), r["compute"].update(accelerate_config="fsdp")),
+        (lambda r: (r["grpo"].update(environment="lockers"), r["compute"].update(accelerate_config="fsdp")),
          r"grpo\.environment with compute\.accelerate_config: fsdp is not supported"),
         (lambda r: r["synthetic"].update(tool_call_share=1.5), r"synthetic\.tool_call_share"),
         (lambda r: r["grpo"].update(rewards=[]), r"rewards: at least one reward function \(or an environment"),

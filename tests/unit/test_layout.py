@@ -24,11 +24,11 @@ from components.core.ops.code_identity import (
 
 MAX_LINES = 400
 # components/core's layers, bottom first: a module imports only from its own layer and the ones below
-LAYERS = {"config": 0, "sorting": 0, "arithmetic": 0, "ops": 1, "data": 2, "algos": 3, "model": 4, "train": 5, "eval": 6, "release": 7}
+LAYERS = {"config": 0, "sorting": 0, "lockers": 0, "ops": 1, "data": 2, "algos": 3, "model": 4, "train": 5, "eval": 6, "release": 7}
 
 
 def layer_of(module: str) -> str:
-    """The layer a components.core module belongs to (its sub-package, or config / sorting / arithmetic at the top)."""
+    """The layer a components.core module belongs to (its sub-package, or config / sorting / lockers at the top)."""
     return module.split(".")[2]
 
 

@@ -13,9 +13,9 @@ An environment is a class; the online stage makes one instance per rollout (epis
 A tool call the environment cannot run (unknown name, bad arguments, the tool raising) gets a `tool` message that
 says so, the episode goes on, and the failure is counted: the policy learns from it as TRL's tool loop lets it.
 
-`calculator` (CalculatorEnv) is the embedded one: the tool task of core/arithmetic.py (multiply two 2-digit numbers)
-with a `multiply` tool, which the tiny model can learn to call (`synthetic.tool_demos`) and cannot do without; it
-rewards an exact final answer. Your own: `grpo.environment: package.module:Class`.
+`lockers` (LockerEnv) is the embedded one: the tool task of core/lockers.py (tell a locker's code) with an
+`open_locker` tool, which the tiny model can learn to call (`synthetic.tool_demos`) and cannot do without; it
+rewards the exact code as the final answer. Your own: `grpo.environment: package.module:Class`.
 Tool calls are read in the Hermes / Qwen2.5 format, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, which
 the embedded template writes and Qwen2.5/3, SmolLM3 and Hermes models emit.
 """
@@ -29,7 +29,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from components.core import arithmetic
+from components.core import lockers
 from components.core.ops.callables import import_callable
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
@@ -97,22 +97,30 @@ class Environment:
         return None
 
 
-class CalculatorEnv(Environment):
-    """The embedded tool task with a `multiply` tool: reward 1 for the exact product as the final answer, else 0."""
+class LockerEnv(Environment):
+    """The embedded tool task (core/lockers.py): `open_locker(number)` reads a locker's code (the asked one's is the
+    question's answer, the others are fixed per question); reward 1 for the asked locker's code as the final answer."""
 
-    tools = [arithmetic.MULTIPLY_TOOL]
+    tools = [lockers.OPEN_LOCKER_TOOL]
 
-    def multiply(self, a: int, b: int) -> str:
-        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (a, b)):
-            raise TypeError("a and b must be integers")
-        return str(a * b)
+    def open_locker(self, number: int) -> str:
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise TypeError("number must be an integer")
+        question = self._question()
+        if number == lockers.locker_of(question):
+            return str(self.prompt["answer"]).strip()
+        if not 1 <= number <= lockers.MAX_LOCKER:
+            raise ValueError(f"there is no locker {number}")
+        return str(lockers.other_code(question, number))
 
     def reward(self) -> float | None:
-        question = next((m["content"] for m in reversed(self.prompt["messages"]) if m["role"] == "user"), "")
-        return float(self.final is not None and arithmetic.correct(question, self.final))
+        return float(self.final is not None and self.final.strip() == str(self.prompt["answer"]).strip())
+
+    def _question(self) -> str:
+        return next((m["content"] for m in reversed(self.prompt["messages"]) if m["role"] == "user"), "")
 
 
-ENVIRONMENTS = {"calculator": CalculatorEnv}
+ENVIRONMENTS = {"lockers": LockerEnv}
 
 
 def load_environment(spec: str, key: str = "grpo.environment") -> type[Environment] | None:

@@ -37,26 +37,26 @@ class ToolEval:
     prompts: str = "pref"  # grpo.prompts: pref | sft | tools
 
 
-def heldout_prompts(data_dir: str, spec: ToolEval, n: int) -> list[list[dict]]:
-    """The first n held-out prompts of the environment's kind (0: all)."""
+def heldout_prompts(data_dir: str, spec: ToolEval, n: int) -> list[tuple[list[dict], str]]:
+    """The first n held-out prompts of the environment's kind (0: all): (messages, the record's answer)."""
     found = online.read_prompts(online.prompt_file(data_dir, spec.prompts, "eval"), spec.prompts)
-    return [messages for _, messages, _ in (found[:n] if n else found)]
+    return [(messages, answer) for _, messages, answer in (found[:n] if n else found)]
 
 
-def succeeded(runner: episodes.EpisodeRunner, messages: list[dict], completion: dict, judge) -> bool:
+def succeeded(runner: episodes.EpisodeRunner, prompt: online.Prompt, completion: dict, judge) -> bool:
     """The environment's reward at 1 for the final answer (an episode's, or a direct answer stepped through a fresh
     environment); the judge's maximum when the environment gives no reward."""
     if "turns" in completion:
         reward = completion["end_reward"]
     else:  # a direct answer
         env = runner.env_class()
-        env.reset({"id": "", "messages": messages, "answer": ""})
+        env.reset({"id": prompt.id, "messages": prompt.messages, "answer": prompt.answer})
         env.step({"role": "assistant", "content": completion["text"]})
         reward = env.reward() if hasattr(env, "reward") else None
-    return (reward if reward is not None else judge(messages, completion["text"])) >= SOLVED
+    return (reward if reward is not None else judge(prompt.messages, completion["text"])) >= SOLVED
 
 
-def sample_policy(model_dir: str, prompts: list[list[dict]], spec: ToolEval, judge, *, temperature: float,
+def sample_policy(model_dir: str, prompts: list[tuple[list[dict], str]], spec: ToolEval, judge, *, temperature: float,
                   top_p: float, batch_size: int, seed: int) -> dict[str, list[float]]:
     """Per prompt: success with the tools, success without, tool calls made."""
     model, tokenizer = load_causal_lm(model_dir)
@@ -65,8 +65,8 @@ def sample_policy(model_dir: str, prompts: list[list[dict]], spec: ToolEval, jud
                                eos_ids(model, tokenizer), tokenizer.pad_token_id)
     out: dict[str, list] = {"with": [], "without": [], "calls": []}
     for tools, key in ((True, "with"), (False, "without")):
-        rendered = [online.Prompt(str(i), m, "", runner.prompt_ids(m) if tools else
-                                  prompt_ids_for_generation(tokenizer, m)) for i, m in enumerate(prompts)]
+        rendered = [online.Prompt(str(i), m, answer, runner.prompt_ids(m) if tools else
+                                  prompt_ids_for_generation(tokenizer, m)) for i, (m, answer) in enumerate(prompts)]
         for c in range(0, len(rendered), batch_size):
             chunk, s = rendered[c: c + batch_size], online.chunk_seed(seed, EVAL_ROUND, int(tools), c // batch_size)
             with torch.no_grad():
@@ -74,7 +74,7 @@ def sample_policy(model_dir: str, prompts: list[list[dict]], spec: ToolEval, jud
             for p, completion in zip(chunk, done, strict=True):
                 if not tools:
                     completion["text"] = tokenizer.decode(completion["ids"], skip_special_tokens=True).strip()
-                out[key].append(float(succeeded(runner, p.messages, completion, judge)))
+                out[key].append(float(succeeded(runner, p, completion, judge)))
                 if tools:
                     out["calls"].append(float(completion["tool_calls"]))
     return out
@@ -98,8 +98,9 @@ def summarise(results: dict[str, dict[str, list[float]]], bootstrap_samples: int
     return metrics
 
 
-def evaluate_tools(policies: dict[str, str], prompts: list[list[dict]], spec: ToolEval, judge, *, temperature: float,
-                   top_p: float, batch_size: int, seed: int, bootstrap_samples: int, confidence: float) -> dict:
+def evaluate_tools(policies: dict[str, str], prompts: list[tuple[list[dict], str]], spec: ToolEval, judge, *,
+                   temperature: float, top_p: float, batch_size: int, seed: int, bootstrap_samples: int,
+                   confidence: float) -> dict:
     """Every policy's tool metrics (summarise)."""
     results = {name: sample_policy(d, prompts, spec, judge, temperature=temperature, top_p=top_p,
                                    batch_size=batch_size, seed=seed) for name, d in policies.items()}

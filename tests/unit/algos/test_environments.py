@@ -1,4 +1,4 @@
-"""Environments and tool calls: parsing the Hermes / Qwen2.5 format, the default step, the embedded calculator,
+"""Environments and tool calls: parsing the Hermes / Qwen2.5 format, the default step, the embedded lockers,
 loading a user's class (hand-written expectations)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 
 from components.core.algos import environments
 from components.core.algos.environments import (
-    CalculatorEnv,
     Environment,
+    LockerEnv,
     Step,
     load_environment,
     parse_tool_calls,
@@ -46,33 +46,43 @@ def _call(name, **arguments):
     return {"type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-QUESTION = {"id": "1", "messages": [{"role": "user", "content": "What is 17 times 23?"}], "answer": "391"}
+QUESTION = {"id": "1", "messages": [{"role": "user", "content": "Ticket 4821: what is the code of locker 17?"}],
+            "answer": "23"}
 
 
 def test_the_default_step_runs_each_call_and_ends_on_a_turn_without_one():
-    env = CalculatorEnv()
+    env = LockerEnv()
     env.reset(QUESTION)
     assert env.reward() == 0.0  # no answer yet
-    step = env.step({"role": "assistant", "content": "", "tool_calls": [_call("multiply", a=17, b=23)]})
-    assert step == Step([{"role": "tool", "name": "multiply", "content": "391"}], 0.0, False)
-    assert env.step({"role": "assistant", "content": " 391 "}) == Step([], 0.0, True)
-    assert (env.tool_calls, env.tool_failures, env.final, env.reward()) == (1, 0, " 391 ", 1.0)
+    step = env.step({"role": "assistant", "content": "", "tool_calls": [_call("open_locker", number=17)]})
+    assert step == Step([{"role": "tool", "name": "open_locker", "content": "23"}], 0.0, False)
+    assert env.step({"role": "assistant", "content": " 23 "}) == Step([], 0.0, True)
+    assert (env.tool_calls, env.tool_failures, env.final, env.reward()) == (1, 0, " 23 ", 1.0)
 
 
-@pytest.mark.parametrize("answer,reward", [("391", 1.0), ("390", 0.0), ("391 is it", 0.0), ("", 0.0)])
-def test_the_calculator_rewards_the_exact_product_only(answer, reward):
-    env = CalculatorEnv()
+def test_other_lockers_hold_other_codes_fixed_per_question():
+    env = LockerEnv()
+    env.reset(QUESTION)
+    codes = [env.open_locker(n) for n in range(1, 31) if n != 17]
+    assert codes == [env.open_locker(n) for n in range(1, 31) if n != 17]  # the same every time
+    assert all(0 <= int(c) <= 30 for c in codes) and len(set(codes)) > 5
+
+
+@pytest.mark.parametrize("answer,reward", [("23", 1.0), ("22", 0.0), ("23 is it", 0.0), ("", 0.0)])
+def test_the_lockers_reward_the_exact_code_only(answer, reward):
+    env = LockerEnv()
     env.reset(QUESTION)
     env.step({"role": "assistant", "content": answer})
     assert env.reward() == reward
 
 
-@pytest.mark.parametrize("call,error", [(_call("divide", a=1, b=2), "unknown tool 'divide'"),
-                                        (_call("multiply", a="17", b=23), "TypeError: a and b must be integers"),
-                                        (_call("multiply", a=True, b=23), "TypeError: a and b must be integers"),
-                                        (_call("multiply", a=17), "TypeError")])
+@pytest.mark.parametrize("call,error", [(_call("open_door", number=1), "unknown tool 'open_door'"),
+                                        (_call("open_locker", number="17"), "TypeError: number must be an integer"),
+                                        (_call("open_locker", number=True), "TypeError: number must be an integer"),
+                                        (_call("open_locker", number=99), "ValueError: there is no locker 99"),
+                                        (_call("open_locker", locker=17), "TypeError")])
 def test_a_failing_call_is_answered_with_the_error_and_counted(call, error):
-    env = CalculatorEnv()
+    env = LockerEnv()
     env.reset({"id": "1", "messages": [], "answer": ""})
     (message,) = env.step({"role": "assistant", "content": "", "tool_calls": [call]}).messages
     assert message["role"] == "tool" and message["content"].startswith("error: ") and error in message["content"]
@@ -88,10 +98,10 @@ class Counter(Environment):
 
 def test_load_environment_by_name_or_module_path():
     assert load_environment("") is None
-    assert load_environment("calculator") is CalculatorEnv
+    assert load_environment("lockers") is LockerEnv
     assert load_environment(f"{__name__}:Counter") is Counter
-    assert environments.environment_identity("calculator") == environments.environment_identity("calculator")
-    assert len(environments.environment_identity("calculator")) == 16 and environments.environment_identity("") == ""
+    assert environments.environment_identity("lockers") == environments.environment_identity("lockers")
+    assert len(environments.environment_identity("lockers")) == 16 and environments.environment_identity("") == ""
 
 
 @pytest.mark.parametrize("spec,message", [("nope", "unknown environment"), ("nosuch.module:Env", "cannot import"),

@@ -6,7 +6,7 @@ import pytest
 from conftest import PLAIN_CHATML
 
 from components import bootstrap
-from components.core import arithmetic, sorting
+from components.core import lockers, sorting
 from components.core.data import tokens
 
 
@@ -64,37 +64,38 @@ def test_the_embedded_template_renders_conversations_without_tools_as_plain_chat
 def test_the_embedded_template_renders_tools_calls_and_results(tiny):
     tok, _ = tiny
     assert tokens.template_supports_tools(tok)
-    tools = [arithmetic.MULTIPLY_TOOL]
-    call = {"type": "function", "function": {"name": "multiply", "arguments": {"a": 17, "b": 23}}}
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 17 times 23?"},
+    tools = [lockers.OPEN_LOCKER_TOOL]
+    call = {"type": "function", "function": {"name": "open_locker", "arguments": {"number": 17}}}
+    question = "Ticket 4821: what is the code of locker 17?"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question},
                 {"role": "assistant", "content": "", "tool_calls": [call]},
-                {"role": "tool", "name": "multiply", "content": "391"}, {"role": "assistant", "content": "391"}]
+                {"role": "tool", "name": "open_locker", "content": "23"}, {"role": "assistant", "content": "23"}]
     assert tokens.render(tok, messages, tools=tools) == (
-        "<|im_start|>system\nBe brief.\nTools: multiply(a, b)<|im_end|>\n"
-        "<|im_start|>user\nWhat is 17 times 23?<|im_end|>\n"
-        '<|im_start|>assistant\n<tool_call>{"name": "multiply", "arguments": {"a": 17, "b": 23}}</tool_call><|im_end|>\n'
-        "<|im_start|>tool\n391<|im_end|>\n<|im_start|>assistant\n391<|im_end|>\n")
+        "<|im_start|>system\nBe brief.\nTools: open_locker(number)<|im_end|>\n"
+        f"<|im_start|>user\n{question}<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>{"name": "open_locker", "arguments": {"number": 17}}</tool_call><|im_end|>\n'
+        "<|im_start|>tool\n23<|im_end|>\n<|im_start|>assistant\n23<|im_end|>\n")
     # arguments given as a JSON string (as OpenAI sends them) render the same
-    string_args = {"type": "function", "function": {"name": "multiply", "arguments": '{"a": 17, "b": 23}'}}
+    string_args = {"type": "function", "function": {"name": "open_locker", "arguments": '{"number": 17}'}}
     assert tokens.render(tok, messages[:2] + [{**messages[2], "tool_calls": [string_args]}], tools=tools) \
         == tokens.render(tok, messages[:3], tools=tools)
     # the assistant turns, tool call included, are what SFT trains on; the tool result is not
     ids, mask = tokens.encode_chat(tok, messages[1:], tools)
     assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == (
-        '<tool_call>{"name": "multiply", "arguments": {"a": 17, "b": 23}}</tool_call><|im_end|>\n391<|im_end|>\n')
-    assert arithmetic.tool_call_text(17, 23) + "<|im_end|>" in tokens.render(tok, messages, tools=tools)
+        '<tool_call>{"name": "open_locker", "arguments": {"number": 17}}</tool_call><|im_end|>\n23<|im_end|>\n')
+    assert lockers.tool_call_text(17) + "<|im_end|>" in tokens.render(tok, messages, tools=tools)
     assert tokens.render(tok, messages[1:2], tools=tools).startswith(
-        "<|im_start|>system\n" + arithmetic.TOOLS_LINE + "<|im_end|>\n")
+        "<|im_start|>system\n" + lockers.TOOLS_LINE + "<|im_end|>\n")
 
 
-def test_tool_demos_call_the_tool_at_their_share_and_answer_right():
-    demos = arithmetic.tool_demos(400, 0.5, seed=3)
+def test_tool_demos_call_the_tool_at_their_share_and_answer_with_the_code():
+    demos = lockers.tool_demos(400, 0.5, seed=3)
     calls = [d for d in demos if len(d["messages"]) == 4]
-    assert 160 < len(calls) < 240 and all(d["tools"] == [arithmetic.MULTIPLY_TOOL] for d in demos)
+    assert 160 < len(calls) < 240 and all(d["tools"] == [lockers.OPEN_LOCKER_TOOL] for d in demos)
     for d in calls:
         user, call, result, answer = d["messages"]
-        args = call["tool_calls"][0]["function"]["arguments"]
-        assert (args["a"], args["b"]) == arithmetic.factors(user["content"])
-        assert result["content"] == answer["content"] == str(args["a"] * args["b"])
-    assert all(arithmetic.correct(d["messages"][0]["content"], d["messages"][-1]["content"]) for d in demos)
-    assert arithmetic.tool_demos(5, 0.5, seed=3) == demos[:5]  # its own stream: the same first demos
+        assert call["tool_calls"][0]["function"]["arguments"]["number"] == lockers.locker_of(user["content"])
+        assert result["content"] == answer["content"] and 0 <= int(answer["content"]) <= lockers.MAX_CODE
+    assert len({d["messages"][0]["content"] for d in demos}) > 390  # the ticket makes each question its own
+    assert len({d["messages"][-1]["content"] for d in demos}) > 25  # codes drawn at random
+    assert lockers.tool_demos(5, 0.5, seed=3) == demos[:5]  # its own stream: the same first demos

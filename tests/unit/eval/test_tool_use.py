@@ -27,28 +27,30 @@ def test_heldout_prompts_of_the_tools_kind_stop_before_the_first_assistant_turn(
 
     from components.core.eval.tool_use import ToolEval, heldout_prompts
 
-    user = {"role": "user", "content": "What is 17 times 23?"}
+    user = {"role": "user", "content": "Ticket 4821: what is the code of locker 17?"}
     call = {"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": "multiply", "arguments": {"a": 17, "b": 23}}}]}
-    records = [{"id": "a", "messages": [user, call, {"role": "tool", "content": "391"},
-                                        {"role": "assistant", "content": "391"}], "tools": [{"name": "multiply"}]},
+        {"type": "function", "function": {"name": "open_locker", "arguments": {"number": 17}}}]}
+    tools = [{"name": "open_locker"}]
+    records = [{"id": "a", "messages": [user, call, {"role": "tool", "content": "23"},
+                                        {"role": "assistant", "content": "23"}], "tools": tools},
                {"id": "b", "messages": [{"role": "user", "content": "Sort: 2 1"}, {"role": "assistant", "content": "1 2"}]},
-               {"id": "c", "messages": [user, {"role": "assistant", "content": "391"}], "tools": [{"name": "multiply"}]}]
+               {"id": "c", "messages": [user, {"role": "assistant", "content": "23"}], "tools": tools}]
     (tmp_path / "sft_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert heldout_prompts(str(tmp_path), ToolEval("calculator", 3, 32, "tools"), 0) == [[user]]  # deduplicated
-    assert heldout_prompts(str(tmp_path), ToolEval("calculator", 3, 32, "sft"), 1) == [[user, call,
-                                                                                        records[0]["messages"][2]]]
+    assert heldout_prompts(str(tmp_path), ToolEval("lockers", 3, 32, "tools"), 0) == [([user], "23")]  # deduplicated
+    assert heldout_prompts(str(tmp_path), ToolEval("lockers", 3, 32, "sft"), 1) == [
+        ([user, call, records[0]["messages"][2]], "23")]
 
 
 def test_success_is_the_environments_reward_else_the_judges():
-    from components.core.algos.environments import CalculatorEnv, Environment
+    from components.core.algos.environments import Environment, LockerEnv
     from components.core.eval.tool_use import succeeded
     from components.core.train.episodes import EpisodeRunner
+    from components.core.train.online import Prompt
 
-    question = [{"role": "user", "content": "What is 17 times 23?"}]
-    calculator, plain = EpisodeRunner(CalculatorEnv, None, 3), EpisodeRunner(Environment, None, 3)
+    question = Prompt("q", [{"role": "user", "content": "Ticket 4821: what is the code of locker 17?"}], "23", [])
+    lockers, plain = EpisodeRunner(LockerEnv, None, 3), EpisodeRunner(Environment, None, 3)
     never, always = (lambda m, t: 0.0), (lambda m, t: 1.0)
-    assert succeeded(calculator, question, {"text": "391"}, never)  # a direct answer, stepped through the env
-    assert not succeeded(calculator, question, {"text": "390"}, always)
-    assert succeeded(calculator, question, {"text": "x", "turns": [], "end_reward": 1.0}, never)  # an episode's
+    assert succeeded(lockers, question, {"text": "23"}, never)  # a direct answer, stepped through the env
+    assert not succeeded(lockers, question, {"text": "22"}, always)
+    assert succeeded(lockers, question, {"text": "x", "turns": [], "end_reward": 1.0}, never)  # an episode's
     assert succeeded(plain, question, {"text": "x"}, always) and not succeeded(plain, question, {"text": "x"}, never)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from components import bootstrap
-from components.core import arithmetic, sorting
+from components.core import lockers, sorting
 from components.core.algos.environments import Environment, Step
 from components.core.model import logprobs
 from components.core.train import episodes, online
@@ -17,15 +17,15 @@ from components.core.train import episodes, online
 class Chatty(Environment):
     """Answers every assistant turn with a tool message, 0.25 reward a step."""
 
-    tools = [arithmetic.MULTIPLY_TOOL]
+    tools = [lockers.OPEN_LOCKER_TOOL]
 
     def step(self, message):
-        return Step([{"role": "tool", "name": "multiply", "content": "1 2 3"}], reward=0.25)
+        return Step([{"role": "tool", "name": "open_locker", "content": "1 2 3"}], reward=0.25)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    tok = bootstrap.build_tokenizer(sorting.corpus(3, 4, 9, seed=1) + arithmetic.corpus(seed=1, n=200), 400)
+    tok = bootstrap.build_tokenizer(sorting.corpus(3, 4, 9, seed=1) + lockers.corpus(seed=1, n=200), 400)
     model = bootstrap.build_model(tok, 64, 2, 4, 2, 128, 512, seed=3).eval()
     return tok, model
 
@@ -46,7 +46,7 @@ def sample(tok, model, env=Chatty, budget=48, max_turns=3, seed=7):
 def test_environment_tokens_are_masked_and_are_the_templates_text(tiny):
     tok, model = tiny
     prompts, out = sample(tok, model)
-    assert tok.decode(prompts[0].ids).startswith("<|im_start|>system\nTools: multiply(a, b)<|im_end|>")
+    assert tok.decode(prompts[0].ids).startswith("<|im_start|>system\nTools: open_locker(number)<|im_end|>")
     tool_turn = "\n<|im_start|>tool\n1 2 3<|im_end|>\n<|im_start|>assistant\n"
     multi = 0
     for c in out:
