@@ -65,7 +65,7 @@ class SyntheticConfig(Strict):
     max_value: int = Field(30, ge=1)
     demo_noise: float = Field(0.4, ge=0.0, le=1.0)
     tool_demos: int = Field(0, ge=0)  # tool-task demonstrations (core/lockers.py) in sft.jsonl; > 0: the tokenizer learns tool calls
-    tool_call_share: float = Field(0.5, ge=0.0, le=1.0)  # of those, the share that call the tool (the rest answer directly)
+    tool_call_share: float = Field(0.8, ge=0.0, le=1.0)  # of those, the share that call the tool (the rest answer directly)
 
     @model_validator(mode="after")
     def _range(self) -> SyntheticConfig:
