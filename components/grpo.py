@@ -106,7 +106,9 @@ def run(cfg: GRPOConfig, *, model_path: str = "models/sft", data_dir: str = "dat
     eval_prompts = online.load_prompts(online.prompt_file(data_dir, cfg.prompts, "eval"), cfg.prompts, tokenizer,
                                        runtime.max_prompt_length, tools)[: cfg.eval_prompts] if cfg.eval_every else []
     reward_fns, reward_weights, reward_ids = reward_functions.load_rewards(cfg.rewards, tokenizer)
-    reward_ids.update(episodes.reward_identity(cfg.environment))
+    env_ids = episodes.reward_identity(cfg.environment)  # the environment's own reward, weight 1, when there is one
+    reward_ids.update(env_ids)
+    reward_weights.update(dict.fromkeys(env_ids, 1.0))
 
     # ---------------------------------------------------------------- models, optimizer, schedule
     model, ref_model = load_models(cfg, model_path, accelerator, runtime)

@@ -17,6 +17,7 @@ the sampled tokens are never re-tokenised.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -53,6 +54,11 @@ class EpisodeRunner:
     def tools(self) -> list[dict]:
         return list(getattr(self.env_class, "tools", []) or [])
 
+    @functools.cached_property
+    def turn_end(self) -> str:
+        """The text the chat template closes a turn with (`<|im_end|>` in ChatML; "" when it cannot be learned)."""
+        return (chat_markers(self.tokenizer) or {}).get("suffix") or ""
+
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return prompt_ids_for_generation(self.tokenizer, messages, self.tools)
 
@@ -70,7 +76,7 @@ class EpisodeRunner:
                                      c["truncated"]))
         max_turns = getattr(self.env_class, "max_turns", None) or self.max_turns
         for turn in range(1, max_turns + 1):
-            active = [e for e in episodes if not self._after_turn(e, turn == max_turns, budget, sampling.eos)]
+            active = [e for e in episodes if not self._after_turn(e, turn == max_turns, budget)]
             if not active:
                 break
             contexts = [online.Prompt(e.prompt.id, [], "", e.prompt.ids + e.ids) for e in active]
@@ -86,7 +92,7 @@ class EpisodeRunner:
                 e.truncated = not new or new[-1] not in sampling.eos
         return [self._completion(e) for e in episodes]
 
-    def _after_turn(self, e: _Episode, last: bool, budget: int, eos: list[int]) -> bool:
+    def _after_turn(self, e: _Episode, last: bool, budget: int) -> bool:
         """Reads the assistant turn just sampled, steps the environment and appends its messages. Returns whether
         the episode is over."""
         if e.done:
@@ -122,7 +128,7 @@ class EpisodeRunner:
         after = render(self.tokenizer, conversation + messages, add_generation_prompt=True, tools=self.tools)
         if not after.startswith(before):
             raise ValueError("chat template is not prefix-stable: cannot append tool results to an episode")
-        turn_end = (chat_markers(self.tokenizer) or {}).get("suffix") or ""
+        turn_end = self.turn_end
         end = before.rfind(turn_end) if turn_end else -1
         tail = after[end + len(turn_end):] if end >= 0 else after[len(before):]
         return self.tokenizer(tail, add_special_tokens=False)["input_ids"]

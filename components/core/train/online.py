@@ -244,7 +244,7 @@ def score(prompt: Prompt, completions: list[dict], tokenizer, reward_fns: dict, 
         for c, v in zip(completions, values, strict=True):
             c["rewards"][name] = float(v)
     for c in completions:
-        c["reward"] = sum(weights.get(name, 1.0) * v for name, v in c["rewards"].items())
+        c["reward"] = sum(weights[name] * v for name, v in c["rewards"].items())
 
 
 def collect_round(generate_batch, prompts_per_step: int, dynamic: bool, max_resample_rounds: int,
